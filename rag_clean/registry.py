@@ -1,0 +1,166 @@
+"""Model registry: one TOML file naming every model, its role, backend, source and shape."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REGISTRY_ENV = "RAG_CLEAN_MODEL_REGISTRY"
+DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models.toml")
+
+ROLES = ("dense", "sparse", "rerank")
+BACKENDS = ("sentence-transformers", "flagembedding")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+FUSION_METHODS = ("concat", "mean")
+
+
+class RegistryError(ValueError):
+    """The registry file is malformed or names a model that cannot be resolved."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    role: str
+    source: str
+    backend: str = "sentence-transformers"
+    dim: int | None = None
+    pooling: str = "mean"
+    max_length: int = 256
+    dtype: str = "auto"
+    weight: float = 1.0
+    # Matryoshka: keep the first `truncate_dim` components, then renormalize. Never pads.
+    truncate_dim: int | None = None
+    # Sparse: keep the top-k terms per chunk.
+    top_k: int = 256
+    # FlagEmbedding BGEM3FlagModel: also produce lexical (sparse) / ColBERT outputs in the same pass.
+    flag_class: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    query_instruction: str | None = None
+    registry_dir: Path = field(default=DEFAULT_REGISTRY_PATH.parent, compare=False, repr=False)
+
+    @property
+    def output_dim(self) -> int | None:
+        return self.truncate_dim or self.dim
+
+    @property
+    def asset_name(self) -> str:
+        """Dagster-safe identifier derived from the model name."""
+        return "".join(c if c.isalnum() else "_" for c in self.name.lower()).strip("_")
+
+    def candidate_sources(self) -> list[str]:
+        return [self.source, *self.fallbacks]
+
+    def resolve_source(self, source: str | None = None) -> str:
+        return resolve_source(source or self.source, self.registry_dir)
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: tuple[ModelSpec, ...]
+    fusion_method: str = "concat"
+    path: Path | None = None
+
+    def by_role(self, role: str) -> list[ModelSpec]:
+        return [m for m in self.models if m.role == role]
+
+    @property
+    def dense(self) -> list[ModelSpec]:
+        return self.by_role("dense")
+
+    @property
+    def sparse(self) -> list[ModelSpec]:
+        return self.by_role("sparse")
+
+    @property
+    def rerank(self) -> ModelSpec | None:
+        rerankers = self.by_role("rerank")
+        return rerankers[0] if rerankers else None
+
+    def get(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name or m.asset_name == name:
+                return m
+        raise RegistryError(f"model {name!r} is not in the registry {self.path}; known: {[m.name for m in self.models]}")
+
+
+def resolve_source(source: str, base_dir: Path | None = None) -> str:
+    """Turn a registry `source` into something `from_pretrained`-style loaders accept."""
+    if source.startswith("package:"):
+        module_name, _, subdir = source[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(module_name)
+        if spec is None:
+            raise RegistryError(f"source {source!r}: package {module_name!r} is not installed")
+        if not subdir:
+            module = importlib.import_module(module_name)
+            getter = getattr(module, "get_model_path", None)
+            if callable(getter):
+                return str(getter())
+        roots = list(spec.submodule_search_locations or [Path(spec.origin).parent])
+        path = Path(roots[0]) / subdir
+        if not path.exists():
+            raise RegistryError(f"source {source!r}: {path} does not exist")
+        return str(path)
+    if source.startswith("path:"):
+        path = Path(os.path.expanduser(source[len("path:"):]))
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.exists():
+            raise RegistryError(f"source {source!r}: {path} does not exist")
+        return str(path)
+    return source  # hub id or absolute folder
+
+
+def _spec_from_table(entry: dict, registry_dir: Path, where: str) -> ModelSpec:
+    known = set(ModelSpec.__dataclass_fields__) - {"registry_dir"}
+    unknown = set(entry) - known
+    if unknown:
+        raise RegistryError(f"{where}: unknown keys {sorted(unknown)}")
+    for key in ("name", "role", "source"):
+        if key not in entry:
+            raise RegistryError(f"{where}: missing required key {key!r}")
+    if entry["role"] not in ROLES:
+        raise RegistryError(f"{where}: role must be one of {ROLES}, got {entry['role']!r}")
+    backend = entry.get("backend", "sentence-transformers")
+    if backend not in BACKENDS:
+        raise RegistryError(f"{where}: backend must be one of {BACKENDS}, got {backend!r}")
+    if entry.get("dtype", "auto") not in DTYPES:
+        raise RegistryError(f"{where}: dtype must be one of {DTYPES}")
+    weight = float(entry.get("weight", 1.0))
+    if weight <= 0:
+        raise RegistryError(f"{where}: weight must be > 0")
+    truncate_dim = entry.get("truncate_dim")
+    dim = entry.get("dim")
+    if truncate_dim is not None and dim is not None and truncate_dim > dim:
+        raise RegistryError(f"{where}: truncate_dim {truncate_dim} > dim {dim}; vectors are never padded")
+    data = dict(entry)
+    data["fallbacks"] = tuple(entry.get("fallbacks", ()))
+    data["weight"] = weight
+    return ModelSpec(registry_dir=registry_dir, **data)
+
+
+def load_registry(path: str | os.PathLike | None = None) -> Registry:
+    """Load the registry from `path`, else $RAG_CLEAN_MODEL_REGISTRY, else the bundled default."""
+    path = Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY_PATH).expanduser()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RegistryError(f"model registry {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"model registry {path} is not valid TOML: {exc}") from exc
+    entries = raw.get("models", [])
+    if not entries:
+        raise RegistryError(f"model registry {path} names no [[models]]")
+    specs = tuple(_spec_from_table(e, path.parent, f"{path} models[{i}]") for i, e in enumerate(entries))
+    names = [s.asset_name for s in specs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise RegistryError(f"model registry {path}: duplicate model names {sorted(dupes)}")
+    fusion = raw.get("fusion", {}).get("method", "concat")
+    if fusion not in FUSION_METHODS:
+        raise RegistryError(f"model registry {path}: fusion.method must be one of {FUSION_METHODS}")
+    return Registry(models=specs, fusion_method=fusion, path=path)
