@@ -1,0 +1,47 @@
+"""Shared fixtures: offline mode and the tiny random models (built once per test session)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Let tests import the packages and `tests.tiny_models` without installing the project.
+for _p in (REPO_ROOT, REPO_ROOT / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+# Set at import time too, so modules imported during collection already see offline mode.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tiny_models import build_all, write_tiny_registry  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_hub():
+    """No test may reach the model hub: it is unreachable here and slow elsewhere."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    """Folder with tiny-a (32-d), tiny-b (48-d), tiny-splade, tiny-reranker, tiny-bge-m3."""
+    return build_all(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_registry_path(tiny_models_dir, tmp_path_factory) -> Path:
+    """models.toml naming the tiny models: 2 dense (32-d, 48-d), sparse and rerank, concat fusion."""
+    return write_tiny_registry(tmp_path_factory.mktemp("tiny_registry"), tiny_models_dir)
