@@ -1,0 +1,209 @@
+"""Queries, candidate retrieval (dense, sparse, reciprocal-rank fusion) and ranking metrics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from rag_clean.privacy import query_hash
+
+QUERIES_FILE = "queries.jsonl"
+MAX_GENERATED_QUERIES = 500
+
+
+class QueryFileError(ValueError):
+    """queries.jsonl is malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Query:
+    query_id: str
+    text: str
+    gold_chunk_ids: tuple[str, ...]
+    origin: str  # "file:queries.jsonl:<line>" or "heading:<source_file>"
+
+
+QUERY_SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("text_hash", pa.string()),      # the raw text is never stored; it is re-read from its origin
+    ("text_chars", pa.int32()),
+    ("gold_chunk_ids", pa.list_(pa.string())),
+    ("origin", pa.string()),
+])
+
+
+def load_queries(collection_dir: Path, chunks: pa.Table) -> tuple[list[Query], str]:
+    """Queries from `<collection>/queries.jsonl`, else generated from chunk headings.
+
+    Returns (queries, source) with source "file" or "headings".
+    """
+    path = Path(collection_dir) / QUERIES_FILE
+    if path.exists():
+        return _read_query_file(path, set(chunks.column("chunk_id").to_pylist())), "file"
+    return heading_queries(chunks), "headings"
+
+
+def _read_query_file(path: Path, known_ids: set[str]) -> list[Query]:
+    queries, seen = [], set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise QueryFileError(f"{path.name} line {lineno}: invalid JSON: {exc}") from exc
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise QueryFileError(f"{path.name} line {lineno}: needs a non-empty string 'text'")
+        qid = str(obj.get("query_id") or obj.get("id") or f"q{lineno}")
+        if qid in seen:
+            raise QueryFileError(f"{path.name} line {lineno}: duplicate query_id {qid!r}")
+        seen.add(qid)
+        gold = obj.get("gold_chunk_ids", [])
+        if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold):
+            raise QueryFileError(f"{path.name} line {lineno}: gold_chunk_ids must be a list of strings")
+        unknown = [g for g in gold if g not in known_ids]
+        if unknown:
+            raise QueryFileError(f"{path.name} line {lineno}: gold chunk ids not in the collection: {unknown[:3]}")
+        queries.append(Query(qid, text, tuple(gold), f"file:{QUERIES_FILE}:{lineno}"))
+    return queries
+
+
+def heading_queries(chunks: pa.Table, limit: int = MAX_GENERATED_QUERIES) -> list[Query]:
+    """One query per distinct heading; its gold chunks are the chunks under that heading."""
+    headings = chunks.column("heading").to_pylist()
+    ids = chunks.column("chunk_id").to_pylist()
+    files = chunks.column("source_file").to_pylist()
+    groups: dict[str, list[str]] = {}
+    origin: dict[str, str] = {}
+    for heading, cid, source in zip(headings, ids, files):
+        text = (heading or "").strip()
+        if len(text) < 3:
+            continue
+        groups.setdefault(text, []).append(cid)
+        origin.setdefault(text, source)
+    queries = [
+        Query(f"h{i:04d}", text, tuple(gold), f"heading:{origin[text]}")
+        for i, (text, gold) in enumerate(groups.items())
+    ]
+    return queries[:limit]
+
+
+def queries_table(queries: Sequence[Query]) -> pa.Table:
+    return pa.table(
+        {
+            "query_id": [q.query_id for q in queries],
+            "text_hash": [query_hash(q.text) for q in queries],
+            "text_chars": [len(q.text) for q in queries],
+            "gold_chunk_ids": [list(q.gold_chunk_ids) for q in queries],
+            "origin": [q.origin for q in queries],
+        },
+        schema=QUERY_SCHEMA,
+    )
+
+
+def check_queries_match(queries: Sequence[Query], stored: pa.Table) -> None:
+    """The reranked asset re-reads query text from its origin; it must be what `queries` recorded."""
+    stored_pairs = list(zip(stored.column("query_id").to_pylist(), stored.column("text_hash").to_pylist()))
+    current = [(q.query_id, query_hash(q.text)) for q in queries]
+    if stored_pairs != current:
+        raise QueryFileError(
+            "the collection's queries changed since the `queries` asset was materialized; rematerialize `queries` first"
+        )
+
+
+# ---------------------------------------------------------------- search
+
+
+def dense_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, top_k: int,
+                 block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k, scanning documents in blocks so memory stays flat."""
+    n_docs = doc_vectors.shape[0]
+    k = min(top_k, n_docs)
+    best_idx = np.zeros((len(query_vectors), 0), dtype=np.int64)
+    best_val = np.zeros((len(query_vectors), 0), dtype=np.float32)
+    for start in range(0, n_docs, block_rows):
+        block = np.asarray(doc_vectors[start:start + block_rows], dtype=np.float32)
+        scores = query_vectors @ block.T
+        idx = np.concatenate([best_idx, np.arange(start, start + len(block))[None, :].repeat(len(query_vectors), 0)], 1)
+        val = np.concatenate([best_val, scores], 1)
+        keep = np.argpartition(-val, k - 1, axis=1)[:, :k] if val.shape[1] > k else np.arange(val.shape[1])[None, :].repeat(len(val), 0)
+        best_idx = np.take_along_axis(idx, keep, 1)
+        best_val = np.take_along_axis(val, keep, 1)
+    order = np.argsort(-best_val, axis=1, kind="stable")
+    return np.take_along_axis(best_idx, order, 1), np.take_along_axis(best_val, order, 1)
+
+
+class SparseIndex:
+    """Inverted index over (term_ids, weights) rows: postings sorted by term."""
+
+    def __init__(self, rows_term_ids: Sequence[np.ndarray], rows_weights: Sequence[np.ndarray]):
+        self.n_docs = len(rows_term_ids)
+        lengths = np.array([len(t) for t in rows_term_ids], dtype=np.int64)
+        doc = np.repeat(np.arange(self.n_docs), lengths)
+        terms = np.concatenate(rows_term_ids).astype(np.int64) if self.n_docs else np.zeros(0, np.int64)
+        weights = np.concatenate(rows_weights).astype(np.float32) if self.n_docs else np.zeros(0, np.float32)
+        order = np.argsort(terms, kind="stable")
+        self.terms, self.docs, self.weights = terms[order], doc[order], weights[order]
+
+    def search(self, term_ids: np.ndarray, weights: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.zeros(self.n_docs, dtype=np.float32)
+        lo = np.searchsorted(self.terms, term_ids, "left")
+        hi = np.searchsorted(self.terms, term_ids, "right")
+        for a, b, w in zip(lo, hi, weights):
+            np.add.at(scores, self.docs[a:b], self.weights[a:b] * w)
+        hits = np.flatnonzero(scores > 0)
+        top = hits[np.argsort(-scores[hits], kind="stable")][:top_k]
+        return top, scores[top]
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60, top_k: int | None = None) -> list[int]:
+    """Fuse ranked lists of doc indices: score = sum 1 / (k + rank)."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, doc in enumerate(ranking, start=1):
+            scores[int(doc)] = scores.get(int(doc), 0.0) + 1.0 / (k + rank)
+    fused = sorted(scores, key=lambda d: (-scores[d], d))
+    return fused[:top_k] if top_k else fused
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def recall_at_k(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]], k: int) -> float:
+    """Share of queries (with gold) that have at least one gold chunk in their top k."""
+    pairs = [(r, set(g)) for r, g in zip(ranked, gold) if set(g)]
+    if not pairs:
+        return float("nan")
+    return float(np.mean([bool(set(r[:k]) & g) for r, g in pairs]))
+
+
+def mean_reciprocal_rank(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]]) -> float:
+    pairs = [(r, set(g)) for r, g in zip(ranked, gold) if set(g)]
+    if not pairs:
+        return float("nan")
+    rr = []
+    for r, g in pairs:
+        rr.append(next((1.0 / i for i, cid in enumerate(r, start=1) if cid in g), 0.0))
+    return float(np.mean(rr))
+
+
+def ranking_metrics(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]], ks=(1, 5, 10, 20)) -> dict[str, float]:
+    out = {f"recall@{k}": recall_at_k(ranked, gold, k) for k in ks}
+    out["mrr"] = mean_reciprocal_rank(ranked, gold)
+    return {k: (round(v, 6) if v == v else None) for k, v in out.items()}
+
+
+RERANKED_SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("rank", pa.int32()),
+    ("chunk_id", pa.string()),
+    ("retrieval_score", pa.float32()),
+    ("rerank_score", pa.float32()),   # null where the cross-encoder did not score (disabled / beyond rerank_top_k)
+    ("scorer", pa.string()),
+])
