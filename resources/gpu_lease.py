@@ -1,0 +1,98 @@
+"""GPU lease as a Dagster resource: a thin adapter over rag_clean.gpu_lease.
+
+Unset fields (None / "") fall back to the environment (RAG_CLEAN_GPU_*, RAG_CLEAN_FORCE_CPU), then
+to built-in defaults; set fields win over the environment. Use inside an asset:
+
+    with gpu_lease.lease(context) as lease:   # logs acquire / wait / release to the run log
+        encoder = make_encoder(spec, device=lease.device)
+        ...
+    record["lease"] = lease.summary.to_dict()
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import dagster as dg
+
+from rag_clean.gpu_lease import DeviceBackend, GpuLeaseManager, Lease, LeaseEvent, default_lock_dir
+
+
+def owner_label(context: Any) -> str:
+    """'<asset key>[<partition>] run <id8>' from an asset / op context, as far as it knows."""
+    try:
+        name = context.asset_key.to_user_string()
+    except Exception:  # op contexts and multi-assets have no single asset key
+        op_def = getattr(context, "op_def", None)
+        name = op_def.name if op_def is not None else "dagster"
+    try:
+        if context.has_partition_key:
+            name = f"{name}[{context.partition_key}]"
+    except Exception:
+        pass
+    run_id = getattr(context, "run_id", None)
+    return f"{name} run {run_id[:8]}" if run_id else name
+
+
+class GpuLeaseResource(dg.ConfigurableResource):
+    """Exclusive CUDA devices for a step, across processes; the CPU (and why) when there is no CUDA."""
+
+    lock_dir: str = ""  # "" = $RAG_CLEAN_HOME/locks, else <project>/.rag_clean/locks
+    memory_fraction: Optional[float] = None  # per-device ceiling for this process, (0, 1]
+    memory_ceiling_mib: Optional[int] = None  # alternative ceiling in MiB; the stricter of the two wins
+    timeout_s: Optional[float] = None  # default 3600
+    devices: Optional[list[int]] = None  # torch indices that may be leased; default all visible
+    force_cpu: Optional[bool] = None
+
+    def _backend(self) -> DeviceBackend | None:
+        """The device backend; None = real torch / NVML. Tests override this to fake devices."""
+        return None
+
+    def lock_path(self) -> Path:
+        return Path(self.lock_dir).expanduser() if self.lock_dir else default_lock_dir()
+
+    def manager(self) -> GpuLeaseManager:
+        return GpuLeaseManager.from_env(
+            self.lock_path(),
+            devices=self.devices,
+            memory_fraction=self.memory_fraction,
+            memory_ceiling_mib=self.memory_ceiling_mib,
+            timeout_s=self.timeout_s,
+            force_cpu=self.force_cpu,
+            backend=self._backend(),
+        )
+
+    @contextmanager
+    def lease(self, context_or_owner: Any = None, n_devices: int = 1) -> Iterator[Lease]:
+        """Hold `n_devices` devices for the `with` body; logs through `context.log` when given a context."""
+        if context_or_owner is None or isinstance(context_or_owner, str):
+            owner, log = context_or_owner or "", None
+        else:
+            owner, log = owner_label(context_or_owner), context_or_owner.log
+
+        def log_event(ev: LeaseEvent) -> None:
+            if log is None:
+                return
+            if ev.event == "waiting":
+                log.info(f"GPU lease {owner!r}: waiting for {n_devices} device(s); busy: {'; '.join(ev.detail['holders'])}")
+            elif ev.event == "cpu_fallback":
+                log.warning(f"GPU lease {owner!r}: running on CPU: {ev.detail['reason']}")
+            elif ev.event == "acquired":
+                log.info(f"GPU lease {owner!r}: acquired {ev.devices} after {ev.detail['wait_seconds']:.2f}s")
+            elif ev.event == "ceiling_applied":
+                log.info(f"GPU lease {owner!r}: memory ceiling on {ev.devices}: {ev.detail['fraction']:.3f} ({ev.detail['ceiling_mib']} MiB)")
+
+        lease: Lease | None = None
+        try:
+            with self.manager().lease(n_devices, owner=owner, on_event=log_event) as lease:
+                yield lease
+        finally:
+            if log is not None and lease is not None and lease.summary is not None:
+                s = lease.summary
+                outcome = f" (body raised {s.error})" if s.error else ""
+                log.info(
+                    f"GPU lease {owner!r}: released {s.devices} after {s.held_seconds:.2f}s{outcome}; "
+                    f"torch peak MiB {s.vram_peak_torch_mib}"
+                )

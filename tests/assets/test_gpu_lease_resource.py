@@ -1,0 +1,118 @@
+"""GpuLeaseResource: config/env precedence, owner labels and run-log lines from a real materialization."""
+
+import json
+
+import dagster as dg
+import pytest
+
+from rag_clean.gpu_lease import FakeDeviceBackend, TorchCudaBackend
+from resources.gpu_lease import GpuLeaseResource
+
+PARTITIONS = dg.StaticPartitionsDefinition(["c1"])
+
+
+class FakeGpuLeaseResource(GpuLeaseResource):
+    """Two simulated CUDA devices, real lock files."""
+
+    fake_devices: int = 2
+
+    def _backend(self):
+        return FakeDeviceBackend(n_devices=self.fake_devices)
+
+
+@dg.asset(partitions_def=PARTITIONS)
+def leased_step(context: dg.AssetExecutionContext, gpu: GpuLeaseResource) -> dg.MaterializeResult:
+    with gpu.lease(context, n_devices=2) as lease:
+        devices = lease.devices
+        holder_note = None
+        note_file = gpu.lock_path() / "device-fake-gpu-0.holder.json"
+        if note_file.exists():
+            holder_note = json.loads(note_file.read_text())
+    return dg.MaterializeResult(
+        metadata={
+            "devices": devices,
+            "lease": dg.MetadataValue.json(lease.summary.to_dict()),
+            "holder_note": dg.MetadataValue.json(holder_note or {}),
+        }
+    )
+
+
+def _materialize(resource):
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([leased_step], partition_key="c1", resources={"gpu": resource}, instance=instance)
+    assert result.success
+    metadata = result.asset_materializations_for_node("leased_step")[0].metadata
+    logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    return metadata, logs
+
+
+def test_asset_leases_fake_devices_and_logs_acquire_release(tmp_path):
+    metadata, logs = _materialize(FakeGpuLeaseResource(lock_dir=str(tmp_path), memory_fraction=0.5))
+    summary = metadata["lease"].value
+    assert summary["devices"] == ["cuda:0", "cuda:1"] and summary["cpu_fallback"] is False
+    assert summary["memory_ceiling_fraction"] == 0.5
+    owner = summary["holder"]["owner"]
+    assert owner.startswith("leased_step[c1] run ")
+    assert metadata["holder_note"].value["owner"] == owner  # the note humans read names the asset + partition
+    assert any("acquired ['cuda:0', 'cuda:1']" in m and owner in m for m in logs)
+    assert any("memory ceiling" in m and "0.500" in m for m in logs)
+    assert any("released ['cuda:0', 'cuda:1']" in m for m in logs)
+    assert list(tmp_path.glob("*.holder.json")) == []  # notes removed on release
+
+
+def test_asset_on_machine_without_cuda_runs_on_cpu_and_warns(tmp_path):
+    if TorchCudaBackend().unavailable_reason() is None:
+        pytest.skip("this machine has CUDA")
+    metadata, logs = _materialize(GpuLeaseResource(lock_dir=str(tmp_path)))
+    summary = metadata["lease"].value
+    assert summary["devices"] == ["cpu"] and summary["cpu_fallback"] is True
+    assert any("running on CPU" in m and "no CUDA device" in m for m in logs)
+
+
+def test_waiting_is_logged_with_the_holder(tmp_path):
+    resource = FakeGpuLeaseResource(lock_dir=str(tmp_path), fake_devices=1, timeout_s=0)
+    messages: list[str] = []
+
+    class Log:
+        def info(self, msg):
+            messages.append(msg)
+
+        warning = info
+
+    class Context:  # the two things the resource reads from a context besides the owner
+        log = Log()
+        run_id = "abcdef0123456789"
+
+    with resource.lease("other-step"):
+        with pytest.raises(TimeoutError, match="owner 'other-step'"):
+            with resource.lease(Context()):
+                pass
+    assert any("waiting for 1 device(s)" in m and "owner 'other-step'" in m for m in messages)
+
+
+def test_fields_override_env_and_unset_fields_read_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAG_CLEAN_GPU_MEMORY_FRACTION", "0.3")
+    monkeypatch.setenv("RAG_CLEAN_GPU_LEASE_TIMEOUT_S", "7")
+    monkeypatch.setenv("RAG_CLEAN_GPU_DEVICES", "1")
+    manager = GpuLeaseResource(lock_dir=str(tmp_path)).manager()
+    assert (manager.memory_fraction, manager.timeout_s, manager.devices) == (0.3, 7.0, [1])
+    manager = GpuLeaseResource(lock_dir=str(tmp_path), memory_fraction=0.6, timeout_s=2, devices=[0]).manager()
+    assert (manager.memory_fraction, manager.timeout_s, manager.devices) == (0.6, 2, [0])
+    monkeypatch.setenv("RAG_CLEAN_FORCE_CPU", "1")
+    with FakeGpuLeaseResource(lock_dir=str(tmp_path)).lease("x") as lease:
+        assert lease.devices == ["cpu"]
+
+
+def test_default_lock_dir_follows_rag_clean_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAG_CLEAN_HOME", str(tmp_path / "home"))
+    assert GpuLeaseResource().lock_path() == tmp_path / "home" / "locks"
+    assert GpuLeaseResource(lock_dir=str(tmp_path / "x")).lock_path() == tmp_path / "x"
+
+
+def test_resource_initialises_from_init_context(tmp_path):
+    # The path Dagster takes when it builds the resource for a run.
+    context = dg.build_init_resource_context()
+    resource = GpuLeaseResource(lock_dir=str(tmp_path), timeout_s=5).with_resource_context(context)
+    with resource.lease("direct") as lease:
+        assert lease.devices
+    assert lease.summary.holder["owner"] == "direct"
