@@ -1,0 +1,1 @@
+"""Dagster wiring for rag_clean: assets, partitions, checks, sensors, jobs, Definitions."""

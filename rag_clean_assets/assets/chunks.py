@@ -1,0 +1,50 @@
+"""chunks: a collection folder read into one table of chunks (old chunk files, JSONL, Markdown, text)."""
+
+
+import dagster as dg
+
+from rag_clean.chunking import ChunkingConfig, read_collection
+from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.tokens import tokenizer_length_fn
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record
+from rag_clean_assets.partitions import collections_partitions
+from resources.paths import PathsResource
+from resources.registry import ModelRegistryResource
+from resources.settings import EmbedderSettingsResource
+
+
+class ChunksConfig(dg.Config):
+    max_tokens: int = 256
+    overlap_tokens: int = 32
+
+
+@dg.asset(
+    partitions_def=collections_partitions,
+    io_manager_key=IO_MANAGER_KEY,
+    group_name="ingest",
+    kinds={"python", "parquet"},
+    description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
+                "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
+)
+def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
+           registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> StageOutput:
+    timer = StageTimer()
+    resolved = settings.resolve()
+    folder = paths.collection_dir(context.partition_key)
+    dense = registry.load().dense
+    # Budget chunks in the first dense model's own tokens, so chunks fit what the encoder sees.
+    count_tokens = tokenizer_length_fn(dense[0].resolve_source()) if dense else None
+    result = read_collection(folder, ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens),
+                             count_tokens=count_tokens)
+    for skip in result.skipped:
+        context.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
+    record = base_record(resolved) | {
+        "stage": "chunks",
+        "rows": result.table.num_rows,
+        "files_read": len(result.files_read),
+        "skipped": len(result.skipped),
+        "skips": [{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped],
+        "device": "cpu",
+    }
+    return StageOutput(result.table, timer.stamp(record),
+                       {"files_read": len(result.files_read), "chunks_skipped": len(result.skipped)})

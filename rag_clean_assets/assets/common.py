@@ -1,0 +1,28 @@
+"""Pieces every asset uses: the stage record's common fields and the staged-file location."""
+
+
+from pathlib import Path
+
+import dagster as dg
+
+from rag_clean.settings import EmbedderSettings
+from rag_clean.storage import temp_path_for
+from resources.io_manager import suffix_for
+from resources.paths import PathsResource
+
+IO_MANAGER_KEY = "telemetry_io_manager"
+
+
+def base_record(settings: EmbedderSettings) -> dict:
+    return {"toggles": settings.as_dict(), "provenance": dict(settings.provenance)}
+
+
+def staging_path(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -> Path:
+    """Where a streaming writer stages its file: beside the final one, so publishing is a rename."""
+    final = paths.asset_file(list(asset_key.path), collection, suffix_for(list(asset_key.path)))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final
+
+
+def lease_events(lease) -> list[dict]:
+    return [{"ts": e.ts, "event": f"lease.{e.event}", "detail": {"devices": e.devices, **e.detail}} for e in lease.events]

@@ -1,0 +1,63 @@
+"""dense_embeddings/<model>: one asset per dense model of the registry, built by a factory."""
+
+
+import dagster as dg
+import pyarrow as pa
+
+from rag_clean.encoders.batching import BudgetStore
+from rag_clean.registry import ModelSpec
+from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages import run_dense_stage
+from rag_clean.storage import StorageError, read_embeddings
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record, lease_events, staging_path
+from rag_clean_assets.partitions import collections_partitions
+from resources.gpu_lease import GpuLeaseResource
+from resources.paths import PathsResource
+from resources.registry import ModelRegistryResource
+from resources.settings import EmbedderSettingsResource
+
+
+def dense_asset_key(spec: ModelSpec) -> dg.AssetKey:
+    return dg.AssetKey(["dense_embeddings", spec.asset_name])
+
+
+def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
+    key = dense_asset_key(spec)
+
+    @dg.asset(
+        key=key,
+        ins={"chunks": dg.AssetIn(key="chunks")},
+        partitions_def=collections_partitions,
+        io_manager_key=IO_MANAGER_KEY,
+        group_name="embeddings",
+        kinds={"pytorch", "arrow"},
+        pool="gpu",
+        description=f"L2-normalized float32 vectors of every chunk from dense model {spec.name} "
+                    f"({spec.backend}, {spec.source}). Vectors of unchanged chunks are reused.",
+        metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,
+                  "dim": int(spec.output_dim or 0), "fusion_weight": float(spec.weight)},
+    )
+    def _dense(context: dg.AssetExecutionContext, chunks: pa.Table, gpu_lease: GpuLeaseResource,
+               registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource) -> StageOutput:
+        timer = StageTimer()
+        resolved = settings.resolve()
+        current = registry.load().get(spec.name)
+        target = staging_path(paths, key, context.partition_key)
+        previous = None
+        if resolved.reuse_unchanged and target.exists():
+            try:
+                previous = read_embeddings(target)
+            except StorageError as exc:
+                context.log.warning(f"previous vectors unreadable, recomputing all: {exc}")
+        budget_store = BudgetStore(paths.storage_dir() / "state" / "token_budgets.json")
+        with gpu_lease.lease(context) as lease:
+            writer, record = run_dense_stage(current, chunks, lease.devices if len(lease.devices) > 1 else lease.device,
+                                             target, previous=previous, budget_store=budget_store)
+        record = base_record(resolved) | record
+        record["lease"] = lease.summary.to_dict() if lease.summary else None
+        record["events"] = lease_events(lease)
+        record.setdefault("device", lease.device)
+        context.log.info(f"{spec.name}: {record['reuse']['computed']} chunks embedded, {record['reuse']['reused']} reused")
+        return StageOutput(writer, timer.stamp(record), {"model": spec.name})
+
+    return _dense

@@ -1,0 +1,57 @@
+"""fused_embeddings: weighted fusion of the dense ensemble (concat by default, mean as in the old embedder)."""
+
+
+import dagster as dg
+import pyarrow as pa
+
+from rag_clean.registry import Registry
+from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages import run_fusion_stage
+from rag_clean.storage import EmbeddingSet
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record, staging_path
+from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets.partitions import collections_partitions
+from resources.paths import PathsResource
+from resources.registry import ModelRegistryResource
+from resources.settings import EmbedderSettingsResource
+
+FUSED_KEY = dg.AssetKey("fused_embeddings")
+
+
+def ensemble_specs(registry: Registry, ensemble_models) -> list:
+    dense = registry.dense
+    if not ensemble_models:
+        return dense
+    chosen = [registry.get(name) for name in ensemble_models]
+    not_dense = [s.name for s in chosen if s.role != "dense"]
+    if not_dense:
+        raise ValueError(f"ensemble_models names non-dense models: {not_dense}")
+    return chosen
+
+
+def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
+    ins = {spec.asset_name: dg.AssetIn(key=dense_asset_key(spec)) for spec in registry.dense}
+
+    @dg.asset(
+        key=FUSED_KEY,
+        ins={"chunks": dg.AssetIn(key="chunks"), **ins},
+        partitions_def=collections_partitions,
+        io_manager_key=IO_MANAGER_KEY,
+        group_name="embeddings",
+        kinds={"numpy", "arrow"},
+        description="Weighted fusion of the dense models. concat (default): each unit vector scaled by sqrt(weight), "
+                    "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",
+    )
+    def fused_embeddings(context: dg.AssetExecutionContext, chunks: pa.Table, registry: ModelRegistryResource,
+                         settings: EmbedderSettingsResource, paths: PathsResource, **dense_sets: EmbeddingSet) -> StageOutput:
+        timer = StageTimer()
+        resolved = settings.resolve()
+        reg = registry.load()
+        specs = ensemble_specs(reg, resolved.ensemble_models)
+        method = resolved.fusion_method or reg.fusion_method
+        sets = {s.name: dense_sets[s.asset_name] for s in specs}
+        writer, record = run_fusion_stage(sets, {s.name: s.weight for s in specs}, method,
+                                          staging_path(paths, FUSED_KEY, context.partition_key), chunks)
+        return StageOutput(writer, timer.stamp(base_record(resolved) | record), {"method": method})
+
+    return fused_embeddings

@@ -1,0 +1,131 @@
+"""Asset checks, partitioned like their assets (an unpartitioned check would load every partition)."""
+
+
+import hashlib
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+
+from rag_clean.registry import Registry
+from rag_clean.storage import EmbeddingSet
+from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets.assets.fused import FUSED_KEY
+from rag_clean_assets.partitions import collections_partitions
+
+NORM_TOLERANCE = 1e-3
+
+
+def _vector_problems(vectors: EmbeddingSet, expected_rows: int, expected_ids: list[str], expected_dim: int | None) -> tuple[list[str], dict]:
+    problems = []
+    if len(vectors) != expected_rows:
+        problems.append(f"{len(vectors)} rows, chunks has {expected_rows}")
+    if vectors.chunk_ids != expected_ids:
+        problems.append("chunk_ids differ from the chunks table (order or content)")
+    if expected_dim is not None and vectors.dim != expected_dim:
+        problems.append(f"dim {vectors.dim}, expected {expected_dim}")
+    nan_rows = 0
+    worst = 0.0
+    for start in range(0, len(vectors), 65536):
+        block = np.asarray(vectors.vectors[start:start + 65536])
+        nan_rows += int((~np.isfinite(block)).any(axis=1).sum())
+        finite = block[np.isfinite(block).all(axis=1)]
+        if len(finite):
+            worst = max(worst, float(np.abs(np.linalg.norm(finite, axis=1) - 1.0).max()))
+    if nan_rows:
+        problems.append(f"{nan_rows} rows with NaN/inf")
+    if worst > NORM_TOLERANCE:
+        problems.append(f"norms off unit by up to {worst:.2e}")
+    return problems, {"rows": len(vectors), "dim": vectors.dim, "nan_rows": nan_rows, "max_norm_error": worst}
+
+
+def _result(problems: list[str], metadata: dict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=not problems, description="; ".join(problems) or "ok", metadata=metadata)
+
+
+@dg.asset_check(asset="chunks", partitions_def=collections_partitions, description="non-empty, unique ids, hashes match text")
+def chunks_valid(chunks: pa.Table) -> dg.AssetCheckResult:
+    ids = chunks.column("chunk_id").to_pylist()
+    problems = []
+    if not ids:
+        problems.append("no chunks")
+    if len(set(ids)) != len(ids):
+        problems.append(f"{len(ids) - len(set(ids))} duplicate chunk ids")
+    bad_hash = sum(hashlib.sha256(t.encode("utf-8")).hexdigest() != h
+                   for t, h in zip(chunks.column("text").to_pylist(), chunks.column("content_hash").to_pylist()))
+    if bad_hash:
+        problems.append(f"{bad_hash} content hashes do not match their text")
+    empty = sum(1 for t in chunks.column("text").to_pylist() if not t.strip())
+    if empty:
+        problems.append(f"{empty} empty texts")
+    return _result(problems, {"rows": len(ids)})
+
+
+def build_dense_check(spec) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=dense_asset_key(spec), name="vectors_valid", partitions_def=collections_partitions,
+                    additional_ins={"chunks": dg.AssetIn("chunks")},
+                    description=f"rows match chunks, no NaN, unit norms, dim = {spec.output_dim} (registry)")
+    def _check(chunks: pa.Table, **inputs: EmbeddingSet) -> dg.AssetCheckResult:
+        vectors = next(iter(inputs.values()))
+        problems, meta = _vector_problems(vectors, chunks.num_rows, chunks.column("chunk_id").to_pylist(), spec.output_dim)
+        return _result(problems, meta)
+
+    return _check
+
+
+@dg.asset_check(asset=FUSED_KEY, name="vectors_valid", partitions_def=collections_partitions,
+                additional_ins={"chunks": dg.AssetIn("chunks")}, description="rows match chunks, no NaN, unit norms")
+def fused_valid(chunks: pa.Table, fused_embeddings: EmbeddingSet) -> dg.AssetCheckResult:
+    problems, meta = _vector_problems(fused_embeddings, chunks.num_rows, chunks.column("chunk_id").to_pylist(), None)
+    return _result(problems, meta)
+
+
+@dg.asset_check(asset="sparse_vectors", partitions_def=collections_partitions,
+                additional_ins={"chunks": dg.AssetIn("chunks")},
+                description="one row per chunk and model, finite positive weights, ids sorted by weight")
+def sparse_valid(chunks: pa.Table, sparse_vectors: pa.Table | None) -> dg.AssetCheckResult:
+    if sparse_vectors is None:
+        return dg.AssetCheckResult(passed=True, description="not applicable: the sparse stage is disabled and has no stored file",
+                                   metadata={"status": "disabled"})
+    models = sorted(set(sparse_vectors.column("model").to_pylist()))
+    problems = []
+    expected = chunks.num_rows * len(models)
+    if sparse_vectors.num_rows != expected:
+        problems.append(f"{sparse_vectors.num_rows} rows, expected {expected} ({len(models)} models x {chunks.num_rows} chunks)")
+    bad = 0
+    for ids, weights in zip(sparse_vectors.column("term_ids").to_pylist(), sparse_vectors.column("weights").to_pylist()):
+        w = np.asarray(weights, dtype=np.float32)
+        if len(ids) != len(w) or not np.isfinite(w).all() or (w <= 0).any() or (np.diff(w) > 1e-6).any():
+            bad += 1
+    if bad:
+        problems.append(f"{bad} malformed rows")
+    empty = sum(1 for ids in sparse_vectors.column("term_ids").to_pylist() if not ids)
+    return _result(problems, {"rows": sparse_vectors.num_rows, "models": ", ".join(models), "empty_rows": empty})
+
+
+@dg.asset_check(asset="reranked", partitions_def=collections_partitions,
+                additional_ins={"chunks": dg.AssetIn("chunks"), "queries": dg.AssetIn("queries")},
+                description="every query ranked, ranks contiguous, chunk ids known, scores finite")
+def reranked_valid(chunks: pa.Table, queries: pa.Table, reranked: pa.Table) -> dg.AssetCheckResult:
+    known = set(chunks.column("chunk_id").to_pylist())
+    problems = []
+    qids = reranked.column("query_id").to_pylist()
+    missing = set(queries.column("query_id").to_pylist()) - set(qids)
+    if missing:
+        problems.append(f"{len(missing)} queries without results")
+    unknown = sum(1 for c in reranked.column("chunk_id").to_pylist() if c not in known)
+    if unknown:
+        problems.append(f"{unknown} unknown chunk ids")
+    ranks: dict[str, list[int]] = {}
+    for q, r in zip(qids, reranked.column("rank").to_pylist()):
+        ranks.setdefault(q, []).append(r)
+    if any(sorted(r) != list(range(1, len(r) + 1)) for r in ranks.values()):
+        problems.append("ranks are not 1..n per query")
+    scores = np.array([s for s in reranked.column("rerank_score").to_pylist() if s is not None], dtype=np.float32)
+    if len(scores) and not np.isfinite(scores).all():
+        problems.append("non-finite rerank scores")
+    return _result(problems, {"rows": reranked.num_rows, "queries": len(ranks)})
+
+
+def build_checks(registry: Registry) -> list:
+    return [chunks_valid, fused_valid, sparse_valid, reranked_valid, *(build_dense_check(s) for s in registry.dense)]

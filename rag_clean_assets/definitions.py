@@ -1,0 +1,63 @@
+"""The Definitions object: assets built from the model registry, checks, job, sensor, resources."""
+
+from __future__ import annotations
+
+import warnings
+
+import dagster as dg
+
+from rag_clean.registry import load_registry
+from rag_clean_assets.assets.chunks import chunks
+from rag_clean_assets.assets.dense import build_dense_asset
+from rag_clean_assets.assets.fused import build_fused_asset
+from rag_clean_assets.assets.retrieval import queries, reranked
+from rag_clean_assets.assets.sparse import sparse_vectors
+from rag_clean_assets.checks import build_checks
+from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.sensors import build_collection_sensor
+from resources.gpu_lease import GpuLeaseResource
+from resources.io_manager import TelemetryIOManager
+from resources.paths import PathsResource
+from resources.registry import ModelRegistryResource
+from resources.settings import EmbedderSettingsResource
+
+EMBED_JOB_NAME = "embed_collection"
+
+# Partitioned asset checks are "preview" in Dagster 1.13, and without them a check loads every partition.
+warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
+
+
+def build_assets(registry_path: str | None = None) -> list:
+    registry = load_registry(registry_path)
+    return [chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
+            sparse_vectors, queries, reranked]
+
+
+def build_resources(*, data_root: str = "", storage_root: str = "", registry_path: str = "",
+                    settings: EmbedderSettingsResource | None = None, gpu_lease: GpuLeaseResource | None = None) -> dict:
+    paths = PathsResource(data_root=data_root, storage_root=storage_root)
+    return {
+        "paths": paths,
+        "registry": ModelRegistryResource(path=registry_path),
+        "settings": settings or EmbedderSettingsResource(),
+        "gpu_lease": gpu_lease or GpuLeaseResource(),
+        "telemetry_io_manager": TelemetryIOManager(paths=paths),
+    }
+
+
+def build_definitions(registry_path: str | None = None, **resource_kwargs) -> dg.Definitions:
+    registry = load_registry(registry_path)
+    assets = build_assets(registry_path)
+    job = dg.define_asset_job(EMBED_JOB_NAME, selection=dg.AssetSelection.all(),
+                              partitions_def=collections_partitions,
+                              description="Materialize every asset of one collection.")
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=build_checks(registry),
+        jobs=[job],
+        sensors=[build_collection_sensor(job)],
+        resources=build_resources(registry_path=registry_path or "", **resource_kwargs),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,28 @@
+"""A sensor that turns new collection folders under the data root into partitions and runs them."""
+
+
+import dagster as dg
+
+from rag_clean_assets.partitions import COLLECTIONS_PARTITION, collections_partitions
+from resources.paths import PathsResource
+
+
+def new_collections(instance: dg.DagsterInstance, paths: PathsResource) -> list[str]:
+    known = set(instance.get_dynamic_partitions(COLLECTIONS_PARTITION))
+    return [name for name in paths.collections() if name not in known]
+
+
+def build_collection_sensor(job) -> dg.SensorDefinition:
+    @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Adds a partition for every new folder under the data root and materializes it.")
+    def collection_folder_sensor(context: dg.SensorEvaluationContext, paths: PathsResource) -> dg.SensorResult:
+        added = new_collections(context.instance, paths)
+        if not added:
+            return dg.SensorResult(skip_reason="no new collection folders")
+        context.log.info(f"new collections: {added}")
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(partition_key=name, run_key=f"collection:{name}") for name in added],
+            dynamic_partitions_requests=[collections_partitions.build_add_request(added)],
+        )
+
+    return collection_folder_sensor

@@ -1,0 +1,35 @@
+"""Pipeline settings as a Dagster resource: every field left unset falls through to
+config file < .env < environment; fields set in run config win and are recorded as "run config"."""
+
+
+from typing import Optional
+
+import dagster as dg
+
+from rag_clean.settings import EmbedderSettings, resolve_settings
+
+
+class EmbedderSettingsResource(dg.ConfigurableResource):
+    config_file: str = ""
+    dotenv_file: str = ""
+    enable_sparse: Optional[bool] = None
+    enable_rerank: Optional[bool] = None
+    sparse_models: Optional[list[str]] = None
+    ensemble_models: Optional[list[str]] = None
+    fusion_method: Optional[str] = None
+    top_k_candidates: Optional[int] = None
+    rerank_top_k: Optional[int] = None
+    rerank_batch_size: Optional[int] = None
+    query_text_mode: Optional[str] = None
+    enable_exports: Optional[bool] = None
+    reuse_unchanged: Optional[bool] = None
+    override_source: str = "run config"
+
+    def resolve(self) -> EmbedderSettings:
+        overrides = {k: getattr(self, k) for k in EmbedderSettings.keys() if hasattr(self, k)}
+        return resolve_settings(
+            config_file=self.config_file or None,
+            dotenv_file=self.dotenv_file or None,
+            overrides=overrides,
+            override_source=self.override_source,
+        )
