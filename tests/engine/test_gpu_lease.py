@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,68 @@ def test_forked_child_does_not_inherit_the_lock(tmp_path):
     finally:
         release.set()
         child.join()
+
+
+# ------------------------------------------------------------------ real backend against stand-ins for torch.cuda / NVML
+
+
+class _StandInCuda:
+    """Just the torch.cuda calls TorchCudaBackend makes, with fixed answers (this machine has no GPU)."""
+
+    def __init__(self, mem_get_info_fails=False):
+        self.mem_get_info_fails = mem_get_info_fails
+
+    def get_device_properties(self, index):
+        return types.SimpleNamespace(uuid=f"0000000{index}-aaaa-bbbb-cccc-dddddddddddd", total_memory=80 * 2**30)
+
+    def memory_allocated(self, index):
+        return 1 * 2**30
+
+    def memory_reserved(self, index):
+        return 2 * 2**30
+
+    def mem_get_info(self, index):
+        if self.mem_get_info_fails:
+            raise RuntimeError("CUDA driver error")
+        return (60 * 2**30, 80 * 2**30)
+
+
+class _StandInNvml:
+    def __init__(self, known_uuids):
+        self.known_uuids = known_uuids
+
+    def nvmlDeviceGetHandleByUUID(self, device_uuid):
+        if device_uuid not in self.known_uuids:
+            raise RuntimeError(f"NVML: unknown {device_uuid}")
+        return device_uuid
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        raise RuntimeError("not reached when the UUID resolves")
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=30 * 2**30, total=80 * 2**30)
+
+
+def _backend_with(cuda, nvml):
+    backend = TorchCudaBackend()
+    backend._torch = lambda: types.SimpleNamespace(cuda=cuda)
+    backend._nvml_module = lambda: nvml
+    return backend
+
+
+def test_torch_backend_snapshot_prefers_nvml_then_driver_then_unavailable(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # masked: NVML index != torch index, so only UUIDs map
+    uuid0 = "GPU-00000000-aaaa-bbbb-cccc-dddddddddddd"
+    backend = _backend_with(_StandInCuda(), _StandInNvml({uuid0}))
+    assert backend.lock_key(0) == uuid0
+    nvml_snap = backend.snapshot(0)
+    assert (nvml_snap.source, nvml_snap.used_mib, nvml_snap.total_mib) == ("nvml", 30 * 1024, 80 * 1024)
+    assert (nvml_snap.torch_allocated_mib, nvml_snap.torch_reserved_mib) == (1024, 2048)
+
+    unknown_to_nvml = _backend_with(_StandInCuda(), _StandInNvml(set()))
+    driver_snap = unknown_to_nvml.snapshot(0)
+    assert (driver_snap.source, driver_snap.used_mib, driver_snap.total_mib) == ("torch", 20 * 1024, 80 * 1024)
+
+    nothing = _backend_with(_StandInCuda(mem_get_info_fails=True), None).snapshot(0)
+    assert (nothing.source, nothing.used_mib, nothing.total_mib) == ("unavailable", None, None)
+    assert nothing.torch_allocated_mib == 1024  # what was measured is still reported
