@@ -1,0 +1,128 @@
+"""Pick and load an encoder backend for a ModelSpec, offline.
+
+Every load resolves the registry `source` to a local folder first: a `package:` / `path:` source
+or an existing folder is used as is; a hub id must already be in the local Hugging Face cache
+(looked up with local_files_only, so a missing model fails at once with a clear error and never
+waits on the network).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from rag_clean.encoders.base import DenseEncoder, Reranker, SparseEncoder
+from rag_clean.encoders.batching import BudgetStore, EncoderError
+from rag_clean.registry import ModelSpec, RegistryError
+
+# Models are never fetched at run time; set before huggingface_hub is imported where possible.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class ModelLoadError(EncoderError):
+    """No source of a model could be loaded; the message names the model and each failure."""
+
+
+def resolve_local_source(spec: ModelSpec, source: str) -> str:
+    """Registry source -> local folder, without touching the network."""
+    try:
+        resolved = spec.resolve_source(source)
+    except RegistryError as exc:
+        raise ModelLoadError(f"model {spec.name}: {exc}") from exc
+    if Path(resolved).is_dir():
+        return resolved
+    if Path(resolved).exists():
+        raise ModelLoadError(f"model {spec.name}: source {source!r} -> {resolved} is a file, expected a model folder")
+    if source.startswith(("path:", "package:")) or resolved.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"model {spec.name}: source {source!r} -> {resolved} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=resolved, local_files_only=True)
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
+        raise ModelLoadError(
+            f"model {spec.name}: source {source!r} is not a local folder and is not in the local Hugging Face "
+            f"cache (loading is offline): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+
+
+def _flag_module(spec: ModelSpec):
+    try:
+        return importlib.import_module("rag_clean.encoders.flag")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("rag_clean.encoders.flag",):
+            raise NotImplementedError(
+                f"model {spec.name}: backend 'flagembedding' is not available yet (rag_clean.encoders.flag is missing)"
+            ) from exc
+        raise
+
+
+def _check_role(spec: ModelSpec, role: str) -> None:
+    if spec.role != role:
+        raise EncoderError(f"model {spec.name} has role {spec.role!r}; this loader needs role {role!r}")
+
+
+def load_dense_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_store: BudgetStore | None = None,
+                       token_budget: int | None = None) -> DenseEncoder:
+    """Dense encoder for `spec`; `device` may name several GPUs ('cuda:0,cuda:1'): one replica each."""
+    _check_role(spec, "dense")
+    if spec.backend == "flagembedding":
+        return _flag_module(spec).FlagDenseEncoder(spec, device)
+    from rag_clean.encoders.st import STDenseEncoder
+
+    path = resolve_local_source(spec, spec.source)
+    return STDenseEncoder(spec, device, source=path, budget_store=budget_store, token_budget=token_budget)
+
+
+def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
+                        budget_store: BudgetStore | None = None, token_budget: int | None = None) -> SparseEncoder:
+    _check_role(spec, "sparse")
+    if spec.backend == "flagembedding":
+        return _flag_module(spec).FlagSparseEncoder(spec, device)
+    from rag_clean.encoders.st import STSparseEncoder
+
+    path = resolve_local_source(spec, spec.source)
+    return STSparseEncoder(spec, device, source=path, budget_store=budget_store, token_budget=token_budget)
+
+
+def load_reranker(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_store: BudgetStore | None = None,
+                  token_budget: int | None = None) -> tuple[Reranker | None, dict]:
+    """First loadable of spec.source, then spec.fallbacks in order, plus a record of what happened.
+
+    Returns (None, record) when none loads: the caller decides whether reranking is optional.
+    """
+    _check_role(spec, "rerank")
+    record: dict = {"requested": spec.source, "resolved": None, "attempts": [], "fallback_applied": False,
+                    "reason": None}
+    for source in spec.candidate_sources():
+        try:
+            if spec.backend == "flagembedding":
+                reranker = _flag_module(spec).FlagRerankerAdapter(_with_source(spec, source), device)
+            else:
+                from rag_clean.encoders.st import STCrossEncoderReranker
+
+                path = resolve_local_source(spec, source)
+                reranker = STCrossEncoderReranker(spec, device, source=path, budget_store=budget_store,
+                                                  token_budget=token_budget, source_label=source)
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            record["attempts"].append({"source": source, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        record["resolved"] = source
+        if source != spec.source:
+            record["fallback_applied"] = True
+            record["reason"] = f"{spec.source} could not be loaded: {record['attempts'][0]['error']}"
+        if getattr(reranker, "stats", None) is not None:
+            reranker.stats.fallback = {"applied": record["fallback_applied"], "reason": record["reason"],
+                                       "source": source}
+        return reranker, record
+    record["reason"] = "no source could be loaded: " + "; ".join(f"{a['source']}: {a['error']}" for a in record["attempts"])
+    return None, record
+
+
+def _with_source(spec: ModelSpec, source: str) -> ModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, source=source)

@@ -1,0 +1,503 @@
+"""sentence-transformers backends: models load through sentence-transformers (so the model
+folder's pooling / normalize / activation config is honoured), but the encode loop is ours:
+tokenize once ahead of the device, length-sorted token-budget batches, half precision on CUDA,
+pooling / normalization / SPLADE / top-k on the device, asynchronous copies back, OOM backoff.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import queue
+import threading
+import time
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rag_clean.encoders.base import BatchRecord, DenseEncoder, EncodeStats, Reranker, SparseEncoder
+from rag_clean.encoders.batching import (
+    BatchSource,
+    BudgetController,
+    BudgetStore,
+    EncoderError,
+    TokenWindow,
+    Tokenizer,
+    iter_batches,
+    tokenize_windows,
+    DEFAULT_WINDOW_ITEMS,
+)
+from rag_clean.registry import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_devices(device) -> list[torch.device]:
+    """'cpu' | 'cuda' | 'cuda:0,cuda:1' | ['cuda:0', 'cuda:1'] -> devices (one replica each)."""
+    if isinstance(device, (list, tuple)):
+        names = [str(d) for d in device]
+    else:
+        names = [d.strip() for d in str(device).split(",") if d.strip()]
+    if not names:
+        raise EncoderError(f"no device in {device!r}")
+    devices = [torch.device(n) for n in names]
+    for d in devices:
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise EncoderError(f"device {d} requested but CUDA is not available on this machine")
+    return [torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+            for d in devices]
+
+
+def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec.dtype]
+
+
+def _transformer_module(st_model):
+    first = st_model[0]
+    hf = getattr(first, "auto_model", None) or getattr(first, "model", None)
+    if hf is None:
+        raise EncoderError(f"{type(first).__name__} has no Hugging Face model (auto_model)")
+    return first, hf
+
+
+def _effective_max_length(spec: ModelSpec, module, hf) -> int:
+    limits = [spec.max_length]
+    msl = getattr(module, "max_seq_length", None)
+    if msl:
+        limits.append(int(msl))
+    mpe = getattr(hf.config, "max_position_embeddings", None)
+    if mpe:
+        # RoBERTa-family position ids start after the pad index, leaving 2 fewer usable positions.
+        offset = 2 if getattr(hf.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0
+        limits.append(int(mpe) - offset)
+    return max(1, min(limits))
+
+
+def _bytes_per_token(hf, dtype: torch.dtype, extra_width: int = 0) -> int:
+    cfg = hf.config
+    d = getattr(cfg, "hidden_size", 1024)
+    f = getattr(cfg, "intermediate_size", 4 * d)
+    elem = torch.finfo(dtype).bits // 8
+    # Live activations of one layer at a time (hidden, qkv, attention out, MLP intermediate) with
+    # headroom for allocator fragmentation; the weights are already resident.
+    return int((10 * d + 2 * f + extra_width) * elem * 2)
+
+
+class _Replica:
+    def __init__(self, device: torch.device, st_model, hf):
+        self.device = device
+        self.st_model = st_model
+        self.hf = hf
+
+
+class _StreamingModel:
+    """Common encode loop. Subclasses implement `_launch(replica, window, rows) -> tuple[Tensor]`."""
+
+    kind = "model"
+
+    def __init__(self, spec: ModelSpec, devices: list[torch.device], load_fn, *, source: str,
+                 budget_store: BudgetStore | None, token_budget: int | None, window_items: int = DEFAULT_WINDOW_ITEMS,
+                 with_type_ids: bool = False, extra_width_per_token: int = 0):
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.source = source
+        self.devices = devices
+        self.dtype = resolve_dtype(spec, devices[0])
+        self.replicas: list[_Replica] = []
+        for device in devices:
+            st_model = load_fn()
+            st_model.eval()
+            st_model.to(device)
+            module, hf = _transformer_module(st_model)
+            hf.to(dtype=self.dtype)
+            self.replicas.append(_Replica(device, st_model, hf))
+        module, hf = _transformer_module(self.replicas[0].st_model)
+        self.module = module
+        self.config = hf.config
+        self.max_length = _effective_max_length(spec, module, hf)
+        hf_tok = getattr(module, "tokenizer", None)
+        if hf_tok is None:
+            raise EncoderError(f"model {spec.name}: {source} has no tokenizer")
+        self.tokenizer = Tokenizer(hf_tok, self.max_length, lowercase=bool(getattr(module, "do_lower_case", False)),
+                                   with_type_ids=with_type_ids)
+        self.window_items = window_items
+        self.stats = EncodeStats(model=spec.name, backend="sentence-transformers",
+                                 device=",".join(str(d) for d in devices), dtype=str(self.dtype).replace("torch.", ""))
+        self.controllers = [
+            BudgetController.create(
+                spec.name, d, token_budget=token_budget, store=budget_store, floor=min(self.max_length, 64),
+                bytes_per_token=_bytes_per_token(hf, self.dtype, extra_width_per_token),
+                stats=self.stats if i == 0 else None)
+            for i, d in enumerate(devices)
+        ]
+        self._batch_counter = 0
+        self._counter_lock = threading.Lock()
+        self.stats.load_seconds = time.perf_counter() - t0
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+
+    def _to_device(self, arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in arrays.items():
+            if not isinstance(v, np.ndarray):
+                out[k] = v
+                continue
+            t = torch.from_numpy(v)
+            if device.type == "cuda":
+                t = t.pin_memory().to(device, non_blocking=True)
+            out[k] = t
+        return out
+
+    def _next_batch_index(self) -> int:
+        with self._counter_lock:
+            return self._batch_counter
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _launch(self, replica: _Replica, window: TokenWindow, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _stream_on(self, replica: _Replica, controller: BudgetController, window: TokenWindow,
+                   source: BatchSource) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+        """Run `source`'s batches on one replica, one batch in flight behind the one being launched."""
+        device = replica.device
+        cuda = device.type == "cuda"
+        lengths = window.lengths
+        pending = None  # (rows, host tensors, done event, start event, end event or t0, budget)
+
+        def finish(p):
+            rows, host, done, start, end, budget = p
+            if cuda:
+                done.synchronize()
+                seconds = start.elapsed_time(end) / 1000.0
+            else:
+                seconds = end - start
+            tokens = int(lengths[rows].sum())
+            record = BatchRecord(items=len(rows), tokens=tokens, padded_tokens=int(lengths[rows].max()) * len(rows),
+                                 seconds=seconds, token_budget=budget)
+            with self._counter_lock:
+                self.stats.batches.append(record)
+                self._batch_counter += 1
+            return window.start + rows.astype(np.int64), tuple(h.numpy() for h in host)
+
+        def launch(rows):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                outs = self._launch(replica, window, rows)
+                end.record()
+                host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs)
+                for h, o in zip(host, outs):
+                    h.copy_(o, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                return host, done, start, end
+            t0 = time.perf_counter()
+            outs = self._launch(replica, window, rows)
+            return tuple(o.contiguous() for o in outs), None, t0, time.perf_counter()
+
+        with torch.inference_mode(), (torch.cuda.device(device) if cuda else _nullcontext()):
+            for rows, (host, done, start, end) in iter_batches(source, controller, launch, self._next_batch_index):
+                if pending is not None:
+                    yield finish(pending)
+                pending = (rows, host, done, start, end, controller.budget)
+            if pending is not None:
+                yield finish(pending)
+
+    def _stream(self, texts: Sequence[str], pairs: Sequence[str] | None = None):
+        t0 = time.perf_counter()
+        try:
+            for window in tokenize_windows(self.tokenizer, texts, pairs, self.window_items):
+                self.stats.tokenize_seconds += window.seconds
+                source = BatchSource(window.lengths)
+                if len(self.replicas) == 1:
+                    yield from self._stream_on(self.replicas[0], self.controllers[0], window, source)
+                else:
+                    yield from self._stream_multi(window, source)
+            for c in self.controllers:
+                c.remember()
+        finally:
+            self.stats.wall_seconds += time.perf_counter() - t0
+
+    def _stream_multi(self, window: TokenWindow, source: BatchSource):
+        """One thread per replica pulls from the shared source; results come back through a queue."""
+        results: queue.Queue = queue.Queue(maxsize=4 * len(self.replicas))
+        stop = threading.Event()
+
+        def work(replica, controller):
+            try:
+                for item in self._stream_on(replica, controller, window, source):
+                    if stop.is_set():
+                        return
+                    results.put(("ok", item))
+            except BaseException as exc:
+                results.put(("error", exc))
+            finally:
+                results.put(("done", None))
+
+        threads = [threading.Thread(target=work, args=(r, c), daemon=True, name=f"encode-{r.device}")
+                   for r, c in zip(self.replicas, self.controllers)]
+        for t in threads:
+            t.start()
+        running = len(threads)
+        try:
+            while running:
+                kind, value = results.get()
+                if kind == "done":
+                    running -= 1
+                elif kind == "error":
+                    raise value
+                else:
+                    yield value
+        finally:
+            stop.set()
+            while any(t.is_alive() for t in threads):
+                try:
+                    results.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+
+    def close(self) -> None:
+        cuda = any(r.device.type == "cuda" for r in self.replicas)
+        for r in self.replicas:
+            r.st_model = None
+            r.hf = None
+        self.replicas = []
+        self.module = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense
+# ---------------------------------------------------------------------------------------------
+
+_SIMPLE_POOLING = ("mean", "cls", "max", "lasttoken")
+
+
+def _pooling_mode(module) -> str | None:
+    mode = getattr(module, "pooling_mode", None)
+    if isinstance(mode, (list, tuple)):
+        mode = mode[0] if len(mode) == 1 else None
+    if mode is None and hasattr(module, "get_pooling_mode_str"):
+        mode = module.get_pooling_mode_str()
+    return mode
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool [b, L, d] hidden states over the real tokens of `mask` [b, L], in float32."""
+    if mode == "cls":
+        return hidden[:, 0].float()
+    if mode == "lasttoken":
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    m = mask.unsqueeze(-1)
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1).float()
+    summed = (hidden.float() * m).sum(1)
+    return summed / m.sum(1).clamp(min=1)
+
+
+class STDenseEncoder(_StreamingModel, DenseEncoder):
+    """Dense encoder for SentenceTransformer model folders."""
+
+    kind = "dense"
+
+    def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
+                 token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS):
+        from sentence_transformers import SentenceTransformer
+
+        path = source or spec.resolve_source()
+        devices = parse_devices(device)
+        super().__init__(spec, devices, lambda: SentenceTransformer(path, device="cpu", local_files_only=True),
+                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items)
+        st_model = self.replicas[0].st_model
+        getter = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+        self.dim = int(getter())
+        if spec.dim is not None and spec.dim != self.dim:
+            dim = self.dim
+            self.close()
+            raise EncoderError(
+                f"model {spec.name}: registry dim {spec.dim} but {path} produces {dim}-d vectors; fix `dim` in the registry"
+            )
+        # The fast path pools itself; anything beyond Transformer -> Pooling -> [Normalize] runs
+        # through the model's own modules (still on the device).
+        names = [type(m).__name__ for m in st_model]
+        self.pooling_mode = _pooling_mode(st_model[1]) if len(names) > 1 and names[1] == "Pooling" else None
+        simple = (
+            self.pooling_mode in _SIMPLE_POOLING
+            and getattr(st_model[1], "include_prompt", True)
+            and all(n == "Normalize" for n in names[2:])
+        )
+        self.extra_modules = None if simple else [list(r.st_model)[1:] for r in self.replicas]
+
+    def _launch(self, replica, window, rows):
+        batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
+        out = replica.hf(**batch, return_dict=True)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if self.extra_modules is None:
+            emb = pool(hidden, batch["attention_mask"], self.pooling_mode)
+        else:
+            features = {"token_embeddings": hidden, **batch}
+            for m in self.extra_modules[self.replicas.index(replica)]:
+                features = m(features)
+            emb = features["sentence_embedding"].float()
+        return (F.normalize(emb, p=2, dim=-1),)
+
+    def encode(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for idx, (vecs,) in self._stream(texts):
+            yield idx, vecs
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse (SPLADE)
+# ---------------------------------------------------------------------------------------------
+
+# Bytes of vocab-wide logits computed at once: the [tokens, vocab] tensor is never larger.
+SPLADE_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class STSparseEncoder(_StreamingModel, SparseEncoder):
+    """SPLADE: log(1 + relu(MLM logits)) max-pooled over real tokens, top-k on the device."""
+
+    kind = "sparse"
+
+    def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
+                 token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS):
+        from sentence_transformers import SparseEncoder as STSparse
+
+        path = source or spec.resolve_source()
+        devices = parse_devices(device)
+        super().__init__(spec, devices, lambda: STSparse(path, device="cpu", local_files_only=True),
+                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items)
+        st_model = self.replicas[0].st_model
+        hf = self.replicas[0].hf
+        self.vocab_size = int(hf.config.vocab_size)
+        pooling = st_model[1] if len(st_model) > 1 else None
+        if pooling is None or type(pooling).__name__ != "SpladePooling":
+            raise EncoderError(f"model {spec.name}: {path} is not a SPLADE model (no SpladePooling module)")
+        if pooling.pooling_strategy != "max" or pooling.activation_function not in ("relu", "log1p_relu"):
+            raise EncoderError(
+                f"model {spec.name}: SPLADE pooling {pooling.pooling_strategy!r}/{pooling.activation_function!r} "
+                "is not supported (max with relu or log1p_relu)"
+            )
+        self.double_log = pooling.activation_function == "log1p_relu"
+        # BERT-family MLM: run the encoder, then the MLM head over real tokens only, in chunks.
+        self.split_head = hasattr(hf, "cls") and hasattr(hf, "base_model")
+        self.top_k = min(int(spec.top_k), self.vocab_size)
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        x = torch.log1p(torch.relu(logits.float()))
+        return torch.log1p(x) if self.double_log else x
+
+    def _launch(self, replica, window, rows):
+        hf = replica.hf
+        batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
+        mask = batch["attention_mask"].bool()
+        b = mask.shape[0]
+        pooled = torch.zeros(b, self.vocab_size, dtype=torch.float32, device=replica.device)
+        elem = torch.finfo(self.dtype).bits // 8
+        if self.split_head:
+            hidden = hf.base_model(**batch, return_dict=True).last_hidden_state
+            flat = hidden[mask]                                            # [tokens, d] real tokens only
+            row_of = torch.arange(b, device=replica.device).repeat_interleave(mask.sum(1))
+            step = max(1, SPLADE_CHUNK_BYTES // (self.vocab_size * max(elem, 4)))
+            for s in range(0, flat.shape[0], step):
+                act = self._activate(hf.cls(flat[s:s + step]))
+                with warnings.catch_warnings():
+                    # index_reduce_ (scatter-max over tokens) is flagged beta; its result is what we test.
+                    warnings.simplefilter("ignore", UserWarning)
+                    pooled.index_reduce_(0, row_of[s:s + step], act, "amax", include_self=True)
+        else:
+            width = mask.shape[1]
+            step = max(1, SPLADE_CHUNK_BYTES // (width * self.vocab_size * max(elem, 4)))
+            for s in range(0, b, step):
+                part = {k: v[s:s + step] for k, v in batch.items()}
+                logits = hf(**part, return_dict=True).logits
+                act = self._activate(logits) * part["attention_mask"].unsqueeze(-1)
+                pooled[s:s + step] = act.amax(1)
+        weights, terms = torch.topk(pooled, self.top_k, dim=1, sorted=True)
+        return terms.to(torch.int32), weights
+
+    def encode(self, texts: Sequence[str]):
+        for idx, (terms, weights) in self._stream(texts):
+            rows = []
+            for t, w in zip(terms, weights):
+                keep = w > 0
+                rows.append((np.ascontiguousarray(t[keep]), np.ascontiguousarray(w[keep])))
+            yield idx, rows
+
+    def decode_terms(self, term_ids: Sequence[int]) -> list[str]:
+        return self.tokenizer.hf.convert_ids_to_tokens([int(t) for t in term_ids])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rerank (cross-encoder)
+# ---------------------------------------------------------------------------------------------
+
+
+class STCrossEncoderReranker(_StreamingModel, Reranker):
+    """Cross-encoder scores (the model's activation applied, as CrossEncoder.predict does)."""
+
+    kind = "rerank"
+
+    def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
+                 token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS,
+                 source_label: str | None = None):
+        from sentence_transformers import CrossEncoder
+
+        path = source or spec.resolve_source()
+        devices = parse_devices(device)
+        holder = {}
+
+        def load():
+            model = CrossEncoder(path, device="cpu", local_files_only=True)
+            holder.setdefault("activation", model.activation_fn)
+            holder.setdefault("num_labels", model.num_labels)
+            return model
+
+        super().__init__(spec, devices, load, source=path, budget_store=budget_store, token_budget=token_budget,
+                         window_items=window_items, with_type_ids=False)
+        tok_names = getattr(self.tokenizer.hf, "model_input_names", []) or []
+        self.tokenizer.with_type_ids = "token_type_ids" in tok_names and getattr(self.config, "type_vocab_size", 1) > 1
+        if holder["num_labels"] != 1:
+            n = holder["num_labels"]
+            self.close()
+            raise EncoderError(f"model {spec.name}: {path} has {n} labels; a reranker needs a single relevance logit")
+        self.activation = holder["activation"]
+        # Name the source as the registry spelled it (hub id, package:...), not the local cache path.
+        self.scorer_id = f"cross-encoder:{source_label or spec.source}"
+
+    def _launch(self, replica, window, rows):
+        batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
+        logits = replica.hf(**batch, return_dict=True).logits.float()
+        scores = self.activation(logits) if self.activation is not None else logits
+        return (scores.reshape(-1),)
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        pairs = list(pairs)
+        for i, p in enumerate(pairs):
+            if not (isinstance(p, (tuple, list)) and len(p) == 2):
+                raise EncoderError(f"rerank input row {i}: expected a (query, passage) pair, got {type(p).__name__}")
+        out = np.full(len(pairs), np.nan, dtype=np.float32)
+        if not pairs:
+            return out
+        queries = [p[0] for p in pairs]
+        passages = [p[1] for p in pairs]
+        for idx, (scores,) in self._stream(queries, passages):
+            out[idx] = scores
+        return out
