@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import time
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -48,8 +49,16 @@ SparseRow = tuple[np.ndarray, np.ndarray]
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_device(spec: ModelSpec, device: str) -> torch.device:
-    dev = torch.device(device)
+def _check_device(spec: ModelSpec, device: str | Sequence[str]) -> torch.device:
+    """One torch.device. FlagEmbedding models here run on one device: of several (a list or
+    "cuda:0,cuda:1"), the first is used, with a warning, rather than failing a multi-GPU step."""
+    devices = [d.strip() for d in (device.split(",") if isinstance(device, str) else device) if d.strip()]
+    if not devices:
+        raise EncoderError(f"model {spec.name}: no device given")
+    if len(devices) > 1:
+        warnings.warn(f"model {spec.name}: flagembedding backend uses one device; running on {devices[0]} of {devices}",
+                      stacklevel=3)
+    dev = torch.device(devices[0])
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EncoderError(f"model {spec.name}: device {device!r} requested but CUDA is not available")
     return dev
@@ -184,7 +193,7 @@ class _Runner:
 class _M3:
     """A loaded BGEM3FlagModel plus our batch loop."""
 
-    def __init__(self, spec: ModelSpec, device: str, stats: EncodeStats, *, token_budget: int | None,
+    def __init__(self, spec: ModelSpec, device: str | Sequence[str], stats: EncodeStats, *, token_budget: int | None,
                  budget_store: BudgetStore | None, window_items: int):
         if spec.flag_class not in (None, "bge-m3"):
             raise EncoderError(f"model {spec.name}: flag_class {spec.flag_class!r} has no lexical/joint output; use 'bge-m3'")
@@ -291,10 +300,10 @@ def lexical_top_k(input_ids: np.ndarray, weights: np.ndarray, unused_ids: np.nda
 class FlagDenseEncoder(DenseEncoder):
     """Dense vectors from FlagModel (spec.pooling "cls" / "mean") or, with flag_class "bge-m3", BGEM3FlagModel."""
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", *, token_budget: int | None = None,
+    def __init__(self, spec: ModelSpec, device: str | Sequence[str] = "cpu", *, token_budget: int | None = None,
                  budget_store: BudgetStore | None = None, window_items: int = DEFAULT_WINDOW_ITEMS):
         self.spec = spec
-        self.stats = EncodeStats(model=spec.name, backend=BACKEND, device=device, dtype="float32")
+        self.stats = EncodeStats(model=spec.name, backend=BACKEND, device=str(device), dtype="float32")
         if spec.flag_class == "bge-m3":
             self._m3 = _M3(spec, device, self.stats, token_budget=token_budget, budget_store=budget_store,
                            window_items=window_items)
@@ -361,10 +370,10 @@ class FlagDenseEncoder(DenseEncoder):
 class FlagSparseEncoder(SparseEncoder):
     """BGE-M3 lexical weights: (term_ids int32, weights float32) per text, heaviest first, <= spec.top_k."""
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", *, token_budget: int | None = None,
+    def __init__(self, spec: ModelSpec, device: str | Sequence[str] = "cpu", *, token_budget: int | None = None,
                  budget_store: BudgetStore | None = None, window_items: int = DEFAULT_WINDOW_ITEMS):
         self.spec = spec
-        self.stats = EncodeStats(model=spec.name, backend=BACKEND, device=device, dtype="float32")
+        self.stats = EncodeStats(model=spec.name, backend=BACKEND, device=str(device), dtype="float32")
         self._m3 = _M3(spec, device, self.stats, token_budget=token_budget, budget_store=budget_store,
                        window_items=window_items)
         self.source = self._m3.source
@@ -393,12 +402,12 @@ class BGEM3JointEncoder:
     `stats` covers the joint pass; `dim` is the dense width, `vocab_size` the lexical id space.
     """
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", *, return_colbert: bool = False,
+    def __init__(self, spec: ModelSpec, device: str | Sequence[str] = "cpu", *, return_colbert: bool = False,
                  token_budget: int | None = None, budget_store: BudgetStore | None = None,
                  window_items: int = DEFAULT_WINDOW_ITEMS):
         self.spec = spec
         self.return_colbert = return_colbert
-        self.stats = EncodeStats(model=spec.name, backend=BACKEND, device=device, dtype="float32")
+        self.stats = EncodeStats(model=spec.name, backend=BACKEND, device=str(device), dtype="float32")
         self._m3 = _M3(spec, device, self.stats, token_budget=token_budget, budget_store=budget_store,
                        window_items=window_items)
         self.source = self._m3.source
@@ -429,7 +438,7 @@ class FlagRerankerAdapter(Reranker):
     (FlagReranker.compute_score); it is an attribute so callers and tests can wrap it.
     """
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", *, batch_size: int = 32,
+    def __init__(self, spec: ModelSpec, device: str | Sequence[str] = "cpu", *, batch_size: int = 32,
                  max_oom_retries: int = RERANK_MAX_OOM_RETRIES):
         self.spec = spec
         self.device = _check_device(spec, device)
@@ -447,7 +456,13 @@ class FlagRerankerAdapter(Reranker):
                                 max_length=spec.max_length, batch_size=self.batch_size, normalize=False)
 
         t0 = time.perf_counter()
-        self._reranker, self.source, self.stats.fallback = _load_first(spec, load)
+        # Only spec.source: load_reranker in the factory walks the fallbacks itself (one adapter per
+        # source) and records which one loaded.
+        self.source = spec.source
+        try:
+            self._reranker = load(spec.resolve_source())
+        except Exception as exc:
+            raise EncoderError(f"model {spec.name}: cannot load reranker {spec.source!r}: {type(exc).__name__}: {exc}") from exc
         self.stats.load_seconds = time.perf_counter() - t0
         _check_max_length(spec, self._reranker.model.config, self.source)
         self.scorer_id = f"flag-reranker:{self.source}"

@@ -335,3 +335,25 @@ def test_reranker_gives_up_after_three_halvings(rerank_spec):
     with pytest.raises(EncoderError, match=r"tiny-reranker: out of device memory .* after 3 batch halvings"):
         adapter.score(PAIRS)
     assert calls == [14, 8, 4, 2]
+
+
+def test_reranker_loads_only_its_primary_source(tiny_models_dir, tmp_path):
+    # The factory walks the fallbacks (one adapter per source); the adapter must not switch on its own.
+    s = ModelSpec(name="r", role="rerank", backend="flagembedding", source=f"path:{tmp_path / 'missing'}",
+                  fallbacks=(f"path:{tiny_models_dir / 'tiny-reranker'}",), max_length=MAX_LEN)
+    with pytest.raises(EncoderError, match=r"r: cannot load reranker .*missing"):
+        FlagRerankerAdapter(s, "cpu")
+
+
+def test_several_devices_use_the_first_with_a_warning(tiny_models_dir):
+    with pytest.warns(UserWarning, match="uses one device; running on cpu"):
+        enc = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu,cpu")
+    assert enc.stats.device == "cpu"
+    assert enc.encode_all(TEXTS[:2]).shape == (2, 32)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tiny_models_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: nothing to refuse")
+    with pytest.raises(EncoderError, match="tiny-a: device 'cuda:0' requested but CUDA is not available"):
+        FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32), "cuda:0")
