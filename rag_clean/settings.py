@@ -45,6 +45,7 @@ class EmbedderSettings:
     rrf_k: int = 60
     query_text_mode: str = "hash"      # "hash" or "truncate" (<= 100 chars) in telemetry and exports
     enable_exports: bool = False
+    export_dir: str = ""               # "" = <storage root>/exports
     reuse_unchanged: bool = True       # reuse vectors of chunks whose content hash did not change
     provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
 

@@ -22,6 +22,7 @@ class EmbedderSettingsResource(dg.ConfigurableResource):
     rerank_batch_size: Optional[int] = None
     query_text_mode: Optional[str] = None
     enable_exports: Optional[bool] = None
+    export_dir: Optional[str] = None
     reuse_unchanged: Optional[bool] = None
     override_source: str = "run config"
 

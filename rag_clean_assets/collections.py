@@ -1,0 +1,123 @@
+"""Collection partitions from the command line (the CLI way to add one), and the run report.
+
+    python -m rag_clean_assets.collections add <name>    # add one partition (its folder must exist)
+    python -m rag_clean_assets.collections sync          # add a partition for every folder under the data root
+    python -m rag_clean_assets.collections list
+    python -m rag_clean_assets.collections init-home     # write $DAGSTER_HOME/dagster.yaml if missing
+    python -m rag_clean_assets.collections report <name> # where the outputs are, and the headline numbers
+
+Needs DAGSTER_HOME: without it the Dagster CLI uses a throwaway instance that knows no partitions.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from rag_clean.storage import check_name
+from rag_clean.telemetry import read_summary
+from rag_clean_assets.partitions import COLLECTIONS_PARTITION
+from resources.paths import PathsResource
+
+DAGSTER_YAML = """\
+# Written by rag_clean. GPU steps share the "gpu" pool: one at a time per instance (exclusive ensemble).
+concurrency:
+  pools:
+    default_limit: 1
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+"""
+
+
+def _instance() -> dg.DagsterInstance:
+    if not os.environ.get("DAGSTER_HOME"):
+        sys.exit("error: set DAGSTER_HOME so partitions persist and the UI and CLI share them")
+    return dg.DagsterInstance.get()
+
+
+def init_home() -> Path:
+    home = Path(os.environ.get("DAGSTER_HOME") or sys.exit("error: set DAGSTER_HOME"))
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML, encoding="utf-8")
+    return config
+
+
+def add(names: list[str], paths: PathsResource | None = None) -> list[str]:
+    paths = paths or PathsResource()
+    for name in names:
+        paths.collection_dir(check_name(name))  # refuses names without a folder under the data root
+    instance = _instance()
+    known = set(instance.get_dynamic_partitions(COLLECTIONS_PARTITION))
+    new = [n for n in names if n not in known]
+    if new:
+        instance.add_dynamic_partitions(COLLECTIONS_PARTITION, new)
+    return new
+
+
+def report(collection: str, wall_seconds: float | None = None) -> dict:
+    paths = PathsResource()
+    root = paths.storage_dir()
+    summary = read_summary(root / "telemetry" / collection / "processing_summary.json")
+    files = sorted(str(p.relative_to(root)) for p in root.rglob(f"{collection}.*") if not p.name.startswith("."))
+    rerank = summary["rerank_run"]
+    stages = summary["stages"]
+    metrics = (stages.get("reranked") or {}).get("metrics", {})
+    lines = [
+        f"collection {collection!r}: {summary['chunk_count']} chunks",
+        f"storage root: {root}",
+        *[f"  {f}" for f in files],
+        f"  telemetry/{collection}/processing_summary.json (schema {summary['schema_version']}), events.jsonl",
+        f"dense models: {', '.join(summary['dense_run']['models_executed'])} on {summary['dense_run']['device']}",
+        f"sparse: {summary['sparse_run']['status']}; rerank: {rerank['status']} (scorer: {rerank.get('scorer')})",
+        f"retrieval metrics: {json.dumps(metrics)}",
+    ]
+    if wall_seconds is not None:
+        lines.append(f"wall time of the materialization: {wall_seconds:.0f} s")
+    lines += [
+        "open the UI:  DAGSTER_HOME=" + os.environ.get("DAGSTER_HOME", "<home>") +
+        " .venv/bin/dagster-webserver -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
+        "read vectors: python -c \"from rag_clean.storage import read_embeddings; "
+        f"e = read_embeddings('{root}/fused_embeddings/{collection}.arrow'); print(e.vectors.shape)\"",
+    ]
+    print("\n".join(lines))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rag-clean-collections", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("init-home")
+    add_p = sub.add_parser("add")
+    add_p.add_argument("names", nargs="+")
+    sub.add_parser("sync")
+    sub.add_parser("list")
+    rep = sub.add_parser("report")
+    rep.add_argument("name")
+    rep.add_argument("--wall-seconds", type=float)
+    args = parser.parse_args(argv)
+    if args.command == "init-home":
+        print(f"dagster instance config: {init_home()}")
+    elif args.command == "add":
+        new = add(args.names)
+        print(f"added partitions: {new}" if new else f"partitions already known: {args.names}")
+    elif args.command == "sync":
+        names = PathsResource().collections()
+        new = add(names) if names else []
+        print(f"collections under the data root: {names}; newly added: {new}")
+    elif args.command == "list":
+        print("\n".join(_instance().get_dynamic_partitions(COLLECTIONS_PARTITION)))
+    elif args.command == "report":
+        report(check_name(args.name), args.wall_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with pinned CPU torch. Idempotent and quiet.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[bootstrap] creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.rag_clean_installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] installing dependencies (pinned CPU torch; ~2 minutes on a fresh machine)"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  # constraints.txt pins the CPU torch build: an unpinned torch would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+  .venv/bin/python -c "import dagster, torch, sentence_transformers, FlagEmbedding, rag_clean_assets" \
+    || { echo "[bootstrap] install failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi

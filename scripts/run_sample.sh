@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: install, then materialize every asset for a collection (default: the bundled
+# "sample") on the real offline models, through the Dagster CLI and a persistent DAGSTER_HOME.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+COLLECTION=${1:-sample}
+export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m rag_clean_assets.collections init-home
+.venv/bin/python -m rag_clean_assets.collections add "$COLLECTION"
+start=$(date +%s)
+.venv/bin/dagster asset materialize -m rag_clean_assets.definitions --select '*' --partition "$COLLECTION"
+end=$(date +%s)
+.venv/bin/python -m rag_clean_assets.collections report "$COLLECTION" --wall-seconds $((end - start))
