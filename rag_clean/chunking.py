@@ -401,8 +401,35 @@ class _SectionPacker:
                 f"{self.where}: max_tokens={self.config.max_tokens} is too small to hold even "
                 f"{piece.text!r} (count_tokens says {self.count(_render([piece]))})"
             )
-        for sub in smaller:
-            self.place(sub)
+        self.place_all(smaller)
+
+    def place_all(self, pieces: list[_Piece]) -> None:
+        """Place pieces in order, appending the longest run that fits in one go.
+
+        Galloping then bisecting keeps a long paragraph of word pieces at O(log n) token counts
+        per chunk instead of one count per word (assumes counts grow as text is appended).
+        """
+        i = 0
+        while i < len(pieces):
+            base = self.current.all
+            fits_upto = 0
+            step = 1
+            while i + fits_upto < len(pieces):
+                trial = min(fits_upto + step, len(pieces) - i)
+                if not self.fits(base + pieces[i:i + trial]):
+                    low, high = fits_upto, trial  # fits at low, not at high
+                    while high - low > 1:
+                        mid = (low + high) // 2
+                        low, high = (mid, high) if self.fits(base + pieces[i:i + mid]) else (low, mid)
+                    fits_upto = low
+                    break
+                fits_upto, step = trial, step * 2
+            if fits_upto:
+                self.current.pieces.extend(pieces[i:i + fits_upto])
+                i += fits_upto
+            else:
+                self.place(pieces[i])  # starts the next chunk or splits this piece further
+                i += 1
 
     def merge_small_tail(self) -> None:
         """Give a last chunk smaller than min_chunk_tokens more text from the one before it."""
