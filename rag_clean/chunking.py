@@ -721,6 +721,8 @@ def read_collection(
             raw = (folder / rel).read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise ChunkingError(f"{rel}: not valid UTF-8 (byte offset {exc.start}: {exc.reason})") from exc
+        except OSError as exc:  # unreadable file, broken symlink
+            raise ChunkingError(f"{rel}: cannot be read: {exc.strerror or exc}") from exc
         files_read.append(rel)
         if kind == "chunks":
             located = _read_chunk_file(raw, rel, count, skipped)

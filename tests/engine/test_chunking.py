@@ -480,6 +480,13 @@ def test_undecodable_file_names_the_file(tmp_path):
         read_collection(tmp_path)
 
 
+def test_broken_symlink_names_the_file(tmp_path):
+    write(tmp_path, "ok.md", "# Fine\n\ntext\n")
+    (tmp_path / "gone.md").symlink_to(tmp_path / "does-not-exist.md")
+    with pytest.raises(ChunkingError, match=r"gone\.md: cannot be read"):
+        read_collection(tmp_path)
+
+
 def test_empty_or_missing_folder_is_an_error_naming_it(tmp_path):
     with pytest.raises(ChunkingError, match=re.escape(str(tmp_path))):
         read_collection(tmp_path)
