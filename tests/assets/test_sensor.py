@@ -1,0 +1,65 @@
+"""The collection sensor: a new folder under the data root becomes a partition and a run; known ones skip."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from rag_clean_assets.definitions import EMBED_JOB_NAME
+from rag_clean_assets.partitions import COLLECTIONS_PARTITION
+from rag_clean_assets.sensors import build_collection_sensor
+from resources.paths import PathsResource
+
+
+@pytest.fixture
+def sensor():
+    job = dg.define_asset_job(EMBED_JOB_NAME, selection=dg.AssetSelection.all())
+    return build_collection_sensor(job)
+
+
+def _evaluate(sensor, instance, data_root):
+    context = dg.build_sensor_context(instance=instance, resources={"paths": PathsResource(data_root=str(data_root))})
+    return sensor(context)
+
+
+def test_new_folder_gives_partition_request_and_run(sensor, tmp_path):
+    (tmp_path / "alpha").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "stray.txt").write_text("not a collection")
+    with dg.instance_for_test() as instance:
+        result = _evaluate(sensor, instance, tmp_path)
+        assert isinstance(result, dg.SensorResult)
+        assert [(r.partition_key, r.run_key) for r in result.run_requests] == [("alpha", "collection:alpha")]
+        [request] = result.dynamic_partitions_requests
+        assert isinstance(request, dg.AddDynamicPartitionsRequest)
+        assert (request.partitions_def_name, list(request.partition_keys)) == (COLLECTIONS_PARTITION, ["alpha"])
+
+
+def test_known_folder_is_skipped_and_only_new_ones_requested(sensor, tmp_path):
+    (tmp_path / "alpha").mkdir()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(COLLECTIONS_PARTITION, ["alpha"])
+        result = _evaluate(sensor, instance, tmp_path)
+        assert not result.run_requests and not result.dynamic_partitions_requests
+        assert result.skip_reason and "no new collection folders" in result.skip_reason.skip_message
+
+        (tmp_path / "beta").mkdir()
+        result = _evaluate(sensor, instance, tmp_path)
+        assert [r.partition_key for r in result.run_requests] == ["beta"]
+        assert list(result.dynamic_partitions_requests[0].partition_keys) == ["beta"]
+
+
+def test_missing_data_root_skips(sensor, tmp_path):
+    with dg.instance_for_test() as instance:
+        result = _evaluate(sensor, instance, tmp_path / "absent")
+        assert not result.run_requests and result.skip_reason is not None
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: PathsResource.collections() drops folders whose names fail check_name "
+                                       "silently; its comment says the sensor reports them, but the sensor does not")
+def test_folder_with_unusable_name_is_reported(sensor, tmp_path):
+    (tmp_path / "bad name").mkdir()
+    with dg.instance_for_test() as instance:
+        result = _evaluate(sensor, instance, tmp_path)
+        assert not result.run_requests
+        assert "bad name" in (result.skip_reason.skip_message if result.skip_reason else "")
