@@ -5,11 +5,9 @@ import dagster as dg
 
 from rag_clean.chunking import ChunkingConfig, read_collection
 from rag_clean.stage import StageOutput, StageTimer
-from rag_clean.tokens import tokenizer_length_fn
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
-from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 
@@ -27,15 +25,13 @@ class ChunksConfig(dg.Config):
                 "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
 )
 def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
-           registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> StageOutput:
+           settings: EmbedderSettingsResource) -> StageOutput:
     timer = StageTimer()
     resolved = settings.resolve()
     folder = paths.collection_dir(context.partition_key)
-    dense = registry.load().dense
-    # Budget chunks in the first dense model's own tokens, so chunks fit what the encoder sees.
-    count_tokens = tokenizer_length_fn(dense[0].resolve_source()) if dense else None
-    result = read_collection(folder, ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens),
-                             count_tokens=count_tokens)
+    # The engine's model-independent token estimate: chunk ids (and the gold ids of queries.jsonl)
+    # stay the same when the registry's models change.
+    result = read_collection(folder, ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens))
     for skip in result.skipped:
         context.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
     record = base_record(resolved) | {
