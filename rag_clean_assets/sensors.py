@@ -7,18 +7,25 @@ from rag_clean_assets.partitions import COLLECTIONS_PARTITION, collections_parti
 from resources.paths import PathsResource
 
 
-def new_collections(instance: dg.DagsterInstance, paths: PathsResource) -> list[str]:
+def new_collections(instance: dg.DagsterInstance, paths: PathsResource) -> tuple[list[str], list[str]]:
+    """(new usable collections, folders skipped because their names cannot be partition keys)."""
     known = set(instance.get_dynamic_partitions(COLLECTIONS_PARTITION))
-    return [name for name in paths.collections() if name not in known]
+    names, unusable = paths.scan_collections()
+    return [name for name in names if name not in known], unusable
 
 
 def build_collection_sensor(job) -> dg.SensorDefinition:
     @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
                description="Adds a partition for every new folder under the data root and materializes it.")
     def collection_folder_sensor(context: dg.SensorEvaluationContext, paths: PathsResource) -> dg.SensorResult:
-        added = new_collections(context.instance, paths)
+        added, unusable = new_collections(context.instance, paths)
+        skipped = ""
+        if unusable:
+            skipped = (f"skipped {len(unusable)} folder(s) whose names are not usable as collection names "
+                       f"(letters, digits, '.', '_', '-'): {unusable}")
+            context.log.warning(skipped)
         if not added:
-            return dg.SensorResult(skip_reason="no new collection folders")
+            return dg.SensorResult(skip_reason="; ".join(filter(None, ["no new collection folders", skipped])))
         context.log.info(f"new collections: {added}")
         return dg.SensorResult(
             run_requests=[dg.RunRequest(partition_key=name, run_key=f"collection:{name}") for name in added],

@@ -31,15 +31,19 @@ class PathsResource(dg.ConfigurableResource):
         parts = [check_name(p, "asset key part") for p in asset_path]
         return path_under(self.storage_dir(), *parts, check_name(collection) + suffix)
 
-    def collections(self) -> list[str]:
+    def scan_collections(self) -> tuple[list[str], list[str]]:
+        """(usable collection names, folders whose names cannot be partition keys) under the data root."""
         root = self.data_dir()
         if not root.is_dir():
-            return []
-        names = []
+            return [], []
+        names, unusable = [], []
         for child in sorted(root.iterdir()):
             if child.is_dir() and not child.name.startswith("."):
                 try:
                     names.append(check_name(child.name))
                 except StorageError:
-                    continue  # the sensor reports names it cannot use
-        return names
+                    unusable.append(child.name)
+        return names, unusable
+
+    def collections(self) -> list[str]:
+        return self.scan_collections()[0]

@@ -55,8 +55,6 @@ def test_missing_data_root_skips(sensor, tmp_path):
         assert not result.run_requests and result.skip_reason is not None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: PathsResource.collections() drops folders whose names fail check_name "
-                                       "silently; its comment says the sensor reports them, but the sensor does not")
 def test_folder_with_unusable_name_is_reported(sensor, tmp_path):
     (tmp_path / "bad name").mkdir()
     with dg.instance_for_test() as instance:
