@@ -125,13 +125,16 @@ def _rerank_run(stage: dict | None, toggles: Mapping) -> dict:
                 "model_name": None, "fallback_count": 0, "fallback_reason": None,
                 "device_state": {"requested": None, "resolved": None, "fallback_applied": False}}
     res = stage.get("resolution") or {}
+    enabled = bool(stage.get("rerank_enabled"))
     return {
-        "enabled": bool(stage.get("rerank_enabled")),
+        "enabled": enabled,
         "executed": bool(stage.get("rerank_executed")),
-        "status": stage.get("status"),
+        # v4.1 meaning: "disabled" when the toggle is off (the stage record says "ok": retrieval still ran).
+        "status": stage.get("status") if enabled else "disabled",
         "model_name": res.get("resolved"),
         "scorer": stage.get("scorer"),
-        "fallback_count": len(res.get("attempts", [])) - (1 if res.get("resolved") else 0) if res else 0,
+        # Sources that failed to load before one loaded (or all of them): `attempts` lists failures only.
+        "fallback_count": len(res.get("attempts", [])),
         "fallback_reason": res.get("reason"),
         "device_state": {
             "requested": res.get("requested"),

@@ -1,0 +1,287 @@
+"""rag-clean: the successor of the old embedder's `embed_collections_v6.py`, with the same flags.
+
+For each selected collection it materializes the whole asset graph (the `embed_collection` job) in the
+Dagster instance the UI uses ($DAGSTER_HOME), then prints a summary. Settings precedence, lowest to
+highest: defaults < config file < .env < environment < these flags (recorded as provenance "cli").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EPILOG = """\
+precedence (lowest to highest), recorded per setting in processing_summary.json:
+  defaults < config file (--config, else $EMBEDDER_CONFIG_FILE, else ./config/embedder.json: keys such as
+  enable_rerank, enable_sparse, sparse_models) < .env (--env-file, else ./.env) < environment
+  (EMBEDDER_ENABLE_RERANK, EMBEDDER_ENABLE_SPARSE, EMBEDDER_SPARSE_MODELS, EMBEDDER_ENABLE_EXPORTS, ...)
+  < command-line flags.
+
+runs are recorded in the Dagster instance at $DAGSTER_HOME (default: <project>/.dagster_home), so the UI
+(dagster-webserver -m rag_clean_assets.definitions) shows them.
+
+exit status: 0 all collections done; 1 a run failed; 2 bad arguments, settings, registry or a missing
+collection folder.
+"""
+
+
+class CliError(Exception):
+    """A usage problem: printed as 'error: ...' with exit status 2."""
+
+
+def _split(values: Sequence[str] | None) -> list[str] | None:
+    """--x a,b  and  --x a b  both give [a, b]."""
+    if values is None:
+        return None
+    return [item.strip() for v in values for item in v.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rag-clean", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chunked-dir", metavar="DIR",
+                   help="data root: one folder per collection (e.g. Chunked/<collection>/*_chunks.json). "
+                        "Default: $RAG_CLEAN_DATA_ROOT, else the bundled data/collections.")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="export folder: turns exports on and writes <DIR>/<collection>/<collection>_embeddings.npy, "
+                        "per-model .npy, _qdrant.jsonl, _sparse.jsonl, _metadata.json, _stats.json and "
+                        "_processing_summary.json. Without it exports follow enable_exports / export_dir settings.")
+    p.add_argument("--collections", nargs="+", metavar="NAME",
+                   help="collections to run (comma- or space-separated). A name is a folder under the data root; "
+                        "a path to a folder (e.g. Chunked/docs) also works when --chunked-dir is not given. "
+                        "Default: every folder under the data root.")
+    p.add_argument("--ensemble-models", nargs="+", metavar="MODEL",
+                   help="dense registry models to fuse (comma- or space-separated). Default: every dense model.")
+    p.add_argument("--exclusive-ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="one dense model resident on a device at a time. The asset graph always works this way "
+                        "(one asset per model, GPU steps in the 'gpu' pool); the value is recorded.")
+    rerank = p.add_mutually_exclusive_group()
+    rerank.add_argument("--enable-rerank", dest="enable_rerank", action="store_const", const=True, default=None,
+                        help="rerank candidates with the registry's cross-encoder (fallback chain applies)")
+    rerank.add_argument("--disable-rerank", dest="enable_rerank", action="store_const", const=False,
+                        help="skip the cross-encoder; reranked keeps retrieval order")
+    sparse = p.add_mutually_exclusive_group()
+    sparse.add_argument("--enable-sparse", dest="enable_sparse", action="store_const", const=True, default=None,
+                        help="compute sparse vectors (SPLADE / bge-m3 lexical)")
+    sparse.add_argument("--disable-sparse", dest="enable_sparse", action="store_const", const=False,
+                        help="skip sparse vectors (the previous sparse file stays; exports omit it)")
+    p.add_argument("--sparse-models", nargs="+", metavar="MODEL",
+                   help="sparse registry models to run (comma- or space-separated). Default: every sparse model.")
+    p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML). Default: $EMBEDDER_CONFIG_FILE, "
+                                                     "else ./config/embedder.json when present.")
+    p.add_argument("--env-file", metavar="FILE", help=".env file with EMBEDDER_* keys. Default: ./.env when present.")
+    p.add_argument("--registry", metavar="FILE", help="model registry TOML. Default: $RAG_CLEAN_MODEL_REGISTRY, "
+                                                       "else the bundled rag_clean/models.toml.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="Dagster run log level on the console (default INFO; DEBUG shows every step event)")
+    p.add_argument("--storage-root", metavar="DIR", help="where asset files and telemetry go. Default: "
+                                                          "$RAG_CLEAN_STORAGE_ROOT, else $DAGSTER_HOME/rag_clean.")
+    return p
+
+
+def _ensure_dagster_home() -> Path:
+    from rag_clean.paths import PROJECT_ROOT
+    from rag_clean_assets.collections import init_home
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = PROJECT_ROOT / ".dagster_home"
+        os.environ["DAGSTER_HOME"] = str(home)
+        print(f"DAGSTER_HOME was not set: using {home} (start the UI with the same DAGSTER_HOME to see these runs)")
+    init_home()
+    return Path(os.environ["DAGSTER_HOME"])
+
+
+def _select_collections(requested: list[str] | None, chunked_dir: str | None) -> tuple[Path, list[str]]:
+    """(data root, collection names); a requested path to a folder sets the data root to its parent."""
+    from rag_clean import paths as default_paths
+    from rag_clean.storage import StorageError, check_name
+
+    root = Path(chunked_dir).expanduser().resolve() if chunked_dir else None
+    names: list[str] = []
+    for item in requested or []:
+        if "/" in item or os.sep in item:
+            folder = Path(item).expanduser().resolve()
+            if root is None:
+                root = folder.parent
+            elif folder.parent != root:
+                raise CliError(f"collection folder {folder} is not under the data root {root} (--chunked-dir)")
+            item = folder.name
+        names.append(item)
+    root = root or default_paths.data_root()
+    if not root.is_dir():
+        raise CliError(f"data root {root} does not exist (--chunked-dir)")
+    if requested is None:
+        names = sorted(c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+        if not names:
+            raise CliError(f"no collection folders under the data root {root}")
+    for name in names:
+        try:
+            check_name(name)
+        except StorageError as exc:
+            raise CliError(str(exc)) from exc
+        if not (root / name).is_dir():
+            raise CliError(f"collection {name!r}: folder {root / name} does not exist")
+    return root, list(dict.fromkeys(names))
+
+
+def _check_models(registry, settings) -> None:
+    for key, role in (("ensemble_models", "dense"), ("sparse_models", "sparse")):
+        names = getattr(settings, key)
+        known = [m.name for m in registry.by_role(role)]
+        unknown = [n for n in names if not any(n in (m.name, m.asset_name) for m in registry.by_role(role))]
+        if unknown:
+            raise CliError(f"{key} ({settings.provenance.get(key)}): {unknown} are not {role} models of the "
+                           f"registry {registry.path}; known {role} models: {known}")
+
+
+def _step_errors(result) -> list[str]:
+    errors = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            message = (error.message if error else "step failed").strip()
+            cause = error.cause if error else None
+            while cause is not None:  # user code errors are wrapped: the cause says what went wrong
+                message = cause.message.strip()
+                cause = cause.cause
+            errors.append(f"{event.step_key}: {message}")
+    return errors
+
+
+def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: float) -> None:
+    from rag_clean.telemetry import read_summary
+
+    path = storage_root / "telemetry" / collection / "processing_summary.json"
+    s = read_summary(path)
+    toggles, prov = s["feature_toggles"], s["feature_toggles"]["provenance"]
+    dense, sparse, rerank = s["dense_run"], s["sparse_run"], s["rerank_run"]
+    stages = s.get("stages", {})
+    exports = stages.get("exports") or {}
+    metrics = rerank.get("metrics") or {}
+    lines = [
+        f"== {collection}: {s['chunk_count']} chunks (run {run_id}, {wall_s:.1f} s)",
+        f"   dense: {', '.join(dense['models_executed'])} on {dense['device']}; "
+        f"{dense['total_embeddings_generated']} embedded, {dense.get('chunks_reused', 0)} reused; "
+        f"batch latency p50 {dense['latency_seconds']['p50']} s",
+        f"   sparse: {sparse['status']} (enable_sparse={str(toggles['enable_sparse']).lower()} from {prov.get('enable_sparse')}; "
+        f"models {', '.join(sparse['model_names']) or '-'}; coverage {sparse['vectors']['coverage_ratio']}; "
+        f"fallback_used {str(sparse['fallback_used']).lower()})",
+        f"   rerank: {rerank['status']} (enable_rerank={str(toggles['enable_rerank']).lower()} from {prov.get('enable_rerank')}; "
+        f"model {rerank['model_name'] or '-'}; fallback_count {rerank['fallback_count']})",
+    ]
+    for phase, values in metrics.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, (int, float)))
+        lines.append(f"   {phase}: {shown}")
+    lines.append(f"   summary: {path} (schema {s['schema_version']})")
+    lines.append(f"   asset files: {storage_root}")
+    if exports.get("status") == "ok":
+        lines.append(f"   exports: {exports.get('export_dir')} ({len(exports.get('files', []))} files)")
+    else:
+        lines.append(f"   exports: {exports.get('status', 'not materialized')} (turn on with --output-dir DIR)")
+    for warning in s.get("warnings", []):
+        lines.append(f"   warning: {warning}")
+    print("\n".join(lines), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import dagster as dg
+
+    from rag_clean.registry import RegistryError, load_registry
+    from rag_clean.settings import SettingsError
+    from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
+    from rag_clean_assets.partitions import COLLECTIONS_PARTITION
+    from resources.paths import PathsResource
+    from resources.settings import EmbedderSettingsResource
+
+    for flag, value in (("--config", args.config), ("--env-file", args.env_file), ("--registry", args.registry)):
+        if value and not Path(value).expanduser().exists():
+            raise CliError(f"{flag} {value}: file does not exist")
+    data_root, collections = _select_collections(_split(args.collections), args.chunked_dir)
+    registry_path = str(Path(args.registry).expanduser().resolve()) if args.registry else ""
+    try:
+        registry = load_registry(registry_path or None)
+    except RegistryError as exc:
+        raise CliError(str(exc)) from exc
+
+    overrides = {
+        "enable_rerank": args.enable_rerank,
+        "enable_sparse": args.enable_sparse,
+        "sparse_models": _split(args.sparse_models),
+        "ensemble_models": _split(args.ensemble_models),
+        "exclusive_ensemble": args.exclusive_ensemble,
+    }
+    if args.output_dir:
+        overrides.update(enable_exports=True, export_dir=str(Path(args.output_dir).expanduser().resolve()))
+    fields = EmbedderSettingsResource.model_fields
+    unsupported = [k for k, v in overrides.items() if v is not None and k not in fields]
+    for key in unsupported:
+        print(f"note: {key} from the command line is not yet a run-config field of the settings resource; "
+              "it is accepted and has no effect", file=sys.stderr)
+    settings = EmbedderSettingsResource(
+        config_file=str(Path(args.config).expanduser().resolve()) if args.config else "",
+        dotenv_file=str(Path(args.env_file).expanduser().resolve()) if args.env_file else "",
+        override_source="cli",
+        **{k: v for k, v in overrides.items() if v is not None and k in fields},
+    )
+    try:
+        resolved = settings.resolve()
+    except SettingsError as exc:
+        raise CliError(str(exc)) from exc
+    _check_models(registry, resolved)
+
+    _ensure_dagster_home()
+    storage_root = Path(args.storage_root).expanduser().resolve() if args.storage_root else PathsResource().storage_dir()
+    print(f"data root: {data_root}\nstorage root: {storage_root}\nDagster instance: {os.environ['DAGSTER_HOME']}\n"
+          f"registry: {registry.path}")
+    for line in resolved.provenance_lines():
+        print(f"   {line}")
+
+    defs = build_definitions(registry_path or None, data_root=str(data_root), storage_root=str(storage_root),
+                             settings=settings)
+    job = defs.resolve_job_def(EMBED_JOB_NAME)
+    failed: list[str] = []
+    with dg.DagsterInstance.get() as instance:
+        known = set(instance.get_dynamic_partitions(COLLECTIONS_PARTITION))
+        new = [c for c in collections if c not in known]
+        if new:
+            instance.add_dynamic_partitions(COLLECTIONS_PARTITION, new)
+            print(f"added partitions: {', '.join(new)}")
+        for collection in collections:
+            print(f"-- materializing {collection} ...", flush=True)
+            t0 = time.perf_counter()
+            result = job.execute_in_process(
+                partition_key=collection, instance=instance, raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+                tags={"rag_clean/launched_by": "rag-clean"})
+            wall = time.perf_counter() - t0
+            if not result.success:
+                failed.append(collection)
+                print(f"error: collection {collection!r}: run {result.run_id} failed", file=sys.stderr)
+                for message in _step_errors(result):
+                    print(f"   {message}", file=sys.stderr)
+                continue
+            _print_summary(collection, storage_root, result.run_id, wall)
+    if failed:
+        print(f"error: {len(failed)} of {len(collections)} collections failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
