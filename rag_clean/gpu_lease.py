@@ -46,7 +46,7 @@ ENV_MEMORY_FRACTION = "RAG_CLEAN_GPU_MEMORY_FRACTION"
 ENV_MEMORY_CEILING_MIB = "RAG_CLEAN_GPU_MEMORY_CEILING_MIB"
 ENV_TIMEOUT_S = "RAG_CLEAN_GPU_LEASE_TIMEOUT_S"
 ENV_FORCE_CPU = "RAG_CLEAN_FORCE_CPU"
-ENV_HOME = "RAG_CLEAN_HOME"
+ENV_LOCK_DIR = "RAG_CLEAN_GPU_LOCK_DIR"
 
 _MIB = 1024.0 * 1024.0
 _TRUE = {"1", "true", "yes", "on"}
@@ -58,14 +58,15 @@ def _now_iso() -> str:
 
 
 def default_lock_dir() -> Path:
-    """$RAG_CLEAN_HOME/locks, else <source checkout>/.rag_clean/locks, else <cwd>/.rag_clean/locks."""
-    home = os.environ.get(ENV_HOME)
-    if home:
-        return Path(home).expanduser() / "locks"
-    checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "pyproject.toml").exists():
-        return checkout / ".rag_clean" / "locks"
-    return Path.cwd() / ".rag_clean" / "locks"
+    """$RAG_CLEAN_GPU_LOCK_DIR, else one machine-wide folder in the temp dir.
+
+    Machine-wide on purpose: a GPU is shared by every checkout, Dagster instance and benchmark on the
+    box, so they must all contend for the same lock files.
+    """
+    explicit = os.environ.get(ENV_LOCK_DIR)
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(tempfile.gettempdir()) / "rag_clean-gpu-locks"
 
 
 # --------------------------------------------------------------------------- records

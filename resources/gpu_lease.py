@@ -39,7 +39,7 @@ def owner_label(context: Any) -> str:
 class GpuLeaseResource(dg.ConfigurableResource):
     """Exclusive CUDA devices for a step, across processes; the CPU (and why) when there is no CUDA."""
 
-    lock_dir: str = ""  # "" = $RAG_CLEAN_HOME/locks, else <project>/.rag_clean/locks
+    lock_dir: str = ""  # "" = $RAG_CLEAN_GPU_LOCK_DIR, else <tmp>/rag_clean-gpu-locks (machine-wide)
     memory_fraction: Optional[float] = None  # per-device ceiling for this process, (0, 1]
     memory_ceiling_mib: Optional[int] = None  # alternative ceiling in MiB; the stricter of the two wins
     timeout_s: Optional[float] = None  # default 3600

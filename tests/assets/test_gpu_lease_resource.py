@@ -2,6 +2,8 @@
 
 import json
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 
@@ -103,9 +105,13 @@ def test_fields_override_env_and_unset_fields_read_env(tmp_path, monkeypatch):
         assert lease.devices == ["cpu"]
 
 
-def test_default_lock_dir_follows_rag_clean_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAG_CLEAN_HOME", str(tmp_path / "home"))
-    assert GpuLeaseResource().lock_path() == tmp_path / "home" / "locks"
+def test_default_lock_dir_is_machine_wide_unless_overridden(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.delenv("RAG_CLEAN_GPU_LOCK_DIR", raising=False)
+    assert GpuLeaseResource().lock_path() == Path(tempfile.gettempdir()) / "rag_clean-gpu-locks"
+    monkeypatch.setenv("RAG_CLEAN_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    assert GpuLeaseResource().lock_path() == tmp_path / "locks"
     assert GpuLeaseResource(lock_dir=str(tmp_path / "x")).lock_path() == tmp_path / "x"
 
 
