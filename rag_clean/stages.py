@@ -309,7 +309,16 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
         sparse_rankings = []
         for spec in sparse_specs:
             index = SparseIndex(*_sparse_rows(sparse, spec.name, chunk_ids))
-            encoder = load_sparse_encoder(spec, device)
+            try:
+                encoder = load_sparse_encoder(spec, device)
+            except Exception as exc:
+                # Chunks may hold metadata-fallback vectors, but queries have no metadata: leave this
+                # model out of the candidates, say so, and keep the dense candidates.
+                msg = (f"sparse candidates from {spec.name} skipped: its encoder cannot be loaded for the queries "
+                       f"({type(exc).__name__}: {exc})")
+                log.warning(msg)
+                record["warnings"].append(msg)
+                continue
             try:
                 q_rows = [None] * len(q_texts)
                 for idx, rows in encoder.encode(q_texts):
@@ -319,17 +328,18 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                 encoder.close()
             sparse_rankings.append([list(map(int, index.search(t, w, config.top_k_candidates)[0])) for t, w in q_rows])
             sources.append(f"sparse:{spec.name}")
-        fused_candidates, fused_scores = [], []
-        for qi in range(len(queries)):
-            ranking = reciprocal_rank_fusion([candidates[qi]] + [r[qi] for r in sparse_rankings], k=config.rrf_k,
-                                             top_k=config.top_k_candidates)
-            scores: dict[int, float] = {}
-            for lst in [candidates[qi]] + [r[qi] for r in sparse_rankings]:
-                for rank, d in enumerate(lst, start=1):
-                    scores[d] = scores.get(d, 0.0) + 1.0 / (config.rrf_k + rank)
-            fused_candidates.append(ranking)
-            fused_scores.append({d: scores[d] for d in ranking})
-        candidates, retrieval_scores = fused_candidates, fused_scores
+        if sparse_rankings:  # else every sparse model was skipped: keep the dense ranking and its scores
+            fused_candidates, fused_scores = [], []
+            for qi in range(len(queries)):
+                ranking = reciprocal_rank_fusion([candidates[qi]] + [r[qi] for r in sparse_rankings], k=config.rrf_k,
+                                                 top_k=config.top_k_candidates)
+                scores: dict[int, float] = {}
+                for lst in [candidates[qi]] + [r[qi] for r in sparse_rankings]:
+                    for rank, d in enumerate(lst, start=1):
+                        scores[d] = scores.get(d, 0.0) + 1.0 / (config.rrf_k + rank)
+                fused_candidates.append(ranking)
+                fused_scores.append({d: scores[d] for d in ranking})
+            candidates, retrieval_scores = fused_candidates, fused_scores
     record["candidate_sources"] = sources
 
     gold = [q.gold_chunk_ids for q in queries]

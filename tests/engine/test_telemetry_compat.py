@@ -190,3 +190,17 @@ def test_reranker_fallback_chain_is_recorded(chunks, fused, tiny_registry_path, 
         assert run["executed"] is False and run["model_name"] is None
     else:
         assert run["executed"] is True and run["model_name"] == sources[resolved_index]
+
+
+def test_retrieval_survives_a_sparse_model_that_fell_back(chunks, fused, tiny_registry_path, broken_splade):
+    """After the metadata fallback the sparse encoder still cannot encode queries: rerank keeps dense candidates."""
+    dense_spec, fused_set = fused
+    spec = replace(load_registry(tiny_registry_path).get("tiny-splade"), source=f"path:{broken_splade}")
+    sparse_table, _ = run_sparse_stage([spec], chunks, "cpu")
+    table, record = run_retrieval_stage(heading_queries(chunks), chunks, fused_set, [dense_spec], "concat",
+                                        {"tiny-a": 1.0}, sparse_table, [spec], None,
+                                        RetrievalConfig(enable_sparse=True, enable_rerank=False), "cpu")
+    assert record["candidate_sources"] == ["dense:fused"]
+    assert table.num_rows > 0
+    summary = build_summary("docs", {"reranked": record}, {"enable_rerank": False}, {})
+    assert any(w.startswith("sparse candidates from tiny-splade skipped") for w in summary["warnings"])
