@@ -116,7 +116,14 @@ def _select_collections(requested: list[str] | None, chunked_dir: str | None) ->
     if not root.is_dir():
         raise CliError(f"data root {root} does not exist (--chunked-dir)")
     if requested is None:
-        names = sorted(c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+        names = []
+        for child in sorted(root.iterdir()):
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            try:
+                names.append(check_name(child.name))
+            except StorageError as exc:  # reported, not silently dropped; name it with --collections to fail
+                print(f"note: skipping folder {child}: {exc}", file=sys.stderr)
         if not names:
             raise CliError(f"no collection folders under the data root {root}")
     for name in names:
