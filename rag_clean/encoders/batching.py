@@ -31,7 +31,10 @@ import torch
 
 DEFAULT_CPU_TOKEN_BUDGET = 8192
 DEFAULT_CUDA_TOKEN_BUDGET_CAP = 131072
-DEFAULT_WINDOW_ITEMS = 32768
+# Rows tokenized per window. Small first window: the device starts after ~1k rows are tokenized
+# instead of the whole window; later windows tokenize while the device works on the previous one.
+DEFAULT_WINDOW_ITEMS = 8192
+DEFAULT_FIRST_WINDOW_ITEMS = 1024
 
 
 class EncoderError(RuntimeError):
@@ -95,22 +98,12 @@ class TokenWindow:
         return out
 
 
-def _flatten(encodings_ids: list[list[int]], type_ids: list[list[int]] | None):
-    lengths = np.fromiter((len(r) for r in encodings_ids), dtype=np.int64, count=len(encodings_ids))
-    offsets = np.zeros(len(encodings_ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((t for r in encodings_ids for t in r), dtype=np.int32, count=int(offsets[-1]))
-    types = None
-    if type_ids is not None:
-        types = np.fromiter((t for r in type_ids for t in r), dtype=np.int32, count=int(offsets[-1]))
-    return ids, offsets, types
-
-
 class Tokenizer:
     """Wraps a Hugging Face tokenizer: truncation to `max_length`, no padding, flat int32 output.
 
-    Fast (Rust) tokenizers release the GIL while encoding, so `threads` sub-chunks encode in
-    parallel; the per-row Python list conversion is the part that still holds the GIL.
+    Fast tokenizers run through their Rust core directly (a private copy with truncation set):
+    `encode_batch_fast` encodes in parallel on all cores without the GIL, and skips the Python
+    dict building of `tokenizer(...)`, which was the slow part. Slow tokenizers use `tokenizer(...)`.
     """
 
     def __init__(self, hf_tokenizer, max_length: int, *, lowercase: bool = False, with_type_ids: bool = False,
@@ -121,11 +114,26 @@ class Tokenizer:
         self.with_type_ids = with_type_ids
         self.threads = max(1, threads or min(8, os.cpu_count() or 1))
         self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0
+        self.rust = None
+        core = getattr(hf_tokenizer, "_tokenizer", None) if getattr(hf_tokenizer, "is_fast", False) else None
+        if core is not None and os.environ.get("RAG_CLEAN_RUST_TOKENIZER", "1") != "0":
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self.rust = RustTokenizer.from_str(core.to_str())
+            self.rust.no_padding()
+            self.rust.enable_truncation(self.max_length, strategy="longest_first")
 
     def _encode_chunk(self, texts: list[str], pairs: list[str] | None):
         if self.lowercase:
             texts = [t.lower() for t in texts]
             pairs = None if pairs is None else [p.lower() for p in pairs]
+        if self.rust is not None:
+            inputs = texts if pairs is None else list(zip(texts, pairs))
+            encode = getattr(self.rust, "encode_batch_fast", self.rust.encode_batch)
+            encs = encode(inputs, add_special_tokens=True)
+            ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
+            types = [np.asarray(e.type_ids, dtype=np.int32) for e in encs] if self.with_type_ids else None
+            return ids, types
         enc = self.hf(
             texts,
             pairs,
@@ -135,7 +143,9 @@ class Tokenizer:
             return_attention_mask=False,
             return_token_type_ids=self.with_type_ids,
         )
-        return enc["input_ids"], (enc["token_type_ids"] if self.with_type_ids else None)
+        ids = [np.asarray(r, dtype=np.int32) for r in enc["input_ids"]]
+        types = [np.asarray(r, dtype=np.int32) for r in enc["token_type_ids"]] if self.with_type_ids else None
+        return ids, types
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, start: int = 0) -> TokenWindow:
         t0 = time.perf_counter()
@@ -144,36 +154,60 @@ class Tokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise EncoderError(f"input row {start + i} is {type(t).__name__}, expected str")
+        for i, t in enumerate(pairs or ()):
+            if not isinstance(t, str):
+                raise EncoderError(f"input row {start + i}: passage is {type(t).__name__}, expected str")
         n = len(texts)
-        step = max(256, -(-n // self.threads))
-        chunks = [(texts[i:i + step], None if pairs is None else pairs[i:i + step]) for i in range(0, n, step)]
+        if self.rust is not None:
+            # The Rust core already spreads one call over all cores.
+            chunks = [(texts, pairs)]
+        else:
+            step = max(256, -(-n // self.threads))
+            chunks = [(texts[i:i + step], None if pairs is None else pairs[i:i + step]) for i in range(0, n, step)]
         if len(chunks) <= 1:
             results = [self._encode_chunk(*c) for c in chunks]
         else:
             with ThreadPoolExecutor(len(chunks)) as pool:
                 results = list(pool.map(lambda c: self._encode_chunk(*c), chunks))
-        ids_rows = [r for ids, _ in results for r in ids]
-        type_rows = [r for _, ty in results for r in ty] if self.with_type_ids else None
-        ids, offsets, types = _flatten(ids_rows, type_rows)
+        id_rows = [r for ids, _ in results for r in ids]
+        lengths = np.fromiter((len(r) for r in id_rows), dtype=np.int64, count=len(id_rows))
+        offsets = np.zeros(len(id_rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.concatenate(id_rows) if id_rows else np.zeros(0, dtype=np.int32)
+        types = None
+        if self.with_type_ids:
+            types = np.concatenate([r for _, ty in results for r in ty]) if id_rows else np.zeros(0, dtype=np.int32)
         return TokenWindow(start=start, ids=ids, offsets=offsets, type_ids=types, seconds=time.perf_counter() - t0)
 
 
+def window_bounds(n: int, window: int, first_window: int | None = None) -> list[tuple[int, int]]:
+    """(start, end) of each window: a first window of `first_window` rows, then `window` rows each."""
+    first = min(window, first_window or window)
+    bounds, start = [], 0
+    while start < n:
+        end = min(n, start + (first if start == 0 else window))
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def tokenize_windows(tokenizer: Tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
-                     window: int = DEFAULT_WINDOW_ITEMS) -> Iterator[TokenWindow]:
-    """Yield TokenWindows of `window` rows; the next window tokenizes while the caller works."""
+                     window: int = DEFAULT_WINDOW_ITEMS, first_window: int | None = None) -> Iterator[TokenWindow]:
+    """Yield TokenWindows of `window` rows (the first of `first_window`); the next one tokenizes
+    on a background thread while the caller works on the current one."""
     n = len(texts)
     if n == 0:
         return
-    starts = list(range(0, n, window))
+    bounds = window_bounds(n, window, first_window)
     results: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def produce():
         try:
-            for s in starts:
+            for s, e in bounds:
                 if stop.is_set():
                     return
-                w = tokenizer.encode(texts[s:s + window], None if pairs is None else pairs[s:s + window], start=s)
+                w = tokenizer.encode(texts[s:e], None if pairs is None else pairs[s:e], start=s)
                 results.put(("ok", w))
         except BaseException as exc:  # surfaced in the consumer
             results.put(("error", exc))
@@ -181,7 +215,7 @@ def tokenize_windows(tokenizer: Tokenizer, texts: Sequence[str], pairs: Sequence
     thread = threading.Thread(target=produce, name="tokenize-ahead", daemon=True)
     thread.start()
     try:
-        for _ in starts:
+        for _ in bounds:
             kind, value = results.get()
             if kind == "error":
                 raise value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import queue
 import threading
 import time
@@ -28,8 +29,10 @@ from rag_clean.encoders.batching import (
     Tokenizer,
     iter_batches,
     tokenize_windows,
+    DEFAULT_FIRST_WINDOW_ITEMS,
     DEFAULT_WINDOW_ITEMS,
 )
+from rag_clean.encoders.fast_bert import FastBert, pool_unpadded, segment_ids
 from rag_clean.registry import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,6 +96,7 @@ class _Replica:
         self.device = device
         self.st_model = st_model
         self.hf = hf
+        self.fast: FastBert | None = None  # unpadded forward over hf's weights, when the architecture allows
 
 
 class _StreamingModel:
@@ -102,8 +106,12 @@ class _StreamingModel:
 
     def __init__(self, spec: ModelSpec, devices: list[torch.device], load_fn, *, source: str,
                  budget_store: BudgetStore | None, token_budget: int | None, window_items: int = DEFAULT_WINDOW_ITEMS,
-                 with_type_ids: bool = False, extra_width_per_token: int = 0):
+                 with_type_ids: bool = False, extra_width_per_token: int = 0, fast: bool = True,
+                 attention: str = "auto", compile: bool = False):
         t0 = time.perf_counter()
+        # fast=False keeps the Hugging Face module (padded batches, SDPA) for every batch;
+        # the benchmark uses it to measure what the fast path buys.
+        self.fast_options = {"enabled": fast, "attention": attention, "compile": compile}
         self.spec = spec
         self.source = source
         self.devices = devices
@@ -126,6 +134,7 @@ class _StreamingModel:
         self.tokenizer = Tokenizer(hf_tok, self.max_length, lowercase=bool(getattr(module, "do_lower_case", False)),
                                    with_type_ids=with_type_ids)
         self.window_items = window_items
+        self.first_window_items = min(window_items, DEFAULT_FIRST_WINDOW_ITEMS)
         self.stats = EncodeStats(model=spec.name, backend="sentence-transformers",
                                  device=",".join(str(d) for d in devices), dtype=str(self.dtype).replace("torch.", ""))
         self.controllers = [
@@ -137,9 +146,28 @@ class _StreamingModel:
         ]
         self._batch_counter = 0
         self._counter_lock = threading.Lock()
+        self.unpadded = False
         self.stats.load_seconds = time.perf_counter() - t0
 
     # -- helpers for subclasses ---------------------------------------------------------------
+
+    def _enable_fast(self, encoder_of) -> None:
+        """Build the unpadded forward on every replica from `encoder_of(hf)` (the BertModel part)."""
+        if not self.fast_options["enabled"]:
+            return
+        for r in self.replicas:
+            r.fast = FastBert.build(encoder_of(r.hf), r.hf.config, attention=self.fast_options["attention"],
+                                    compile=self.fast_options["compile"])
+        self.unpadded = all(r.fast is not None for r in self.replicas)
+        if not self.unpadded:
+            for r in self.replicas:
+                r.fast = None
+
+    def _fast_hidden(self, replica, window: TokenWindow, rows: np.ndarray):
+        batch = self._to_device(window.unpadded(rows), replica.device)
+        hidden = replica.fast(batch["input_ids"], batch["position_ids"], batch.get("token_type_ids"),
+                              batch["cu_seqlens"], batch["max_seqlen"])
+        return hidden, batch["cu_seqlens"]
 
     def _to_device(self, arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         out = {}
@@ -178,7 +206,8 @@ class _StreamingModel:
             else:
                 seconds = end - start
             tokens = int(lengths[rows].sum())
-            record = BatchRecord(items=len(rows), tokens=tokens, padded_tokens=int(lengths[rows].max()) * len(rows),
+            padded = tokens if self.unpadded else int(lengths[rows].max()) * len(rows)
+            record = BatchRecord(items=len(rows), tokens=tokens, padded_tokens=padded,
                                  seconds=seconds, token_budget=budget)
             with self._counter_lock:
                 self.stats.batches.append(record)
@@ -212,7 +241,8 @@ class _StreamingModel:
     def _stream(self, texts: Sequence[str], pairs: Sequence[str] | None = None):
         t0 = time.perf_counter()
         try:
-            for window in tokenize_windows(self.tokenizer, texts, pairs, self.window_items):
+            for window in tokenize_windows(self.tokenizer, texts, pairs, self.window_items,
+                                           self.first_window_items):
                 self.stats.tokenize_seconds += window.seconds
                 source = BatchSource(window.lengths)
                 if len(self.replicas) == 1:
@@ -267,6 +297,7 @@ class _StreamingModel:
         for r in self.replicas:
             r.st_model = None
             r.hf = None
+            r.fast = None
         self.replicas = []
         self.module = None
         gc.collect()
@@ -318,13 +349,14 @@ class STDenseEncoder(_StreamingModel, DenseEncoder):
     kind = "dense"
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
-                 token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS):
+                 token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
         from sentence_transformers import SentenceTransformer
 
         path = source or spec.resolve_source()
         devices = parse_devices(device)
         super().__init__(spec, devices, lambda: SentenceTransformer(path, device="cpu", local_files_only=True),
-                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items)
+                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items,
+                         **engine_options)
         st_model = self.replicas[0].st_model
         getter = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
         self.dim = int(getter())
@@ -334,8 +366,8 @@ class STDenseEncoder(_StreamingModel, DenseEncoder):
             raise EncoderError(
                 f"model {spec.name}: registry dim {spec.dim} but {path} produces {dim}-d vectors; fix `dim` in the registry"
             )
-        # The fast path pools itself; anything beyond Transformer -> Pooling -> [Normalize] runs
-        # through the model's own modules (still on the device).
+        # We pool ourselves for Transformer -> Pooling -> [Normalize]; anything else runs through the
+        # model's own modules (still on the device, padded).
         names = [type(m).__name__ for m in st_model]
         self.pooling_mode = _pooling_mode(st_model[1]) if len(names) > 1 and names[1] == "Pooling" else None
         simple = (
@@ -344,8 +376,13 @@ class STDenseEncoder(_StreamingModel, DenseEncoder):
             and all(n == "Normalize" for n in names[2:])
         )
         self.extra_modules = None if simple else [list(r.st_model)[1:] for r in self.replicas]
+        if simple:
+            self._enable_fast(lambda hf: hf)
 
     def _launch(self, replica, window, rows):
+        if replica.fast is not None:
+            hidden, cu = self._fast_hidden(replica, window, rows)
+            return (F.normalize(pool_unpadded(hidden, cu, self.pooling_mode), p=2, dim=-1),)
         batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
         out = replica.hf(**batch, return_dict=True)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -367,8 +404,8 @@ class STDenseEncoder(_StreamingModel, DenseEncoder):
 # Sparse (SPLADE)
 # ---------------------------------------------------------------------------------------------
 
-# Bytes of vocab-wide logits computed at once: the [tokens, vocab] tensor is never larger.
-SPLADE_CHUNK_BYTES = 64 * 1024 * 1024
+# Bytes of vocab-wide activations computed at once: no [tokens, vocab] tensor is ever larger.
+SPLADE_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 class STSparseEncoder(_StreamingModel, SparseEncoder):
@@ -377,61 +414,107 @@ class STSparseEncoder(_StreamingModel, SparseEncoder):
     kind = "sparse"
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
-                 token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS):
+                 token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
         from sentence_transformers import SparseEncoder as STSparse
 
         path = source or spec.resolve_source()
         devices = parse_devices(device)
         super().__init__(spec, devices, lambda: STSparse(path, device="cpu", local_files_only=True),
-                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items)
+                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items,
+                         **engine_options)
         st_model = self.replicas[0].st_model
         hf = self.replicas[0].hf
         self.vocab_size = int(hf.config.vocab_size)
         pooling = st_model[1] if len(st_model) > 1 else None
         if pooling is None or type(pooling).__name__ != "SpladePooling":
+            self.close()
             raise EncoderError(f"model {spec.name}: {path} is not a SPLADE model (no SpladePooling module)")
         if pooling.pooling_strategy != "max" or pooling.activation_function not in ("relu", "log1p_relu"):
+            self.close()
             raise EncoderError(
                 f"model {spec.name}: SPLADE pooling {pooling.pooling_strategy!r}/{pooling.activation_function!r} "
                 "is not supported (max with relu or log1p_relu)"
             )
+        if not type(hf).__name__.endswith("ForMaskedLM"):
+            name = type(hf).__name__
+            self.close()
+            raise EncoderError(f"model {spec.name}: {path} loads as {name}, not a masked-LM model; SPLADE needs the MLM head")
         self.double_log = pooling.activation_function == "log1p_relu"
         # BERT-family MLM: run the encoder, then the MLM head over real tokens only, in chunks.
         self.split_head = hasattr(hf, "cls") and hasattr(hf, "base_model")
         self.top_k = min(int(spec.top_k), self.vocab_size)
+        # Unpadded batches pool with a segment max over contiguous rows; RAG_CLEAN_SPLADE_SEGMENT_MAX=0
+        # switches to the scatter-max (index_reduce_) that padded batches use, for comparison.
+        self.segment_max = os.environ.get("RAG_CLEAN_SPLADE_SEGMENT_MAX", "1") != "0"
+        if self.split_head:
+            self._enable_fast(lambda m: m.base_model)
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
-        x = torch.log1p(torch.relu(logits.float()))
-        return torch.log1p(x) if self.double_log else x
+        # log1p(relu(x)) in the logits' dtype: max-pooling commutes with this monotone map, and the
+        # fp32 copy of a [chunk, vocab] tensor would double the chunk's memory traffic.
+        x = torch.relu_(logits).log1p_()
+        return x.log1p_() if self.double_log else x
+
+    def _pool_tokens(self, hf, flat: torch.Tensor, row_of: torch.Tensor, rows: int) -> torch.Tensor:
+        """Max over each row's tokens of the activated MLM logits, [rows, vocab], chunked over tokens."""
+        pooled = torch.zeros(rows, self.vocab_size, dtype=flat.dtype, device=flat.device)
+        elem = flat.element_size()
+        step = max(1, SPLADE_CHUNK_BYTES // (self.vocab_size * elem))
+        for s in range(0, flat.shape[0], step):
+            act = self._activate(hf.cls(flat[s:s + step]))
+            with warnings.catch_warnings():
+                # index_reduce_ (scatter-max over tokens) is flagged beta; its result is what we test.
+                warnings.simplefilter("ignore", UserWarning)
+                pooled.index_reduce_(0, row_of[s:s + step], act, "amax", include_self=True)
+        return pooled
+
+    def _pool_rows(self, hf, flat: torch.Tensor, cu: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
+        """Same as _pool_tokens for unpadded batches, chunked over whole rows: each chunk's rows are
+        contiguous token spans, so a segment max replaces the scatter (no atomics, no [b, vocab] init)."""
+        rows = len(lengths)
+        elem = flat.element_size()
+        step = max(1, SPLADE_CHUNK_BYTES // (self.vocab_size * elem))
+        dev_lengths = (cu[1:] - cu[:-1]).long()
+        host_cu = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(lengths, out=host_cu[1:])
+        parts = []
+        r0 = 0
+        while r0 < rows:
+            # as many whole rows as fit `step` tokens (at least one)
+            r1 = max(r0 + 1, int(np.searchsorted(host_cu, host_cu[r0] + step, side="right")) - 1)
+            r1 = min(r1, rows)
+            act = self._activate(hf.cls(flat[host_cu[r0]:host_cu[r1]]))
+            parts.append(torch.segment_reduce(act, "max", lengths=dev_lengths[r0:r1], axis=0))
+            r0 = r1
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _launch(self, replica, window, rows):
         hf = replica.hf
-        batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
-        mask = batch["attention_mask"].bool()
-        b = mask.shape[0]
-        pooled = torch.zeros(b, self.vocab_size, dtype=torch.float32, device=replica.device)
-        elem = torch.finfo(self.dtype).bits // 8
-        if self.split_head:
+        b = len(rows)
+        if replica.fast is not None:
+            hidden, cu = self._fast_hidden(replica, window, rows)
+            if self.segment_max:
+                pooled = self._pool_rows(hf, hidden, cu, window.lengths[rows])
+            else:
+                pooled = self._pool_tokens(hf, hidden, segment_ids(cu, hidden.shape[0]), b)
+        elif self.split_head:
+            batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
+            mask = batch["attention_mask"].bool()
             hidden = hf.base_model(**batch, return_dict=True).last_hidden_state
-            flat = hidden[mask]                                            # [tokens, d] real tokens only
             row_of = torch.arange(b, device=replica.device).repeat_interleave(mask.sum(1))
-            step = max(1, SPLADE_CHUNK_BYTES // (self.vocab_size * max(elem, 4)))
-            for s in range(0, flat.shape[0], step):
-                act = self._activate(hf.cls(flat[s:s + step]))
-                with warnings.catch_warnings():
-                    # index_reduce_ (scatter-max over tokens) is flagged beta; its result is what we test.
-                    warnings.simplefilter("ignore", UserWarning)
-                    pooled.index_reduce_(0, row_of[s:s + step], act, "amax", include_self=True)
+            pooled = self._pool_tokens(hf, hidden[mask], row_of, b)  # real tokens only
         else:
-            width = mask.shape[1]
-            step = max(1, SPLADE_CHUNK_BYTES // (width * self.vocab_size * max(elem, 4)))
+            batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
+            width = batch["input_ids"].shape[1]
+            pooled = torch.zeros(b, self.vocab_size, dtype=torch.float32, device=replica.device)
+            step = max(1, SPLADE_CHUNK_BYTES // (width * self.vocab_size * 4))
             for s in range(0, b, step):
                 part = {k: v[s:s + step] for k, v in batch.items()}
-                logits = hf(**part, return_dict=True).logits
+                logits = hf(**part, return_dict=True).logits.float()
                 act = self._activate(logits) * part["attention_mask"].unsqueeze(-1)
                 pooled[s:s + step] = act.amax(1)
         weights, terms = torch.topk(pooled, self.top_k, dim=1, sorted=True)
-        return terms.to(torch.int32), weights
+        return terms.to(torch.int32), weights.float()
 
     def encode(self, texts: Sequence[str]):
         for idx, (terms, weights) in self._stream(texts):
@@ -450,6 +533,17 @@ class STSparseEncoder(_StreamingModel, SparseEncoder):
 # ---------------------------------------------------------------------------------------------
 
 
+def _classifier_on_cls(hf):
+    """fn(cls_hidden [b, d]) -> logits for BERT / RoBERTa sequence classifiers, else None."""
+    model_type = getattr(hf.config, "model_type", "")
+    if model_type in ("roberta", "xlm-roberta") and hasattr(hf, "classifier"):
+        return lambda cls: hf.classifier(cls.unsqueeze(1))  # the head reads features[:, 0]
+    bert = getattr(hf, "bert", None)
+    if model_type == "bert" and bert is not None and bert.pooler is not None and isinstance(hf.classifier, torch.nn.Linear):
+        return lambda cls: hf.classifier(bert.pooler(cls.unsqueeze(1)))
+    return None
+
+
 class STCrossEncoderReranker(_StreamingModel, Reranker):
     """Cross-encoder scores (the model's activation applied, as CrossEncoder.predict does)."""
 
@@ -457,7 +551,7 @@ class STCrossEncoderReranker(_StreamingModel, Reranker):
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS,
-                 source_label: str | None = None):
+                 source_label: str | None = None, **engine_options):
         from sentence_transformers import CrossEncoder
 
         path = source or spec.resolve_source()
@@ -471,7 +565,7 @@ class STCrossEncoderReranker(_StreamingModel, Reranker):
             return model
 
         super().__init__(spec, devices, load, source=path, budget_store=budget_store, token_budget=token_budget,
-                         window_items=window_items, with_type_ids=False)
+                         window_items=window_items, with_type_ids=False, **engine_options)
         tok_names = getattr(self.tokenizer.hf, "model_input_names", []) or []
         self.tokenizer.with_type_ids = "token_type_ids" in tok_names and getattr(self.config, "type_vocab_size", 1) > 1
         if holder["num_labels"] != 1:
@@ -481,10 +575,17 @@ class STCrossEncoderReranker(_StreamingModel, Reranker):
         self.activation = holder["activation"]
         # Name the source as the registry spelled it (hub id, package:...), not the local cache path.
         self.scorer_id = f"cross-encoder:{source_label or spec.source}"
+        self.heads = [_classifier_on_cls(r.hf) for r in self.replicas]
+        if all(h is not None for h in self.heads):
+            self._enable_fast(lambda m: m.base_model)
 
     def _launch(self, replica, window, rows):
-        batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
-        logits = replica.hf(**batch, return_dict=True).logits.float()
+        if replica.fast is not None:
+            hidden, cu = self._fast_hidden(replica, window, rows)
+            logits = self.heads[self.replicas.index(replica)](hidden[cu[:-1].long()]).float()
+        else:
+            batch = self._to_device(window.padded(rows, self.tokenizer.pad_id), replica.device)
+            logits = replica.hf(**batch, return_dict=True).logits.float()
         scores = self.activation(logits) if self.activation is not None else logits
         return (scores.reshape(-1),)
 

@@ -277,3 +277,32 @@ def test_flagembedding_backend_dispatches_to_flag_module(registry, monkeypatch):
     reranker, record = load_reranker(replace(registry.rerank, backend="flagembedding"))
     assert isinstance(reranker, FakeReranker) and record["resolved"] == registry.rerank.source
     assert [c[0] for c in calls] == ["dense", "sparse", "rerank"]
+
+
+def test_unpadded_fast_path_is_used_and_equals_the_hf_module_path(registry):
+    from rag_clean.encoders.st import STCrossEncoderReranker, STDenseEncoder, STSparseEncoder
+
+    dense_spec = registry.get("tiny-b")
+    fast = STDenseEncoder(dense_spec, token_budget=96)
+    slow = STDenseEncoder(dense_spec, token_budget=96, fast=False)
+    assert fast.replicas[0].fast is not None and slow.replicas[0].fast is None
+    assert np.allclose(fast.encode_all(TEXTS), slow.encode_all(TEXTS), atol=1e-5)
+    assert all(b.padded_tokens == b.tokens for b in fast.stats.batches)  # no pad tokens computed
+    assert sum(b.padded_tokens for b in slow.stats.batches) > sum(b.tokens for b in slow.stats.batches)
+
+    sparse_spec = registry.sparse[0]
+    fast_sparse = STSparseEncoder(sparse_spec, token_budget=96)
+    slow_sparse = STSparseEncoder(sparse_spec, token_budget=96, fast=False)
+    assert fast_sparse.replicas[0].fast is not None
+    a = {i: r for idx, rows in fast_sparse.encode(TEXTS) for i, r in zip(idx.tolist(), rows)}
+    b = {i: r for idx, rows in slow_sparse.encode(TEXTS) for i, r in zip(idx.tolist(), rows)}
+    for i in range(len(TEXTS)):
+        assert np.allclose(a[i][1], b[i][1], rtol=1e-4, atol=1e-6)
+        assert set(a[i][0][:5].tolist()) == set(b[i][0][:5].tolist())
+
+    rr_spec = registry.rerank
+    pairs = [(TEXTS[i], TEXTS[-1 - i]) for i in range(len(TEXTS))]
+    fast_rr = STCrossEncoderReranker(rr_spec, token_budget=128)
+    slow_rr = STCrossEncoderReranker(rr_spec, token_budget=128, fast=False)
+    assert fast_rr.replicas[0].fast is not None
+    assert np.allclose(fast_rr.score(pairs), slow_rr.score(pairs), rtol=1e-4, atol=1e-6)

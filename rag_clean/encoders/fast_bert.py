@@ -1,0 +1,200 @@
+"""Inference-only forward for BERT-family encoders over the Hugging Face module's own weights.
+
+Why: the HF module pads every batch to its longest row and runs separate Q/K/V projections.
+Here tokens stay unpadded ([tokens, hidden], no pad rows anywhere), Q/K/V is one fused matmul,
+and attention is variable-length flash attention over cumulative sequence lengths (CUDA). On
+CPU (tests, small runs) attention pads per batch and uses SDPA with a mask, same math.
+
+Covers BertModel-shaped encoders (BERT, RoBERTa, XLM-RoBERTa: absolute positions, post-LN,
+GELU). Anything else returns None from `FastBert.build` and the caller keeps the HF module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+_SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta")
+_ROBERTA_TYPES = ("roberta", "xlm-roberta")
+
+
+def _varlen_fn():
+    """The best variable-length attention this torch has on CUDA, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
+
+        return "varlen_attn", varlen_attn
+    except Exception:
+        pass
+    if hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return "aten_flash", torch.ops.aten._flash_attention_forward
+    return None
+
+
+class FastBert:
+    """Holds fused views of an HF BERT-family encoder's weights; `forward` takes unpadded tokens."""
+
+    def __init__(self, encoder: torch.nn.Module, config, *, attention: str = "auto", compile: bool = False):
+        emb = encoder.embeddings
+        self.config = config
+        self.roberta = config.model_type in _ROBERTA_TYPES
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.word = emb.word_embeddings.weight
+        self.pos = emb.position_embeddings.weight
+        tt = getattr(emb, "token_type_embeddings", None)
+        self.type_emb = tt.weight if tt is not None else None
+        self.emb_ln = (emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.layers = []
+        for layer in encoder.encoder.layer:
+            att = layer.attention
+            q, k, v = att.self.query, att.self.key, att.self.value
+            self.layers.append({
+                "wqkv": torch.cat([q.weight, k.weight, v.weight], 0).detach(),
+                "bqkv": torch.cat([q.bias, k.bias, v.bias], 0).detach(),
+                "wo": att.output.dense.weight, "bo": att.output.dense.bias,
+                "ln1": (att.output.LayerNorm.weight, att.output.LayerNorm.bias, att.output.LayerNorm.eps),
+                "wi": layer.intermediate.dense.weight, "bi": layer.intermediate.dense.bias,
+                "wo2": layer.output.dense.weight, "bo2": layer.output.dense.bias,
+                "ln2": (layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, layer.output.LayerNorm.eps),
+            })
+        self.device = self.word.device
+        varlen = _varlen_fn() if self.device.type == "cuda" else None
+        if attention == "padded" or varlen is None:
+            self.attention = "padded_sdpa"
+            self._varlen = None
+        else:
+            self.attention, self._varlen = varlen
+        self._contiguous_qkv = False
+        self._post_attn = _post_attn
+        self._ffn = _ffn
+        if compile:
+            # Dynamic: every batch has a different token count. Attention stays outside the graph.
+            self._post_attn = torch.compile(_post_attn, dynamic=True)
+            self._ffn = torch.compile(_ffn, dynamic=True)
+
+    @staticmethod
+    def supported(config) -> bool:
+        return (
+            getattr(config, "model_type", None) in _SUPPORTED_TYPES
+            and getattr(config, "position_embedding_type", "absolute") in (None, "absolute")
+            and getattr(config, "hidden_act", None) == "gelu"
+            and not getattr(config, "is_decoder", False)
+            and not getattr(config, "add_cross_attention", False)
+        )
+
+    @classmethod
+    def build(cls, encoder: torch.nn.Module | None, config, **kwargs) -> "FastBert | None":
+        if os.environ.get("RAG_CLEAN_FAST_BERT", "1") == "0" or encoder is None or not cls.supported(config):
+            return None
+        if not (hasattr(encoder, "embeddings") and hasattr(encoder, "encoder")):
+            return None
+        return cls(encoder, config, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def position_ids(self, within: torch.Tensor) -> torch.Tensor:
+        # RoBERTa-family positions start after the padding index.
+        return within + (self.pad_id + 1) if self.roberta else within
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """[tokens] ids (rows concatenated) -> [tokens, hidden] last hidden states."""
+        x = F.embedding(input_ids, self.word) + F.embedding(self.position_ids(position_ids), self.pos)
+        if self.type_emb is not None:
+            x = x + (F.embedding(token_type_ids, self.type_emb) if token_type_ids is not None else self.type_emb[0])
+        w, b, eps = self.emb_ln
+        x = F.layer_norm(x, (x.shape[-1],), w, b, eps)
+        padded_index = None
+        if self._varlen is None:
+            padded_index = _padding_index(cu_seqlens, max_seqlen)
+        for p in self.layers:
+            qkv = F.linear(x, p["wqkv"], p["bqkv"])
+            attn = self._attend(qkv, cu_seqlens, max_seqlen, padded_index)
+            x = self._post_attn(x, attn, p["wo"], p["bo"], *p["ln1"])
+            x = self._ffn(x, p["wi"], p["bi"], p["wo2"], p["bo2"], *p["ln2"])
+        return x
+
+    def _attend(self, qkv, cu_seqlens, max_seqlen, padded_index):
+        n = qkv.shape[0]
+        h, dh = self.heads, self.head_dim
+        q, k, v = qkv.view(n, 3, h, dh).unbind(1)
+        scale = 1.0 / math.sqrt(dh)
+        if self.attention == "varlen_attn":
+            if self._contiguous_qkv:
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            try:
+                out = self._varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+            except RuntimeError:
+                if self._contiguous_qkv:
+                    raise
+                # Some builds want dense [tokens, heads, dim] inputs rather than strided views of qkv.
+                self._contiguous_qkv = True
+                return self._attend(qkv, cu_seqlens, max_seqlen, padded_index)
+            if isinstance(out, tuple):
+                out = out[0]
+            return out.reshape(n, h * dh)
+        if self.attention == "aten_flash":
+            out = self._varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False,
+                               scale=scale)[0]
+            return out.reshape(n, h * dh)
+        # Padded SDPA: scatter rows into [b, L], attend with a key mask, gather real tokens back.
+        rows, width = padded_index["shape"]
+        flat_pos = padded_index["flat_pos"]
+        def pad(t):
+            buf = t.new_zeros(rows * width, h, dh)
+            buf[flat_pos] = t
+            return buf.view(rows, width, h, dh).transpose(1, 2)
+        mask = padded_index["mask"]
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).reshape(rows * width, h * dh)[flat_pos]
+
+
+def _padding_index(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    rows = lengths.shape[0]
+    n = int(cu_seqlens[-1])
+    row_of = torch.repeat_interleave(torch.arange(rows, device=cu_seqlens.device), lengths, output_size=n)
+    within = torch.arange(n, device=cu_seqlens.device) - cu_seqlens[:-1].long()[row_of]
+    flat_pos = row_of * max_seqlen + within
+    key_ok = torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < lengths[:, None]
+    return {"shape": (rows, max_seqlen), "flat_pos": flat_pos, "mask": key_ok[:, None, None, :]}
+
+
+def _post_attn(x, attn, wo, bo, ln_w, ln_b, eps: float):
+    return F.layer_norm(x + F.linear(attn, wo, bo), (x.shape[-1],), ln_w, ln_b, eps)
+
+
+def _ffn(x, wi, bi, wo2, bo2, ln_w, ln_b, eps: float):
+    inner = F.gelu(F.linear(x, wi, bi))
+    return F.layer_norm(x + F.linear(inner, wo2, bo2), (x.shape[-1],), ln_w, ln_b, eps)
+
+
+def segment_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Row index of every token of a concatenated batch."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
+                                   output_size=n_tokens)
+
+
+def pool_unpadded(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool [tokens, d] over each row's span, in float32."""
+    rows = cu_seqlens.shape[0] - 1
+    starts = cu_seqlens[:-1].long()
+    ends = cu_seqlens[1:].long()
+    if mode == "cls":
+        return hidden[starts].float()
+    if mode == "lasttoken":
+        return hidden[ends - 1].float()
+    seg = segment_ids(cu_seqlens, hidden.shape[0])
+    if mode == "max":
+        out = torch.full((rows, hidden.shape[1]), float("-inf"), device=hidden.device, dtype=torch.float32)
+        return out.index_reduce_(0, seg, hidden.float(), "amax", include_self=True)
+    sums = torch.zeros(rows, hidden.shape[1], device=hidden.device, dtype=torch.float32)
+    sums.index_add_(0, seg, hidden.float())
+    return sums / (ends - starts).clamp(min=1).unsqueeze(1).float()
