@@ -8,6 +8,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 REGISTRY_ENV = "RAG_CLEAN_MODEL_REGISTRY"
 DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models.toml")
@@ -39,6 +40,8 @@ class ModelSpec:
     top_k: int = 256
     # FlagEmbedding BGEM3FlagModel: also produce lexical (sparse) / ColBERT outputs in the same pass.
     flag_class: str | None = None
+    # bge-m3 dense entries only: also store ColBERT multi-vectors from the same forward pass.
+    colbert: bool = False
     fallbacks: tuple[str, ...] = ()
     query_instruction: str | None = None
     registry_dir: Path = field(default=DEFAULT_REGISTRY_PATH.parent, compare=False, repr=False)
@@ -81,11 +84,42 @@ class Registry:
         rerankers = self.by_role("rerank")
         return rerankers[0] if rerankers else None
 
+    def select_sparse(self, names: Sequence[str] | None) -> list[ModelSpec]:
+        """The sparse models a run uses: those named (EMBEDDER_SPARSE_MODELS), else every sparse entry."""
+        if not names:
+            return self.sparse
+        chosen = [self.get(name) for name in names]
+        wrong = [s.name for s in chosen if s.role != "sparse"]
+        if wrong:
+            raise RegistryError(f"sparse_models names models whose role is not sparse: {wrong}")
+        return chosen
+
+    def joint_sparse_partner(self, dense_spec: ModelSpec) -> ModelSpec | None:
+        """The sparse entry whose lexical weights come from the same bge-m3 forward pass as `dense_spec`.
+
+        Partners: both backend "flagembedding" with flag_class "bge-m3", the same sources (primary and
+        fallbacks, so both stages would load the same weights), max_length and dtype (so the pass sees the
+        same tokens at the same precision). The first such sparse entry in registry order; None if none.
+        """
+        return next((s for s in self.sparse if _joint_partners(dense_spec, s)), None)
+
+    def joint_dense_partner(self, sparse_spec: ModelSpec) -> ModelSpec | None:
+        """The dense entry whose forward pass also yields `sparse_spec`'s rows (inverse of joint_sparse_partner)."""
+        return next((d for d in self.dense if self.joint_sparse_partner(d) == sparse_spec), None)
+
     def get(self, name: str) -> ModelSpec:
         for m in self.models:
             if m.name == name or m.asset_name == name:
                 return m
         raise RegistryError(f"model {name!r} is not in the registry {self.path}; known: {[m.name for m in self.models]}")
+
+
+def _joint_partners(dense: ModelSpec, sparse: ModelSpec) -> bool:
+    return (dense.role == "dense" and sparse.role == "sparse"
+            and dense.backend == sparse.backend == "flagembedding"
+            and dense.flag_class == sparse.flag_class == "bge-m3"
+            and dense.candidate_sources() == sparse.candidate_sources()
+            and dense.max_length == sparse.max_length and dense.dtype == sparse.dtype)
 
 
 def resolve_source(source: str, base_dir: Path | None = None) -> str:
@@ -137,6 +171,12 @@ def _spec_from_table(entry: dict, registry_dir: Path, where: str) -> ModelSpec:
     dim = entry.get("dim")
     if truncate_dim is not None and dim is not None and truncate_dim > dim:
         raise RegistryError(f"{where}: truncate_dim {truncate_dim} > dim {dim}; vectors are never padded")
+    colbert = entry.get("colbert", False)
+    if not isinstance(colbert, bool):
+        raise RegistryError(f"{where}: colbert must be true or false, got {colbert!r}")
+    if colbert and not (entry["role"] == "dense" and backend == "flagembedding" and entry.get("flag_class") == "bge-m3"):
+        raise RegistryError(f"{where}: colbert = true needs role \"dense\", backend \"flagembedding\" and "
+                            f"flag_class \"bge-m3\" (only BGEM3FlagModel has a ColBERT head)")
     data = dict(entry)
     data["fallbacks"] = tuple(entry.get("fallbacks", ()))
     data["weight"] = weight

@@ -13,7 +13,7 @@ from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
 from rag_clean_assets.assets.retrieval import queries, reranked
-from rag_clean_assets.assets.sparse import sparse_vectors
+from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.checks import build_checks
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.sensors import build_collection_sensor
@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec
 def build_assets(registry_path: str | None = None) -> list:
     registry = load_registry(registry_path)
     return [chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
-            sparse_vectors, queries, reranked, build_exports_asset(registry)]
+            build_sparse_asset(registry), queries, reranked, build_exports_asset(registry)]
 
 
 def build_resources(*, data_root: str = "", storage_root: str = "", registry_path: str = "",

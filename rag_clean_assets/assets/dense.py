@@ -7,7 +7,7 @@ import pyarrow as pa
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.registry import ModelSpec
 from rag_clean.stage import StageOutput, StageTimer
-from rag_clean.stages import run_dense_stage
+from rag_clean.stages import plan_joint_outputs, run_dense_stage
 from rag_clean.storage import StorageError, read_embeddings
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record, lease_events, staging_path
 from rag_clean_assets.partitions import collections_partitions
@@ -41,7 +41,12 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
                registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource) -> StageOutput:
         timer = StageTimer()
         resolved = settings.resolve()
-        current = registry.load().get(spec.name)
+        reg = registry.load()
+        current = reg.get(spec.name)
+        # bge-m3 serving the sparse stage too (or asked for ColBERT): one forward pass, side files beside.
+        joint = plan_joint_outputs(reg, current, sparse_enabled=resolved.enable_sparse,
+                                   sparse_models=resolved.sparse_models, storage_root=paths.storage_dir(),
+                                   collection=context.partition_key)
         target = staging_path(paths, key, context.partition_key)
         previous = None
         if resolved.reuse_unchanged and target.exists():
@@ -52,12 +57,27 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         budget_store = BudgetStore(paths.storage_dir() / "state" / "token_budgets.json")
         with gpu_lease.lease(context) as lease:
             writer, record = run_dense_stage(current, chunks, lease.devices if len(lease.devices) > 1 else lease.device,
-                                             target, previous=previous, budget_store=budget_store)
+                                             target, previous=previous, budget_store=budget_store, joint=joint)
         record = base_record(resolved) | record
         record["lease"] = lease.summary.to_dict() if lease.summary else None
         record["events"] = lease_events(lease)
         record.setdefault("device", lease.device)
         context.log.info(f"{spec.name}: {record['reuse']['computed']} chunks embedded, {record['reuse']['reused']} reused")
-        return StageOutput(writer, timer.stamp(record), {"model": spec.name})
+        metadata = {"model": spec.name}
+        if "joint" in record:
+            info = record["joint"]
+            for warning in info["warnings"]:
+                context.log.warning(warning)
+            if info["sparse_partner"]:
+                context.log.info(f"{spec.name}: same pass wrote lexical rows for {info['sparse_partner']} to "
+                                 f"{info['sparse_file']}")
+                metadata |= {"joint_sparse_partner": info["sparse_partner"],
+                             "joint_sparse_file": dg.MetadataValue.path(info["sparse_file"]),
+                             "joint_sparse_rows": int(info["sparse_rows"])}
+            if info["colbert_file"]:
+                metadata |= {"colbert_file": dg.MetadataValue.path(info["colbert_file"]),
+                             "colbert_rows": int(info["colbert_rows"]), "colbert_dim": int(info["colbert_dim"] or 0)}
+            metadata["joint_extra_pass_rows"] = int(info["extra_pass_rows"])
+        return StageOutput(writer, timer.stamp(record), metadata)
 
     return _dense
