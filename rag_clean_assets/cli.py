@@ -191,7 +191,8 @@ def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: flo
     else:
         lines.append(f"   exports: {exports.get('status', 'not materialized')} (turn on with --output-dir DIR)")
     for warning in s.get("warnings", []):
-        lines.append(f"   warning: {warning}")
+        short = warning if len(warning) <= 300 else warning[:300] + " ... (full text in the summary)"
+        lines.append(f"   warning: {short}")
     print("\n".join(lines), flush=True)
 
 
