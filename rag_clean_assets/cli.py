@@ -227,16 +227,11 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.output_dir:
         overrides.update(enable_exports=True, export_dir=str(Path(args.output_dir).expanduser().resolve()))
-    fields = EmbedderSettingsResource.model_fields
-    unsupported = [k for k, v in overrides.items() if v is not None and k not in fields]
-    for key in unsupported:
-        print(f"note: {key} from the command line is not yet a run-config field of the settings resource; "
-              "it is accepted and has no effect", file=sys.stderr)
     settings = EmbedderSettingsResource(
         config_file=str(Path(args.config).expanduser().resolve()) if args.config else "",
         dotenv_file=str(Path(args.env_file).expanduser().resolve()) if args.env_file else "",
         override_source="cli",
-        **{k: v for k, v in overrides.items() if v is not None and k in fields},
+        **{k: v for k, v in overrides.items() if v is not None},
     )
     try:
         resolved = settings.resolve()

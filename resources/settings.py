@@ -16,6 +16,7 @@ class EmbedderSettingsResource(dg.ConfigurableResource):
     enable_rerank: Optional[bool] = None
     sparse_models: Optional[list[str]] = None
     ensemble_models: Optional[list[str]] = None
+    exclusive_ensemble: Optional[bool] = None
     fusion_method: Optional[str] = None
     top_k_candidates: Optional[int] = None
     rerank_top_k: Optional[int] = None
