@@ -54,7 +54,8 @@ def percentiles(values: Iterable[float]) -> dict[str, float]:
 
 
 def _dense_run(stages: Mapping[str, dict]) -> dict:
-    dense = {k: v for k, v in stages.items() if v.get("stage") == "dense"}
+    dense = {k: v for k, v in stages.items() if v.get("stage") == "dense" and v.get("status") != "disabled"}
+    skipped = sorted(v.get("model") for v in stages.values() if v.get("stage") == "dense" and v.get("status") == "disabled")
     batch_seconds: list[float] = []
     items_per_batch: list[int] = []
     per_model = {}
@@ -90,6 +91,7 @@ def _dense_run(stages: Mapping[str, dict]) -> dict:
         "latency_seconds": percentiles(batch_seconds),
         "per_model": per_model,
         "chunks_reused": int(sum(r.get("reuse", {}).get("reused", 0) or 0 for r in dense.values())),
+        "models_skipped": skipped,
         "exclusive_ensemble": all(r.get("exclusive", True) for r in dense.values()) if dense else True,
     }
 

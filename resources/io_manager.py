@@ -20,6 +20,9 @@ from rag_clean.telemetry import TelemetryStore, utc_now
 from resources.paths import PathsResource
 
 EMBEDDING_ROOTS = ("dense_embeddings", "fused_embeddings")
+# Stages that can be switched off (sparse toggle, dense models outside ensemble_models): a missing
+# file loads as None so the consumer decides, instead of failing the whole downstream graph.
+OPTIONAL_INPUT_ROOTS = ("sparse_vectors", "dense_embeddings")
 
 
 def suffix_for(asset_path: list[str]) -> str:
@@ -104,8 +107,8 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> Any:
         path, _ = self._file(context)
         if not path.exists():
-            if context.upstream_output is not None and context.asset_key.path[0] == "sparse_vectors":
-                return None  # sparse is optional downstream: absent when the stage was disabled
+            if context.asset_key.path[0] in OPTIONAL_INPUT_ROOTS:
+                return None  # absent when the stage was disabled; consumers that need it say so
             raise StorageError(
                 f"{path} does not exist: materialize {context.asset_key.to_user_string()} for {context.partition_key!r} first"
             )

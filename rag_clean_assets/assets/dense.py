@@ -43,6 +43,13 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         resolved = settings.resolve()
         reg = registry.load()
         current = reg.get(spec.name)
+        if resolved.ensemble_models and spec.name not in {reg.get(n).name for n in resolved.ensemble_models}:
+            reason = (f"{spec.name} is not in ensemble_models={list(resolved.ensemble_models)} "
+                      f"({resolved.provenance.get('ensemble_models')}); nothing written, the previous file stays")
+            context.log.info(f"dense stage skipped: {reason}")
+            record = base_record(resolved) | {"stage": "dense", "model": spec.name, "status": "disabled",
+                                              "reason": reason, "rows": 0}
+            return StageOutput(None, timer.stamp(record), {"executed": False})
         # bge-m3 serving the sparse stage too (or asked for ColBERT): one forward pass, side files beside.
         joint = plan_joint_outputs(reg, current, sparse_enabled=resolved.enable_sparse,
                                    sparse_models=resolved.sparse_models, storage_root=paths.storage_dir(),
@@ -62,6 +69,10 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         record["lease"] = lease.summary.to_dict() if lease.summary else None
         record["events"] = lease_events(lease)
         record.setdefault("device", lease.device)
+        if not resolved.exclusive_ensemble:
+            record.setdefault("warnings", []).append(
+                "exclusive_ensemble=false was requested; rag_clean always keeps one model per device at a time "
+                "(the GPU lease); models run side by side only on different devices")
         context.log.info(f"{spec.name}: {record['reuse']['computed']} chunks embedded, {record['reuse']['reused']} reused")
         metadata = {"model": spec.name}
         if "joint" in record:

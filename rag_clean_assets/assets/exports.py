@@ -4,6 +4,8 @@
 import json
 from pathlib import Path
 
+from typing import Optional
+
 import dagster as dg
 import pyarrow as pa
 
@@ -49,7 +51,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
     )
     def exports(context: dg.AssetExecutionContext, chunks: pa.Table, fused_embeddings: EmbeddingSet,
                 sparse_vectors: pa.Table | None, registry: ModelRegistryResource, settings: EmbedderSettingsResource,
-                paths: PathsResource, **dense_sets: EmbeddingSet) -> StageOutput:
+                paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> StageOutput:
         timer = StageTimer()
         resolved = settings.resolve()
         record = base_record(resolved)

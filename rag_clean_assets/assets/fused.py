@@ -1,6 +1,8 @@
 """fused_embeddings: weighted fusion of the dense ensemble (concat by default, mean as in the old embedder)."""
 
 
+from typing import Optional
+
 import dagster as dg
 import pyarrow as pa
 
@@ -43,12 +45,16 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
                     "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",
     )
     def fused_embeddings(context: dg.AssetExecutionContext, chunks: pa.Table, registry: ModelRegistryResource,
-                         settings: EmbedderSettingsResource, paths: PathsResource, **dense_sets: EmbeddingSet) -> StageOutput:
+                         settings: EmbedderSettingsResource, paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> StageOutput:
         timer = StageTimer()
         resolved = settings.resolve()
         reg = registry.load()
         specs = ensemble_specs(reg, resolved.ensemble_models)
         method = resolved.fusion_method or reg.fusion_method
+        missing = [s.name for s in specs if dense_sets.get(s.asset_name) is None]
+        if missing:
+            raise ValueError(f"dense_embeddings of {missing} have no stored file for {context.partition_key!r}: "
+                             "materialize them first (or leave them out of ensemble_models)")
         sets = {s.name: dense_sets[s.asset_name] for s in specs}
         writer, record = run_fusion_stage(sets, {s.name: s.weight for s in specs}, method,
                                           staging_path(paths, FUSED_KEY, context.partition_key), chunks)

@@ -324,3 +324,19 @@ def test_rerank_falls_back_to_retrieval_order_when_no_reranker_loads(tiny_models
     assert set(table.column("rerank_score").to_pylist()) == {None}
     assert set(table.column("scorer").to_pylist()) == {"retrieval"}
     assert any("no cross-encoder could be loaded" in w for w in pipeline.summary()["warnings"])
+
+
+def test_ensemble_models_runs_only_the_chosen_dense_models(pipeline):
+    result = pipeline.materialize(ensemble_models=["tiny-a"])
+    assert result.success
+    assert pipeline.file("dense_embeddings", "tiny_a", "demo.arrow").exists()
+    assert not pipeline.file("dense_embeddings", "tiny_b", "demo.arrow").exists()
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata
+            for e in result.get_asset_materialization_events()}
+    assert meta["dense_embeddings/tiny_b"]["status"].value == "disabled"
+    fused = read_embeddings(pipeline.file("fused_embeddings", "demo.arrow"))
+    assert fused.dim == 32  # tiny-a alone
+    summary = pipeline.summary()
+    assert summary["dense_run"]["models_executed"] == ["tiny-a"]
+    assert summary["dense_run"]["models_skipped"] == ["tiny-b"]
+    assert summary["feature_toggles"]["provenance"]["ensemble_models"] == "run config"
