@@ -8,7 +8,6 @@ highest: defaults < config file < .env < environment < these flags (recorded as 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -6,7 +6,6 @@ from pathlib import Path
 import dagster as dg
 
 from rag_clean.settings import EmbedderSettings
-from rag_clean.storage import temp_path_for
 from resources.io_manager import suffix_for
 from resources.paths import PathsResource
 
@@ -17,8 +16,9 @@ def base_record(settings: EmbedderSettings) -> dict:
     return {"toggles": settings.as_dict(), "provenance": dict(settings.provenance)}
 
 
-def staging_path(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -> Path:
-    """Where a streaming writer stages its file: beside the final one, so publishing is a rename."""
+def asset_file(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -> Path:
+    """The asset's final file (folder created). Streaming writers stage their temp files beside it, so the
+    IO manager's publish is a rename on one filesystem."""
     final = paths.asset_file(list(asset_key.path), collection, suffix_for(list(asset_key.path)))
     final.parent.mkdir(parents=True, exist_ok=True)
     return final

@@ -9,7 +9,7 @@ from rag_clean.registry import ModelSpec
 from rag_clean.stage import StageOutput, StageTimer
 from rag_clean.stages import plan_joint_outputs, run_dense_stage
 from rag_clean.storage import StorageError, read_embeddings
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record, lease_events, staging_path
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, asset_file, base_record, lease_events
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
@@ -54,7 +54,7 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         joint = plan_joint_outputs(reg, current, sparse_enabled=resolved.enable_sparse,
                                    sparse_models=resolved.sparse_models, storage_root=paths.storage_dir(),
                                    collection=context.partition_key)
-        target = staging_path(paths, key, context.partition_key)
+        target = asset_file(paths, key, context.partition_key)
         previous = None
         if resolved.reuse_unchanged and target.exists():
             try:

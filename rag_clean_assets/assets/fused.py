@@ -10,7 +10,7 @@ from rag_clean.registry import Registry
 from rag_clean.stage import StageOutput, StageTimer
 from rag_clean.stages import run_fusion_stage
 from rag_clean.storage import EmbeddingSet
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record, staging_path
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, asset_file, base_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
@@ -57,7 +57,7 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
                              "materialize them first (or leave them out of ensemble_models)")
         sets = {s.name: dense_sets[s.asset_name] for s in specs}
         writer, record = run_fusion_stage(sets, {s.name: s.weight for s in specs}, method,
-                                          staging_path(paths, FUSED_KEY, context.partition_key), chunks)
+                                          asset_file(paths, FUSED_KEY, context.partition_key), chunks)
         return StageOutput(writer, timer.stamp(base_record(resolved) | record), {"method": method})
 
     return fused_embeddings

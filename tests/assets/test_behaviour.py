@@ -7,7 +7,6 @@ Tests that rematerialize parts of `full_run` sit at the end of the file.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -24,12 +23,7 @@ from rag_clean_assets.assets.fused import FUSED_KEY
 from rag_clean_assets.partitions import collections_partitions
 from tiny_models import write_tiny_registry
 
-# The Pipeline helper lives in this folder's conftest; load it by path (the module name "conftest"
-# is ambiguous when tests/ and tests/assets/ both have one).
-_spec = importlib.util.spec_from_file_location("_assets_conftest_helpers", Path(__file__).with_name("conftest.py"))
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-Pipeline, write_collection = _helpers.Pipeline, _helpers.write_collection
+from pipeline_helpers import Pipeline, write_collection
 
 PLANTED_QUERY = "zebra-quasar-7731 how do I install"
 # Any stored fragment of the planted query (a truncated copy included) contains this.

@@ -8,7 +8,6 @@ from the same pass when the dense entry says `colbert = true`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -27,10 +26,7 @@ from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.sparse import SPARSE_KEY, build_sparse_asset
 from tiny_models import TINY_MAX_LENGTH
 
-_spec = importlib.util.spec_from_file_location("_assets_conftest_helpers", Path(__file__).with_name("conftest.py"))
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-Pipeline, write_collection = _helpers.Pipeline, _helpers.write_collection
+from pipeline_helpers import Pipeline, write_collection
 
 DENSE = "tiny-bge-m3"
 LEXICAL = "tiny-bge-m3-lexical"
