@@ -8,16 +8,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from rag_clean.storage import EmbeddingWriter
+from rag_clean.storage import EmbeddingWriter, TableWriter
 from rag_clean.telemetry import utc_now
 
 
 @dataclass
 class StageOutput:
-    """`value` is a table (written as Parquet), a finished EmbeddingWriter (published as Arrow IPC),
-    or None when the stage is disabled: then nothing is written and the previous file stays."""
+    """`value` is a table (written as Parquet), a staged writer (EmbeddingWriter: Arrow IPC;
+    TableWriter: Parquet) that the IO manager publishes by rename, or None when the stage is disabled:
+    then nothing is written and the previous file stays."""
 
-    value: pa.Table | EmbeddingWriter | None
+    value: pa.Table | EmbeddingWriter | TableWriter | None
     record: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
 

@@ -34,6 +34,7 @@ from rag_clean.storage import (
     EmbeddingSet,
     EmbeddingWriter,
     StorageError,
+    TableWriter,
     check_name,
     path_under,
     publish,
@@ -554,67 +555,107 @@ def load_shared_sparse_rows(spec: ModelSpec, source: SharedSparseSource, chunks:
     return (rows.column("term_ids").to_pylist(), rows.column("weights").to_pylist()), None
 
 
+def _sparse_table(spec: ModelSpec, chunk_ids: Sequence[str], rows: Sequence[int], term_ids: Sequence, weights: Sequence,
+                  fallback: bool) -> pa.Table:
+    return pa.table({
+        "chunk_id": [chunk_ids[i] for i in rows],
+        "model": [spec.name] * len(rows),
+        "term_ids": [np.asarray(t, np.int32).tolist() for t in term_ids],
+        "weights": [np.asarray(w, np.float32).tolist() for w in weights],
+        "fallback": [fallback] * len(rows),
+    }, schema=SPARSE_SCHEMA)
+
+
 def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str | list[str], *,
-                     budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None) -> tuple[pa.Table, dict]:
-    """Term weights per chunk from each spec. A spec listed in `shared` (see shared_sparse_sources) takes its
-    rows from its bge-m3 dense partner's pass when that file covers every chunk: no encoder, no forward pass."""
+                     budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
+                     sink: TableWriter | None = None) -> tuple[pa.Table | TableWriter, dict]:
+    """Term weights per chunk from each spec, streamed batch by batch into `sink` (a staged Parquet file).
+
+    Rows are written in encode order (length-sorted), not chunk order: readers join on chunk_id.
+    Each model writes to a part file first, so a model whose inference fails midway is replaced whole by
+    the metadata fallback. A spec listed in `shared` (see shared_sparse_sources) takes its rows from its
+    bge-m3 dense partner's pass when that file covers every chunk: no encoder, no forward pass.
+    Without `sink`, the rows are returned as an in-memory table (small inputs, tests).
+    """
     from rag_clean.encoders.factory import load_sparse_encoder
 
+    scratch_dir = None
+    if sink is None:
+        import tempfile
+
+        scratch_dir = Path(tempfile.mkdtemp(prefix="rag_clean_sparse_"))
+        out = TableWriter(scratch_dir / "sparse.parquet", SPARSE_SCHEMA)
+    else:
+        out = sink
     texts = chunks.column("text").to_pylist()
     chunk_ids = chunks.column("chunk_id").to_pylist()
-    columns = {name: [] for name in SPARSE_SCHEMA.names}
+    everything = range(len(chunk_ids))
     record = {"stage": "sparse", "model_names": [s.name for s in specs], "per_model": {}, "batch_seconds": [],
               "devices": [], "fallback_used": False, "fallback_reason": None, "warnings": [],
               "top_k": {s.name: s.top_k for s in specs}, "shared_pass_with_dense": [], "shared_pass": {}}
-
-    def append(spec: ModelSpec, term_ids: list, weights: list, fallback: bool) -> None:
-        columns["chunk_id"].extend(chunk_ids)
-        columns["model"].extend([spec.name] * len(texts))
-        columns["term_ids"].extend(term_ids)
-        columns["weights"].extend(weights)
-        columns["fallback"].extend([fallback] * len(texts))
-
-    for spec in specs:
-        source = (shared or {}).get(spec.name)
-        if source is not None:
-            rows, reason = load_shared_sparse_rows(spec, source, chunks)
-            record["shared_pass"][spec.name] = {"dense_model": source.dense_model, "file": str(source.path),
-                                                "used": rows is not None, "reason": reason}
-            if rows is not None:
-                record["shared_pass_with_dense"].append(source.dense_model)
-                record["per_model"][spec.name] = {"model": spec.name, "items": len(texts),
-                                                  "shared_pass_with_dense": source.dense_model}
-                append(spec, *rows, fallback=False)
-                continue
-            log.info(reason)
-        ids_rows: list[np.ndarray] = [np.zeros(0, np.int32)] * len(texts)
-        weight_rows: list[np.ndarray] = [np.zeros(0, np.float32)] * len(texts)
-        fallback = False
-        try:
-            encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
+    available = 0
+    try:
+        for spec in specs:
+            part = TableWriter(out.final_path.with_name(f"{out.final_path.stem}.{spec.asset_name}.part"), SPARSE_SCHEMA)
+            part_available = 0
             try:
-                for idx, rows in encoder.encode(texts):
-                    for i, (term_ids, weights) in zip(idx, rows):
-                        ids_rows[i], weight_rows[i] = term_ids, weights
-                record["per_model"][spec.name] = _encode_record(encoder.stats)["encode"]
-                record["batch_seconds"] += [round(b.seconds, 6) for b in encoder.stats.batches]
-                record["devices"].append(encoder.stats.device)
-            finally:
-                encoder.close()
-        except Exception as exc:  # inference failed: the old embedder's metadata fallback, recorded
-            reason = f"{spec.name}: sparse inference failed ({type(exc).__name__}: {exc}); rebuilt from metadata term weights"
-            log.warning(reason)
-            ids_rows, weight_rows = sparse_from_metadata(spec, chunks)
-            fallback = True
-            record["fallback_used"] = True
-            record["fallback_reason"] = reason
-            record["warnings"].append(reason)
-        append(spec, [r.tolist() for r in ids_rows], [r.tolist() for r in weight_rows], fallback)
-    table = pa.table(columns, schema=SPARSE_SCHEMA)
-    available = sum(1 for r in columns["term_ids"] if r)
-    record.update(rows=len(table), vectors={"total": len(table), "available": available},
+                source = (shared or {}).get(spec.name)
+                rows = None
+                if source is not None:
+                    rows, reason = load_shared_sparse_rows(spec, source, chunks)
+                    record["shared_pass"][spec.name] = {"dense_model": source.dense_model, "file": str(source.path),
+                                                        "used": rows is not None, "reason": reason}
+                    if rows is None:
+                        log.info(reason)
+                if rows is not None:
+                    record["shared_pass_with_dense"].append(source.dense_model)
+                    record["per_model"][spec.name] = {"model": spec.name, "items": len(texts),
+                                                      "shared_pass_with_dense": source.dense_model}
+                    part.write(_sparse_table(spec, chunk_ids, everything, *rows, fallback=False))
+                    part_available = sum(1 for t in rows[0] if len(t))
+                else:
+                    try:
+                        encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
+                        try:
+                            for idx, batch in encoder.encode(texts):
+                                part.write(_sparse_table(spec, chunk_ids, idx, [t for t, _ in batch],
+                                                         [w for _, w in batch], fallback=False))
+                                part_available += sum(1 for t, _ in batch if len(t))
+                            record["per_model"][spec.name] = _encode_record(encoder.stats)["encode"]
+                            record["batch_seconds"] += [round(b.seconds, 6) for b in encoder.stats.batches]
+                            record["devices"].append(encoder.stats.device)
+                        finally:
+                            encoder.close()
+                    except Exception as exc:  # inference failed: the old embedder's metadata fallback, recorded
+                        reason = (f"{spec.name}: sparse inference failed ({type(exc).__name__}: {exc}); "
+                                  "rebuilt from metadata term weights")
+                        log.warning(reason)
+                        part.abort()
+                        part = TableWriter(part.final_path, SPARSE_SCHEMA)
+                        ids_rows, weight_rows = sparse_from_metadata(spec, chunks)
+                        part.write(_sparse_table(spec, chunk_ids, everything, ids_rows, weight_rows, fallback=True))
+                        part_available = sum(1 for t in ids_rows if len(t))
+                        record["fallback_used"] = True
+                        record["fallback_reason"] = reason
+                        record["warnings"].append(reason)
+                out.append_file(part)
+                available += part_available
+            except BaseException:
+                part.abort()
+                raise
+    except BaseException:
+        out.abort()
+        if scratch_dir is not None:
+            scratch_dir.rmdir()
+        raise
+    record.update(rows=out.rows, vectors={"total": out.rows, "available": available},
                   status="fallback" if record["fallback_used"] else "ok")
-    return table, record
+    if scratch_dir is not None:
+        table = out.read()
+        out.abort()
+        scratch_dir.rmdir()
+        return table, record
+    return out, record
 
 
 # ---------------------------------------------------------------- retrieval + rerank

@@ -110,6 +110,57 @@ def read_table(path: Path) -> pa.Table:
     return pq.read_table(path, memory_map=True)
 
 
+class TableWriter:
+    """Streams tables into a staged Parquet file beside `final_path`; `publish()` renames it into place.
+
+    Host memory holds one written table at a time, whatever the total size.
+    """
+
+    def __init__(self, final_path: Path, schema: pa.Schema):
+        self.final_path = Path(final_path)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.staged_path: Path | None = temp_path_for(self.final_path)
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(str(self.staged_path), schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            raise ValueError(f"{self.final_path.name}: writer already closed")
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+        self.rows += len(table)
+
+    def append_file(self, other: "TableWriter") -> None:
+        """Copy another writer's rows in (row group by row group), then remove its file."""
+        other.finish()
+        for batch in pq.ParquetFile(str(other.staged_path)).iter_batches():
+            self._writer.write_batch(batch)
+        self.rows += other.rows
+        other.abort()
+
+    def finish(self) -> Path:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.staged_path
+
+    def read(self) -> pa.Table:
+        return pq.read_table(self.finish())
+
+    def publish(self) -> Path:
+        publish(self.finish(), self.final_path)
+        self.staged_path = None
+        return self.final_path
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.staged_path is not None:
+            self.staged_path.unlink(missing_ok=True)
+            self.staged_path = None
+
+
 # ---------------------------------------------------------------- embeddings
 
 

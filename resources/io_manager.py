@@ -15,7 +15,7 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.stage import StageOutput
-from rag_clean.storage import EmbeddingWriter, StorageError, read_embeddings, read_table, write_table
+from rag_clean.storage import EmbeddingWriter, StorageError, TableWriter, read_embeddings, read_table, write_table
 from rag_clean.telemetry import TelemetryStore, utc_now
 from resources.paths import PathsResource
 
@@ -58,7 +58,7 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
             record.setdefault("status", "disabled")
             record["path"] = None
             record["bytes"] = 0
-        elif isinstance(obj.value, EmbeddingWriter):
+        elif isinstance(obj.value, (EmbeddingWriter, TableWriter)):
             obj.value.final_path = path
             obj.value.publish()
             record["path"] = str(path)

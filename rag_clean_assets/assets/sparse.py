@@ -12,8 +12,9 @@ import pyarrow as pa
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.registry import Registry
 from rag_clean.stage import StageOutput, StageTimer
-from rag_clean.stages import run_sparse_stage, shared_sparse_sources
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record, lease_events
+from rag_clean.stages import SPARSE_SCHEMA, run_sparse_stage, shared_sparse_sources
+from rag_clean.storage import TableWriter
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, asset_file, base_record, lease_events
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
@@ -66,10 +67,11 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
                              "add one or set EMBEDDER_ENABLE_SPARSE=0")
         shared = shared_sparse_sources(reg, specs, paths.storage_dir(), context.partition_key)
         budget_store = BudgetStore(paths.storage_dir() / "state" / "token_budgets.json")
+        sink = TableWriter(asset_file(paths, SPARSE_KEY, context.partition_key), SPARSE_SCHEMA)
         with gpu_lease.lease(context) as lease:
-            table, stage_record = run_sparse_stage(specs, chunks,
-                                                   lease.devices if len(lease.devices) > 1 else lease.device,
-                                                   budget_store=budget_store, shared=shared)
+            staged, stage_record = run_sparse_stage(specs, chunks,
+                                                    lease.devices if len(lease.devices) > 1 else lease.device,
+                                                    budget_store=budget_store, shared=shared, sink=sink)
         if stage_record["fallback_used"]:
             context.log.warning(stage_record["fallback_reason"])
         for name, info in stage_record["shared_pass"].items():
@@ -88,6 +90,6 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         if stage_record["shared_pass"]:
             metadata["shared_pass_with_dense"] = ", ".join(stage_record["shared_pass_with_dense"])
             metadata["shared_pass"] = dg.MetadataValue.json(stage_record["shared_pass"])
-        return StageOutput(table, timer.stamp(record), metadata)
+        return StageOutput(staged, timer.stamp(record), metadata)
 
     return sparse_vectors

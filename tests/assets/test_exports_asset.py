@@ -49,8 +49,11 @@ def test_exports_off_by_default_then_on_by_run_config(pipeline, tmp_path):
     assert [p["payload"]["chunk_id"] for p in points] == ids
     assert [p["id"] for p in points] == [point_id("demo", c) for c in ids]
     assert set(points[0]["vectors"]) == {"tiny-a", "tiny-b", "fused", "sparse"}
-    sparse = pq.read_table(pipeline.file("sparse_vectors", "demo.parquet")).to_pylist()
-    assert [json.loads(line)["indices"] for line in files.sparse.read_text().splitlines()] == [r["term_ids"] for r in sparse]
+    # sparse_vectors rows are in encode order; the export is in chunk order (row i = chunk i).
+    stored_terms = {r["chunk_id"]: r["term_ids"] for r in pq.read_table(pipeline.file("sparse_vectors", "demo.parquet")).to_pylist()}
+    exported = [json.loads(line) for line in files.sparse.read_text().splitlines()]
+    assert [e["chunk_id"] for e in exported] == ids
+    assert [e["indices"] for e in exported] == [stored_terms[c] for c in ids]
 
     # The summary copy already describes the export itself; the stored summary has the final record.
     copy = json.loads(files.summary.read_text())
