@@ -1,0 +1,124 @@
+"""Dense stage: embed every chunk with one model, reusing vectors of unchanged chunks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rag_clean.fusion import truncate_and_normalize
+from rag_clean.registry import ModelSpec
+from rag_clean.storage import (
+    EmbeddingSet,
+    EmbeddingWriter,
+    StorageError,
+)
+from rag_clean.stages.common import ROW_BLOCK, encode_record, model_fingerprint
+from rag_clean.stages.joint import JointOutputs, JointSideFiles, load_joint_encoder
+
+log = logging.getLogger(__name__)
+
+
+def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], staging_path: Path, *,
+                    previous: EmbeddingSet | None = None, budget_store=None, token_budget: int | None = None,
+                    joint: JointOutputs | None = None) -> tuple[EmbeddingWriter, dict]:
+    """Embed every chunk with one model (reusing vectors of unchanged chunks), streaming to a staged file.
+
+    The model is loaded, used and released inside this call: one model resident at a time.
+    With `joint` (a bge-m3 entry, see plan_joint_outputs) the same forward pass also yields the partner
+    sparse model's lexical rows and/or ColBERT vectors, written to side files published before returning.
+    """
+    from rag_clean.encoders.factory import load_dense_encoder
+
+    chunk_ids = chunks.column("chunk_id").to_pylist()
+    hashes = chunks.column("content_hash").to_pylist()
+    texts = chunks.column("text")
+    fingerprint = model_fingerprint(spec)
+    out_dim = spec.output_dim
+
+    reuse_rows: dict[int, int] = {}
+    if previous is not None and previous.metadata.get("fingerprint") == fingerprint and (out_dim is None or previous.dim == out_dim):
+        by_hash = {h: i for i, h in enumerate(previous.content_hashes)}
+        reuse_rows = {i: by_hash[h] for i, h in enumerate(hashes) if h in by_hash}
+    to_compute = np.array([i for i in range(len(chunk_ids)) if i not in reuse_rows], dtype=np.int64)
+
+    side = JointSideFiles(spec, joint, chunk_ids, hashes) if joint is not None and joint.active else None
+    # Rows the forward pass runs over: the dense rows to compute, plus unchanged chunks whose side rows
+    # (lexical / ColBERT) the previous side files lack. Dense vectors of the latter stay the reused ones.
+    pass_rows = to_compute
+    if side is not None:
+        side.load_previous([i for i in reuse_rows])
+        pass_rows = np.union1d(to_compute, np.fromiter(side.missing, dtype=np.int64, count=len(side.missing)))
+    computes_dense = np.zeros(len(chunk_ids), dtype=bool)
+    computes_dense[to_compute] = True
+
+    writer: EmbeddingWriter | None = None
+    stats = None
+    native_dim = spec.dim
+    try:
+        if len(pass_rows):
+            encoder = load_joint_encoder(spec, joint, device) if side is not None else \
+                load_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+            try:
+                native_dim = encoder.dim
+                if spec.dim is not None and encoder.dim != spec.dim:
+                    raise StorageError(f"model {spec.name}: produces {encoder.dim}-d vectors, registry says dim={spec.dim}")
+                out_dim = spec.truncate_dim or encoder.dim
+                writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
+                                         {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
+                subset = texts.take(pa.array(pass_rows)).to_pylist()
+                if side is None:
+                    for local_idx, vectors in encoder.encode(subset):
+                        writer.write(pass_rows[local_idx], truncate_and_normalize(vectors, spec.truncate_dim, model=spec.name))
+                else:
+                    side.loaded_source = encoder.source
+                    for local_idx, vectors, sparse_rows, colbert_rows in encoder.encode_joint(subset):
+                        rows = pass_rows[local_idx]
+                        dense_mask = computes_dense[rows]
+                        if dense_mask.any():
+                            writer.write(rows[dense_mask], truncate_and_normalize(vectors[dense_mask], spec.truncate_dim,
+                                                                                  model=spec.name))
+                        side.write(rows, sparse_rows, colbert_rows)
+                stats = encoder.stats
+            finally:
+                encoder.close()  # released before the next model of the ensemble hydrates
+        else:
+            out_dim = previous.dim
+            writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
+                                     {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
+        if reuse_rows:
+            dst = np.fromiter(reuse_rows.keys(), dtype=np.int64)
+            src = np.fromiter(reuse_rows.values(), dtype=np.int64)
+            for start in range(0, len(dst), ROW_BLOCK):
+                writer.write(dst[start:start + ROW_BLOCK], np.asarray(previous.vectors[src[start:start + ROW_BLOCK]]))
+        writer.finish()
+        if side is not None:
+            # Published now, not with the dense file (the IO manager publishes that after this returns). If
+            # that later publish fails, this cache stays; the sparse stage checks it row by row against the
+            # current chunks' content hashes and the model fingerprint, so it can never serve stale rows.
+            side.finish(exclude=pass_rows)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if side is not None:
+            side.abort()
+        raise
+
+    record = {
+        "stage": "dense",
+        "model": spec.name,
+        "rows": len(chunk_ids),
+        "dim": out_dim,
+        "native_dim": native_dim,
+        "weight": spec.weight,
+        "reuse": {"reused": len(reuse_rows), "computed": int(len(to_compute))},
+        "exclusive": True,
+    }
+    if side is not None:
+        record["joint"] = side.record(extra_pass_rows=int(len(pass_rows) - len(to_compute)))
+    if stats is not None:
+        record.update(encode_record(stats))
+        record["device"] = stats.device
+    return writer, record
