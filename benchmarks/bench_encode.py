@@ -298,25 +298,43 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         res["st_fp32_b32_full"] = {"tokens_per_s": tokens / s, "seconds": s, "peak_rss_mb": rss}
         del st
 
+    catalog = {
+        "hf_module_padded": {"fast": False},
+        "fast_padded_sdpa": {"attention": "padded"},
+        "fast_varlen_one_window": {"window_items": 32768, "first_window": 32768},
+        "fast_varlen_tok_one_call": {"tokenizer_threads": 1},
+        "fast_varlen_compiled": {"compile": True},
+        **{f"fast_varlen_budget_{b}": {"token_budget": b} for b in args.lever_budgets},
+    }
     variants = [("ours", {})]
     if args.levers:
-        variants = [
-            ("hf_module_padded", {"fast": False}),
-            ("fast_padded_sdpa", {"attention": "padded"}),
-            ("fast_varlen_one_window", {"window_items": 32768, "first_window": 32768}),
-            ("fast_varlen", {}),
-        ] + [(f"fast_varlen_budget_{b}", {"token_budget": b}) for b in args.lever_budgets]
+        variants = [(n, catalog[n]) for n in ("hf_module_padded", "fast_padded_sdpa", "fast_varlen_one_window")]
+        variants += [("ours", {})] + [(f"fast_varlen_budget_{b}", catalog[f"fast_varlen_budget_{b}"])
+                                      for b in args.lever_budgets]
         if args.lever_compile:
-            variants.append(("fast_varlen_compiled", {"compile": True}))
+            variants.append(("fast_varlen_compiled", catalog["fast_varlen_compiled"]))
+    elif args.variants:
+        variants = [(n, catalog[n]) for n in args.variants.split(",") if n] + [("ours", {})]
     for name, opts in variants:
         opts = dict(opts)
         budget = opts.pop("token_budget", args.token_budget)
         first_window = opts.pop("first_window", None)
-        enc = STDenseEncoder(spec, device, source=str(path), token_budget=budget, **opts)
+        tokenizer_threads = opts.pop("tokenizer_threads", None)
+        env = opts.pop("env", {})
+        saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            enc = STDenseEncoder(spec, device, source=str(path), token_budget=budget, **opts)
+        finally:
+            for k, v in saved_env.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if first_window:
             enc.first_window_items = first_window
+        if tokenizer_threads:
+            enc.tokenizer.rust_threads = tokenizer_threads
         if name == "ours":
-            enc_info = {"attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "dtype": enc.stats.dtype}
+            enc_info = {"attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "dtype": enc.stats.dtype,
+                        "load_seconds": enc.stats.load_seconds}
         warm = enc.encode_all(texts[:512])  # kernels, autotuning, compilation
         del warm
         enc.stats.batches.clear()
@@ -342,8 +360,7 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         del enc, vecs
         vec_path.unlink(missing_ok=True)
         cuda_reset(device)
-    if not args.levers:
-        res["ours"].update(enc_info)
+    res["ours"].update(enc_info)
     return res
 
 
@@ -379,33 +396,38 @@ def bench_sparse(shape, path, texts, lengths, args, log) -> dict:
     del st16, _
     cuda_reset(device)
 
-    enc = STSparseEncoder(spec, device, source=str(path), token_budget=args.token_budget)
-    list(enc.encode(texts[:256]))
-    rows = {}
+    variants = [("ours", "1")] + ([("scatter_max_index_reduce", "0")] if args.levers or args.sparse_levers else [])
+    for name, segment_max in variants:
+        os.environ["RAG_CLEAN_SPLADE_SEGMENT_MAX"] = segment_max
+        enc = STSparseEncoder(spec, device, source=str(path), token_budget=args.token_budget)
+        os.environ.pop("RAG_CLEAN_SPLADE_SEGMENT_MAX")
+        list(enc.encode(texts[:256]))
+        rows = {}
 
-    def run():
-        for idx, batch in enc.encode(texts):
-            for i, r in zip(idx.tolist(), batch):
-                if i < ref_n:
-                    rows[i] = r
-    _, s, rss, vram = timed(run, device)
-    overlap10 = []
-    for i in range(ref_n):
-        terms, weights = rows[i]
-        want = _topk_terms(ref[i], 10)
-        got = set(terms[:10].tolist())
-        overlap10.append(len(want & got) / max(1, len(want)))
-    entry = {"tokens_per_s": tokens / s, "seconds": s, "peak_rss_mb": rss, "peak_vram_mb": vram,
-             "top10_overlap_mean": float(np.mean(overlap10)), "top10_overlap_min": float(np.min(overlap10)),
-             "attention": getattr(enc.replicas[0].fast, "attention", "hf-module")}
-    entry["ratio_vs_st_baseline"] = entry["tokens_per_s"] / res["st_fp16_b128"]["tokens_per_s"]
-    entry["fraction_of_ceiling"] = entry["tokens_per_s"] / ceiling
-    res["ours"] = entry
-    log(f"  sparse {shape:9s} ours {entry['tokens_per_s']/1e3:9.0f}k tok/s  x{entry['ratio_vs_st_baseline']:5.2f}"
-        f"  {100*entry['fraction_of_ceiling']:5.1f}% ceil  top10 overlap mean {entry['top10_overlap_mean']:.3f}"
-        f" min {entry['top10_overlap_min']:.2f}  vram {vram or 0:.0f}MB")
-    enc.close()
-    cuda_reset(device)
+        def run():
+            for idx, batch in enc.encode(texts):
+                for i, r in zip(idx.tolist(), batch):
+                    if i < ref_n:
+                        rows[i] = r
+        _, s, rss, vram = timed(run, device)
+        overlap10 = []
+        for i in range(ref_n):
+            terms, weights = rows[i]
+            want = _topk_terms(ref[i], 10)
+            got = set(terms[:10].tolist())
+            overlap10.append(len(want & got) / max(1, len(want)))
+        entry = {"tokens_per_s": tokens / s, "seconds": s, "peak_rss_mb": rss, "peak_vram_mb": vram,
+                 "top10_overlap_mean": float(np.mean(overlap10)), "top10_overlap_min": float(np.min(overlap10)),
+                 "attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "segment_max": segment_max == "1"}
+        entry["ratio_vs_st_baseline"] = entry["tokens_per_s"] / res["st_fp16_b128"]["tokens_per_s"]
+        entry["fraction_of_ceiling"] = entry["tokens_per_s"] / ceiling
+        res[name] = entry
+        log(f"  sparse {shape:9s} {name:24s} {entry['tokens_per_s']/1e3:9.0f}k tok/s  x{entry['ratio_vs_st_baseline']:5.2f}"
+            f"  {100*entry['fraction_of_ceiling']:5.1f}% ceil  top10 overlap mean {entry['top10_overlap_mean']:.3f}"
+            f" min {entry['top10_overlap_min']:.2f}  vram {vram or 0:.0f}MB")
+        enc.close()
+        del enc
+        cuda_reset(device)
     return res
 
 
@@ -496,11 +518,17 @@ def bench_tokenizer(tokenizer_dir, texts, args, log) -> dict:
     t0 = time.perf_counter()
     w = ours.encode(texts)
     ours_s = time.perf_counter() - t0
+    one = Tokenizer(hf, args.max_length)
+    one.rust_threads = 1
+    t0 = time.perf_counter()
+    w1 = one.encode(texts)
+    one_s = time.perf_counter() - t0
     n = int(w.lengths.sum())
-    assert n == sum(len(r) for r in enc["input_ids"])
+    assert n == sum(len(r) for r in enc["input_ids"]) and np.array_equal(w.ids, w1.ids)
     res = {"stage": "tokenize", "tokens": n, "hf_call_tokens_per_s": n / hf_s, "ours_tokens_per_s": n / ours_s,
-           "cpu_count": os.cpu_count()}
-    log(f"  tokenize: tokenizer(...) {n/hf_s/1e3:.0f}k tok/s, ours (Rust core, flat int32) {n/ours_s/1e3:.0f}k tok/s")
+           "ours_one_call_tokens_per_s": n / one_s, "rust_threads": ours.rust_threads, "cpu_count": os.cpu_count()}
+    log(f"  tokenize: tokenizer(...) {n/hf_s/1e3:.0f}k tok/s, ours (Rust core, flat int32) {n/ours_s/1e3:.0f}k tok/s"
+        f" with {ours.rust_threads} calls in flight, {n/one_s/1e3:.0f}k tok/s as one call")
     return res
 
 
@@ -518,6 +546,8 @@ def main(argv=None) -> int:
     p.add_argument("--token-budget", type=int, default=None, help="default: sized to free memory (capped)")
     p.add_argument("--levers", action="store_true", help="dense: time each lever variant")
     p.add_argument("--lever-budgets", default="32768,65536")
+    p.add_argument("--sparse-levers", action="store_true", help="sparse: also time the scatter-max variant")
+    p.add_argument("--variants", default="", help="dense: extra variants to time before ours (names as in --levers)")
     p.add_argument("--lever-compile", action="store_true", help="levers: also torch.compile the layer functions")
     p.add_argument("--oom-budget", type=int, default=1_000_000)
     p.add_argument("--oom-memory-gb", type=float, default=6.0)

@@ -449,6 +449,12 @@ class STSparseEncoder(_StreamingModel, SparseEncoder):
         if self.split_head:
             self._enable_fast(lambda m: m.base_model)
 
+    def _activate_pooled(self, pooled_logits: torch.Tensor) -> torch.Tensor:
+        """Activation applied after the max: log1p(relu(.)) is monotone, so max-then-activate equals
+        activate-then-max, and the elementwise passes run over [rows, vocab], not [tokens, vocab]."""
+        x = torch.relu(pooled_logits.float()).log1p_()
+        return x.log1p_() if self.double_log else x
+
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         # log1p(relu(x)) in the logits' dtype: max-pooling commutes with this monotone map, and the
         # fp32 copy of a [chunk, vocab] tensor would double the chunk's memory traffic.
@@ -483,10 +489,10 @@ class STSparseEncoder(_StreamingModel, SparseEncoder):
             # as many whole rows as fit `step` tokens (at least one)
             r1 = max(r0 + 1, int(np.searchsorted(host_cu, host_cu[r0] + step, side="right")) - 1)
             r1 = min(r1, rows)
-            act = self._activate(hf.cls(flat[host_cu[r0]:host_cu[r1]]))
-            parts.append(torch.segment_reduce(act, "max", lengths=dev_lengths[r0:r1], axis=0))
+            logits = hf.cls(flat[host_cu[r0]:host_cu[r1]])
+            parts.append(torch.segment_reduce(logits, "max", lengths=dev_lengths[r0:r1], axis=0))
             r0 = r1
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return self._activate_pooled(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def _launch(self, replica, window, rows):
         hf = replica.hf
