@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import dagster as dg
 
@@ -25,8 +24,6 @@ from resources.settings import EmbedderSettingsResource
 
 EMBED_JOB_NAME = "embed_collection"
 
-# Partitioned asset checks are "preview" in Dagster 1.13, and without them a check loads every partition.
-warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 
 def build_assets(registry_path: str | None = None) -> list:
