@@ -302,7 +302,7 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         "hf_module_padded": {"fast": False},
         "fast_padded_sdpa": {"attention": "padded"},
         "fast_varlen_one_window": {"window_items": 32768, "first_window": 32768},
-        "fast_varlen_tok_one_call": {"tokenizer_threads": 1},
+        "gil_switch_default": {"env": {"RAG_CLEAN_GIL_SWITCH_MS": "0"}},
         "fast_varlen_compiled": {"compile": True},
         **{f"fast_varlen_budget_{b}": {"token_budget": b} for b in args.lever_budgets},
     }
@@ -319,7 +319,6 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         opts = dict(opts)
         budget = opts.pop("token_budget", args.token_budget)
         first_window = opts.pop("first_window", None)
-        tokenizer_threads = opts.pop("tokenizer_threads", None)
         env = opts.pop("env", {})
         saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -330,8 +329,6 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if first_window:
             enc.first_window_items = first_window
-        if tokenizer_threads:
-            enc.tokenizer.rust_threads = tokenizer_threads
         if name == "ours":
             enc_info = {"attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "dtype": enc.stats.dtype,
                         "load_seconds": enc.stats.load_seconds}
@@ -518,17 +515,11 @@ def bench_tokenizer(tokenizer_dir, texts, args, log) -> dict:
     t0 = time.perf_counter()
     w = ours.encode(texts)
     ours_s = time.perf_counter() - t0
-    one = Tokenizer(hf, args.max_length)
-    one.rust_threads = 1
-    t0 = time.perf_counter()
-    w1 = one.encode(texts)
-    one_s = time.perf_counter() - t0
     n = int(w.lengths.sum())
-    assert n == sum(len(r) for r in enc["input_ids"]) and np.array_equal(w.ids, w1.ids)
+    assert n == sum(len(r) for r in enc["input_ids"])
     res = {"stage": "tokenize", "tokens": n, "hf_call_tokens_per_s": n / hf_s, "ours_tokens_per_s": n / ours_s,
-           "ours_one_call_tokens_per_s": n / one_s, "rust_threads": ours.rust_threads, "cpu_count": os.cpu_count()}
-    log(f"  tokenize: tokenizer(...) {n/hf_s/1e3:.0f}k tok/s, ours (Rust core, flat int32) {n/ours_s/1e3:.0f}k tok/s"
-        f" with {ours.rust_threads} calls in flight, {n/one_s/1e3:.0f}k tok/s as one call")
+           "cpu_count": os.cpu_count()}
+    log(f"  tokenize: tokenizer(...) {n/hf_s/1e3:.0f}k tok/s, ours (Rust core, flat int32) {n/ours_s/1e3:.0f}k tok/s")
     return res
 
 

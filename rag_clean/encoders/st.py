@@ -10,6 +10,7 @@ import gc
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -240,6 +241,13 @@ class _StreamingModel:
 
     def _stream(self, texts: Sequence[str], pairs: Sequence[str] | None = None):
         t0 = time.perf_counter()
+        # The tokenize-ahead thread and this (kernel-launching) thread share the GIL; at the default
+        # 5 ms switch interval each wake-up after a device sync can wait that long for it.
+        # RAG_CLEAN_GIL_SWITCH_MS=0 keeps the interpreter's setting.
+        switch_ms = float(os.environ.get("RAG_CLEAN_GIL_SWITCH_MS", "0.5"))
+        saved_switch = sys.getswitchinterval()
+        if switch_ms > 0 and any(d.type == "cuda" for d in self.devices):
+            sys.setswitchinterval(min(saved_switch, switch_ms / 1000.0))
         try:
             for window in tokenize_windows(self.tokenizer, texts, pairs, self.window_items,
                                            self.first_window_items):
@@ -252,6 +260,7 @@ class _StreamingModel:
             for c in self.controllers:
                 c.remember()
         finally:
+            sys.setswitchinterval(saved_switch)
             self.stats.wall_seconds += time.perf_counter() - t0
 
     def _stream_multi(self, window: TokenWindow, source: BatchSource):

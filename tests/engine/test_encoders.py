@@ -306,3 +306,38 @@ def test_unpadded_fast_path_is_used_and_equals_the_hf_module_path(registry):
     slow_rr = STCrossEncoderReranker(rr_spec, token_budget=128, fast=False)
     assert fast_rr.replicas[0].fast is not None
     assert np.allclose(fast_rr.score(pairs), slow_rr.score(pairs), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_fast_bert_forward_equals_the_hf_module_on_unpadded_tokens(family):
+    from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
+
+    from rag_clean.encoders.fast_bert import FastBert, pool_unpadded
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if family == "bert":
+        model = BertModel(BertConfig(max_position_embeddings=40, pad_token_id=0, **common)).eval()
+    else:  # positions start after the padding index
+        model = XLMRobertaModel(XLMRobertaConfig(max_position_embeddings=42, pad_token_id=1, type_vocab_size=1,
+                                                 **common)).eval()
+    fast = FastBert.build(model, model.config)
+    assert fast is not None
+    lengths = [7, 3, 12, 1]
+    rows = [torch.randint(3, 50, (n,)) for n in lengths]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    flat = torch.cat(rows)
+    within = torch.cat([torch.arange(n) for n in lengths])
+    with torch.inference_mode():
+        got = fast(flat, within, torch.zeros_like(flat), cu, max(lengths))
+        pad = model.config.pad_token_id
+        ids = torch.full((len(rows), max(lengths)), pad)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(got, ref[mask.bool()], atol=1e-5)
+    mean = pool_unpadded(got, cu, "mean")
+    assert torch.allclose(mean[2], ref[2, :12].mean(0), atol=1e-5)
+    assert torch.allclose(pool_unpadded(got, cu, "cls"), ref[:, 0], atol=1e-5)
