@@ -130,6 +130,10 @@ def main() -> int:
     report["checks"]["oom_same_vectors"] = worst > 0.999
     print(f"forced OOM: {len(mitigations)} backoffs, budget {report['oom']['token_budget']}, worst cosine {worst:.5f}")
 
+    from benchmarks.bench_encode import peak_rss_mb
+
+    report["peak_rss_mb"] = peak_rss_mb()
+    print(f"peak RSS of the whole process: {report['peak_rss_mb']:.0f} MB for {len(texts)} chunks")
     print(json.dumps(report["checks"], indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=str))
