@@ -70,9 +70,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="rag_clean_ensemble_"))
     tokenizer_dir = find_tokenizer_dir()
     texts, _ = synthetic_corpus(tokenizer_dir, args.n)
-    models = build_models(work / "models", tokenizer_dir, [("dense", "minilm"), ("dense", "base")], "cuda")
+    models = build_models(work / "models", tokenizer_dir, [("dense", "minilm-l6"), ("dense", "bge-base")], "cuda")
     registry_path = work / "models.toml"
-    registry_path.write_text(REGISTRY.format(minilm=models[("dense", "minilm")], base=models[("dense", "base")]))
+    registry_path.write_text(REGISTRY.format(minilm=models[("dense", "minilm-l6")], base=models[("dense", "bge-base")]))
     registry = load_registry(registry_path)
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))], "text": texts,
                        "content_hash": [content_hash(t) for t in texts]})
