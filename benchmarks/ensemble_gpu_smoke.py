@@ -58,7 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--oom-fraction", type=float, default=0.004,
+    parser.add_argument("--oom-fraction", type=float, default=0.02,
                         help="memory ceiling (fraction of the card) for the forced-OOM pass")
     args = parser.parse_args()
 

@@ -121,9 +121,11 @@ class _StreamingModel:
         for device in devices:
             st_model = load_fn()
             st_model.eval()
-            st_model.to(device)
             module, hf = _transformer_module(st_model)
+            # Cast on the host, then move: the fp32 copy never occupies the device (peak VRAM at load
+            # = the bf16 weights, which matters under a lease's memory ceiling).
             hf.to(dtype=self.dtype)
+            st_model.to(device)
             self.replicas.append(_Replica(device, st_model, hf))
         module, hf = _transformer_module(self.replicas[0].st_model)
         self.module = module
