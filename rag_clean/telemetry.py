@@ -30,6 +30,15 @@ V41_KEYS = (
 # v4.0 predates compatibility / telemetry spans / performance_baseline.
 V40_KEYS = tuple(k for k in V41_KEYS if k not in ("compatibility", "telemetry", "performance_baseline"))
 REQUIRED_KEYS = {"v4.0": V40_KEYS, "v4.1": V41_KEYS, "v4.2": (*V41_KEYS, "stages")}
+# Nested keys of v4.1 that v4.2 keeps with the same meaning; readers of either version may rely on them.
+V41_NESTED_KEYS = {
+    "feature_toggles": ("enable_rerank", "enable_sparse", "sparse_models", "provenance", "provenance_lines"),
+    "dense_run": ("total_embeddings_generated", "models_executed", "device", "batch_size", "latency_seconds"),
+    "rerank_run": ("enabled", "executed", "status", "model_name", "fallback_count", "fallback_reason", "device_state"),
+    "sparse_run": ("enabled", "model_names", "vectors", "devices", "latency_ms", "fallback_used"),
+    "compatibility": ("current", "legacy", "warnings"),
+    "telemetry": ("spans", "metrics"),
+}
 
 SPAN_NAMES = {"dense": "rag.dense", "fused": "rag.fusion", "sparse": "rag.sparse", "reranked": "rag.rerank",
               "exports": "rag.export", "chunks": "rag.chunk", "queries": "rag.queries"}
@@ -281,6 +290,9 @@ def read_summary(path: Path) -> dict:
     if version not in SUPPORTED_VERSIONS:
         raise TelemetryError(f"{path}: schema_version {version!r} is not one of {SUPPORTED_VERSIONS}")
     missing = [k for k in REQUIRED_KEYS[version] if k not in data]
+    if version != "v4.0":
+        missing += [f"{section}.{k}" for section, keys in V41_NESTED_KEYS.items()
+                    if isinstance(data.get(section), dict) for k in keys if k not in data[section]]
     if missing:
         raise TelemetryError(f"{path}: {version} summary lacks keys {missing}")
     data.setdefault("stages", {})

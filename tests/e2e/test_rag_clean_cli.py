@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from v41_spec import V41_NESTED
 from rag_clean.exports import TEXT_PREVIEW_CHARS, export_files, point_id
 from rag_clean.telemetry import V41_KEYS, read_summary
 from rag_clean_assets.cli import build_parser, main
@@ -54,14 +55,6 @@ FILES = {
 }
 EXPECTED_IDS = [r["metadata"]["chunk_id"] for name in sorted(FILES) for r in FILES[name]]
 EXPECTED_TEXTS = [r["text"] for name in sorted(FILES) for r in FILES[name]]
-V41_NESTED = {
-    "feature_toggles": {"enable_rerank", "enable_sparse", "sparse_models", "provenance", "provenance_lines"},
-    "dense_run": {"total_embeddings_generated", "models_executed", "device", "batch_size", "latency_seconds"},
-    "rerank_run": {"enabled", "executed", "status", "model_name", "fallback_count", "fallback_reason", "device_state"},
-    "sparse_run": {"enabled", "model_names", "vectors", "devices", "latency_ms", "fallback_used"},
-    "compatibility": {"current", "legacy", "warnings"},
-    "telemetry": {"spans", "metrics"},
-}
 
 
 @dataclass

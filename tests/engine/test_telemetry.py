@@ -119,3 +119,11 @@ def test_store_merges_stage_records_and_appends_events(tmp_path):
 def test_store_refuses_unsafe_collection_names(tmp_path):
     with pytest.raises(ValueError, match="not allowed"):
         TelemetryStore(tmp_path).summary_path("../x")
+
+
+def test_read_summary_refuses_a_v41_file_missing_a_nested_v41_key(tmp_path):
+    current = build_summary("demo", _stages(), TOGGLES, PROVENANCE)
+    legacy = {k: current[k] for k in V41_KEYS} | {"schema_version": "v4.1"}
+    legacy["rerank_run"] = {k: v for k, v in legacy["rerank_run"].items() if k != "device_state"}
+    with pytest.raises(TelemetryError, match=r"lacks keys \['rerank_run.device_state'\]"):
+        read_summary(_write(tmp_path / "g.json", legacy))

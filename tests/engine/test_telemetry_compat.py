@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from v41_spec import V41_NESTED
 from rag_clean.chunking import read_collection
 from rag_clean.registry import load_registry
 from rag_clean.retrieval import heading_queries
@@ -43,15 +44,6 @@ V41_SUMMARY = {
 V40_SUMMARY = {k: v for k, v in V41_SUMMARY.items() if k not in ("compatibility", "telemetry", "performance_baseline")}
 V40_SUMMARY["schema_version"] = "v4.0"
 
-# Nested keys of v4.1 (from the issue) that every v4.2 summary must carry with the same meaning.
-V41_NESTED = {
-    "feature_toggles": {"enable_rerank", "enable_sparse", "sparse_models", "provenance", "provenance_lines"},
-    "dense_run": {"total_embeddings_generated", "models_executed", "device", "batch_size", "latency_seconds"},
-    "rerank_run": {"enabled", "executed", "status", "model_name", "fallback_count", "fallback_reason", "device_state"},
-    "sparse_run": {"enabled", "model_names", "vectors", "devices", "latency_ms", "fallback_used"},
-    "compatibility": {"current", "legacy", "warnings"},
-    "telemetry": {"spans", "metrics"},
-}
 
 
 def _write(tmp_path: Path, data: dict, name: str = "processing_summary.json") -> Path:
