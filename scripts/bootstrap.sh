@@ -13,9 +13,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing dependencies (pinned CPU torch; ~2 minutes on a fresh machine)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   # constraints.txt pins the CPU torch build: an unpinned torch would pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
+  # The full pip log goes to .venv/install.log; it is shown only when the install fails.
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]" \
+      > .venv/install.log 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" .venv/install.log | tail -40 >&2
+    echo "[bootstrap] pip install failed (full log: .venv/install.log)" >&2
+    exit 1
+  fi
   .venv/bin/python -c "import dagster, torch, sentence_transformers, FlagEmbedding, rag_clean_assets" \
-    || { echo "[bootstrap] install failed" >&2; exit 1; }
+    || { echo "[bootstrap] installed packages do not import" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
