@@ -24,5 +24,15 @@ def asset_file(paths: PathsResource, asset_key: dg.AssetKey, collection: str) ->
     return final
 
 
-def lease_events(lease) -> list[dict]:
-    return [{"ts": e.ts, "event": f"lease.{e.event}", "detail": {"devices": e.devices, **e.detail}} for e in lease.events]
+def lease_target(lease) -> str | list[str]:
+    """What the encoders take: one device string, or the list when the lease holds several GPUs."""
+    return lease.devices if len(lease.devices) > 1 else lease.device
+
+
+def add_lease(record: dict, lease) -> dict:
+    """Attach a finished lease (summary computed at release, its events) to a stage record."""
+    record["lease"] = lease.summary.to_dict() if lease.summary else None
+    record["events"] = [{"ts": e.ts, "event": f"lease.{e.event}", "detail": {"devices": e.devices, **e.detail}}
+                        for e in lease.events]
+    record.setdefault("device", lease.device)
+    return record

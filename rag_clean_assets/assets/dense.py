@@ -9,7 +9,7 @@ from rag_clean.registry import ModelSpec
 from rag_clean.stage import StageOutput, StageTimer
 from rag_clean.stages import plan_joint_outputs, run_dense_stage
 from rag_clean.storage import StorageError, read_embeddings
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, asset_file, base_record, lease_events
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, asset_file, base_record, lease_target
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
@@ -63,12 +63,10 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
                 context.log.warning(f"previous vectors unreadable, recomputing all: {exc}")
         budget_store = BudgetStore(paths.storage_dir() / "state" / "token_budgets.json")
         with gpu_lease.lease(context) as lease:
-            writer, record = run_dense_stage(current, chunks, lease.devices if len(lease.devices) > 1 else lease.device,
+            writer, record = run_dense_stage(current, chunks, lease_target(lease),
                                              target, previous=previous, budget_store=budget_store, joint=joint)
         record = base_record(resolved) | record
-        record["lease"] = lease.summary.to_dict() if lease.summary else None
-        record["events"] = lease_events(lease)
-        record.setdefault("device", lease.device)
+        add_lease(record, lease)
         if not resolved.exclusive_ensemble:
             record.setdefault("warnings", []).append(
                 "exclusive_ensemble=false was requested; rag_clean always keeps one model per device at a time "

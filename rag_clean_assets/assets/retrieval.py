@@ -8,7 +8,7 @@ from rag_clean.retrieval import check_queries_match, load_queries, queries_table
 from rag_clean.stage import StageOutput, StageTimer
 from rag_clean.stages import RetrievalConfig, run_retrieval_stage
 from rag_clean.storage import EmbeddingSet
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record, lease_events
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, base_record, lease_target
 from rag_clean_assets.assets.fused import ensemble_specs
 from rag_clean_assets.assets.sparse import selected_sparse_specs
 from rag_clean_assets.partitions import collections_partitions
@@ -67,13 +67,11 @@ def reranked(context: dg.AssetExecutionContext, chunks: pa.Table, queries: pa.Ta
         table, stage_record = run_retrieval_stage(
             found, chunks, fused_embeddings, dense_specs, method, {s.name: s.weight for s in dense_specs},
             sparse_vectors if resolved.enable_sparse else None, sparse_specs, reg.rerank, config,
-            lease.devices if len(lease.devices) > 1 else lease.device)
+            lease_target(lease))
     for warning in stage_record["warnings"]:
         context.log.warning(warning)
     record = base_record(resolved) | stage_record
-    record["lease"] = lease.summary.to_dict() if lease.summary else None
-    record["events"] = lease_events(lease)
-    record.setdefault("device", lease.device)
+    add_lease(record, lease)
     metrics = stage_record["metrics"]
     metadata = {"scorer": stage_record["scorer"], "rerank_executed": stage_record["rerank_executed"],
                 "candidate_sources": ", ".join(stage_record["candidate_sources"]), "queries": len(found)}

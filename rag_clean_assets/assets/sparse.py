@@ -14,7 +14,7 @@ from rag_clean.registry import Registry
 from rag_clean.stage import StageOutput, StageTimer
 from rag_clean.stages import SPARSE_SCHEMA, run_sparse_stage, shared_sparse_sources
 from rag_clean.storage import TableWriter
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, asset_file, base_record, lease_events
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, asset_file, base_record, lease_target
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
@@ -70,7 +70,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         sink = TableWriter(asset_file(paths, SPARSE_KEY, context.partition_key), SPARSE_SCHEMA)
         with gpu_lease.lease(context) as lease:
             staged, stage_record = run_sparse_stage(specs, chunks,
-                                                    lease.devices if len(lease.devices) > 1 else lease.device,
+                                                    lease_target(lease),
                                                     budget_store=budget_store, shared=shared, sink=sink)
         if stage_record["fallback_used"]:
             context.log.warning(stage_record["fallback_reason"])
@@ -78,9 +78,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
             context.log.info(f"{name}: rows from the forward pass of {info['dense_model']}" if info["used"]
                              else info["reason"])
         record |= stage_record
-        record["lease"] = lease.summary.to_dict() if lease.summary else None
-        record["events"] = lease_events(lease)
-        record["device"] = lease.device
+        add_lease(record, lease)
         vectors = stage_record["vectors"]
         metadata = {
             "executed": True, "models": ", ".join(stage_record["model_names"]),
