@@ -162,14 +162,26 @@ class SparseIndex:
         return top, scores[top]
 
 
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60, top_k: int | None = None) -> list[int]:
-    """Fuse ranked lists of doc indices: score = sum 1 / (k + rank)."""
+def rrf_scores(rankings: Sequence[Sequence[int]], k: int = 60) -> dict[int, float]:
+    """Reciprocal-rank-fusion score of every doc in any ranking: sum over rankings of 1 / (k + rank)."""
     scores: dict[int, float] = {}
     for ranking in rankings:
         for rank, doc in enumerate(ranking, start=1):
             scores[int(doc)] = scores.get(int(doc), 0.0) + 1.0 / (k + rank)
+    return scores
+
+
+def rrf_fuse(rankings: Sequence[Sequence[int]], k: int = 60,
+             top_k: int | None = None) -> tuple[list[int], dict[int, float]]:
+    """(fused ranking by RRF score, ties to the lower index; every doc's score)."""
+    scores = rrf_scores(rankings, k)
     fused = sorted(scores, key=lambda d: (-scores[d], d))
-    return fused[:top_k] if top_k else fused
+    return (fused[:top_k] if top_k else fused), scores
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60, top_k: int | None = None) -> list[int]:
+    """Fuse ranked lists of doc indices by RRF score."""
+    return rrf_fuse(rankings, k, top_k)[0]
 
 
 # ---------------------------------------------------------------- metrics

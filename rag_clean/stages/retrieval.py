@@ -18,7 +18,7 @@ from rag_clean.retrieval import (
     SparseIndex,
     dense_search,
     ranking_metrics,
-    reciprocal_rank_fusion,
+    rrf_fuse,
 )
 from rag_clean.storage import (
     EmbeddingSet,
@@ -109,12 +109,8 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
         if sparse_rankings:  # else every sparse model was skipped: keep the dense ranking and its scores
             fused_candidates, fused_scores = [], []
             for qi in range(len(queries)):
-                ranking = reciprocal_rank_fusion([candidates[qi]] + [r[qi] for r in sparse_rankings], k=config.rrf_k,
-                                                 top_k=config.top_k_candidates)
-                scores: dict[int, float] = {}
-                for lst in [candidates[qi]] + [r[qi] for r in sparse_rankings]:
-                    for rank, d in enumerate(lst, start=1):
-                        scores[d] = scores.get(d, 0.0) + 1.0 / (config.rrf_k + rank)
+                ranking, scores = rrf_fuse([candidates[qi]] + [r[qi] for r in sparse_rankings], k=config.rrf_k,
+                                           top_k=config.top_k_candidates)
                 fused_candidates.append(ranking)
                 fused_scores.append({d: scores[d] for d in ranking})
             candidates, retrieval_scores = fused_candidates, fused_scores
