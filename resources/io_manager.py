@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from rag_clean.stage import StageOutput
+from rag_clean.stages.common import StageOutput
 from rag_clean.storage import EmbeddingWriter, StorageError, TableWriter, read_embeddings, read_table, write_table
 from rag_clean.telemetry import TelemetryStore, utc_now
 from resources.paths import PathsResource

@@ -7,7 +7,6 @@ pooling / normalization / SPLADE / top-k on the device, asynchronous copies back
 from __future__ import annotations
 
 import gc
-import math
 import os
 import queue
 import sys

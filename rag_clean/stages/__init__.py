@@ -5,7 +5,7 @@ no Dagster. Records hold measured values only; the telemetry layer turns them in
 One module per stage: dense, joint (bge-m3 one-pass outputs), fusion, sparse, retrieval.
 """
 
-from rag_clean.stages.common import ROW_BLOCK, encode_record, model_fingerprint
+from rag_clean.stages.common import ROW_BLOCK, StageOutput, StageTimer, encode_record, model_fingerprint
 from rag_clean.stages.dense import run_dense_stage
 from rag_clean.stages.fusion import run_fusion_stage
 from rag_clean.stages.joint import (
@@ -28,7 +28,7 @@ from rag_clean.stages.sparse import (
 )
 
 __all__ = [
-    "ROW_BLOCK", "encode_record", "model_fingerprint", "run_dense_stage", "run_fusion_stage", "JOINT_SPARSE_SCHEMA",
+    "ROW_BLOCK", "StageOutput", "StageTimer", "encode_record", "model_fingerprint", "run_dense_stage", "run_fusion_stage", "JOINT_SPARSE_SCHEMA",
     "JointOutputs", "colbert_file", "colbert_schema", "joint_sparse_file", "plan_joint_outputs", "sparse_fingerprint",
     "RetrievalConfig", "run_retrieval_stage", "SPARSE_SCHEMA", "SharedSparseSource", "load_shared_sparse_rows",
     "run_sparse_stage", "shared_sparse_sources", "sparse_from_metadata",

@@ -1,13 +1,20 @@
-"""Pieces every stage uses: stage-record helpers and the model fingerprint."""
+"""Pieces every stage uses: what a stage hands to storage (StageOutput), its timer, record helpers,
+the model fingerprint."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
+import pyarrow as pa
 
 from rag_clean.encoders.base import EncodeStats
 from rag_clean.registry import ModelSpec
+from rag_clean.storage import EmbeddingWriter, TableWriter
+from rag_clean.telemetry import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -28,3 +35,30 @@ def model_fingerprint(spec: ModelSpec) -> str:
     return json.dumps({"backend": spec.backend, "source": spec.source, "pooling": spec.pooling,
                        "max_length": spec.max_length, "dim": spec.dim, "truncate_dim": spec.truncate_dim},
                       sort_keys=True)
+
+@dataclass
+class StageOutput:
+    """`value` is a table (written as Parquet), a staged writer (EmbeddingWriter: Arrow IPC;
+    TableWriter: Parquet) that the IO manager publishes by rename, or None when the stage is disabled:
+    then nothing is written and the previous file stays."""
+
+    value: pa.Table | EmbeddingWriter | TableWriter | None
+    record: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def disabled(self) -> bool:
+        return self.value is None
+
+
+class StageTimer:
+    """Measures a stage's wall time and stamps start/end on its record."""
+
+    def __init__(self) -> None:
+        self.started_at = utc_now()
+        self._t0 = time.perf_counter()
+
+    def stamp(self, record: dict[str, Any]) -> dict[str, Any]:
+        record.setdefault("started_at", self.started_at)
+        record["duration_s"] = round(time.perf_counter() - self._t0, 6)
+        return record

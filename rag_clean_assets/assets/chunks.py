@@ -4,7 +4,7 @@
 import dagster as dg
 
 from rag_clean.chunking import ChunkingConfig, read_collection
-from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.registry import ModelSpec
-from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages import plan_joint_outputs, run_dense_stage
 from rag_clean.storage import StorageError, read_embeddings
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, asset_file, base_record, lease_target

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from rag_clean.exports import write_exports
 from rag_clean.registry import Registry
-from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
 from rag_clean.telemetry import TelemetryStore, build_summary, read_summary, utc_now
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record

@@ -7,7 +7,7 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.registry import Registry
-from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages import run_fusion_stage
 from rag_clean.storage import EmbeddingSet
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, asset_file, base_record

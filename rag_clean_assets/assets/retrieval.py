@@ -5,7 +5,7 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.retrieval import check_queries_match, load_queries, queries_table
-from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages import RetrievalConfig, run_retrieval_stage
 from rag_clean.storage import EmbeddingSet
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, base_record, lease_target

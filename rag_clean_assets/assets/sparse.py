@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.registry import Registry
-from rag_clean.stage import StageOutput, StageTimer
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages import SPARSE_SCHEMA, run_sparse_stage, shared_sparse_sources
 from rag_clean.storage import TableWriter
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, asset_file, base_record, lease_target
