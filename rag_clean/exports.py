@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rag_clean.records import ExportsRecord
 from rag_clean.storage import EmbeddingSet, StorageError, atomic_path, check_name, file_digest, path_under, write_json
 
 TEXT_PREVIEW_CHARS = 500
@@ -206,7 +207,7 @@ def write_exports(
     sparse_models: Sequence[str] = (),
     summary: Mapping | Callable[[dict], Mapping] | None = None,
     block_rows: int = EXPORT_BLOCK_ROWS,
-) -> tuple[pa.Table, dict]:
+) -> tuple[pa.Table, ExportsRecord]:
     """Write every export file of one collection; returns (files table: name, bytes, sha256; stage record).
 
     `dense` maps model name -> stored vectors (the fused ensemble, in fusion order); `sparse` is the
@@ -314,24 +315,19 @@ def write_exports(
     # 5. Stats, then the summary copy (last, so it can describe this export too).
     write_json(files.stats, stats)
     written.append(files.stats)
-    record = {
-        "stage": "exports",
-        "status": "ok",
-        "rows": len(chunk_ids),
-        "export_dir": str(files.folder),
-        "models": list(dense),
-        "sparse_models": [s.model for s in sparse_rows],
-    }
+    record = ExportsRecord(rows=len(chunk_ids), export_dir=str(files.folder), models=list(dense),
+                           sparse_models=[s.model for s in sparse_rows])
     if summary is not None:
-        content = summary(dict(record, files=[p.name for p in written])) if callable(summary) else summary
+        partial = dict(record.stage_fields(), stage=record.stage, rows=record.rows, status=record.status,
+                       files=[p.name for p in written])
+        content = summary(partial) if callable(summary) else summary
         write_json(files.summary, content)
         written.append(files.summary)
 
-    record["removed_stale"] = _remove_stale(files, {p.name for p in written})
+    record.removed_stale = _remove_stale(files, {p.name for p in written})
     table = pa.table({"name": [p.name for p in written], "bytes": [p.stat().st_size for p in written],
                       "sha256": [file_digest(p) for p in written]}, schema=FILES_SCHEMA)
-    record["files"] = table.to_pylist()
-    record["bytes_written"] = int(sum(table.column("bytes").to_pylist()))
+    record.files = table.to_pylist()
     return table, record
 
 

@@ -8,7 +8,6 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 REGISTRY_ENV = "RAG_CLEAN_MODEL_REGISTRY"
 DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models.toml")
@@ -83,16 +82,6 @@ class Registry:
     def rerank(self) -> ModelSpec | None:
         rerankers = self.by_role("rerank")
         return rerankers[0] if rerankers else None
-
-    def select_sparse(self, names: Sequence[str] | None) -> list[ModelSpec]:
-        """The sparse models a run uses: those named (EMBEDDER_SPARSE_MODELS), else every sparse entry."""
-        if not names:
-            return self.sparse
-        chosen = [self.get(name) for name in names]
-        wrong = [s.name for s in chosen if s.role != "sparse"]
-        if wrong:
-            raise RegistryError(f"sparse_models names models whose role is not sparse: {wrong}")
-        return chosen
 
     def joint_sparse_partner(self, dense_spec: ModelSpec) -> ModelSpec | None:
         """The sparse entry whose lexical weights come from the same bge-m3 forward pass as `dense_spec`.

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from rag_clean.privacy import query_hash
+from rag_clean.privacy import query_hash, redact_query
 
 QUERIES_FILE = "queries.jsonl"
 MAX_GENERATED_QUERIES = 500
@@ -32,6 +32,7 @@ QUERY_SCHEMA = pa.schema([
     ("query_id", pa.string()),
     ("text_hash", pa.string()),      # the raw text is never stored; it is re-read from its origin
     ("text_chars", pa.int32()),
+    ("text_display", pa.string()),   # per query_text_mode: the hash, or the first 100 characters
     ("gold_chunk_ids", pa.list_(pa.string())),
     ("origin", pa.string()),
 ])
@@ -94,12 +95,13 @@ def heading_queries(chunks: pa.Table, limit: int = MAX_GENERATED_QUERIES) -> lis
     return queries[:limit]
 
 
-def queries_table(queries: Sequence[Query]) -> pa.Table:
+def queries_table(queries: Sequence[Query], text_mode: str = "hash") -> pa.Table:
     return pa.table(
         {
             "query_id": [q.query_id for q in queries],
             "text_hash": [query_hash(q.text) for q in queries],
             "text_chars": [len(q.text) for q in queries],
+            "text_display": [redact_query(q.text, text_mode) for q in queries],
             "gold_chunk_ids": [list(q.gold_chunk_ids) for q in queries],
             "origin": [q.origin for q in queries],
         },

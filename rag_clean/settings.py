@@ -25,6 +25,14 @@ PROVENANCE_DOTENV = ".env"
 PROVENANCE_ENV = "override via env"
 
 
+# Settings of the old embedder that no longer choose anything: accepted (so old config files, .env files
+# and scripts keep working) and reported once in the run's warnings, never silently dropped.
+RETIRED_SETTINGS = {
+    "exclusive_ensemble": "exclusive_ensemble is retired and ignored: every run keeps one dense model resident per "
+                          "device at a time (one asset per model, GPU steps in the `gpu` pool)",
+}
+
+
 class SettingsError(ValueError):
     """A setting has a value of the wrong type; the message names the source and the key."""
 
@@ -37,21 +45,21 @@ class EmbedderSettings:
     sparse_models: tuple[str, ...] = ()
     # Names of registry dense models in the ensemble; empty = every dense model.
     ensemble_models: tuple[str, ...] = ()
-    exclusive_ensemble: bool = True
     fusion_method: str = ""            # "" = the registry's fusion.method
     top_k_candidates: int = 100
     rerank_top_k: int = 20
-    rerank_batch_size: int = 32
+    rerank_batch_size: int = 32        # most (query, passage) pairs per cross-encoder batch
     rrf_k: int = 60
     query_text_mode: str = "hash"      # "hash" or "truncate" (<= 100 chars) in telemetry and exports
     enable_exports: bool = False
     export_dir: str = ""               # "" = <storage root>/exports
     reuse_unchanged: bool = True       # reuse vectors of chunks whose content hash did not change
     provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)  # retired settings that were given
 
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "provenance"]
+        return [f.name for f in fields(cls) if f.name not in ("provenance", "notes")]
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in self.keys())}
@@ -61,20 +69,23 @@ class EmbedderSettings:
 
     def with_overrides(self, overrides: Mapping[str, Any], source: str) -> "EmbedderSettings":
         """Apply overrides (None values are ignored) and mark them with `source`."""
-        values, prov = {}, dict(self.provenance)
+        values, prov, notes = {}, dict(self.provenance), list(self.notes)
         for key, raw in overrides.items():
             if raw is None:
                 continue
+            if key in RETIRED_SETTINGS:
+                notes.append(f"{RETIRED_SETTINGS[key]} (given as {raw!r} by {source})")
+                continue
             values[key] = _coerce(key, raw, source)
             prov[key] = source
-        return replace(self, **values, provenance=prov)
+        return replace(self, **values, provenance=prov, notes=tuple(notes))
 
 
 _TYPES = {f.name: f.type for f in fields(EmbedderSettings)}
 
 
 def _coerce(key: str, raw: Any, source: str) -> Any:
-    if key not in _TYPES or key == "provenance":
+    if key not in _TYPES or key in ("provenance", "notes"):
         raise SettingsError(f"{source}: unknown setting {key!r}; known: {EmbedderSettings.keys()}")
     kind = _TYPES[key]
     try:
@@ -123,7 +134,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def _from_environment(env: Mapping[str, str]) -> dict[str, str]:
     out = {}
-    for key in EmbedderSettings.keys():
+    for key in [*EmbedderSettings.keys(), *RETIRED_SETTINGS]:
         name = ENV_PREFIX + key.upper()
         if name in env and env[name] != "":
             out[key] = env[name]

@@ -16,7 +16,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from filelock import FileLock
 
-from rag_clean.storage import check_name, path_under, write_json
+from rag_clean.layout import StorageLayout
+from rag_clean.records import StageRecord
+from rag_clean.storage import write_json
 
 SCHEMA_VERSION = "v4.2"
 LEGACY_VERSIONS = ("v4.1", "v4.0")
@@ -231,19 +233,19 @@ def build_summary(collection: str, stages: Mapping[str, dict], toggles: Mapping[
 
 
 class TelemetryStore:
-    """Per-collection summary + append-only events log under `<root>/telemetry/<collection>/`."""
+    """Per-collection summary + append-only events log, where the storage layout puts them."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, layout: StorageLayout):
+        self.layout = layout
 
     def folder(self, collection: str) -> Path:
-        return path_under(self.root, "telemetry", check_name(collection))
+        return self.layout.telemetry_dir(collection)
 
     def summary_path(self, collection: str) -> Path:
-        return self.folder(collection) / "processing_summary.json"
+        return self.layout.summary_file(collection)
 
     def events_path(self, collection: str) -> Path:
-        return self.folder(collection) / "events.jsonl"
+        return self.layout.events_file(collection)
 
     def _lock(self, collection: str) -> FileLock:
         folder = self.folder(collection)
@@ -277,6 +279,21 @@ class TelemetryStore:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def record_materialization(layout: StorageLayout, record: StageRecord) -> dict:
+    """The storage boundary's one telemetry call: merge `record` (asset_key, run_id, partition set) into
+    the collection's summary, append its events, and return its materialization metadata."""
+    store = TelemetryStore(layout)
+    collection = record.partition
+    store.record_stage(collection, record.asset_key, record.to_summary(), record.toggles, record.provenance)
+    detail = {"status": record.status, "rows": record.rows, "dim": getattr(record, "dim", None), "bytes": record.bytes,
+              "duration_s": record.duration_s, "device": record.device}
+    events = [{"ts": record.materialized_at, "run_id": record.run_id, "asset": record.asset_key, "partition": collection,
+               "event": "disabled" if record.disabled else "materialized", "detail": detail}]
+    events += [dict(e, run_id=record.run_id, asset=record.asset_key, partition=collection) for e in record.events]
+    store.append_events(collection, events)
+    return record.to_metadata(str(store.summary_path(collection)))
 
 
 def read_summary(path: Path) -> dict:

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble-models", nargs="+", metavar="MODEL",
                    help="dense registry models to fuse (comma- or space-separated). Default: every dense model.")
     p.add_argument("--exclusive-ensemble", action=argparse.BooleanOptionalAction, default=None,
-                   help="one dense model resident on a device at a time. The asset graph always works this way "
-                        "(one asset per model, GPU steps in the 'gpu' pool); the value is recorded.")
+                   help="retired, accepted for old scripts: the asset graph always keeps one dense model resident "
+                        "per device (one asset per model, GPU steps in the 'gpu' pool); a given value is reported "
+                        "in the run's warnings and ignored.")
     rerank = p.add_mutually_exclusive_group()
     rerank.add_argument("--enable-rerank", dest="enable_rerank", action="store_const", const=True, default=None,
                         help="rerank candidates with the registry's cross-encoder (fallback chain applies)")
@@ -135,16 +136,6 @@ def _select_collections(requested: list[str] | None, chunked_dir: str | None) ->
     return root, list(dict.fromkeys(names))
 
 
-def _check_models(registry, settings) -> None:
-    for key, role in (("ensemble_models", "dense"), ("sparse_models", "sparse")):
-        names = getattr(settings, key)
-        known = [m.name for m in registry.by_role(role)]
-        unknown = [n for n in names if not any(n in (m.name, m.asset_name) for m in registry.by_role(role))]
-        if unknown:
-            raise CliError(f"{key} ({settings.provenance.get(key)}): {unknown} are not {role} models of the "
-                           f"registry {registry.path}; known {role} models: {known}")
-
-
 def _step_errors(result) -> list[str]:
     errors = []
     for event in result.all_events:
@@ -160,9 +151,10 @@ def _step_errors(result) -> list[str]:
 
 
 def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: float) -> None:
+    from rag_clean.layout import StorageLayout
     from rag_clean.telemetry import read_summary
 
-    path = storage_root / "telemetry" / collection / "processing_summary.json"
+    path = StorageLayout(storage_root).summary_file(collection)
     s = read_summary(path)
     toggles, prov = s["feature_toggles"], s["feature_toggles"]["provenance"]
     dense, sparse, rerank = s["dense_run"], s["sparse_run"], s["rerank_run"]
@@ -200,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import dagster as dg
 
+    from rag_clean.plan import PlanError, build_run_plan
     from rag_clean.registry import RegistryError, load_registry
     from rag_clean.settings import SettingsError
     from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
@@ -234,9 +227,11 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         resolved = settings.resolve()
-    except SettingsError as exc:
+        build_run_plan(registry, resolved)  # the plan each run builds: bad model names fail here, before any run
+    except (SettingsError, PlanError) as exc:
         raise CliError(str(exc)) from exc
-    _check_models(registry, resolved)
+    for note in resolved.notes:
+        print(f"note: {note}", file=sys.stderr)
 
     _ensure_dagster_home()
     storage_root = Path(args.storage_root).expanduser().resolve() if args.storage_root else PathsResource().storage_dir()

@@ -1,10 +1,9 @@
-"""Telemetry IO manager: stores each asset value and records what it measured.
+"""Telemetry IO manager: stores each asset value, then hands its stage record to telemetry.
 
-At the storage boundary it (1) writes the value atomically (Parquet tables, Arrow IPC embedding
-matrices published from their staged file), (2) attaches rows, dims, bytes, durations, device,
-lease summary and batch mitigations as Dagster metadata, and (3) merges the stage record into the
-collection's processing_summary.json (schema v4.2) and appends to its events log.
-A disabled stage writes no file, so the previous materialization stays intact.
+A thin adapter: the file goes where the storage layout says (Parquet tables, Arrow IPC matrices
+published from their staged file by rename); `rag_clean.telemetry.record_materialization` merges
+the record into processing_summary.json and the events log and returns the metadata, which is
+converted to Dagster metadata here. A disabled stage writes no file: the previous one stays.
 """
 
 
@@ -14,98 +13,60 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from rag_clean.records import MetaJson, MetaPath
 from rag_clean.stages.common import StageOutput
 from rag_clean.storage import EmbeddingWriter, StorageError, TableWriter, read_embeddings, read_table, write_table
-from rag_clean.telemetry import TelemetryStore, utc_now
+from rag_clean.telemetry import record_materialization, utc_now
 from resources.paths import PathsResource
 
-EMBEDDING_ROOTS = ("dense_embeddings", "fused_embeddings")
 # Stages that can be switched off (sparse toggle, dense models outside ensemble_models): a missing
 # file loads as None so the consumer decides, instead of failing the whole downstream graph.
 OPTIONAL_INPUT_ROOTS = ("sparse_vectors", "dense_embeddings")
 
-
-def suffix_for(asset_path: list[str]) -> str:
-    return ".arrow" if asset_path[0] in EMBEDDING_ROOTS else ".parquet"
-
-
-def _scalar(value: Any) -> Any:
-    """Dagster metadata rejects numpy scalars."""
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
+def to_dagster_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Engine metadata -> Dagster metadata (path/JSON markers; numpy scalars become Python numbers)."""
+    out = {}
+    for key, value in metadata.items():
+        if isinstance(value, MetaPath):
+            value = dg.MetadataValue.path(value.path)
+        elif isinstance(value, MetaJson):
+            value = dg.MetadataValue.json(value.value)
+        elif hasattr(value, "item") and callable(value.item):
+            value = value.item()
+        out[key] = value
+    return out
 
 
 class TelemetryIOManager(dg.ConfigurableIOManager):
     paths: dg.ResourceDependency[PathsResource]
 
-    def _file(self, context: dg.OutputContext | dg.InputContext) -> tuple[Path, str]:
-        asset_path = list(context.asset_key.path)
+    def _file(self, context: dg.OutputContext | dg.InputContext) -> Path:
         if not context.has_partition_key:
-            raise StorageError(f"asset {'/'.join(asset_path)} must be materialized for one collection partition")
-        collection = context.partition_key
-        return self.paths.asset_file(asset_path, collection, suffix_for(asset_path)), collection
+            raise StorageError(f"asset {context.asset_key.to_user_string()} must be materialized for one collection partition")
+        return self.paths.layout().asset_file(list(context.asset_key.path), context.partition_key)
 
     def handle_output(self, context: dg.OutputContext, obj: StageOutput) -> None:
         if not isinstance(obj, StageOutput):
             raise TypeError(f"{context.asset_key.to_user_string()}: expected a StageOutput, got {type(obj).__name__}")
-        path, collection = self._file(context)
-        asset_key = context.asset_key.to_user_string()
-        record = dict(obj.record)
-        record.update(asset_key=asset_key, run_id=context.run_id, partition=collection, materialized_at=utc_now())
-
+        path = self._file(context)
+        record = obj.record
+        record.asset_key, record.run_id = context.asset_key.to_user_string(), context.run_id
+        record.partition, record.materialized_at = context.partition_key, utc_now()
         if obj.disabled:
-            record.setdefault("status", "disabled")
-            record["path"] = None
-            record["bytes"] = 0
+            record.status, record.path, record.bytes = "disabled", None, 0
         elif isinstance(obj.value, (EmbeddingWriter, TableWriter)):
-            obj.value.final_path = path
+            if Path(obj.value.final_path) != path:  # both come from the layout: a mismatch is a wiring bug
+                raise StorageError(f"{record.asset_key}: staged for {obj.value.final_path}, but the layout says {path}")
             obj.value.publish()
-            record["path"] = str(path)
-            record["bytes"] = path.stat().st_size
+            record.path, record.bytes = str(path), path.stat().st_size
         elif isinstance(obj.value, pa.Table):
-            record["bytes"] = write_table(obj.value, path)
-            record["path"] = str(path)
+            record.bytes, record.path = write_table(obj.value, path), str(path)
         else:
-            raise TypeError(f"{asset_key}: unsupported value type {type(obj.value).__name__}")
-        record.setdefault("status", "ok")
-
-        store = TelemetryStore(self.paths.storage_dir())
-        store.record_stage(collection, asset_key, record, record.get("toggles", {}), record.get("provenance", {}))
-        events = [{"ts": record["materialized_at"], "run_id": context.run_id, "asset": asset_key,
-                   "partition": collection, "event": "materialized" if record["status"] != "disabled" else "disabled",
-                   "detail": {k: record.get(k) for k in ("status", "rows", "dim", "bytes", "duration_s", "device")}}]
-        events += [dict(e, run_id=context.run_id, asset=asset_key, partition=collection) for e in record.get("events", [])]
-        store.append_events(collection, events)
-
-        metadata: dict[str, Any] = {
-            "status": record["status"],
-            "rows": int(record.get("rows") or 0),
-            "bytes": int(record["bytes"]),
-            "duration_s": float(record.get("duration_s") or 0.0),
-            "summary": dg.MetadataValue.path(str(store.summary_path(collection))),
-        }
-        if record.get("path"):
-            metadata["path"] = dg.MetadataValue.path(record["path"])
-        for key in ("dim", "device", "reason"):
-            if record.get(key) is not None:
-                metadata[key] = _scalar(record[key])
-        if record.get("lease"):
-            metadata["lease"] = dg.MetadataValue.json(record["lease"])
-        encode = record.get("encode") or {}
-        if encode:
-            metadata["oom_mitigations"] = len(encode.get("oom_mitigations", []))
-            metadata["tokens_per_second"] = float(encode.get("tokens_per_second") or 0.0)
-            if encode.get("oom_mitigations"):
-                metadata["batch_mitigations"] = dg.MetadataValue.json(encode["oom_mitigations"])
-        if "reuse" in record:
-            metadata["chunks_reused"] = int(record["reuse"].get("reused", 0))
-            metadata["chunks_computed"] = int(record["reuse"].get("computed", 0))
-        metadata.update({k: _scalar(v) for k, v in obj.metadata.items()})
-        context.add_output_metadata(metadata)
+            raise TypeError(f"{record.asset_key}: unsupported value type {type(obj.value).__name__}")
+        context.add_output_metadata(to_dagster_metadata(record_materialization(self.paths.layout(), record)))
 
     def load_input(self, context: dg.InputContext) -> Any:
-        path, _ = self._file(context)
+        path = self._file(context)
         if not path.exists():
             if context.asset_key.path[0] in OPTIONAL_INPUT_ROOTS:
                 return None  # absent when the stage was disabled; consumers that need it say so

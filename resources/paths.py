@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from rag_clean import paths
+from rag_clean.layout import StorageLayout
 from rag_clean.storage import StorageError, check_name, path_under
 
 
@@ -27,9 +28,9 @@ class PathsResource(dg.ConfigurableResource):
             raise StorageError(f"collection {collection!r}: folder {folder} does not exist under the data root")
         return folder
 
-    def asset_file(self, asset_path: list[str], collection: str, suffix: str) -> Path:
-        parts = [check_name(p, "asset key part") for p in asset_path]
-        return path_under(self.storage_dir(), *parts, check_name(collection) + suffix)
+    def layout(self) -> StorageLayout:
+        """Every path under the storage root (asset files, side files, state, telemetry, exports)."""
+        return StorageLayout(self.storage_dir())
 
     def scan_collections(self) -> tuple[list[str], list[str]]:
         """(usable collection names, folders whose names cannot be partition keys) under the data root."""

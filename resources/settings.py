@@ -6,29 +6,33 @@ from typing import Optional
 
 import dagster as dg
 
-from rag_clean.settings import EmbedderSettings, resolve_settings
+from rag_clean.settings import RETIRED_SETTINGS, EmbedderSettings, resolve_settings
 
 
 class EmbedderSettingsResource(dg.ConfigurableResource):
+    """One field per setting of rag_clean.settings.EmbedderSettings (a test keeps the two in step)."""
+
     config_file: str = ""
     dotenv_file: str = ""
     enable_sparse: Optional[bool] = None
     enable_rerank: Optional[bool] = None
     sparse_models: Optional[list[str]] = None
     ensemble_models: Optional[list[str]] = None
-    exclusive_ensemble: Optional[bool] = None
     fusion_method: Optional[str] = None
     top_k_candidates: Optional[int] = None
     rerank_top_k: Optional[int] = None
     rerank_batch_size: Optional[int] = None
+    rrf_k: Optional[int] = None
     query_text_mode: Optional[str] = None
     enable_exports: Optional[bool] = None
     export_dir: Optional[str] = None
     reuse_unchanged: Optional[bool] = None
+    # Retired (accepted so old run configs keep working; reported in the run's warnings).
+    exclusive_ensemble: Optional[bool] = None
     override_source: str = "run config"
 
     def resolve(self) -> EmbedderSettings:
-        overrides = {k: getattr(self, k) for k in EmbedderSettings.keys() if hasattr(self, k)}
+        overrides = {k: getattr(self, k) for k in [*EmbedderSettings.keys(), *RETIRED_SETTINGS]}
         return resolve_settings(
             config_file=self.config_file or None,
             dotenv_file=self.dotenv_file or None,

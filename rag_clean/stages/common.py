@@ -1,17 +1,16 @@
-"""Pieces every stage uses: what a stage hands to storage (StageOutput), its timer, record helpers,
-the model fingerprint."""
+"""Pieces every stage uses: what a stage hands to storage (StageOutput), its timer, the model fingerprint."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TypeVar
 
 import pyarrow as pa
 
-from rag_clean.encoders.base import EncodeStats
+from rag_clean.records import StageRecord
 from rag_clean.registry import ModelSpec
 from rag_clean.storage import EmbeddingWriter, TableWriter
 from rag_clean.telemetry import utc_now
@@ -20,14 +19,7 @@ log = logging.getLogger(__name__)
 
 
 ROW_BLOCK = 65536
-
-
-def encode_record(stats: EncodeStats) -> dict:
-    return {
-        "encode": stats.to_dict(),
-        "batch_seconds": [round(b.seconds, 6) for b in stats.batches],
-        "batch_items": [b.items for b in stats.batches],
-    }
+R = TypeVar("R", bound=StageRecord)
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
@@ -36,6 +28,7 @@ def model_fingerprint(spec: ModelSpec) -> str:
                        "max_length": spec.max_length, "dim": spec.dim, "truncate_dim": spec.truncate_dim},
                       sort_keys=True)
 
+
 @dataclass
 class StageOutput:
     """`value` is a table (written as Parquet), a staged writer (EmbeddingWriter: Arrow IPC;
@@ -43,8 +36,7 @@ class StageOutput:
     then nothing is written and the previous file stays."""
 
     value: pa.Table | EmbeddingWriter | TableWriter | None
-    record: dict[str, Any]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    record: StageRecord
 
     @property
     def disabled(self) -> bool:
@@ -58,7 +50,7 @@ class StageTimer:
         self.started_at = utc_now()
         self._t0 = time.perf_counter()
 
-    def stamp(self, record: dict[str, Any]) -> dict[str, Any]:
-        record.setdefault("started_at", self.started_at)
-        record["duration_s"] = round(time.perf_counter() - self._t0, 6)
+    def stamp(self, record: R) -> R:
+        record.started_at = record.started_at or self.started_at
+        record.duration_s = round(time.perf_counter() - self._t0, 6)
         return record

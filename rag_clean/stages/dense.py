@@ -9,13 +9,10 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.fusion import truncate_and_normalize
+from rag_clean.records import DenseRecord
 from rag_clean.registry import ModelSpec
-from rag_clean.storage import (
-    EmbeddingSet,
-    EmbeddingWriter,
-    StorageError,
-)
-from rag_clean.stages.common import ROW_BLOCK, encode_record, model_fingerprint
+from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
+from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
 from rag_clean.stages.joint import JointOutputs, JointSideFiles, load_joint_encoder
 
 log = logging.getLogger(__name__)
@@ -23,11 +20,11 @@ log = logging.getLogger(__name__)
 
 def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], staging_path: Path, *,
                     previous: EmbeddingSet | None = None, budget_store=None, token_budget: int | None = None,
-                    joint: JointOutputs | None = None) -> tuple[EmbeddingWriter, dict]:
+                    joint: JointOutputs | None = None) -> tuple[EmbeddingWriter, DenseRecord]:
     """Embed every chunk with one model (reusing vectors of unchanged chunks), streaming to a staged file.
 
     The model is loaded, used and released inside this call: one model resident at a time.
-    With `joint` (a bge-m3 entry, see plan_joint_outputs) the same forward pass also yields the partner
+    With `joint` (a bge-m3 entry, see RunPlan.joint and stages.joint.joint_outputs) the same forward pass also yields the partner
     sparse model's lexical rows and/or ColBERT vectors, written to side files published before returning.
     """
     from rag_clean.encoders.factory import load_dense_encoder
@@ -106,19 +103,10 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
             side.abort()
         raise
 
-    record = {
-        "stage": "dense",
-        "model": spec.name,
-        "rows": len(chunk_ids),
-        "dim": out_dim,
-        "native_dim": native_dim,
-        "weight": spec.weight,
-        "reuse": {"reused": len(reuse_rows), "computed": int(len(to_compute))},
-        "exclusive": True,
-    }
+    record = DenseRecord(model=spec.name, rows=len(chunk_ids), dim=out_dim, native_dim=native_dim, weight=spec.weight,
+                         reused=len(reuse_rows), computed=int(len(to_compute)), encode=stats,
+                         device=stats.device if stats is not None else None)
     if side is not None:
-        record["joint"] = side.record(extra_pass_rows=int(len(pass_rows) - len(to_compute)))
-    if stats is not None:
-        record.update(encode_record(stats))
-        record["device"] = stats.device
+        record.joint = side.record(extra_pass_rows=int(len(pass_rows) - len(to_compute)))
+        record.warnings += record.joint["warnings"]
     return writer, record

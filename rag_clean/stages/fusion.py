@@ -12,18 +12,15 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.fusion import fuse_block, fused_dim
-from rag_clean.storage import (
-    EmbeddingSet,
-    EmbeddingWriter,
-    StorageError,
-)
+from rag_clean.records import FusedRecord
+from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
 from rag_clean.stages.common import ROW_BLOCK
 
 log = logging.getLogger(__name__)
 
 
 def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, float], method: str,
-                     staging_path: Path, chunks: pa.Table) -> tuple[EmbeddingWriter, dict]:
+                     staging_path: Path, chunks: pa.Table) -> tuple[EmbeddingWriter, FusedRecord]:
     """Weighted fusion, row block by row block, of the models' stored (memory-mapped) vectors."""
     names = list(sets)
     if not names:
@@ -51,12 +48,5 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
         writer.abort()
         raise
     total = float(sum(w))
-    return writer, {
-        "stage": "fused",
-        "method": method,
-        "models": names,
-        "weights": {n: round(weights[n] / total, 6) for n in names},
-        "rows": len(chunk_ids),
-        "dim": dim,
-        "fuse_seconds": round(time.perf_counter() - t0, 6),
-    }
+    return writer, FusedRecord(method=method, models=names, weights={n: round(weights[n] / total, 6) for n in names},
+                               rows=len(chunk_ids), dim=dim, fuse_seconds=round(time.perf_counter() - t0, 6))

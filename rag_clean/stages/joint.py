@@ -13,14 +13,10 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from rag_clean.registry import ModelSpec, Registry
-from rag_clean.storage import (
-    StorageError,
-    check_name,
-    path_under,
-    publish,
-    temp_path_for,
-)
+from rag_clean.layout import StorageLayout
+from rag_clean.plan import JointPlan
+from rag_clean.registry import ModelSpec
+from rag_clean.storage import StorageError, publish, temp_path_for
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -33,7 +29,6 @@ JOINT_SPARSE_SCHEMA = pa.schema([
     ("term_ids", pa.list_(pa.int32())),
     ("weights", pa.list_(pa.float32())),
 ])
-JOINT_DIR = "_joint"  # not a valid collection name (check_name), so it never clashes with sparse_vectors/<collection>
 
 
 def colbert_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
@@ -51,18 +46,6 @@ def sparse_fingerprint(spec: ModelSpec) -> str:
                        "top_k": spec.top_k}, sort_keys=True)
 
 
-def joint_sparse_file(storage_root: Path, dense_spec: ModelSpec, collection: str) -> Path:
-    """<storage>/sparse_vectors/_joint/<dense asset_name>/<collection>.parquet"""
-    return path_under(storage_root, "sparse_vectors", JOINT_DIR, check_name(dense_spec.asset_name, "model"),
-                      check_name(collection) + ".parquet")
-
-
-def colbert_file(storage_root: Path, dense_spec: ModelSpec, collection: str) -> Path:
-    """<storage>/colbert_vectors/<dense asset_name>/<collection>.arrow"""
-    return path_under(storage_root, "colbert_vectors", check_name(dense_spec.asset_name, "model"),
-                      check_name(collection) + ".arrow")
-
-
 @dataclass(frozen=True)
 class JointOutputs:
     """What a bge-m3 dense stage writes besides its dense vectors, from the same forward pass."""
@@ -76,19 +59,15 @@ class JointOutputs:
         return self.sparse_path is not None or self.colbert_path is not None
 
 
-def plan_joint_outputs(registry: Registry, dense_spec: ModelSpec, *, sparse_enabled: bool,
-                       sparse_models: Sequence[str] | None, storage_root: Path, collection: str) -> JointOutputs | None:
-    """Side outputs for `dense_spec`'s pass: lexical rows when sparse is on and its partner is selected,
-    ColBERT vectors when the entry says `colbert = true`. None when the plain dense path suffices."""
-    partner = registry.joint_sparse_partner(dense_spec) if sparse_enabled else None
-    if partner is not None and partner not in registry.select_sparse(sparse_models):
-        partner = None
-    joint = JointOutputs(
-        sparse_spec=partner,
-        sparse_path=joint_sparse_file(storage_root, dense_spec, collection) if partner is not None else None,
-        colbert_path=colbert_file(storage_root, dense_spec, collection) if dense_spec.colbert else None,
+def joint_outputs(plan: JointPlan, layout: StorageLayout, dense_spec: ModelSpec, collection: str) -> JointOutputs | None:
+    """Where the side outputs planned for `dense_spec`'s pass go; None when the plain dense path suffices."""
+    if not plan.active:
+        return None
+    return JointOutputs(
+        sparse_spec=plan.sparse_spec,
+        sparse_path=layout.joint_sparse_file(dense_spec.asset_name, collection) if plan.sparse_spec is not None else None,
+        colbert_path=layout.colbert_file(dense_spec.asset_name, collection) if plan.colbert else None,
     )
-    return joint if joint.active else None
 
 
 def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[str]):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,22 +19,11 @@ from rag_clean.retrieval import (
     ranking_metrics,
     rrf_fuse,
 )
-from rag_clean.storage import (
-    EmbeddingSet,
-    StorageError,
-)
-from rag_clean.stages.common import encode_record
+from rag_clean.plan import RetrievalConfig
+from rag_clean.records import RerankRecord
+from rag_clean.storage import EmbeddingSet, StorageError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RetrievalConfig:
-    top_k_candidates: int = 100
-    rerank_top_k: int = 20
-    rrf_k: int = 60
-    enable_sparse: bool = True
-    enable_rerank: bool = True
 
 
 def _sparse_rows(table: pa.Table, model: str, chunk_ids: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -53,7 +41,7 @@ def _sparse_rows(table: pa.Table, model: str, chunk_ids: Sequence[str]) -> tuple
 def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: EmbeddingSet,
                         dense_specs: Sequence[ModelSpec], fusion_method: str, fusion_weights: Mapping[str, float],
                         sparse: pa.Table | None, sparse_specs: Sequence[ModelSpec], rerank_spec: ModelSpec | None,
-                        config: RetrievalConfig, device: str | list[str]) -> tuple[pa.Table, dict]:
+                        config: RetrievalConfig, device: str | list[str]) -> tuple[pa.Table, RerankRecord]:
     """Candidates from fused vectors (+ sparse by RRF), cross-encoder rerank of the top K, metrics."""
     from rag_clean.encoders.factory import load_dense_encoder, load_reranker, load_sparse_encoder
 
@@ -62,9 +50,8 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
         raise StorageError("fused_embeddings was computed for other chunks than the current `chunks`; rematerialize it")
     texts = chunks.column("text").to_pylist()
     q_texts = [q.text for q in queries]
-    record: dict = {"stage": "reranked", "queries": len(queries), "top_k_candidates": config.top_k_candidates,
-                    "rerank_top_k": config.rerank_top_k, "warnings": [], "rerank_enabled": config.enable_rerank,
-                    "rerank_executed": False, "resolution": None}
+    record = RerankRecord(queries=len(queries), top_k_candidates=config.top_k_candidates,
+                          rerank_top_k=config.rerank_top_k, rerank_enabled=config.enable_rerank)
 
     # Query vectors: one dense model on the device at a time, then fused exactly like the chunks.
     per_model = []
@@ -95,7 +82,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                 msg = (f"sparse candidates from {spec.name} skipped: its encoder cannot be loaded for the queries "
                        f"({type(exc).__name__}: {exc})")
                 log.warning(msg)
-                record["warnings"].append(msg)
+                record.warnings.append(msg)
                 continue
             try:
                 q_rows = [None] * len(q_texts)
@@ -114,29 +101,28 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                 fused_candidates.append(ranking)
                 fused_scores.append({d: scores[d] for d in ranking})
             candidates, retrieval_scores = fused_candidates, fused_scores
-    record["candidate_sources"] = sources
+    record.candidate_sources = sources
 
     gold = [q.gold_chunk_ids for q in queries]
     before = [[chunk_ids[d] for d in c] for c in candidates]
-    record["metrics"] = {"before_rerank": ranking_metrics(before, gold)}
+    record.metrics = {"before_rerank": ranking_metrics(before, gold)}
 
     rerank_scores: list[dict[int, float]] = [{} for _ in queries]
     scorer = "retrieval (rerank disabled)"
-    record["status"] = "ok"
     if config.enable_rerank:
         if rerank_spec is None:
             reranker, resolution = None, {"requested": None, "resolved": None, "attempts": [], "fallback_applied": True,
                                           "reason": "the registry names no rerank model"}
         else:
             reranker, resolution = load_reranker(rerank_spec, device)
-        record["resolution"] = resolution
+        record.resolution = resolution
         if reranker is None:
             resolution["fallback_applied"] = True
             scorer = "retrieval (no cross-encoder could be loaded)"
-            record["status"] = "fallback"
+            record.status = "fallback"
             msg = f"rerank: no cross-encoder could be loaded; results keep retrieval order. {resolution['reason']}"
             log.warning(msg)
-            record["warnings"].append(msg)
+            record.warnings.append(msg)
         else:
             try:
                 pairs, owners = [], []
@@ -147,23 +133,21 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                 scores = reranker.score(pairs) if pairs else np.zeros(0, np.float32)
                 for (qi, d), s in zip(owners, scores):
                     rerank_scores[qi][d] = float(s)
-                record.update(encode_record(reranker.stats))
-                record["device"] = reranker.stats.device
+                record.encode = reranker.stats
+                record.device = reranker.stats.device
                 scorer = reranker.scorer_id
-                record["rerank_executed"] = True
+                record.rerank_executed = True
                 if resolution.get("fallback_applied"):
-                    record["status"] = "fallback"
+                    record.status = "fallback"
             finally:
                 reranker.close()
             for qi in range(len(queries)):
                 head = sorted(candidates[qi][: config.rerank_top_k], key=lambda d: -rerank_scores[qi][d])
                 candidates[qi] = head + candidates[qi][config.rerank_top_k:]
-    else:
-        record["status"] = "ok"
-    record["scorer"] = scorer
+    record.scorer = scorer
     after = [[chunk_ids[d] for d in c] for c in candidates]
-    if record["rerank_executed"]:
-        record["metrics"]["after_rerank"] = ranking_metrics(after, gold)
+    if record.rerank_executed:
+        record.metrics["after_rerank"] = ranking_metrics(after, gold)
 
     rows = {name: [] for name in RERANKED_SCHEMA.names}
     for qi, q in enumerate(queries):
@@ -175,5 +159,5 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
             rows["rerank_score"].append(rerank_scores[qi].get(d))
             rows["scorer"].append(scorer if d in rerank_scores[qi] else "retrieval")
     table = pa.table(rows, schema=RERANKED_SCHEMA)
-    record["rows"] = len(table)
+    record.rows = len(table)
     return table, record

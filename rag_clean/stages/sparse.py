@@ -12,12 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rag_clean.layout import StorageLayout
+from rag_clean.records import SparseRecord
 from rag_clean.registry import ModelSpec, Registry
-from rag_clean.storage import (
-    TableWriter,
-)
-from rag_clean.stages.common import encode_record
-from rag_clean.stages.joint import joint_sparse_file, sparse_fingerprint
+from rag_clean.storage import TableWriter
+from rag_clean.stages.joint import sparse_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +63,14 @@ class SharedSparseSource:
     path: Path
 
 
-def shared_sparse_sources(registry: Registry, specs: Sequence[ModelSpec], storage_root: Path,
+def shared_sparse_sources(registry: Registry, specs: Sequence[ModelSpec], layout: StorageLayout,
                           collection: str) -> dict[str, SharedSparseSource]:
     """Sparse model name -> its dense partner's side file, for every selected spec that has a partner."""
     out = {}
     for spec in specs:
         dense = registry.joint_dense_partner(spec)
         if dense is not None:
-            out[spec.name] = SharedSparseSource(dense.name, joint_sparse_file(storage_root, dense, collection))
+            out[spec.name] = SharedSparseSource(dense.name, layout.joint_sparse_file(dense.asset_name, collection))
     return out
 
 
@@ -120,7 +119,7 @@ def _sparse_table(spec: ModelSpec, chunk_ids: Sequence[str], rows: Sequence[int]
 
 def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str | list[str], *,
                      budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
-                     sink: TableWriter | None = None) -> tuple[pa.Table | TableWriter, dict]:
+                     sink: TableWriter | None = None) -> tuple[pa.Table | TableWriter, SparseRecord]:
     """Term weights per chunk from each spec, streamed batch by batch into `sink` (a staged Parquet file).
 
     Rows are written in encode order (length-sorted), not chunk order: readers join on chunk_id.
@@ -142,9 +141,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
     texts = chunks.column("text").to_pylist()
     chunk_ids = chunks.column("chunk_id").to_pylist()
     everything = range(len(chunk_ids))
-    record = {"stage": "sparse", "model_names": [s.name for s in specs], "per_model": {}, "batch_seconds": [],
-              "devices": [], "fallback_used": False, "fallback_reason": None, "warnings": [],
-              "top_k": {s.name: s.top_k for s in specs}, "shared_pass_with_dense": [], "shared_pass": {}}
+    record = SparseRecord(model_names=[s.name for s in specs], top_k={s.name: s.top_k for s in specs})
     available = 0
     try:
         for spec in specs:
@@ -155,13 +152,13 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                 rows = None
                 if source is not None:
                     rows, reason = load_shared_sparse_rows(spec, source, chunks)
-                    record["shared_pass"][spec.name] = {"dense_model": source.dense_model, "file": str(source.path),
+                    record.shared_pass[spec.name] = {"dense_model": source.dense_model, "file": str(source.path),
                                                         "used": rows is not None, "reason": reason}
                     if rows is None:
                         log.info(reason)
                 if rows is not None:
-                    record["shared_pass_with_dense"].append(source.dense_model)
-                    record["per_model"][spec.name] = {"model": spec.name, "items": len(texts),
+                    record.shared_pass_with_dense.append(source.dense_model)
+                    record.per_model[spec.name] = {"model": spec.name, "items": len(texts),
                                                       "shared_pass_with_dense": source.dense_model}
                     part.write(_sparse_table(spec, chunk_ids, everything, *rows, fallback=False))
                     part_available = sum(1 for t in rows[0] if len(t))
@@ -173,9 +170,9 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                                 part.write(_sparse_table(spec, chunk_ids, idx, [t for t, _ in batch],
                                                          [w for _, w in batch], fallback=False))
                                 part_available += sum(1 for t, _ in batch if len(t))
-                            record["per_model"][spec.name] = encode_record(encoder.stats)["encode"]
-                            record["batch_seconds"] += [round(b.seconds, 6) for b in encoder.stats.batches]
-                            record["devices"].append(encoder.stats.device)
+                            record.per_model[spec.name] = encoder.stats.to_dict()
+                            record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
+                            record.devices.append(encoder.stats.device)
                         finally:
                             encoder.close()
                     except Exception as exc:  # inference failed: the old embedder's metadata fallback, recorded
@@ -187,9 +184,9 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                         ids_rows, weight_rows = sparse_from_metadata(spec, chunks)
                         part.write(_sparse_table(spec, chunk_ids, everything, ids_rows, weight_rows, fallback=True))
                         part_available = sum(1 for t in ids_rows if len(t))
-                        record["fallback_used"] = True
-                        record["fallback_reason"] = reason
-                        record["warnings"].append(reason)
+                        record.fallback_used = True
+                        record.fallback_reason = reason
+                        record.warnings.append(reason)
                 out.append_file(part)
                 available += part_available
             except BaseException:
@@ -200,8 +197,8 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
         if scratch_dir is not None:
             scratch_dir.rmdir()
         raise
-    record.update(rows=out.rows, vectors={"total": out.rows, "available": available},
-                  status="fallback" if record["fallback_used"] else "ok")
+    record.rows, record.vectors_available = out.rows, available
+    record.status = "fallback" if record.fallback_used else "ok"
     if scratch_dir is not None:
         table = out.read()
         out.abort()

@@ -4,10 +4,12 @@
 import dagster as dg
 
 from rag_clean.chunking import ChunkingConfig, read_collection
+from rag_clean.records import ChunksRecord
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, log_warnings, run_plan, start_record
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
+from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 
@@ -25,22 +27,17 @@ class ChunksConfig(dg.Config):
                 "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
 )
 def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
-           settings: EmbedderSettingsResource) -> StageOutput:
+           registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> StageOutput:
     timer = StageTimer()
-    resolved = settings.resolve()
+    plan = run_plan(context, registry, settings)
     folder = paths.collection_dir(context.partition_key)
     # The engine's model-independent token estimate: chunk ids (and the gold ids of queries.jsonl)
     # stay the same when the registry's models change.
     result = read_collection(folder, ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens))
     for skip in result.skipped:
         context.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
-    record = base_record(resolved) | {
-        "stage": "chunks",
-        "rows": result.table.num_rows,
-        "files_read": len(result.files_read),
-        "skipped": len(result.skipped),
-        "skips": [{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped],
-        "device": "cpu",
-    }
-    return StageOutput(result.table, timer.stamp(record),
-                       {"files_read": len(result.files_read), "chunks_skipped": len(result.skipped)})
+    record = start_record(ChunksRecord(rows=result.table.num_rows, files_read=len(result.files_read), device="cpu",
+                                       skips=[{"file": s.file, "index": s.index, "reason": s.reason}
+                                              for s in result.skipped]), plan)
+    log_warnings(context, record)
+    return StageOutput(result.table, timer.stamp(record))

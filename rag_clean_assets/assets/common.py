@@ -1,27 +1,50 @@
-"""Pieces every asset uses: the stage record's common fields and the staged-file location."""
+"""Pieces every asset uses: the run plan, staged-file locations, the lease on a record."""
 
 
+from collections import OrderedDict
 from pathlib import Path
 
 import dagster as dg
 
-from rag_clean.settings import EmbedderSettings
-from resources.io_manager import suffix_for
+from rag_clean.plan import RunPlan, build_run_plan
+from rag_clean.records import StageRecord
 from resources.paths import PathsResource
+from resources.registry import ModelRegistryResource
+from resources.settings import EmbedderSettingsResource
 
 IO_MANAGER_KEY = "telemetry_io_manager"
 
+# Plans of recent runs: every asset of a run reads the same plan, built by the first step that asks.
+# Keyed by run id and the resources' config, so a test that reruns with other settings gets a new plan.
+_PLANS: "OrderedDict[tuple, RunPlan]" = OrderedDict()
+_PLANS_KEPT = 16
 
-def base_record(settings: EmbedderSettings) -> dict:
-    return {"toggles": settings.as_dict(), "provenance": dict(settings.provenance)}
+
+def run_plan(context: dg.AssetExecutionContext, registry: ModelRegistryResource,
+             settings: EmbedderSettingsResource) -> RunPlan:
+    key = (context.run_id, registry.model_dump_json(), settings.model_dump_json())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = build_run_plan(registry.load(), settings.resolve())
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    return plan
 
 
-def asset_file(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -> Path:
-    """The asset's final file (folder created). Streaming writers stage their temp files beside it, so the
+def start_record(record: StageRecord, plan: RunPlan) -> StageRecord:
+    """The settings (and their sources) every stage record carries; retired settings noted once, on chunks."""
+    toggles = plan.toggles()
+    record.toggles, record.provenance = toggles["toggles"], toggles["provenance"]
+    if record.stage == "chunks":
+        record.warnings += list(plan.settings.notes)
+    return record
+
+
+def staged_file(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -> Path:
+    """The asset's final file (folder created): streaming writers stage their temp files beside it, so the
     IO manager's publish is a rename on one filesystem."""
-    final = paths.asset_file(list(asset_key.path), collection, suffix_for(list(asset_key.path)))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final
+    return paths.layout().staged_asset_file(list(asset_key.path), collection)
 
 
 def lease_target(lease) -> str | list[str]:
@@ -29,10 +52,15 @@ def lease_target(lease) -> str | list[str]:
     return lease.devices if len(lease.devices) > 1 else lease.device
 
 
-def add_lease(record: dict, lease) -> dict:
+def add_lease(record: StageRecord, lease) -> StageRecord:
     """Attach a finished lease (summary computed at release, its events) to a stage record."""
-    record["lease"] = lease.summary.to_dict() if lease.summary else None
-    record["events"] = [{"ts": e.ts, "event": f"lease.{e.event}", "detail": {"devices": e.devices, **e.detail}}
-                        for e in lease.events]
-    record.setdefault("device", lease.device)
+    record.lease = lease.summary.to_dict() if lease.summary else None
+    record.events = [{"ts": e.ts, "event": f"lease.{e.event}", "detail": {"devices": e.devices, **e.detail}}
+                     for e in lease.events]
+    record.device = record.device or lease.device
     return record
+
+
+def log_warnings(context: dg.AssetExecutionContext, record: StageRecord) -> None:
+    for warning in record.warnings:
+        context.log.warning(warning)

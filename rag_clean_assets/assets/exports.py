@@ -2,33 +2,25 @@
 
 
 import json
-from pathlib import Path
-
 from typing import Optional
 
 import dagster as dg
 import pyarrow as pa
 
 from rag_clean.exports import write_exports
+from rag_clean.records import ExportsRecord
 from rag_clean.registry import Registry
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
-from rag_clean.telemetry import TelemetryStore, build_summary, read_summary, utc_now
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, base_record
+from rag_clean.telemetry import build_summary, read_summary, utc_now
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
-from rag_clean_assets.assets.fused import ensemble_specs
-from rag_clean_assets.assets.sparse import selected_sparse_specs
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 EXPORTS_KEY = dg.AssetKey("exports")
-
-
-def export_root(paths: PathsResource, export_dir: str) -> Path:
-    """export_dir setting, else <storage root>/exports."""
-    return Path(export_dir).expanduser().resolve() if export_dir else paths.storage_dir() / "exports"
 
 
 def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
@@ -53,43 +45,37 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
                 sparse_vectors: pa.Table | None, registry: ModelRegistryResource, settings: EmbedderSettingsResource,
                 paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> StageOutput:
         timer = StageTimer()
-        resolved = settings.resolve()
-        record = base_record(resolved)
+        plan = run_plan(context, registry, settings)
         collection = context.partition_key
-        if not resolved.enable_exports:
-            reason = f"exports disabled: enable_exports=false ({resolved.provenance.get('enable_exports')})"
+        reason = plan.exports_disabled_reason()
+        if reason is not None:
             context.log.info(reason)
-            return StageOutput(None, timer.stamp(record | {"stage": "exports", "status": "disabled", "reason": reason,
-                                                           "rows": 0}), {"executed": False})
-        reg = registry.load()
-        specs = ensemble_specs(reg, resolved.ensemble_models)
+            return StageOutput(None, timer.stamp(start_record(ExportsRecord(status="disabled", reason=reason), plan)))
         # A disabled sparse stage leaves its previous file in place: never export that stale file.
-        sparse_specs = selected_sparse_specs(reg, resolved.sparse_models) if resolved.enable_sparse else []
-        if resolved.enable_sparse and sparse_vectors is None:
+        if plan.sparse_enabled and sparse_vectors is None:
             raise ValueError("sparse is enabled but sparse_vectors has no stored file for this collection: "
                              "materialize it first")
         meta = fused_embeddings.metadata
         fusion = {"method": meta.get("method"), "models": json.loads(meta.get("models", "[]")),
                   "weights": json.loads(meta.get("weights", "[]"))}
-        store = TelemetryStore(paths.storage_dir())
-        summary_path = store.summary_path(collection)
+        layout = paths.layout()
+        summary_path = layout.summary_file(collection)
+        base = start_record(ExportsRecord(device="cpu"), plan)
 
         def summary_with_this_stage(partial: dict) -> dict:
+            """The summary copy, with this export's own (not yet stored) record in it."""
             stages = dict(read_summary(summary_path).get("stages", {})) if summary_path.exists() else {}
-            stages[EXPORTS_KEY.to_user_string()] = timer.stamp(
-                record | partial | {"asset_key": EXPORTS_KEY.to_user_string(), "run_id": context.run_id,
-                                    "partition": collection, "materialized_at": utc_now()})
-            return build_summary(collection, stages, resolved.as_dict(), dict(resolved.provenance))
+            stages[EXPORTS_KEY.to_user_string()] = timer.stamp(base).to_summary() | partial | {
+                "asset_key": EXPORTS_KEY.to_user_string(), "run_id": context.run_id, "partition": collection,
+                "materialized_at": utc_now()}
+            return build_summary(collection, stages, plan.settings.as_dict(), dict(plan.settings.provenance))
 
-        table, stage_record = write_exports(
-            export_root(paths, resolved.export_dir), collection, chunks,
-            {s.name: dense_sets[s.asset_name] for s in specs}, fused_embeddings,
-            fusion=fusion, sparse=sparse_vectors if sparse_specs else None,
-            sparse_models=[s.name for s in sparse_specs], summary=summary_with_this_stage)
-        context.log.info(f"exported {len(stage_record['files'])} files to {stage_record['export_dir']}")
-        return StageOutput(table, timer.stamp(record | stage_record | {"device": "cpu"}), {
-            "executed": True, "export_dir": dg.MetadataValue.path(stage_record["export_dir"]),
-            "files": len(stage_record["files"]), "bytes_written": stage_record["bytes_written"],
-        })
+        table, record = write_exports(
+            layout.export_root(plan.export_dir), collection, chunks, {s.name: dense_sets[s.asset_name] for s in plan.dense},
+            fused_embeddings, fusion=fusion, sparse=sparse_vectors if plan.sparse else None,
+            sparse_models=[s.name for s in plan.sparse], summary=summary_with_this_stage)
+        context.log.info(f"exported {len(record.files)} files to {record.export_dir}")
+        record.device = "cpu"
+        return StageOutput(table, timer.stamp(start_record(record, plan)))
 
     return exports

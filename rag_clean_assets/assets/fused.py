@@ -7,10 +7,10 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.registry import Registry
-from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages import run_fusion_stage
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, asset_file, base_record
+from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, staged_file, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
@@ -18,17 +18,6 @@ from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 FUSED_KEY = dg.AssetKey("fused_embeddings")
-
-
-def ensemble_specs(registry: Registry, ensemble_models) -> list:
-    dense = registry.dense
-    if not ensemble_models:
-        return dense
-    chosen = [registry.get(name) for name in ensemble_models]
-    not_dense = [s.name for s in chosen if s.role != "dense"]
-    if not_dense:
-        raise ValueError(f"ensemble_models names non-dense models: {not_dense}")
-    return chosen
 
 
 def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
@@ -47,17 +36,14 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
     def fused_embeddings(context: dg.AssetExecutionContext, chunks: pa.Table, registry: ModelRegistryResource,
                          settings: EmbedderSettingsResource, paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> StageOutput:
         timer = StageTimer()
-        resolved = settings.resolve()
-        reg = registry.load()
-        specs = ensemble_specs(reg, resolved.ensemble_models)
-        method = resolved.fusion_method or reg.fusion_method
-        missing = [s.name for s in specs if dense_sets.get(s.asset_name) is None]
+        plan = run_plan(context, registry, settings)
+        missing = [s.name for s in plan.dense if dense_sets.get(s.asset_name) is None]
         if missing:
             raise ValueError(f"dense_embeddings of {missing} have no stored file for {context.partition_key!r}: "
                              "materialize them first (or leave them out of ensemble_models)")
-        sets = {s.name: dense_sets[s.asset_name] for s in specs}
-        writer, record = run_fusion_stage(sets, {s.name: s.weight for s in specs}, method,
-                                          asset_file(paths, FUSED_KEY, context.partition_key), chunks)
-        return StageOutput(writer, timer.stamp(base_record(resolved) | record), {"method": method})
+        sets = {s.name: dense_sets[s.asset_name] for s in plan.dense}
+        writer, record = run_fusion_stage(sets, plan.fusion_weights, plan.fusion_method,
+                                          staged_file(paths, FUSED_KEY, context.partition_key), chunks)
+        return StageOutput(writer, timer.stamp(start_record(record, plan)))
 
     return fused_embeddings

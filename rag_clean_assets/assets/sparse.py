@@ -10,11 +10,20 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.encoders.batching import BudgetStore
+from rag_clean.records import SparseRecord
 from rag_clean.registry import Registry
-from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages import SPARSE_SCHEMA, run_sparse_stage, shared_sparse_sources
+from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import TableWriter
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, asset_file, base_record, lease_target
+from rag_clean_assets.assets.common import (
+    IO_MANAGER_KEY,
+    add_lease,
+    lease_target,
+    log_warnings,
+    run_plan,
+    staged_file,
+    start_record,
+)
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
@@ -23,10 +32,6 @@ from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 SPARSE_KEY = dg.AssetKey("sparse_vectors")
-
-
-def selected_sparse_specs(registry: Registry, sparse_models) -> list:
-    return registry.select_sparse(sparse_models)
 
 
 def joint_dense_deps(registry: Registry) -> list[dg.AssetKey]:
@@ -53,41 +58,23 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
                        registry: ModelRegistryResource, settings: EmbedderSettingsResource,
                        paths: PathsResource) -> StageOutput:
         timer = StageTimer()
-        resolved = settings.resolve()
-        record = base_record(resolved)
-        if not resolved.enable_sparse:
-            reason = f"sparse stage disabled: enable_sparse=false ({resolved.provenance.get('enable_sparse')})"
+        plan = run_plan(context, registry, settings)
+        reason = plan.sparse_disabled_reason()
+        if reason is not None:
             context.log.info(reason)
-            return StageOutput(None, timer.stamp(record | {"stage": "sparse", "status": "disabled", "reason": reason,
-                                                           "rows": 0, "model_names": []}), {"executed": False})
-        reg = registry.load()
-        specs = selected_sparse_specs(reg, resolved.sparse_models)
-        if not specs:
-            raise ValueError("sparse is enabled but the registry names no sparse model; "
-                             "add one or set EMBEDDER_ENABLE_SPARSE=0")
-        shared = shared_sparse_sources(reg, specs, paths.storage_dir(), context.partition_key)
-        budget_store = BudgetStore(paths.storage_dir() / "state" / "token_budgets.json")
-        sink = TableWriter(asset_file(paths, SPARSE_KEY, context.partition_key), SPARSE_SCHEMA)
+            return StageOutput(None, timer.stamp(start_record(SparseRecord(status="disabled", reason=reason), plan)))
+        layout = paths.layout()
+        shared = shared_sparse_sources(plan.registry, plan.sparse, layout, context.partition_key)
+        sink = TableWriter(staged_file(paths, SPARSE_KEY, context.partition_key), SPARSE_SCHEMA)
         with gpu_lease.lease(context) as lease:
-            staged, stage_record = run_sparse_stage(specs, chunks,
-                                                    lease_target(lease),
-                                                    budget_store=budget_store, shared=shared, sink=sink)
-        if stage_record["fallback_used"]:
-            context.log.warning(stage_record["fallback_reason"])
-        for name, info in stage_record["shared_pass"].items():
+            staged, record = run_sparse_stage(plan.sparse, chunks, lease_target(lease),
+                                              budget_store=BudgetStore(layout.budget_store_file()),
+                                              shared=shared, sink=sink)
+        add_lease(start_record(record, plan), lease)
+        log_warnings(context, record)
+        for name, info in record.shared_pass.items():
             context.log.info(f"{name}: rows from the forward pass of {info['dense_model']}" if info["used"]
                              else info["reason"])
-        record |= stage_record
-        add_lease(record, lease)
-        vectors = stage_record["vectors"]
-        metadata = {
-            "executed": True, "models": ", ".join(stage_record["model_names"]),
-            "coverage_ratio": round(vectors["available"] / vectors["total"], 6) if vectors["total"] else 0.0,
-            "fallback_used": bool(stage_record["fallback_used"]),
-        }
-        if stage_record["shared_pass"]:
-            metadata["shared_pass_with_dense"] = ", ".join(stage_record["shared_pass_with_dense"])
-            metadata["shared_pass"] = dg.MetadataValue.json(stage_record["shared_pass"])
-        return StageOutput(staged, timer.stamp(record), metadata)
+        return StageOutput(staged, timer.stamp(record))
 
     return sparse_vectors

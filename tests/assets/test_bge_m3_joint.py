@@ -21,7 +21,10 @@ import pytest
 import rag_clean.encoders.factory as factory
 import rag_clean.encoders.flag as flag
 from rag_clean.registry import RegistryError, load_registry
-from rag_clean.stages import colbert_file, joint_sparse_file, plan_joint_outputs
+from rag_clean.layout import StorageLayout
+from rag_clean.plan import build_run_plan
+from rag_clean.settings import EmbedderSettings
+from rag_clean.stages import joint_outputs
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.sparse import SPARSE_KEY, build_sparse_asset
 from tiny_models import TINY_MAX_LENGTH
@@ -186,18 +189,19 @@ def test_colbert_only_on_bge_m3_dense_entries(tmp_path, tiny_models_dir):
 def test_plan_joint_outputs_follows_toggles(tmp_path, tiny_models_dir):
     reg = load_registry(write_registry(tmp_path / "models.toml", tiny_models_dir, with_splade=True))
     dense, root = reg.get(DENSE), tmp_path / "storage"
+    layout = StorageLayout(root)
 
-    def plan(**kw):
-        return plan_joint_outputs(reg, dense, storage_root=root, collection="demo", **kw)
+    def plan(registry=reg, spec=dense, **settings):
+        run = build_run_plan(registry, EmbedderSettings(**settings))
+        return joint_outputs(run.joint(spec), layout, spec, "demo")
 
-    joint = plan(sparse_enabled=True, sparse_models=None)
+    joint = plan(enable_sparse=True)
     assert joint.sparse_spec == reg.get(LEXICAL) and joint.colbert_path is None
     assert joint.sparse_path == root.resolve() / "sparse_vectors" / "_joint" / "tiny_bge_m3" / "demo.parquet"
-    assert plan(sparse_enabled=False, sparse_models=None) is None
-    assert plan(sparse_enabled=True, sparse_models=["tiny-splade"]) is None  # partner not selected
+    assert plan(enable_sparse=False) is None
+    assert plan(enable_sparse=True, sparse_models=("tiny-splade",)) is None  # partner not selected
     with_colbert = load_registry(write_registry(tmp_path / "c.toml", tiny_models_dir, colbert=True))
-    joint = plan_joint_outputs(with_colbert, with_colbert.get(DENSE), sparse_enabled=False, sparse_models=None,
-                               storage_root=root, collection="demo")
+    joint = plan(with_colbert, with_colbert.get(DENSE), enable_sparse=False)
     assert joint.sparse_path is None
     assert joint.colbert_path == root.resolve() / "colbert_vectors" / "tiny_bge_m3" / "demo.arrow"
 
@@ -329,7 +333,7 @@ def test_colbert_vectors_from_the_same_pass_when_asked(make_pipeline, monkeypatc
     assert spy.loads == [(DENSE, "dense")] and spy.sparse_loads == []
 
     path = pipeline.file("colbert_vectors", "tiny_bge_m3", "demo.arrow")
-    assert path == colbert_file(pipeline.storage_root, load_registry(pipeline.registry_path).get(DENSE), "demo")
+    assert path == StorageLayout(pipeline.storage_root).colbert_file(DENSE_KEY.path[-1], "demo")
     table = ipc.open_file(pa.memory_map(str(path))).read_all()
     assert table.schema.field("token_vectors").type == pa.list_(pa.list_(pa.float32(), 32))
     chunks = chunk_table(pipeline)
@@ -355,5 +359,5 @@ def test_whole_graph_with_bge_m3_partners(make_pipeline):
     summary = pipeline.summary()
     assert summary["sparse_run"]["shared_pass_with_dense"] == [DENSE]
     assert f"sparse:{LEXICAL}" in summary["stages"]["reranked"]["candidate_sources"]
-    assert joint_sparse_file(pipeline.storage_root, load_registry(pipeline.registry_path).get(DENSE), "demo").exists()
+    assert StorageLayout(pipeline.storage_root).joint_sparse_file(DENSE_KEY.path[-1], "demo").exists()
     assert dense_asset_key(load_registry(pipeline.registry_path).get(DENSE)) == DENSE_KEY

@@ -120,7 +120,7 @@ def test_every_file_matches_the_chunks(tmp_path, stored):
     for row in table.to_pylist():
         assert row["bytes"] == (f.folder / row["name"]).stat().st_size
         assert row["sha256"] == file_digest(f.folder / row["name"])
-    assert record["stage"] == "exports" and record["rows"] == 5 and record["sparse_models"] == ["splade"]
+    assert record.stage == "exports" and record.rows == 5 and record.sparse_models == ["splade"]
 
 
 def test_block_size_does_not_change_the_bytes(tmp_path, stored):
@@ -139,7 +139,7 @@ def test_without_sparse_the_stale_sparse_file_is_removed(tmp_path, stored):
     table, record = write_exports(tmp_path, "docs", chunks, only_a, fused)
     f = export_files(tmp_path, "docs")
     assert not f.sparse.exists() and not f.model("org/model-b").exists() and not f.summary.exists()
-    assert record["removed_stale"] == sorted([f.sparse.name, f.model("org/model-b").name, f.summary.name])
+    assert record.removed_stale == sorted([f.sparse.name, f.model("org/model-b").name, f.summary.name])
     assert all(set(p["vectors"]) == {"model-a", "fused"} for p in _lines(f.qdrant))
     assert "docs_sparse.jsonl" not in table.column("name").to_pylist()
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from rag_clean.layout import StorageLayout
 from rag_clean.telemetry import (
     SCHEMA_VERSION,
     V41_KEYS,
@@ -103,7 +104,7 @@ def test_read_summary_accepts_known_versions_and_refuses_others(tmp_path):
 
 
 def test_store_merges_stage_records_and_appends_events(tmp_path):
-    store = TelemetryStore(tmp_path)
+    store = TelemetryStore(StorageLayout(tmp_path))
     stages = _stages()
     store.record_stage("demo", "chunks", stages["chunks"], TOGGLES, PROVENANCE)
     store.record_stage("demo", "dense_embeddings/m1", stages["dense_embeddings/m1"], TOGGLES, PROVENANCE)
@@ -118,7 +119,7 @@ def test_store_merges_stage_records_and_appends_events(tmp_path):
 
 def test_store_refuses_unsafe_collection_names(tmp_path):
     with pytest.raises(ValueError, match="not allowed"):
-        TelemetryStore(tmp_path).summary_path("../x")
+        TelemetryStore(StorageLayout(tmp_path)).summary_path("../x")
 
 
 def test_read_summary_refuses_a_v41_file_missing_a_nested_v41_key(tmp_path):

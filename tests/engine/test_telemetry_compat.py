@@ -140,7 +140,7 @@ def test_sparse_metadata_fallback_is_recorded(chunks, tiny_registry_path, broken
     # Terms from metadata, mapped through the model's vocab, heaviest first; unknown terms dropped.
     assert rows[0]["term_ids"] == [vocab["gpu"], vocab["driver"]] and rows[0]["weights"] == [1.5, 0.75]
     assert rows[1]["term_ids"] == []  # no term weights in its metadata
-    summary = build_summary("docs", {"sparse_vectors": record}, {"enable_sparse": True}, {})
+    summary = build_summary("docs", {"sparse_vectors": record.to_summary()}, {"enable_sparse": True}, {})
     sparse = summary["sparse_run"]
     assert sparse["fallback_used"] is True and sparse["status"] == "fallback"
     assert "tiny-splade: sparse inference failed" in sparse["fallback_reason"]
@@ -171,7 +171,7 @@ def test_reranker_fallback_chain_is_recorded(chunks, fused, tiny_registry_path, 
     queries = heading_queries(chunks)
     _, record = run_retrieval_stage(queries, chunks, fused_set, [dense_spec], "concat", {"tiny-a": 1.0}, None, [],
                                     rerank, RetrievalConfig(enable_sparse=False), "cpu")
-    run = build_summary("docs", {"reranked": record}, {"enable_rerank": True}, {})["rerank_run"]
+    run = build_summary("docs", {"reranked": record.to_summary()}, {"enable_rerank": True}, {})["rerank_run"]
     assert run["status"] == status
     failures = len(sources) if resolved_index is None else resolved_index
     assert run["fallback_count"] == failures
@@ -192,7 +192,7 @@ def test_retrieval_survives_a_sparse_model_that_fell_back(chunks, fused, tiny_re
     table, record = run_retrieval_stage(heading_queries(chunks), chunks, fused_set, [dense_spec], "concat",
                                         {"tiny-a": 1.0}, sparse_table, [spec], None,
                                         RetrievalConfig(enable_sparse=True, enable_rerank=False), "cpu")
-    assert record["candidate_sources"] == ["dense:fused"]
+    assert record.candidate_sources == ["dense:fused"]
     assert table.num_rows > 0
-    summary = build_summary("docs", {"reranked": record}, {"enable_rerank": False}, {})
+    summary = build_summary("docs", {"reranked": record.to_summary()}, {"enable_rerank": False}, {})
     assert any(w.startswith("sparse candidates from tiny-splade skipped") for w in summary["warnings"])

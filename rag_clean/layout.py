@@ -1,0 +1,80 @@
+"""Where every file of the storage root goes: the one owner of paths.
+
+    <root>/<asset key path>/<collection>.<ext>             asset files (.arrow for embedding matrices, else .parquet)
+    <root>/sparse_vectors/_joint/<dense model>/<c>.parquet  lexical rows of a bge-m3 dense pass (a cache, not an asset)
+    <root>/colbert_vectors/<dense model>/<c>.arrow          ColBERT multi-vectors of that pass
+    <root>/telemetry/<c>/processing_summary.json, events.jsonl
+    <root>/state/token_budgets.json                        safe token budgets per model and device
+    <root>/exports/<c>/...                                 export files, unless export_dir names another folder
+
+Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
+collection or model name can point a write outside the storage root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rag_clean.storage import check_name, path_under
+
+# Assets whose value is an embedding matrix (Arrow IPC, memory-mapped); everything else is a Parquet table.
+EMBEDDING_ROOTS = ("dense_embeddings", "fused_embeddings")
+# Not a valid collection name (check_name), so it never clashes with sparse_vectors/<collection>.
+JOINT_DIR = "_joint"
+
+
+def suffix_for(asset_path: Sequence[str]) -> str:
+    return ".arrow" if asset_path[0] in EMBEDDING_ROOTS else ".parquet"
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    # -- asset files -------------------------------------------------------------------------
+
+    def asset_file(self, asset_path: Sequence[str], collection: str) -> Path:
+        parts = [check_name(p, "asset key part") for p in asset_path]
+        return path_under(self.root, *parts, check_name(collection) + suffix_for(asset_path))
+
+    def staged_asset_file(self, asset_path: Sequence[str], collection: str) -> Path:
+        """The asset file, with its folder created: streaming writers stage temp files beside it, so
+        publishing is a rename on one filesystem."""
+        path = self.asset_file(asset_path, collection)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- side files of a bge-m3 joint pass -----------------------------------------------------
+
+    def joint_sparse_file(self, dense_asset_name: str, collection: str) -> Path:
+        return path_under(self.root, "sparse_vectors", JOINT_DIR, check_name(dense_asset_name, "model"),
+                          check_name(collection) + ".parquet")
+
+    def colbert_file(self, dense_asset_name: str, collection: str) -> Path:
+        return path_under(self.root, "colbert_vectors", check_name(dense_asset_name, "model"),
+                          check_name(collection) + ".arrow")
+
+    # -- telemetry and state -------------------------------------------------------------------
+
+    def telemetry_dir(self, collection: str) -> Path:
+        return path_under(self.root, "telemetry", check_name(collection))
+
+    def summary_file(self, collection: str) -> Path:
+        return self.telemetry_dir(collection) / "processing_summary.json"
+
+    def events_file(self, collection: str) -> Path:
+        return self.telemetry_dir(collection) / "events.jsonl"
+
+    def budget_store_file(self) -> Path:
+        return path_under(self.root, "state", "token_budgets.json")
+
+    # -- exports -------------------------------------------------------------------------------
+
+    def export_root(self, export_dir: str = "") -> Path:
+        """The export_dir setting, else <root>/exports. (Per-collection folders go below it.)"""
+        return Path(export_dir).expanduser().resolve() if export_dir else path_under(self.root, "exports")

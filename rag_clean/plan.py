@@ -1,0 +1,138 @@
+"""The run plan: which models a run uses and with which settings, decided once.
+
+`build_run_plan(registry, settings)` turns the registry and the resolved settings into one immutable
+`RunPlan`; every stage (and the CLI) reads its choices from it instead of re-deriving them. Unknown
+or wrong-role model names fail here, with the setting's provenance, before any stage runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from rag_clean.registry import ModelSpec, Registry, RegistryError
+from rag_clean.settings import EmbedderSettings
+
+
+class PlanError(ValueError):
+    """The settings name models the registry does not have (or of the wrong role)."""
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    top_k_candidates: int = 100
+    rerank_top_k: int = 20
+    rrf_k: int = 60
+    rerank_batch_size: int = 32   # most (query, passage) pairs per cross-encoder batch
+    enable_sparse: bool = True
+    enable_rerank: bool = True
+
+
+@dataclass(frozen=True)
+class JointPlan:
+    """What a bge-m3 dense model's forward pass yields besides its dense vectors."""
+
+    sparse_spec: ModelSpec | None = None   # sparse partner whose lexical rows come from the same pass
+    colbert: bool = False                  # store ColBERT multi-vectors of the pass
+
+    @property
+    def active(self) -> bool:
+        return self.sparse_spec is not None or self.colbert
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    registry: Registry
+    settings: EmbedderSettings
+    dense: tuple[ModelSpec, ...]                  # the ensemble, fused in this order
+    sparse: tuple[ModelSpec, ...]                 # empty when sparse is disabled
+    rerank: ModelSpec | None
+    fusion_method: str
+    retrieval: RetrievalConfig
+    query_text_mode: str
+    reuse_unchanged: bool
+    exports_enabled: bool
+    export_dir: str
+    fusion_weights: Mapping[str, float] = field(default_factory=dict)
+
+    # -- per-stage questions -------------------------------------------------------------------
+
+    @property
+    def sparse_enabled(self) -> bool:
+        return self.retrieval.enable_sparse
+
+    def dense_spec(self, name: str) -> ModelSpec:
+        return self.registry.get(name)
+
+    def dense_disabled_reason(self, spec: ModelSpec) -> str | None:
+        """Why a dense registry model does not run in this plan (None: it runs)."""
+        if any(s.name == spec.name for s in self.dense):
+            return None
+        return (f"{spec.name} is not in ensemble_models={list(self.settings.ensemble_models)} "
+                f"({self.provenance('ensemble_models')}); nothing written, the previous file stays")
+
+    def sparse_disabled_reason(self) -> str | None:
+        if self.sparse_enabled:
+            return None
+        return f"sparse stage disabled: enable_sparse=false ({self.provenance('enable_sparse')})"
+
+    def exports_disabled_reason(self) -> str | None:
+        if self.exports_enabled:
+            return None
+        return f"exports disabled: enable_exports=false ({self.provenance('enable_exports')})"
+
+    def joint(self, dense_spec: ModelSpec) -> JointPlan:
+        """Side outputs of `dense_spec`'s pass: lexical rows when its bge-m3 sparse partner runs in this
+        plan, ColBERT vectors when the entry says `colbert = true`."""
+        partner = self.registry.joint_sparse_partner(dense_spec)
+        if partner is not None and partner not in self.sparse:
+            partner = None
+        return JointPlan(sparse_spec=partner, colbert=bool(dense_spec.colbert))
+
+    def joint_dense_partner(self, sparse_spec: ModelSpec) -> ModelSpec | None:
+        return self.registry.joint_dense_partner(sparse_spec)
+
+    def provenance(self, key: str) -> str:
+        return self.settings.provenance.get(key, "default")
+
+    def toggles(self) -> dict:
+        """The settings and where each came from, as every stage record carries them."""
+        return {"toggles": self.settings.as_dict(), "provenance": dict(self.settings.provenance)}
+
+
+def _select(registry: Registry, names: Sequence[str], role: str, key: str, settings: EmbedderSettings) -> tuple[ModelSpec, ...]:
+    if not names:
+        return tuple(registry.by_role(role))
+    chosen, unknown, wrong = [], [], []
+    for name in names:
+        try:
+            spec = registry.get(name)
+        except RegistryError:
+            unknown.append(name)
+            continue
+        (chosen if spec.role == role else wrong).append(spec)
+    if unknown or wrong:
+        known = [m.name for m in registry.by_role(role)]
+        bad = unknown + [s.name for s in wrong]
+        raise PlanError(f"{key} ({settings.provenance.get(key, 'default')}): {bad} are not {role} models of the "
+                        f"registry {registry.path}; known {role} models: {known}")
+    return tuple(dict.fromkeys(chosen))
+
+
+def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
+    dense = _select(registry, settings.ensemble_models, "dense", "ensemble_models", settings)
+    if not dense:
+        raise PlanError(f"the registry {registry.path} names no dense model")
+    sparse = _select(registry, settings.sparse_models, "sparse", "sparse_models", settings) if settings.enable_sparse else ()
+    if settings.enable_sparse and not sparse:
+        raise PlanError("sparse is enabled but the registry names no sparse model; add one or set EMBEDDER_ENABLE_SPARSE=0")
+    retrieval = RetrievalConfig(top_k_candidates=settings.top_k_candidates, rerank_top_k=settings.rerank_top_k,
+                              rrf_k=settings.rrf_k, rerank_batch_size=settings.rerank_batch_size,
+                              enable_sparse=settings.enable_sparse, enable_rerank=settings.enable_rerank)
+    return RunPlan(
+        registry=registry, settings=settings, dense=dense, sparse=sparse, rerank=registry.rerank,
+        fusion_method=settings.fusion_method or registry.fusion_method, retrieval=retrieval,
+        query_text_mode=settings.query_text_mode, reuse_unchanged=settings.reuse_unchanged,
+        exports_enabled=settings.enable_exports, export_dir=settings.export_dir,
+        fusion_weights={s.name: s.weight for s in dense},
+    )

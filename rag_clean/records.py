@@ -1,0 +1,289 @@
+"""Typed stage records: what each stage measured, rendered two ways.
+
+Every stage returns one record. `to_summary()` is the dict stored under `stages[<asset key>]` in
+processing_summary.json (the summary's v4.1 sections are built from those dicts, see telemetry);
+`to_metadata()` is the Dagster materialization metadata, as plain values plus the `MetaPath` /
+`MetaJson` markers that the Dagster adapter turns into path / JSON metadata. Nothing else reads a
+stage's fields by key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from rag_clean.encoders.base import EncodeStats
+
+
+@dataclass(frozen=True)
+class MetaPath:
+    path: str
+
+
+@dataclass(frozen=True)
+class MetaJson:
+    value: Any
+
+
+def encode_fields(stats: EncodeStats | None) -> dict:
+    """The encoder's measurements as the summary keeps them."""
+    if stats is None:
+        return {}
+    return {"encode": stats.to_dict(), "batch_seconds": [round(b.seconds, 6) for b in stats.batches],
+            "batch_items": [b.items for b in stats.batches]}
+
+
+def _encode_metadata(stats: EncodeStats | None) -> dict:
+    if stats is None:
+        return {}
+    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": float(stats.tokens_per_second())}
+    if stats.oom_mitigations:
+        out["batch_mitigations"] = MetaJson(stats.oom_mitigations)
+    return out
+
+
+@dataclass
+class StageRecord:
+    """Fields every stage has. Set by the stage: rows, status, device, warnings; by the asset: toggles,
+    timing and the lease; at the storage boundary: where the value went."""
+
+    stage: ClassVar[str] = "stage"
+
+    rows: int = 0
+    status: str = "ok"                 # ok | fallback | disabled
+    reason: str | None = None          # why a stage was disabled or fell back
+    device: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    toggles: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    started_at: str | None = None
+    duration_s: float | None = None
+    lease: dict | None = None
+    events: list[dict] = field(default_factory=list)
+    # Filled by the storage boundary.
+    asset_key: str | None = None
+    run_id: str | None = None
+    partition: str | None = None
+    materialized_at: str | None = None
+    path: str | None = None
+    bytes: int = 0
+
+    @property
+    def disabled(self) -> bool:
+        return self.status == "disabled"
+
+    def stage_fields(self) -> dict:
+        """The stage's own summary fields (subclasses)."""
+        return {}
+
+    def stage_metadata(self) -> dict:
+        """The stage's own Dagster metadata (subclasses)."""
+        return {}
+
+    def to_summary(self) -> dict:
+        out = {"stage": self.stage, "toggles": self.toggles, "provenance": self.provenance, "rows": self.rows,
+               "status": self.status, "device": self.device, "warnings": list(self.warnings),
+               "started_at": self.started_at, "duration_s": self.duration_s, "lease": self.lease,
+               "events": list(self.events), "asset_key": self.asset_key, "run_id": self.run_id,
+               "partition": self.partition, "materialized_at": self.materialized_at, "path": self.path,
+               "bytes": self.bytes}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        out.update(self.stage_fields())
+        return out
+
+    def to_metadata(self, summary_file: str) -> dict:
+        out: dict[str, Any] = {"status": self.status, "rows": int(self.rows), "bytes": int(self.bytes),
+                               "duration_s": float(self.duration_s or 0.0), "summary": MetaPath(summary_file)}
+        if self.path:
+            out["path"] = MetaPath(self.path)
+        if self.device is not None:
+            out["device"] = self.device
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.lease:
+            out["lease"] = MetaJson(self.lease)
+        if self.disabled:
+            out["executed"] = False
+        out.update(self.stage_metadata())
+        return out
+
+
+@dataclass
+class ChunksRecord(StageRecord):
+    stage: ClassVar[str] = "chunks"
+    files_read: int = 0
+    skips: list[dict] = field(default_factory=list)   # {"file", "index", "reason"}
+
+    def stage_fields(self) -> dict:
+        return {"files_read": self.files_read, "skipped": len(self.skips), "skips": list(self.skips)}
+
+    def stage_metadata(self) -> dict:
+        return {"files_read": self.files_read, "chunks_skipped": len(self.skips)}
+
+
+@dataclass
+class DenseRecord(StageRecord):
+    stage: ClassVar[str] = "dense"
+    model: str = ""
+    dim: int | None = None
+    native_dim: int | None = None
+    weight: float = 1.0
+    reused: int = 0
+    computed: int = 0
+    encode: EncodeStats | None = None
+    joint: dict | None = None          # see stages.joint.JointSideFiles.record
+
+    def stage_fields(self) -> dict:
+        out = {"model": self.model}
+        if self.disabled:
+            return out
+        out |= {"dim": self.dim, "native_dim": self.native_dim, "weight": self.weight,
+                "reuse": {"reused": self.reused, "computed": self.computed}, "exclusive": True}
+        if self.joint is not None:
+            out["joint"] = self.joint
+        return out | encode_fields(self.encode)
+
+    def stage_metadata(self) -> dict:
+        out: dict[str, Any] = {"model": self.model}
+        if self.disabled:
+            return out
+        if self.dim is not None:
+            out["dim"] = int(self.dim)
+        out |= {"chunks_reused": int(self.reused), "chunks_computed": int(self.computed)}
+        out |= _encode_metadata(self.encode)
+        if self.joint is not None:
+            info = self.joint
+            if info["sparse_partner"]:
+                out |= {"joint_sparse_partner": info["sparse_partner"], "joint_sparse_file": MetaPath(info["sparse_file"]),
+                        "joint_sparse_rows": int(info["sparse_rows"])}
+            if info["colbert_file"]:
+                out |= {"colbert_file": MetaPath(info["colbert_file"]), "colbert_rows": int(info["colbert_rows"]),
+                        "colbert_dim": int(info["colbert_dim"] or 0)}
+            out["joint_extra_pass_rows"] = int(info["extra_pass_rows"])
+        return out
+
+
+@dataclass
+class FusedRecord(StageRecord):
+    stage: ClassVar[str] = "fused"
+    method: str = "concat"
+    models: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)   # normalized to sum 1
+    dim: int = 0
+    fuse_seconds: float = 0.0
+
+    def stage_fields(self) -> dict:
+        return {"method": self.method, "models": list(self.models), "weights": dict(self.weights), "dim": self.dim,
+                "fuse_seconds": self.fuse_seconds}
+
+    def stage_metadata(self) -> dict:
+        return {"method": self.method, "dim": int(self.dim)}
+
+
+@dataclass
+class SparseRecord(StageRecord):
+    stage: ClassVar[str] = "sparse"
+    model_names: list[str] = field(default_factory=list)
+    per_model: dict[str, dict] = field(default_factory=dict)
+    batch_seconds: list[float] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    fallback_used: bool = False
+    fallback_reason: str | None = None
+    top_k: dict[str, int] = field(default_factory=dict)
+    shared_pass_with_dense: list[str] = field(default_factory=list)
+    shared_pass: dict[str, dict] = field(default_factory=dict)
+    vectors_available: int = 0
+
+    def stage_fields(self) -> dict:
+        if self.disabled:
+            return {"model_names": []}
+        return {"model_names": list(self.model_names), "per_model": dict(self.per_model),
+                "batch_seconds": list(self.batch_seconds), "devices": list(self.devices),
+                "fallback_used": self.fallback_used, "fallback_reason": self.fallback_reason, "top_k": dict(self.top_k),
+                "shared_pass_with_dense": list(self.shared_pass_with_dense), "shared_pass": dict(self.shared_pass),
+                "vectors": {"total": self.rows, "available": self.vectors_available}}
+
+    def stage_metadata(self) -> dict:
+        if self.disabled:
+            return {}
+        out: dict[str, Any] = {
+            "executed": True, "models": ", ".join(self.model_names),
+            "coverage_ratio": round(self.vectors_available / self.rows, 6) if self.rows else 0.0,
+            "fallback_used": bool(self.fallback_used)}
+        if self.shared_pass:
+            out["shared_pass_with_dense"] = ", ".join(self.shared_pass_with_dense)
+            out["shared_pass"] = MetaJson(self.shared_pass)
+        return out
+
+
+@dataclass
+class QueriesRecord(StageRecord):
+    stage: ClassVar[str] = "queries"
+    source: str = ""
+    with_gold: int = 0
+    text_mode: str = "hash"
+
+    def stage_fields(self) -> dict:
+        return {"source": self.source, "with_gold": self.with_gold, "query_text_mode": self.text_mode}
+
+    def stage_metadata(self) -> dict:
+        return {"source": self.source, "queries_with_gold": int(self.with_gold), "query_text_mode": self.text_mode}
+
+
+@dataclass
+class RerankRecord(StageRecord):
+    stage: ClassVar[str] = "reranked"
+    queries: int = 0
+    top_k_candidates: int = 0
+    rerank_top_k: int = 0
+    rerank_enabled: bool = True
+    rerank_executed: bool = False
+    resolution: dict | None = None     # the reranker fallback chain, see encoders.factory.load_reranker
+    candidate_sources: list[str] = field(default_factory=list)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    scorer: str = ""
+    encode: EncodeStats | None = None
+
+    def stage_fields(self) -> dict:
+        return {"queries": self.queries, "top_k_candidates": self.top_k_candidates, "rerank_top_k": self.rerank_top_k,
+                "rerank_enabled": self.rerank_enabled, "rerank_executed": self.rerank_executed,
+                "resolution": self.resolution, "candidate_sources": list(self.candidate_sources),
+                "metrics": dict(self.metrics), "scorer": self.scorer} | encode_fields(self.encode)
+
+    def stage_metadata(self) -> dict:
+        out: dict[str, Any] = {"scorer": self.scorer, "rerank_executed": self.rerank_executed,
+                               "candidate_sources": ", ".join(self.candidate_sources), "queries": int(self.queries)}
+        for phase, values in self.metrics.items():
+            for name, value in values.items():
+                if value is not None:
+                    out[f"{phase}/{name}"] = float(value)
+        out["rerank_fallback_applied"] = bool((self.resolution or {}).get("fallback_applied", False))
+        return out | _encode_metadata(self.encode)
+
+
+@dataclass
+class ExportsRecord(StageRecord):
+    stage: ClassVar[str] = "exports"
+    export_dir: str = ""
+    models: list[str] = field(default_factory=list)
+    sparse_models: list[str] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)           # name, bytes, sha256
+    removed_stale: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_written(self) -> int:
+        return int(sum(f["bytes"] for f in self.files))
+
+    def stage_fields(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"export_dir": self.export_dir, "models": list(self.models), "sparse_models": list(self.sparse_models),
+                "files": list(self.files), "removed_stale": list(self.removed_stale),
+                "bytes_written": self.bytes_written}
+
+    def stage_metadata(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"executed": True, "export_dir": MetaPath(self.export_dir), "files": len(self.files),
+                "bytes_written": self.bytes_written}
