@@ -1,0 +1,36 @@
+"""Read a collection folder into one table of chunks (the `chunks` stage).
+
+Three input kinds, found recursively (hidden files and folders ignored):
+
+* the old embedder's chunk files `*_chunks.json`: a JSON list of {"text", "metadata": {"chunk_id", ...}};
+* JSONL: one object per line with "text", optional "id", every other field kept as metadata;
+* Markdown / plain-text documents that are chunked here: heading-aware, token-budgeted, with overlap.
+
+Bad input raises `ChunkingError` naming the file (path relative to the collection) and the record
+index or line. Empty texts and files of other types are skipped, and every skip is reported in
+`ChunkingResult.skipped`, never dropped silently.
+
+Modules, one concern each: `markdown` (document structure), `packer` (token budget and overlap),
+`documents` (the two together, per document), `readers` (chunk files and JSONL), `collection`
+(the folder walk), with `config`, `rows` and `tokens` shared by them. Import from this package.
+"""
+
+from .collection import read_collection
+from .config import ChunkingConfig, ChunkingError, ChunkingResult, SkipRecord
+from .documents import chunk_markdown, chunk_plain_text
+from .rows import CHUNK_SCHEMA, content_hash
+from .tokens import CountTokens, approx_token_count
+
+__all__ = [
+    "CHUNK_SCHEMA",
+    "ChunkingConfig",
+    "ChunkingError",
+    "ChunkingResult",
+    "CountTokens",
+    "SkipRecord",
+    "approx_token_count",
+    "chunk_markdown",
+    "chunk_plain_text",
+    "content_hash",
+    "read_collection",
+]

@@ -1,0 +1,127 @@
+"""Readers for records that are already chunks: the old embedder's `*_chunks.json` and JSONL."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import ChunkingError, SkipRecord
+from .rows import make_row
+from .tokens import CountTokens
+
+
+def _mapped_fields(metadata: dict, where: str, heading_keys: tuple[str, ...]) -> dict:
+    """Typed copies of the metadata fields that have their own column; wrong types are errors."""
+    out: dict[str, Any] = {}
+    for key in heading_keys:
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ChunkingError(f"{where}: metadata {key!r} must be a string, got {type(value).__name__}")
+        out["heading"] = value
+        break
+    path = metadata.get("section_path")
+    if path is not None:
+        if not isinstance(path, list) or not all(isinstance(p, str) for p in path):
+            raise ChunkingError(f"{where}: metadata 'section_path' must be a list of strings")
+        out["section_path"] = path
+    for key in ("chunk_index", "token_count"):
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ChunkingError(f"{where}: metadata {key!r} must be a non-negative integer, got {value!r}")
+        out[key] = value
+    return out
+
+
+def read_chunk_file(
+    raw: str, rel: str, count_tokens: CountTokens, skipped: list[SkipRecord]
+) -> list[tuple[dict, str]]:
+    try:
+        records = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ChunkingError(f"{rel}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(records, list):
+        raise ChunkingError(f"{rel}: expected a JSON list of chunk records, got {type(records).__name__}")
+    if not records:
+        skipped.append(SkipRecord(rel, None, "chunk file holds no records"))
+    rows = []
+    for i, record in enumerate(records):
+        where = f"{rel} record index {i}"
+        if not isinstance(record, dict):
+            raise ChunkingError(f"{where}: expected an object, got {type(record).__name__}")
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise ChunkingError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        metadata = record.get("metadata")
+        if not isinstance(metadata, dict):
+            raise ChunkingError(f"{where}: 'metadata' must be an object, got {type(metadata).__name__}")
+        chunk_id = metadata.get("chunk_id")
+        if not isinstance(chunk_id, str) or not chunk_id.strip():
+            raise ChunkingError(f"{where}: metadata.chunk_id is missing or not a non-empty string")
+        if not text.strip():
+            skipped.append(SkipRecord(rel, i, f"empty text (chunk_id {chunk_id!r})"))
+            continue
+        mapped = _mapped_fields(metadata, where, ("heading_text",))
+        # Other top-level keys of a record are metadata too: nothing is dropped.
+        extra = {k: v for k, v in record.items() if k not in ("text", "metadata")}
+        kept = {**metadata, **({"record_fields": extra} if extra else {})}
+        row = make_row(
+            chunk_id,
+            text,
+            rel,
+            mapped.get("chunk_index", i),
+            mapped.get("heading"),
+            mapped.get("section_path", []),
+            mapped.get("token_count", count_tokens(text)),
+            kept,
+        )
+        rows.append((row, where))
+    return rows
+
+
+def read_jsonl(raw: str, rel: str, count_tokens: CountTokens, skipped: list[SkipRecord]) -> list[tuple[dict, str]]:
+    rows = []
+    ordinal = 0
+    for lineno, line in enumerate(raw.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{rel} line {lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ChunkingError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise ChunkingError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise ChunkingError(f"{where}: 'text' is missing or not a string")
+        index, ordinal = ordinal, ordinal + 1
+        raw_id = record.get("id")
+        if raw_id is None:
+            chunk_id = f"{rel}:{lineno}"
+        elif isinstance(raw_id, str) and raw_id.strip():
+            chunk_id = raw_id
+        elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            chunk_id = str(raw_id)
+        else:
+            raise ChunkingError(f"{where}: 'id' must be a non-empty string or an integer, got {raw_id!r}")
+        if not text.strip():
+            skipped.append(SkipRecord(rel, lineno, f"empty text (chunk_id {chunk_id!r})"))
+            continue
+        metadata = {k: v for k, v in record.items() if k not in ("text", "id")}
+        mapped = _mapped_fields(metadata, where, ("heading_text", "heading", "title"))
+        row = make_row(
+            chunk_id,
+            text,
+            rel,
+            index,
+            mapped.get("heading"),
+            mapped.get("section_path", []),
+            mapped.get("token_count", count_tokens(text)),
+            metadata,
+        )
+        rows.append((row, where))
+    return rows

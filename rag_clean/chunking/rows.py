@@ -1,0 +1,42 @@
+"""The output table: its schema and how one row of it is built."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("chunk_id", pa.string()),  # stable: same input -> same id
+        ("text", pa.string()),  # the text that gets embedded
+        ("content_hash", pa.string()),  # sha256 hex of `text`
+        ("source_file", pa.string()),  # relative to the collection folder, forward slashes
+        ("chunk_index", pa.int32()),  # index within its source file
+        ("heading", pa.string()),  # nearest heading text (nullable)
+        ("section_path", pa.list_(pa.string())),  # heading trail, outermost first
+        ("token_count", pa.int32()),
+        ("metadata_json", pa.string()),  # all original metadata as JSON (sorted keys)
+    ]
+)
+
+
+def content_hash(text: str) -> str:
+    """sha256 hex digest of the UTF-8 bytes of `text`."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def make_row(chunk_id, text, source_file, index, heading, section_path, tokens, metadata) -> dict:
+    """One CHUNK_SCHEMA row as a dict; every reader builds rows here so hashing and JSON stay alike."""
+    return {
+        "chunk_id": chunk_id,
+        "text": text,
+        "content_hash": content_hash(text),
+        "source_file": source_file,
+        "chunk_index": index,
+        "heading": heading,
+        "section_path": list(section_path),
+        "token_count": tokens,
+        "metadata_json": json.dumps(metadata, sort_keys=True, ensure_ascii=False),
+    }
