@@ -4,8 +4,8 @@ Builds randomly initialised encoders of real shapes locally (no download; throug
 depend on weight values) with the bert-base-uncased WordPiece tokenizer, a seeded synthetic
 corpus of RAG-like chunks (mean ~230 tokens), then for each stage times:
 
-- ours: rag_clean.encoders.st (tokenize ahead in a thread, length-sorted token-budget batches,
-  unpadded varlen attention, bf16, pooling / normalize / SPLADE / top-k on the device),
+- ours: rag_clean.encoders.st_* through rag_clean.encoders.runner (tokenize ahead in a thread,
+  length-sorted token-budget batches, unpadded varlen attention, bf16, pooling / normalize / SPLADE / top-k on the device),
   streaming every batch into a memory-mapped .npy file (host memory flat in collection size);
 - sentence-transformers: encode() fp16 batch 128 (the issue's baseline), and fp32 batch 32 on
   a reference subset, whose outputs also give the worst-row cosine / top-term agreement.
@@ -42,7 +42,9 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rag_clean.encoders.st import STCrossEncoderReranker, STDenseEncoder, STSparseEncoder  # noqa: E402
+from rag_clean.encoders.st_dense import STDenseEncoder  # noqa: E402
+from rag_clean.encoders.st_rerank import STCrossEncoderReranker  # noqa: E402
+from rag_clean.encoders.st_sparse import STSparseEncoder  # noqa: E402
 from rag_clean.registry import ModelSpec  # noqa: E402
 
 PEAK_TFLOPS_BF16 = 797.0  # measured bf16 matmul peak on an H100 (issue 4)
@@ -216,7 +218,7 @@ def flops_per_token(shape: str, lengths: np.ndarray, head_extra: float = 0.0) ->
 def token_lengths(tokenizer_dir: Path, texts, pairs=None, max_length=512) -> np.ndarray:
     from transformers import AutoTokenizer
 
-    from rag_clean.encoders.batching import Tokenizer
+    from rag_clean.encoders.tokenize import Tokenizer
 
     tok = Tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_dir)), max_length)
     return tok.encode(texts, pairs).lengths
@@ -328,7 +330,7 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
             for k, v in saved_env.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if first_window:
-            enc.first_window_items = first_window
+            enc.runner.first_window_items = first_window
         if name == "ours":
             enc_info = {"attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "dtype": enc.stats.dtype,
                         "load_seconds": enc.stats.load_seconds}
@@ -472,7 +474,7 @@ def bench_rerank(shape, path, pairs, lengths, args, log) -> dict:
 
 def bench_oom(shape, path, texts, args, tmp: Path, log) -> dict:
     """Force a budget that cannot fit: real CUDA OOMs, halving, same outputs as an unforced run."""
-    from rag_clean.encoders.batching import BudgetStore
+    from rag_clean.encoders.budget import BudgetStore
 
     device = args.device
     spec = spec_for("dense", shape, path, args.max_length)
@@ -491,7 +493,7 @@ def bench_oom(shape, path, texts, args, tmp: Path, log) -> dict:
         torch.cuda.set_per_process_memory_fraction(1.0)
     res = {"stage": "oom_backoff", "shape": shape, "chunks": len(texts), "forced_budget": args.oom_budget,
            "memory_cap_gb": args.oom_memory_gb, "mitigations": enc.stats.oom_mitigations,
-           "final_budget": enc.stats.token_budget_final, "remembered_budget": store.get(spec.name, enc.controllers[0].device_label),
+           "final_budget": enc.stats.token_budget_final, "remembered_budget": store.get(spec.name, enc.runner.controllers[0].device_label),
            "worst_cos_vs_unforced": float((got * reference).sum(1).min()),
            "all_rows_written": bool(np.isfinite(got).all() and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-3))}
     log(f"  oom    {shape:9s} forced budget {args.oom_budget} under {args.oom_memory_gb} GB: "
@@ -505,7 +507,7 @@ def bench_oom(shape, path, texts, args, tmp: Path, log) -> dict:
 def bench_tokenizer(tokenizer_dir, texts, args, log) -> dict:
     from transformers import AutoTokenizer
 
-    from rag_clean.encoders.batching import Tokenizer
+    from rag_clean.encoders.tokenize import Tokenizer
 
     hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     t0 = time.perf_counter()

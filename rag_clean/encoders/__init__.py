@@ -9,9 +9,9 @@ _EXPORTS = {
     "load_sparse_encoder": "rag_clean.encoders.factory",
     "load_reranker": "rag_clean.encoders.factory",
     "ModelLoadError": "rag_clean.encoders.factory",
-    "BudgetStore": "rag_clean.encoders.batching",
-    "BudgetController": "rag_clean.encoders.batching",
-    "EncoderError": "rag_clean.encoders.batching",
+    "BudgetStore": "rag_clean.encoders.budget",
+    "BudgetController": "rag_clean.encoders.budget",
+    "EncoderError": "rag_clean.encoders.base",
 }
 
 __all__ = sorted(_EXPORTS)

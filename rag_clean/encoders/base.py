@@ -16,6 +16,10 @@ import numpy as np
 from rag_clean.registry import ModelSpec
 
 
+class EncoderError(RuntimeError):
+    """An encoder cannot run: the message names the model and the problem."""
+
+
 @dataclass
 class BatchRecord:
     """One forward pass that finished."""
@@ -140,3 +144,12 @@ class Reranker(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+def check_pairs(pairs: Sequence[tuple[str, str]], model: str) -> list[tuple[str, str]]:
+    """`pairs` as a list, or an error naming the first row that is not a (query, passage) pair of strings."""
+    pairs = list(pairs)
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise EncoderError(f"model {model}: pair {i} is not a (query, passage) pair of strings")
+    return pairs

@@ -12,8 +12,8 @@ import importlib
 import os
 from pathlib import Path
 
-from rag_clean.encoders.base import DenseEncoder, Reranker, SparseEncoder
-from rag_clean.encoders.batching import BudgetStore, EncoderError
+from rag_clean.encoders.base import DenseEncoder, EncoderError, Reranker, SparseEncoder
+from rag_clean.encoders.budget import BudgetStore
 from rag_clean.registry import ModelSpec, RegistryError
 
 # Models are never fetched at run time; set before huggingface_hub is imported where possible.
@@ -68,8 +68,8 @@ def load_dense_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *, budg
     """Dense encoder for `spec`; `device` may name several GPUs ('cuda:0,cuda:1'): one replica each."""
     _check_role(spec, "dense")
     if spec.backend == "flagembedding":
-        return _flag_module(spec).FlagDenseEncoder(spec, device)
-    from rag_clean.encoders.st import STDenseEncoder
+        return _flag_module(spec).FlagDenseEncoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+    from rag_clean.encoders.st_dense import STDenseEncoder
 
     path = resolve_local_source(spec, spec.source)
     return STDenseEncoder(spec, device, source=path, budget_store=budget_store, token_budget=token_budget)
@@ -79,8 +79,8 @@ def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
                         budget_store: BudgetStore | None = None, token_budget: int | None = None) -> SparseEncoder:
     _check_role(spec, "sparse")
     if spec.backend == "flagembedding":
-        return _flag_module(spec).FlagSparseEncoder(spec, device)
-    from rag_clean.encoders.st import STSparseEncoder
+        return _flag_module(spec).FlagSparseEncoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+    from rag_clean.encoders.st_sparse import STSparseEncoder
 
     path = resolve_local_source(spec, spec.source)
     return STSparseEncoder(spec, device, source=path, budget_store=budget_store, token_budget=token_budget)
@@ -98,9 +98,10 @@ def load_reranker(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_st
     for source in spec.candidate_sources():
         try:
             if spec.backend == "flagembedding":
-                reranker = _flag_module(spec).FlagRerankerAdapter(_with_source(spec, source), device)
+                reranker = _flag_module(spec).FlagRerankerAdapter(_with_source(spec, source), device,
+                                                                  budget_store=budget_store, token_budget=token_budget)
             else:
-                from rag_clean.encoders.st import STCrossEncoderReranker
+                from rag_clean.encoders.st_rerank import STCrossEncoderReranker
 
                 path = resolve_local_source(spec, source)
                 reranker = STCrossEncoderReranker(spec, device, source=path, budget_store=budget_store,

@@ -17,8 +17,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+from rag_clean.encoders.device import position_offset
+
 _SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta")
-_ROBERTA_TYPES = ("roberta", "xlm-roberta")
 
 
 def _varlen_fn():
@@ -40,8 +41,7 @@ class FastBert:
     def __init__(self, encoder: torch.nn.Module, config, *, attention: str = "auto", compile: bool = False):
         emb = encoder.embeddings
         self.config = config
-        self.roberta = config.model_type in _ROBERTA_TYPES
-        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.position_offset = position_offset(config)
         self.word = emb.word_embeddings.weight
         self.pos = emb.position_embeddings.weight
         tt = getattr(emb, "token_type_embeddings", None)
@@ -95,12 +95,16 @@ class FastBert:
             return None
         return cls(encoder, config, **kwargs)
 
+    @property
+    def varlen(self) -> bool:
+        """Attention runs over the concatenated rows (False: it pads them to the longest row)."""
+        return self._varlen is not None
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
     def position_ids(self, within: torch.Tensor) -> torch.Tensor:
-        # RoBERTa-family positions start after the padding index.
-        return within + (self.pad_id + 1) if self.roberta else within
+        return within + self.position_offset if self.position_offset else within
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                 cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

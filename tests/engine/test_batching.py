@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rag_clean.encoders.batching import (
-    BatchSource,
-    BudgetController,
-    BudgetStore,
-    EncoderError,
-    TokenWindow,
-    iter_batches,
-    plan_batches,
-    tokenize_windows,
-)
-from rag_clean.encoders.base import EncodeStats
+from rag_clean.encoders.base import EncodeStats, EncoderError
+from rag_clean.encoders.batching import BatchSource, plan_batches
+from rag_clean.encoders.budget import BudgetController, BudgetStore
+from rag_clean.encoders.runner import iter_batches
+from rag_clean.encoders.tokenize import TokenWindow, tokenize_windows
 
 
 def _window(rows: list[list[int]], types: list[list[int]] | None = None, start: int = 0) -> TokenWindow:
@@ -79,7 +73,7 @@ def test_token_window_padded_and_unpadded_layouts():
 
 
 class _FakeTokenizer:
-    """Stands in for rag_clean.encoders.batching.Tokenizer: one token per word."""
+    """Stands in for rag_clean.encoders.tokenize.Tokenizer: one token per word."""
 
     def encode(self, texts, pairs=None, start=0):
         return _window([[len(w) for w in t.split()] or [0] for t in texts], start=start)
@@ -110,7 +104,8 @@ def test_budget_store_round_trip_and_atomic_file(tmp_path):
     assert BudgetStore(tmp_path / "budgets.json").get("other", "NVIDIA H100") == 65536
     data = json.loads((tmp_path / "budgets.json").read_text())
     assert data["m|cpu"]["token_budget"] == 4096
-    assert [p.name for p in tmp_path.iterdir()] == ["budgets.json"]  # no temp files left behind
+    # no temp files left behind; updates lock beside the store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budgets.json", "budgets.json.lock"]
 
 
 def test_budget_store_names_the_file_when_corrupt(tmp_path):

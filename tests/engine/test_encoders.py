@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rag_clean.encoders.batching import BudgetStore, EncoderError
+from rag_clean.encoders.base import EncoderError
+from rag_clean.encoders.budget import BudgetStore
 from rag_clean.encoders.factory import ModelLoadError, load_dense_encoder, load_reranker, load_sparse_encoder
 from rag_clean.registry import load_registry
 
@@ -107,18 +108,18 @@ def test_oom_backoff_gives_identical_outputs_records_mitigations_and_remembers_b
 
     store = BudgetStore(tmp_path / "budgets.json")
     enc = load_dense_encoder(spec, budget_store=store, token_budget=4096)
-    real_launch = enc._launch
+    real_forward = enc.forward
     limit = 200
     ooms = []
 
-    def launch_that_ooms_over_limit(replica, window, rows):
-        padded = int(window.lengths[rows].max()) * len(rows)
+    def forward_that_ooms_over_limit(replica, batch):
+        padded = int(batch.window.lengths[batch.rows].max()) * len(batch.rows)
         if padded > limit:
             ooms.append(padded)
             raise torch.cuda.OutOfMemoryError(f"injected: {padded} tokens > {limit}")
-        return real_launch(replica, window, rows)
+        return real_forward(replica, batch)
 
-    enc._launch = launch_that_ooms_over_limit
+    enc.forward = forward_that_ooms_over_limit
     got = enc.encode_all(TEXTS)
     assert ooms, "the injected OOM never fired"
     assert np.allclose(got, reference, atol=1e-6)
@@ -136,10 +137,10 @@ def test_oom_backoff_gives_identical_outputs_records_mitigations_and_remembers_b
 def test_oom_on_a_single_row_is_a_clear_error(registry):
     enc = load_dense_encoder(registry.get("tiny-a"), token_budget=4096)
 
-    def always_oom(replica, window, rows):
+    def always_oom(replica, batch):
         raise torch.cuda.OutOfMemoryError("injected")
 
-    enc._launch = always_oom
+    enc.forward = always_oom
     with pytest.raises(EncoderError, match="out of device memory"):
         enc.encode_all(TEXTS[:3])
 
@@ -261,13 +262,13 @@ def test_wrong_role_is_rejected(registry):
 def test_flagembedding_backend_dispatches_to_flag_module(registry, monkeypatch):
     calls = []
     fake = types.ModuleType("rag_clean.encoders.flag")
-    fake.FlagDenseEncoder = lambda spec, device: calls.append(("dense", spec.name, device)) or "dense"
-    fake.FlagSparseEncoder = lambda spec, device: calls.append(("sparse", spec.name, device)) or "sparse"
+    fake.FlagDenseEncoder = lambda spec, device, **budget: calls.append(("dense", spec.name, device)) or "dense"
+    fake.FlagSparseEncoder = lambda spec, device, **budget: calls.append(("sparse", spec.name, device)) or "sparse"
 
     class FakeReranker:
         stats = None
 
-        def __init__(self, spec, device):
+        def __init__(self, spec, device, **budget):
             calls.append(("rerank", spec.source, device))
 
     fake.FlagRerankerAdapter = FakeReranker
@@ -280,7 +281,9 @@ def test_flagembedding_backend_dispatches_to_flag_module(registry, monkeypatch):
 
 
 def test_unpadded_fast_path_is_used_and_equals_the_hf_module_path(registry):
-    from rag_clean.encoders.st import STCrossEncoderReranker, STDenseEncoder, STSparseEncoder
+    from rag_clean.encoders.st_dense import STDenseEncoder
+    from rag_clean.encoders.st_rerank import STCrossEncoderReranker
+    from rag_clean.encoders.st_sparse import STSparseEncoder
 
     dense_spec = registry.get("tiny-b")
     fast = STDenseEncoder(dense_spec, token_budget=96)
