@@ -60,9 +60,10 @@ class BatchSource:
     `give_back` (after an OOM) are re-split and served first.
     """
 
-    def __init__(self, lengths: np.ndarray, unpadded: bool = False):
+    def __init__(self, lengths: np.ndarray, unpadded: bool = False, max_items: int | None = None):
         self.lengths = lengths
         self.unpadded = unpadded
+        self.max_items = max_items  # an item cap on top of the token budget (rerank_batch_size)
         self.order = np.argsort(-lengths, kind="stable")
         self.sorted_lengths = lengths[self.order]
         self.cursor = 0
@@ -73,17 +74,21 @@ class BatchSource:
         """What `rows` count against the budget."""
         return batch_tokens(self.lengths[rows], self.unpadded)
 
+    def _end(self, sorted_lengths: np.ndarray, start: int, budget: int) -> int:
+        end = plan_batch(sorted_lengths, start, budget, self.unpadded)
+        return min(end, start + self.max_items) if self.max_items else end
+
     def take(self, budget: int) -> np.ndarray | None:
         with self.lock:
             if self.retry:
                 rows = self.retry.pop()
-                end = plan_batch(self.lengths[rows], 0, budget, self.unpadded)
+                end = self._end(self.lengths[rows], 0, budget)
                 if end < len(rows):
                     self.retry.append(rows[end:])
                 return rows[:end]
             if self.cursor >= len(self.order):
                 return None
-            end = plan_batch(self.sorted_lengths, self.cursor, budget, self.unpadded)
+            end = self._end(self.sorted_lengths, self.cursor, budget)
             rows = self.order[self.cursor:end]
             self.cursor = end
             return rows

@@ -87,9 +87,10 @@ def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
 
 
 def load_reranker(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_store: BudgetStore | None = None,
-                  token_budget: int | None = None) -> tuple[Reranker | None, dict]:
+                  token_budget: int | None = None, max_batch_pairs: int | None = None) -> tuple[Reranker | None, dict]:
     """First loadable of spec.source, then spec.fallbacks in order, plus a record of what happened.
 
+    `max_batch_pairs` caps the pairs per forward on top of the token budget (rerank_batch_size).
     Returns (None, record) when none loads: the caller decides whether reranking is optional.
     """
     _check_role(spec, "rerank")
@@ -112,6 +113,8 @@ def load_reranker(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_st
             record["attempts"].append({"source": source, "error": f"{type(exc).__name__}: {exc}"})
             continue
         record["resolved"] = source
+        if max_batch_pairs:
+            reranker.runner.max_batch_items = max_batch_pairs
         if source != spec.source:
             record["fallback_applied"] = True
             record["reason"] = f"{spec.source} could not be loaded: {record['attempts'][0]['error']}"

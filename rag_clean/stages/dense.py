@@ -56,8 +56,8 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     native_dim = spec.dim
     try:
         if len(pass_rows):
-            encoder = load_joint_encoder(spec, joint, device) if side is not None else \
-                load_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+            encoder = load_joint_encoder(spec, joint, device, budget_store=budget_store, token_budget=token_budget) \
+                if side is not None else load_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
             try:
                 native_dim = encoder.dim
                 if spec.dim is not None and encoder.dim != spec.dim:

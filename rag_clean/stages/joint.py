@@ -70,17 +70,19 @@ def joint_outputs(plan: JointPlan, layout: StorageLayout, dense_spec: ModelSpec,
     )
 
 
-def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[str]):
+def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[str], *, budget_store=None,
+                       token_budget: int | None = None):
     from rag_clean.encoders.flag import BGEM3JointEncoder
 
     if spec.backend != "flagembedding" or spec.flag_class != "bge-m3":
         raise StorageError(f"model {spec.name}: a joint dense/sparse/ColBERT pass needs backend flagembedding "
                            f"with flag_class bge-m3, not {spec.backend}/{spec.flag_class}")
     # Lexical rows are pruned to the sparse partner's top_k (the encoder prunes with its spec's top_k).
-    # Constructed like the factory's dense bge-m3 encoder (no stored token budget), so batches, and with
-    # them the dense vectors, are byte-identical to a run without the sparse stage.
+    # Same token budget (given or remembered) as the factory's dense bge-m3 encoder, so batches, and with
+    # them the dense vectors, match a run without the sparse stage.
     joint_spec = replace(spec, top_k=joint.sparse_spec.top_k) if joint.sparse_spec is not None else spec
-    return BGEM3JointEncoder(joint_spec, device, return_colbert=joint.colbert_path is not None)
+    return BGEM3JointEncoder(joint_spec, device, return_colbert=joint.colbert_path is not None,
+                             budget_store=budget_store, token_budget=token_budget)
 
 
 def _list_array(rows: Sequence[np.ndarray], value_type: pa.DataType) -> pa.ListArray:

@@ -114,7 +114,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
             reranker, resolution = None, {"requested": None, "resolved": None, "attempts": [], "fallback_applied": True,
                                           "reason": "the registry names no rerank model"}
         else:
-            reranker, resolution = load_reranker(rerank_spec, device)
+            reranker, resolution = load_reranker(rerank_spec, device, max_batch_pairs=config.rerank_batch_size)
         record.resolution = resolution
         if reranker is None:
             resolution["fallback_applied"] = True

@@ -228,6 +228,18 @@ def test_rerank_matches_cross_encoder_predict(registry):
     assert reranker.score([]).shape == (0,)
 
 
+def test_rerank_batch_pairs_cap_bounds_every_batch(registry):
+    """rerank_batch_size: at most that many pairs per forward, whatever the token budget allows."""
+    pairs = [(TEXTS[i], TEXTS[-1 - i]) for i in range(len(TEXTS))]
+    free, _ = load_reranker(registry.rerank)
+    capped, _ = load_reranker(registry.rerank, max_batch_pairs=3)
+    reference, got = free.score(pairs), capped.score(pairs)
+    assert max(b.items for b in free.stats.batches) > 3  # the budget alone would batch more pairs
+    assert all(b.items <= 3 for b in capped.stats.batches)
+    assert sum(b.items for b in capped.stats.batches) == len(pairs)
+    assert np.allclose(got, reference, rtol=1e-4, atol=1e-6)
+
+
 def test_rerank_falls_back_in_order_and_records_why(registry, tiny_models_dir):
     good = "path:" + str(tiny_models_dir / "tiny-reranker")
     spec = replace(registry.rerank, source="BAAI/not-in-the-cache", fallbacks=("path:/no/such/folder", good))
