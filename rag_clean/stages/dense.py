@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from rag_clean.fusion import truncate_and_normalize
+from rag_clean.progress import ProgressLog, track
 from rag_clean.records import DenseRecord
 from rag_clean.registry import ModelSpec
 from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
@@ -20,12 +22,14 @@ log = logging.getLogger(__name__)
 
 def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], staging_path: Path, *,
                     previous: EmbeddingSet | None = None, budget_store=None, token_budget: int | None = None,
-                    joint: JointOutputs | None = None) -> tuple[EmbeddingWriter, DenseRecord]:
+                    joint: JointOutputs | None = None,
+                    progress: Callable[[str], None] | None = None) -> tuple[EmbeddingWriter, DenseRecord]:
     """Embed every chunk with one model (reusing vectors of unchanged chunks), streaming to a staged file.
 
     The model is loaded, used and released inside this call: one model resident at a time.
     With `joint` (a bge-m3 entry, see RunPlan.joint and stages.joint.joint_outputs) the same forward pass also yields the partner
     sparse model's lexical rows and/or ColBERT vectors, written to side files published before returning.
+    `progress` gets a done/total, rate and ETA line at most every 10 s while the model encodes.
     """
     from rag_clean.encoders.factory import load_dense_encoder
 
@@ -66,12 +70,14 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
                 writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
                                          {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
                 subset = texts.take(pa.array(pass_rows)).to_pylist()
+                meter = ProgressLog(f"{spec.name}", len(subset), progress)
                 if side is None:
-                    for local_idx, vectors in encoder.encode(subset):
+                    for local_idx, vectors in track(encoder.encode(subset), meter, encoder.stats):
                         writer.write(pass_rows[local_idx], truncate_and_normalize(vectors, spec.truncate_dim, model=spec.name))
                 else:
                     side.loaded_source = encoder.source
-                    for local_idx, vectors, sparse_rows, colbert_rows in encoder.encode_joint(subset):
+                    for local_idx, vectors, sparse_rows, colbert_rows in track(encoder.encode_joint(subset), meter,
+                                                                               encoder.stats):
                         rows = pass_rows[local_idx]
                         dense_mask = computes_dense[rows]
                         if dense_mask.any():

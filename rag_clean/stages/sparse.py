@@ -6,13 +6,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.layout import StorageLayout
+from rag_clean.progress import ProgressLog, track
 from rag_clean.records import SparseRecord
 from rag_clean.registry import ModelSpec, Registry
 from rag_clean.storage import TableWriter
@@ -119,7 +120,8 @@ def _sparse_table(spec: ModelSpec, chunk_ids: Sequence[str], rows: Sequence[int]
 
 def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str | list[str], *,
                      budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
-                     sink: TableWriter | None = None) -> tuple[pa.Table | TableWriter, SparseRecord]:
+                     sink: TableWriter | None = None,
+                     progress: Callable[[str], None] | None = None) -> tuple[pa.Table | TableWriter, SparseRecord]:
     """Term weights per chunk from each spec, streamed batch by batch into `sink` (a staged Parquet file).
 
     Rows are written in encode order (length-sorted), not chunk order: readers join on chunk_id.
@@ -166,7 +168,8 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                     try:
                         encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
                         try:
-                            for idx, batch in encoder.encode(texts):
+                            meter = ProgressLog(spec.name, len(texts), progress)
+                            for idx, batch in track(encoder.encode(texts), meter, encoder.stats):
                                 part.write(_sparse_table(spec, chunk_ids, idx, [t for t, _ in batch],
                                                          [w for _, w in batch], fallback=False))
                                 part_available += sum(1 for t, _ in batch if len(t))

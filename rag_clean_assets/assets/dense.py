@@ -68,7 +68,8 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
                 context.log.warning(f"previous vectors unreadable, recomputing all: {exc}")
         with gpu_lease.lease(context) as lease:
             writer, record = run_dense_stage(current, chunks, lease_target(lease), target, previous=previous,
-                                             budget_store=BudgetStore(layout.budget_store_file()), joint=joint)
+                                             budget_store=BudgetStore(layout.budget_store_file()), joint=joint,
+                                             progress=context.log.info)
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         context.log.info(f"{spec.name}: {record.computed} chunks embedded, {record.reused} reused")

@@ -69,7 +69,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         with gpu_lease.lease(context) as lease:
             staged, record = run_sparse_stage(plan.sparse, chunks, lease_target(lease),
                                               budget_store=BudgetStore(layout.budget_store_file()),
-                                              shared=shared, sink=sink)
+                                              shared=shared, sink=sink, progress=context.log.info)
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         for name, info in record.shared_pass.items():

@@ -1,0 +1,51 @@
+"""Progress lines: done/total, rate, ETA, at most one per interval, and a final line."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+import rag_clean.progress as progress
+from rag_clean.progress import ProgressLog
+from rag_clean.registry import load_registry
+from rag_clean.stages import run_dense_stage
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_lines_come_at_most_once_per_interval_with_rate_and_eta():
+    clock, lines = FakeClock(), []
+    meter = ProgressLog("model-a", 1000, lines.append, interval_s=10, clock=clock)
+    clock.now = 5
+    meter.update(100, tokens=2000)
+    assert lines == []  # under the interval: silent
+    clock.now = 10
+    meter.update(100, tokens=2000)
+    assert lines == ["model-a: 200/1000 chunks (20.0%), 20 chunks/s, 400 tokens/s, ETA 40s"]
+    clock.now = 12
+    meter.update(100)
+    assert len(lines) == 1
+    clock.now = 50
+    meter.update(700)
+    meter.finish()
+    assert lines[-1] == "model-a: 1000/1000 chunks (100.0%), 20 chunks/s, 80 tokens/s, took 50s"
+
+
+def test_dense_stage_reports_progress(tiny_registry_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "DEFAULT_INTERVAL_S", 0.0)
+    spec = load_registry(tiny_registry_path).get("tiny-a")
+    texts = [f"install the gpu driver number {i} " * (1 + i % 7) for i in range(60)]
+    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(60)], "content_hash": [f"h{i}" for i in range(60)],
+                       "text": texts})
+    lines = []
+    writer, record = run_dense_stage(spec, chunks, "cpu", tmp_path / "a.arrow", token_budget=256, progress=lines.append)
+    writer.abort()
+    assert record.computed == 60
+    assert len(lines) >= 2, lines
+    assert lines[0].startswith("tiny-a: ") and "/60 chunks" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith("tiny-a: 60/60 chunks (100.0%)") and "tokens/s" in lines[-1] and "took" in lines[-1]
