@@ -33,10 +33,19 @@ def encode_fields(stats: EncodeStats | None) -> dict:
             "batch_items": [b.items for b in stats.batches]}
 
 
+def truncation_warning(stats: EncodeStats | None, total: int) -> str | None:
+    """One line when inputs were longer than the model's max length (they are encoded from their first tokens)."""
+    if stats is None or not stats.truncated_inputs:
+        return None
+    return (f"{stats.model}: {stats.truncated_inputs} of {total} chunks are longer than its max_length "
+            f"({stats.max_length} tokens) and were encoded from their first {stats.max_length} tokens")
+
+
 def _encode_metadata(stats: EncodeStats | None) -> dict:
     if stats is None:
         return {}
-    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": float(stats.tokens_per_second())}
+    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": float(stats.tokens_per_second()),
+           "chunks_truncated": int(stats.truncated_inputs)}
     if stats.oom_mitigations:
         out["batch_mitigations"] = MetaJson(stats.oom_mitigations)
     return out

@@ -85,6 +85,8 @@ def _dense_run(stages: Mapping[str, dict]) -> dict:
             "dtype": enc.get("dtype"),
             "tokens": enc.get("tokens"),
             "tokens_per_second": enc.get("tokens_per_second"),
+            "truncated_chunks": enc.get("truncated_inputs", 0),
+            "max_length": enc.get("max_length"),
             "load_seconds": enc.get("load_seconds"),
             "token_budget": {"start": enc.get("token_budget_start"), "final": enc.get("token_budget_final")},
             "oom_mitigations": enc.get("oom_mitigations", []),
@@ -166,6 +168,19 @@ def _rerank_run(stage: dict | None, toggles: Mapping) -> dict:
     }
 
 
+def _truncated_per_model(stages: Mapping[str, dict]) -> dict[str, int]:
+    """Chunks each model encoded from their first max_length tokens (dense stages and each sparse model)."""
+    out = {}
+    for rec in stages.values():
+        if rec.get("stage") == "dense" and rec.get("encode"):
+            out[rec["model"]] = int(rec["encode"].get("truncated_inputs", 0) or 0)
+        elif rec.get("stage") == "sparse":
+            for name, enc in (rec.get("per_model") or {}).items():
+                if "truncated_inputs" in enc:
+                    out[name] = int(enc["truncated_inputs"] or 0)
+    return dict(sorted(out.items()))
+
+
 def _spans(stages: Mapping[str, dict]) -> list[dict]:
     spans = []
     for key, rec in sorted(stages.items()):
@@ -218,6 +233,7 @@ def build_summary(collection: str, stages: Mapping[str, dict], toggles: Mapping[
                 "throughput": throughput,
                 "oom_mitigations_total": int(sum(len((r.get("encode") or {}).get("oom_mitigations", [])) for r in stages.values())),
                 "chunks_skipped": int(chunks.get("skipped", 0) or 0),
+                "chunks_truncated": _truncated_per_model(stages),
             },
         },
         "warnings": warnings,

@@ -41,6 +41,8 @@ class EncodeStats:
     dtype: str
     load_seconds: float = 0.0
     tokenize_seconds: float = 0.0
+    truncated_inputs: int = 0      # inputs longer than the model's max length, encoded from their first tokens
+    max_length: int | None = None
     wall_seconds: float = 0.0
     batches: list[BatchRecord] = field(default_factory=list)
     # Each entry: {"event": "oom_backoff", "batch_index": i, "old_budget": a, "new_budget": b, "device": d}

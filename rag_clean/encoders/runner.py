@@ -125,6 +125,7 @@ class Runner:
         self.window_items = window_items
         self.first_window_items = DEFAULT_FIRST_WINDOW_ITEMS
         self.max_batch_items: int | None = None  # optional item cap per batch (the reranker's rerank_batch_size)
+        stats.max_length = tokenizer.max_length
         self.controllers = [
             BudgetController.create(stats.model, r.device, token_budget=token_budget, store=budget_store,
                                     floor=min(tokenizer.max_length, MIN_TOKEN_BUDGET),
@@ -147,6 +148,7 @@ class Runner:
         try:
             for window in tokenize_windows(self.tokenizer, texts, pairs, self.window_items, self.first_window_items):
                 self.stats.tokenize_seconds += window.seconds
+                self.stats.truncated_inputs += window.truncated
                 source = BatchSource(window.lengths, self.backend.varlen, self.max_batch_items)
                 if len(self.replicas) == 1:
                     yield from self._run_on(self.replicas[0], self.controllers[0], window, source)

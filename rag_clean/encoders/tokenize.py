@@ -36,6 +36,7 @@ class TokenWindow:
     offsets: np.ndarray           # int64 [rows + 1]
     type_ids: np.ndarray | None   # int32 [total_tokens], only for models with token types (pairs)
     seconds: float = 0.0
+    truncated: int = 0            # rows cut to the tokenizer's max_length
 
     @classmethod
     def from_rows(cls, start: int, id_rows: list[np.ndarray], type_rows: list[np.ndarray] | None,
@@ -135,7 +136,7 @@ class Tokenizer:
             encs = encode(inputs, add_special_tokens=True)
             ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
             types = [np.asarray(e.type_ids, dtype=np.int32) for e in encs] if self.with_type_ids else None
-            return ids, types
+            return ids, types, sum(1 for e in encs if e.overflowing)
         enc = self.hf(
             texts,
             pairs,
@@ -147,7 +148,8 @@ class Tokenizer:
         )
         ids = [np.asarray(r, dtype=np.int32) for r in enc["input_ids"]]
         types = [np.asarray(r, dtype=np.int32) for r in enc["token_type_ids"]] if self.with_type_ids else None
-        return ids, types
+        # Slow tokenizers do not say what they cut: a row that fills max_length counts as truncated.
+        return ids, types, sum(1 for r in ids if len(r) >= self.max_length)
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, start: int = 0) -> TokenWindow:
         t0 = time.perf_counter()
@@ -167,9 +169,11 @@ class Tokenizer:
         else:
             with ThreadPoolExecutor(len(chunks)) as pool:
                 results = list(pool.map(lambda c: self._encode_chunk(*c), chunks))
-        id_rows = [r for ids, _ in results for r in ids]
-        type_rows = [r for _, ty in results for r in ty] if self.with_type_ids else None
-        return TokenWindow.from_rows(start, id_rows, type_rows, seconds=time.perf_counter() - t0)
+        id_rows = [r for ids, _, _ in results for r in ids]
+        type_rows = [r for _, ty, _ in results for r in ty] if self.with_type_ids else None
+        window = TokenWindow.from_rows(start, id_rows, type_rows, seconds=time.perf_counter() - t0)
+        window.truncated = sum(cut for _, _, cut in results)
+        return window
 
 
 def window_bounds(n: int, window: int, first_window: int | None = None) -> list[tuple[int, int]]:

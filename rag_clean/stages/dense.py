@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from rag_clean.fusion import truncate_and_normalize
 from rag_clean.progress import ProgressLog, track
-from rag_clean.records import DenseRecord
+from rag_clean.records import DenseRecord, truncation_warning
 from rag_clean.registry import ModelSpec
 from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
@@ -112,6 +112,9 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     record = DenseRecord(model=spec.name, rows=len(chunk_ids), dim=out_dim, native_dim=native_dim, weight=spec.weight,
                          reused=len(reuse_rows), computed=int(len(to_compute)), encode=stats,
                          device=stats.device if stats is not None else None)
+    warning = truncation_warning(stats, len(pass_rows))
+    if warning:
+        record.warnings.append(warning)
     if side is not None:
         record.joint = side.record(extra_pass_rows=int(len(pass_rows) - len(to_compute)))
         record.warnings += record.joint["warnings"]

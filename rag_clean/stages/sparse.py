@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.layout import StorageLayout
 from rag_clean.progress import ProgressLog, track
-from rag_clean.records import SparseRecord
+from rag_clean.records import SparseRecord, truncation_warning
 from rag_clean.registry import ModelSpec, Registry
 from rag_clean.storage import TableWriter
 from rag_clean.stages.joint import sparse_fingerprint
@@ -176,6 +176,9 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                             record.per_model[spec.name] = encoder.stats.to_dict()
                             record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
                             record.devices.append(encoder.stats.device)
+                            warning = truncation_warning(encoder.stats, len(texts))
+                            if warning:
+                                record.warnings.append(warning)
                         finally:
                             encoder.close()
                     except Exception as exc:  # inference failed: the old embedder's metadata fallback, recorded

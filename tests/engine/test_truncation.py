@@ -1,0 +1,46 @@
+"""Chunks longer than a model's max length are counted per model, warned about once, and summarized."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from rag_clean.registry import load_registry
+from rag_clean.stages import run_dense_stage, run_sparse_stage
+from rag_clean.telemetry import build_summary
+
+
+def _chunks(texts):
+    n = len(texts)
+    return pa.table({"chunk_id": [f"c{i}" for i in range(n)], "content_hash": [f"h{i}" for i in range(n)],
+                     "text": texts, "metadata_json": ["{}"] * n})
+
+
+TEXTS = ["install the gpu driver", "rerank the results", "gpu " * 5000, "query the index"]
+
+
+def test_dense_and_sparse_count_truncated_chunks(tiny_registry_path, tmp_path):
+    registry = load_registry(tiny_registry_path)
+    dense, sparse = registry.get("tiny-a"), registry.get("tiny-splade")
+    writer, record = run_dense_stage(dense, _chunks(TEXTS), "cpu", tmp_path / "a.arrow")
+    writer.abort()
+    assert record.encode.truncated_inputs == 1
+    limit = record.encode.max_length
+    assert [w for w in record.warnings if "max_length" in w] == [
+        f"tiny-a: 1 of 4 chunks are longer than its max_length ({limit} tokens) and were encoded from their "
+        f"first {limit} tokens"]
+    _, sparse_record = run_sparse_stage([sparse], _chunks(TEXTS), "cpu")
+    assert sparse_record.per_model["tiny-splade"]["truncated_inputs"] == 1
+    assert any(w.startswith("tiny-splade: 1 of 4 chunks are longer") for w in sparse_record.warnings)
+
+    summary = build_summary("docs", {"dense_embeddings/tiny_a": record.to_summary(),
+                                     "sparse_vectors": sparse_record.to_summary()}, {}, {})
+    assert summary["telemetry"]["metrics"]["chunks_truncated"] == {"tiny-a": 1, "tiny-splade": 1}
+    assert summary["dense_run"]["per_model"]["tiny-a"]["truncated_chunks"] == 1
+    assert record.to_metadata("summary.json")["chunks_truncated"] == 1
+
+
+def test_nothing_truncated_means_no_warning(tiny_registry_path, tmp_path):
+    dense = load_registry(tiny_registry_path).get("tiny-a")
+    writer, record = run_dense_stage(dense, _chunks(TEXTS[:2]), "cpu", tmp_path / "a.arrow")
+    writer.abort()
+    assert record.encode.truncated_inputs == 0 and not record.warnings
