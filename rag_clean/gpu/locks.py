@@ -17,9 +17,10 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
+
+from rag_clean.storage import write_json
 
 
 _held_lock_fds: set[int] = set()
@@ -83,17 +84,7 @@ class DeviceLock:
         os.close(fd)  # closing the last descriptor drops the flock
 
     def write_note(self, note: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.note_path.parent, prefix=".holder-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({**note, "device": self.device, "device_key": self.key}, fh)
-            os.replace(tmp, self.note_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_json(self.note_path, {**note, "device": self.device, "device_key": self.key})
 
     def read_note(self) -> dict | None:
         try:
