@@ -1,10 +1,11 @@
 """Per-device lock files: exclusive across processes, dropped by the kernel when the holder dies.
 
-- One lock file per physical device, locked with `fcntl.flock`. The kernel drops a flock when the
-  holder's last descriptor closes, so a holder killed with SIGKILL can never leave a device stuck.
-  Lock files are never deleted (deleting a flock file races with waiters).
-- Forked children (DataLoader workers, tokenizer pools) close inherited lock descriptors right after
-  fork, so a surviving child cannot keep a dead parent's device locked.
+- One lock file per physical device, locked with `filelock.UnixFileLock` (fcntl.flock). The kernel
+  drops a flock when the holder's last descriptor closes, so a holder killed with SIGKILL can never
+  leave a device stuck. Lock files are never deleted (deleting a flock file races with waiters).
+- filelock (4.x) closes a held lock's descriptor in forked children (DataLoader workers, tokenizer
+  pools), so a surviving child cannot keep a dead parent's device locked. (3.x releases with an
+  explicit LOCK_UN, which frees the device when the parent releases, but not when it dies.)
 - Not re-entrant: a second lock object on the same device in this process contends like any other
   (flock treats separate opens independently).
 - Next to each lock, a JSON holder note (pid, host, owner, since) for humans and error messages.
@@ -13,32 +14,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
-import threading
 from pathlib import Path
 
+from filelock import Timeout, UnixFileLock
+
 from rag_clean.storage import write_json
-
-
-_held_lock_fds: set[int] = set()
-_held_lock_fds_guard = threading.Lock()
-
-
-def _close_lock_fds_in_forked_child() -> None:
-    # The child's copies share the parent's open file description; closing them in the child
-    # leaves the parent's lock intact but stops a long-lived child from pinning it after the parent dies.
-    for fd in list(_held_lock_fds):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _held_lock_fds.clear()
-
-
-os.register_at_fork(after_in_child=_close_lock_fds_in_forked_child)
 
 
 def _safe_name(key: str) -> str:
@@ -54,34 +36,25 @@ class DeviceLock:
         self.device = f"cuda:{index}"
         self.lock_path = lock_dir / f"device-{_safe_name(key)}.lock"
         self.note_path = lock_dir / f"device-{_safe_name(key)}.holder.json"
-        self.fd: int | None = None
+        # Native flock only: a soft (marker-file) fallback would outlive a SIGKILLed holder.
+        # thread_local=False: the lock belongs to its lease, not to a thread; with per-thread state a
+        # release from another thread would see nothing held and leave the device locked.
+        self._lock = UnixFileLock(
+            self.lock_path, thread_local=False, blocking=False, fallback_to_soft=False, preserve_lock_file=True
+        )
 
     def try_acquire(self) -> bool:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._lock.acquire()
+        except Timeout:
             return False
-        except BaseException:
-            os.close(fd)
-            raise
-        with _held_lock_fds_guard:
-            _held_lock_fds.add(fd)
-        self.fd = fd
         return True
 
     def release(self) -> None:
-        if self.fd is None:
+        if not self._lock.is_locked:
             return
-        fd, self.fd = self.fd, None
-        try:
-            self.note_path.unlink()
-        except FileNotFoundError:
-            pass
-        with _held_lock_fds_guard:
-            _held_lock_fds.discard(fd)
-        os.close(fd)  # closing the last descriptor drops the flock
+        self.note_path.unlink(missing_ok=True)
+        self._lock.release()
 
     def write_note(self, note: dict) -> None:
         write_json(self.note_path, {**note, "device": self.device, "device_key": self.key})
