@@ -1,6 +1,6 @@
 """The exclusive dense ensemble on a real card, through the engine alone (no Dagster).
 
-For each dense model in turn: lease a device (rag_clean.gpu_lease), run the real dense stage
+For each dense model in turn: lease a device (rag_clean.gpu.lease), run the real dense stage
 (rag_clean.stages.run_dense_stage: load -> encode -> close), release; then fuse. Prints and writes
 the lease summaries (VRAM measured before / after each model, peak), the encode stats, and a second
 pass of one model under a forced small memory ceiling that must back off on CUDA OOM and still give
@@ -27,7 +27,7 @@ import pyarrow as pa  # noqa: E402
 
 from benchmarks.bench_encode import build_models, find_tokenizer_dir, synthetic_corpus  # noqa: E402
 from rag_clean.chunking import content_hash  # noqa: E402
-from rag_clean.gpu_lease import GpuLeaseManager  # noqa: E402
+from rag_clean.gpu.lease import GpuLeaseManager  # noqa: E402
 from rag_clean.registry import load_registry  # noqa: E402
 from rag_clean.stages import run_dense_stage, run_fusion_stage  # noqa: E402
 from rag_clean.storage import read_embeddings  # noqa: E402

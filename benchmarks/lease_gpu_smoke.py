@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, no install
 
-from rag_clean.gpu_lease import GpuLeaseManager, TorchCudaBackend  # noqa: E402
+from rag_clean.gpu.devices import TorchCudaBackend  # noqa: E402
+from rag_clean.gpu.lease import GpuLeaseManager  # noqa: E402
 
 
 def _try_second_lease(lock_dir: str, device_index: int, answers) -> None:

@@ -1,4 +1,4 @@
-"""GPU lease as a Dagster resource: a thin adapter over rag_clean.gpu_lease.
+"""GPU lease as a Dagster resource: a thin adapter over rag_clean.gpu.lease.
 
 Unset fields (None / "") fall back to the environment (RAG_CLEAN_GPU_*, RAG_CLEAN_FORCE_CPU), then
 to built-in defaults; set fields win over the environment. Use inside an asset:
@@ -17,7 +17,9 @@ from typing import Any, Iterator, Optional
 
 import dagster as dg
 
-from rag_clean.gpu_lease import DeviceBackend, GpuLeaseManager, Lease, LeaseEvent, default_lock_dir
+from rag_clean.gpu.devices import DeviceBackend
+from rag_clean.gpu.lease import GpuLeaseManager, Lease, LeaseEvent
+from rag_clean.gpu.lease_settings import default_lock_dir
 
 
 def owner_label(context: Any) -> str:

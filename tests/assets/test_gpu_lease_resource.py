@@ -7,7 +7,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from rag_clean.gpu_lease import FakeDeviceBackend, TorchCudaBackend
+from fake_devices import FakeDeviceBackend
+from rag_clean.gpu.devices import TorchCudaBackend
 from resources.gpu_lease import GpuLeaseResource
 
 PARTITIONS = dg.StaticPartitionsDefinition(["c1"])

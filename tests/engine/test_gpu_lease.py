@@ -11,12 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rag_clean.gpu_lease import (
-    FakeDeviceBackend,
-    GpuLeaseManager,
-    LeaseSummary,
-    TorchCudaBackend,
-)
+from fake_devices import FakeDeviceBackend
+from rag_clean.gpu.devices import TorchCudaBackend
+from rag_clean.gpu.lease import GpuLeaseManager, LeaseSummary
 
 SPAWN = mp.get_context("spawn")  # a fresh interpreter, like a separate Dagster step process
 CHILD_WAIT_S = 60  # children never outlive a stuck test by more than this
