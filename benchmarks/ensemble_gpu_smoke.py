@@ -87,10 +87,10 @@ def main() -> int:
         writer.publish()
         stored[spec.name] = read_embeddings(path)
         summary = lease.summary.to_dict()
-        report["models"][spec.name] = {"lease": summary, "encode": record["encode"]}
+        report["models"][spec.name] = {"lease": summary, "encode": record.encode.to_dict()}
         before = summary["vram_before"][0]
         after = summary["vram_after"][0]
-        print(f"{spec.name}: {record['encode']['tokens_per_second']:,.0f} tok/s, "
+        print(f"{spec.name}: {record.encode.tokens_per_second():,.0f} tok/s, "
               f"VRAM used before {before['used_mib']} MiB, after {after['used_mib']} MiB, "
               f"torch peak {summary['vram_peak_torch_mib']} MiB ({before['source']})")
 
@@ -121,10 +121,10 @@ def main() -> int:
         writer, record = run_dense_stage(spec, chunks, lease.device, path, token_budget=131072)
     writer.publish()
     again = read_embeddings(path)
-    mitigations = record["encode"]["oom_mitigations"]
+    mitigations = record.encode.oom_mitigations
     worst = float(np.min(np.sum(again.vectors * stored[spec.name].vectors, axis=1)))
     report["oom"] = {"memory_fraction": args.oom_fraction, "mitigations": mitigations,
-                     "token_budget": [record["encode"]["token_budget_start"], record["encode"]["token_budget_final"]],
+                     "token_budget": [record.encode.token_budget_start, record.encode.token_budget_final],
                      "worst_row_cosine_vs_unconstrained": worst, "lease": lease.summary.to_dict()}
     report["checks"]["oom_backoff_happened"] = len(mitigations) > 0
     report["checks"]["oom_same_vectors"] = worst > 0.999
