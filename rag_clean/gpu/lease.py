@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rag_clean.gpu.devices import DeviceBackend, TorchCudaBackend, VramSnapshot, now_iso
-from rag_clean.gpu.lease_settings import DEFAULT_TIMEOUT_S, ENV_FORCE_CPU, LeaseSettings
+from rag_clean.gpu.lease_settings import DEFAULT_TIMEOUT_S, ENV_FORCE_CPU, LEASE_SETTING_NAMES, LeaseSettings
 from rag_clean.gpu.locks import DeviceLock, release_all, try_acquire_n, write_notes
 
 
@@ -122,32 +122,13 @@ class GpuLeaseManager:
         self.backend: DeviceBackend = backend if backend is not None else TorchCudaBackend()
 
     @classmethod
-    def from_env(
-        cls,
-        lock_dir: Path | str | None = None,
-        *,
-        devices: list[int] | None = None,
-        memory_fraction: float | None = None,
-        memory_ceiling_mib: int | None = None,
-        timeout_s: float | None = None,
-        force_cpu: bool | None = None,
-        environ: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> "GpuLeaseManager":
-        """A manager from explicit (non-None) arguments over the environment (see LeaseSettings.from_env)."""
-        s = LeaseSettings.from_env(
-            lock_dir, devices=devices, memory_fraction=memory_fraction, memory_ceiling_mib=memory_ceiling_mib,
-            timeout_s=timeout_s, force_cpu=force_cpu, environ=environ,
-        )
-        return cls(
-            s.lock_dir,
-            devices=s.devices,
-            memory_fraction=s.memory_fraction,
-            memory_ceiling_mib=s.memory_ceiling_mib,
-            timeout_s=s.timeout_s,
-            force_cpu=s.force_cpu,
-            **kwargs,
-        )
+    def from_env(cls, lock_dir: Path | str | None = None, *, environ: dict[str, str] | None = None,
+                 **kwargs: Any) -> "GpuLeaseManager":
+        """A manager from explicit (non-None) settings over the environment (see LeaseSettings.from_env);
+        other keyword arguments (backend, poll_s, allow_cpu_fallback) go to the constructor as they are."""
+        given = {name: kwargs.pop(name, None) for name in LEASE_SETTING_NAMES}
+        s = LeaseSettings.from_env(lock_dir, environ=environ, **given)
+        return cls(s.lock_dir, **{name: getattr(s, name) for name in LEASE_SETTING_NAMES}, **kwargs)
 
     # ------------------------------------------------------------------ helpers
 

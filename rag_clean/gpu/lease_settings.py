@@ -60,6 +60,10 @@ def _parse_devices(name: str, raw: str) -> list[int]:
         raise ValueError(f"environment variable {name}={raw!r}: expected comma-separated device indices like '0,1'") from None
 
 
+# The settings that the environment can supply (LeaseSettings fields besides lock_dir).
+LEASE_SETTING_NAMES = ("devices", "memory_fraction", "memory_ceiling_mib", "timeout_s", "force_cpu")
+
+
 @dataclass(frozen=True)
 class LeaseSettings:
     """What a GpuLeaseManager is built from; values are checked by the manager, not here."""
