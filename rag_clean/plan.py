@@ -26,6 +26,12 @@ class RetrievalConfig:
     rerank_batch_size: int = 32   # most (query, passage) pairs per cross-encoder batch
     enable_sparse: bool = True
     enable_rerank: bool = True
+    hybrid_fusion: str = "weighted"       # or "rrf"
+    score_normalization: str = "minmax"
+    hybrid_dense_weight: float = 0.3
+    tune_min_queries: int = 30
+    tune_fraction: float = 0.5
+    tune_ensemble_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,11 @@ def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
         raise PlanError("sparse is enabled but the registry names no sparse model; add one or set EMBEDDER_ENABLE_SPARSE=0")
     retrieval = RetrievalConfig(top_k_candidates=settings.top_k_candidates, rerank_top_k=settings.rerank_top_k,
                               rrf_k=settings.rrf_k, rerank_batch_size=settings.rerank_batch_size,
-                              enable_sparse=settings.enable_sparse, enable_rerank=settings.enable_rerank)
+                              enable_sparse=settings.enable_sparse, enable_rerank=settings.enable_rerank,
+                              hybrid_fusion=settings.hybrid_fusion, score_normalization=settings.score_normalization,
+                              hybrid_dense_weight=settings.hybrid_dense_weight, tune_min_queries=settings.tune_min_queries,
+                              tune_fraction=settings.tune_fraction,
+                              tune_ensemble_weights=settings.tune_ensemble_weights)
     return RunPlan(
         registry=registry, settings=settings, dense=dense, sparse=sparse, rerank=registry.rerank,
         fusion_method=settings.fusion_method or registry.fusion_method, retrieval=retrieval,

@@ -25,6 +25,11 @@ class MetaJson:
     value: Any
 
 
+@dataclass(frozen=True)
+class MetaMarkdown:
+    text: str
+
+
 def encode_fields(stats: EncodeStats | None) -> dict:
     """The encoder's measurements as the summary keeps them."""
     if stats is None:
@@ -250,23 +255,43 @@ class RerankRecord(StageRecord):
     rerank_executed: bool = False
     resolution: dict | None = None     # the reranker fallback chain, see encoders.factory.load_reranker
     candidate_sources: list[str] = field(default_factory=list)
-    metrics: dict[str, dict] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)    # before/after rerank (all queries), heldout: {...}
     scorer: str = ""
     encode: EncodeStats | None = None
+    hybrid: dict | None = None         # hybrid.Tuning.to_dict(): systems, weights, split, metrics of every candidate
+    ensemble: dict | None = None       # the same for the dense models' weights, when tune_ensemble_weights
+    reranker_gain: dict[str, float] = field(default_factory=dict)   # after - before rerank, held-out
+    masked_gold_chunks: int = 0        # gold chunks of generated queries scored with their heading masked
+
+    def quality(self) -> dict[str, float | None]:
+        """Held-out metrics of the final ranking: what the quality check compares between materializations."""
+        heldout = self.metrics.get("heldout", {})
+        final = heldout.get("after_rerank") or heldout.get("before_rerank") or {}
+        return {m: final.get(m) for m in ("recall@10", "mrr@10", "ndcg@10")}
 
     def stage_fields(self) -> dict:
         return {"queries": self.queries, "top_k_candidates": self.top_k_candidates, "rerank_top_k": self.rerank_top_k,
                 "rerank_enabled": self.rerank_enabled, "rerank_executed": self.rerank_executed,
                 "resolution": self.resolution, "candidate_sources": list(self.candidate_sources),
-                "metrics": dict(self.metrics), "scorer": self.scorer} | encode_fields(self.encode)
+                "metrics": dict(self.metrics), "scorer": self.scorer, "hybrid": self.hybrid, "ensemble": self.ensemble,
+                "reranker_gain": dict(self.reranker_gain), "masked_gold_chunks": self.masked_gold_chunks,
+                "quality": self.quality()} | encode_fields(self.encode)
 
     def stage_metadata(self) -> dict:
         out: dict[str, Any] = {"scorer": self.scorer, "rerank_executed": self.rerank_executed,
                                "candidate_sources": ", ".join(self.candidate_sources), "queries": int(self.queries)}
         for phase, values in self.metrics.items():
+            if phase == "heldout":
+                continue
             for name, value in values.items():
                 if value is not None:
                     out[f"{phase}/{name}"] = float(value)
+        for name, value in self.quality().items():
+            if value is not None:
+                out[f"quality/{name}"] = float(value)  # held-out, final ranking: read by the quality check
+        if self.hybrid is not None:
+            out["hybrid_weights"] = ", ".join(f"{k} {v:.2f}" for k, v in self.hybrid["weights"].items())
+            out["hybrid_candidates"] = MetaMarkdown(candidates_table(self.hybrid, self.ensemble))
         out["rerank_fallback_applied"] = bool((self.resolution or {}).get("fallback_applied", False))
         return out | _encode_metadata(self.encode)
 
@@ -296,3 +321,17 @@ class ExportsRecord(StageRecord):
             return {}
         return {"executed": True, "export_dir": MetaPath(self.export_dir), "files": len(self.files),
                 "bytes_written": self.bytes_written}
+
+
+def candidates_table(hybrid: dict, ensemble: dict | None = None) -> str:
+    """Markdown: each candidate system's held-out metrics, the chosen weights and the split sizes."""
+    metrics = ("recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "ndcg@10")
+    lines = [f"{hybrid['reason']}. Weights: " + ", ".join(f"{k} {v:.2f}" for k, v in hybrid["weights"].items())
+             + f"; split {hybrid['split']['tune']} tune / {hybrid['split']['heldout']} held-out; metrics on "
+             + f"{hybrid.get('report_split', 'heldout')}.", "",
+             "| candidates | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    rows = list(hybrid["heldout"].items()) + [(f"ensemble: {k}", v) for k, v in ((ensemble or {}).get("heldout") or {}).items()]
+    for name, values in rows:
+        cells = [f"{values[m]:.3f}" if values.get(m) is not None else "-" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

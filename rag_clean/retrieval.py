@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -95,6 +96,34 @@ def heading_queries(chunks: pa.Table, limit: int = MAX_GENERATED_QUERIES) -> lis
     return queries[:limit]
 
 
+_HEADING_LINE = re.compile(r"^ {0,3}#{1,6}[ \t].*$|^ {0,3}#{1,6}$", re.MULTILINE)
+
+
+def mask_heading(text: str, heading: str) -> str:
+    """A chunk's text as a generated query is scored against it: its Markdown heading lines removed and
+    every other occurrence of the heading (the query) blanked, so no query is answered by matching
+    its own words verbatim."""
+    masked = _HEADING_LINE.sub("", text)
+    if heading.strip():
+        masked = re.sub(re.escape(heading.strip()), " ", masked, flags=re.IGNORECASE)
+    return re.sub(r"\n{3,}", "\n\n", masked).strip()
+
+
+def masked_gold_texts(queries: Sequence[Query], chunks: pa.Table) -> dict[int, str]:
+    """Row -> scoring text for the gold chunks of heading-generated queries (file queries are scored
+    against the chunks as they are)."""
+    row = {cid: i for i, cid in enumerate(chunks.column("chunk_id").to_pylist())}
+    texts = chunks.column("text")
+    out: dict[int, str] = {}
+    for q in queries:
+        if not q.origin.startswith("heading:"):
+            continue
+        for cid in q.gold_chunk_ids:
+            i = row[cid]
+            out[i] = mask_heading(texts[i].as_py(), q.text)
+    return out
+
+
 def queries_table(queries: Sequence[Query], text_mode: str = "hash") -> pa.Table:
     return pa.table(
         {
@@ -153,12 +182,17 @@ class SparseIndex:
         order = np.argsort(terms, kind="stable")
         self.terms, self.docs, self.weights = terms[order], doc[order], weights[order]
 
-    def search(self, term_ids: np.ndarray, weights: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    def score_all(self, term_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Dot product of the query's term weights with every document's, float32 [n_docs]."""
         scores = np.zeros(self.n_docs, dtype=np.float32)
         lo = np.searchsorted(self.terms, term_ids, "left")
         hi = np.searchsorted(self.terms, term_ids, "right")
         for a, b, w in zip(lo, hi, weights):
             np.add.at(scores, self.docs[a:b], self.weights[a:b] * w)
+        return scores
+
+    def search(self, term_ids: np.ndarray, weights: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.score_all(term_ids, weights)
         hits = np.flatnonzero(scores > 0)
         top = hits[np.argsort(-scores[hits], kind="stable")][:top_k]
         return top, scores[top]
@@ -184,33 +218,6 @@ def rrf_fuse(rankings: Sequence[Sequence[int]], k: int = 60,
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60, top_k: int | None = None) -> list[int]:
     """Fuse ranked lists of doc indices by RRF score."""
     return rrf_fuse(rankings, k, top_k)[0]
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def recall_at_k(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]], k: int) -> float:
-    """Share of queries (with gold) that have at least one gold chunk in their top k."""
-    pairs = [(r, set(g)) for r, g in zip(ranked, gold) if set(g)]
-    if not pairs:
-        return float("nan")
-    return float(np.mean([bool(set(r[:k]) & g) for r, g in pairs]))
-
-
-def mean_reciprocal_rank(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]]) -> float:
-    pairs = [(r, set(g)) for r, g in zip(ranked, gold) if set(g)]
-    if not pairs:
-        return float("nan")
-    rr = []
-    for r, g in pairs:
-        rr.append(next((1.0 / i for i, cid in enumerate(r, start=1) if cid in g), 0.0))
-    return float(np.mean(rr))
-
-
-def ranking_metrics(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]], ks=(1, 5, 10, 20)) -> dict[str, float]:
-    out = {f"recall@{k}": recall_at_k(ranked, gold, k) for k in ks}
-    out["mrr"] = mean_reciprocal_rank(ranked, gold)
-    return {k: (round(v, 6) if v == v else None) for k, v in out.items()}
 
 
 RERANKED_SCHEMA = pa.schema([

@@ -54,6 +54,15 @@ class EmbedderSettings:
     enable_exports: bool = False
     export_dir: str = ""               # "" = <storage root>/exports
     reuse_unchanged: bool = True       # reuse vectors of chunks whose content hash did not change
+    # Hybrid candidates: weighted sum of per-query normalized dense and sparse scores ("rrf": reciprocal rank).
+    hybrid_fusion: str = "weighted"
+    score_normalization: str = "minmax"    # or "zscore"
+    hybrid_dense_weight: float = 0.3       # used when a collection has too few queries to tune
+    tune_min_queries: int = 30             # queries with gold chunks needed to tune weights
+    tune_fraction: float = 0.5             # share of queries in the tuning split; the rest is held out
+    tune_ensemble_weights: bool = False    # also tune the dense models' weights (at query time)
+    quality_margin: float = 0.02           # quality check: allowed drop of held-out recall@10 / MRR@10
+    quality_severity: str = "warn"         # "warn" or "error" when the quality check fails
     provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)  # retired settings that were given
 
@@ -82,6 +91,11 @@ class EmbedderSettings:
 
 
 _TYPES = {f.name: f.type for f in fields(EmbedderSettings)}
+# (low, high, closed): the range each float setting accepts.
+_FLOAT_RANGES = {"hybrid_dense_weight": (0.0, 1.0, True), "tune_fraction": (0.0, 1.0, False),
+                 "quality_margin": (0.0, 1.0, True)}
+_CHOICES = {"hybrid_fusion": ("weighted", "rrf"), "score_normalization": ("minmax", "zscore"),
+            "quality_severity": ("warn", "error")}
 
 
 def _coerce(key: str, raw: Any, source: str) -> Any:
@@ -98,6 +112,14 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"expected a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            value = float(raw)
+            low, high, closed = _FLOAT_RANGES[key]
+            if not (low <= value <= high) or (not closed and value in (low, high)):
+                raise ValueError(f"must be in {'[' if closed else '('}{low}, {high}{']' if closed else ')'}")
+            return value
         if kind == "int":
             if isinstance(raw, bool):
                 raise ValueError("expected an integer")
@@ -113,6 +135,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
             raise ValueError("must be 'hash' or 'truncate'")
         if key == "fusion_method" and value not in ("", "concat", "mean"):
             raise ValueError("must be 'concat' or 'mean'")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ValueError(f"must be one of {_CHOICES[key]}")
         return value
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{source}: setting {key!r}: {exc}") from exc

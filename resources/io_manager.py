@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from rag_clean.records import MetaJson, MetaPath
+from rag_clean.records import MetaJson, MetaMarkdown, MetaPath
 from rag_clean.stages.common import StageOutput
 from rag_clean.storage import EmbeddingWriter, StorageError, TableWriter, read_embeddings, read_table, write_table
 from rag_clean.telemetry import record_materialization, utc_now
@@ -31,6 +31,8 @@ def to_dagster_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
             value = dg.MetadataValue.path(value.path)
         elif isinstance(value, MetaJson):
             value = dg.MetadataValue.json(value.value)
+        elif isinstance(value, MetaMarkdown):
+            value = dg.MetadataValue.md(value.text)
         elif hasattr(value, "item") and callable(value.item):
             value = value.item()
         out[key] = value

@@ -27,6 +27,14 @@ class EmbedderSettingsResource(dg.ConfigurableResource):
     enable_exports: Optional[bool] = None
     export_dir: Optional[str] = None
     reuse_unchanged: Optional[bool] = None
+    hybrid_fusion: Optional[str] = None
+    score_normalization: Optional[str] = None
+    hybrid_dense_weight: Optional[float] = None
+    tune_min_queries: Optional[int] = None
+    tune_fraction: Optional[float] = None
+    tune_ensemble_weights: Optional[bool] = None
+    quality_margin: Optional[float] = None
+    quality_severity: Optional[str] = None
     # Retired (accepted so old run configs keep working; reported in the run's warnings).
     exclusive_ensemble: Optional[bool] = None
     override_source: str = "run config"

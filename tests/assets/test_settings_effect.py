@@ -43,7 +43,7 @@ def test_query_text_mode_decides_what_the_queries_asset_keeps(pipeline):
 def test_rrf_k_from_run_config_changes_the_fused_scores(pipeline):
     """RRF score = sum over rankings of 1 / (k + rank): the top score is <= 2 / (k + 1) and depends on k."""
     def top_scores(**settings) -> list[float]:
-        assert pipeline.materialize(enable_rerank=False, **settings).success
+        assert pipeline.materialize(enable_rerank=False, hybrid_fusion="rrf", **settings).success
         table = pq.read_table(pipeline.file("reranked", "demo.parquet")).to_pylist()
         assert pipeline.summary()["stages"]["reranked"]["candidate_sources"][-1].startswith("sparse:")
         return [r["retrieval_score"] for r in table if r["rank"] == 1]

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rag_clean.registry import DEFAULT_REGISTRY_PATH, load_registry
-from rag_clean.retrieval import ranking_metrics
+from rag_clean.metrics import ranking_metrics
 from rag_clean.storage import read_embeddings
 from rag_clean.telemetry import read_summary
 from rag_clean_assets.checks import build_checks

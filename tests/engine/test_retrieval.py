@@ -16,12 +16,10 @@ from rag_clean.retrieval import (
     dense_search,
     heading_queries,
     load_queries,
-    mean_reciprocal_rank,
     queries_table,
-    ranking_metrics,
-    recall_at_k,
     reciprocal_rank_fusion,
 )
+from rag_clean.metrics import mean_reciprocal_rank, ndcg_at_k, ranking_metrics, recall_at_k
 
 
 def _brute_force(q, d, k):
@@ -141,3 +139,15 @@ def test_queries_table_stores_hash_not_text_and_detects_changes(tmp_path):
     changed, _ = load_queries(tmp_path, _chunks(["x heading"]))
     with pytest.raises(QueryFileError, match="rematerialize `queries` first"):
         check_queries_match(changed, table)
+
+
+def test_mrr_at_10_and_ndcg_at_10():
+    ranked = [["x"] * 10 + ["a"], ["a", "b", "c"], ["b", "x", "a"]]
+    gold = [{"a"}, {"a", "b"}, {"a", "b"}]
+    assert mean_reciprocal_rank(ranked, gold, cutoff=10) == pytest.approx((0 + 1 + 1) / 3)
+    ideal2 = 1 + 1 / np.log2(3)
+    expected = [0.0, 1.0, (1 + 1 / np.log2(4)) / ideal2]
+    assert ndcg_at_k(ranked, gold, 10) == pytest.approx(np.mean(expected))
+    metrics = ranking_metrics(ranked, gold)
+    assert set(metrics) == {"recall@1", "recall@5", "recall@10", "recall@20", "mrr", "mrr@10", "ndcg@10"}
+    assert metrics["mrr"] == pytest.approx((1 / 11 + 1 + 1) / 3, abs=1e-6)
