@@ -9,13 +9,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
+# Re-exported: callers import the allowed values from here.
+from rag_clean.registry_schema import (  # noqa: F401
+    BACKENDS, DTYPES, FUSION_METHODS, ROLES, ModelTable, RegistryFile, render_errors,
+)
+
 REGISTRY_ENV = "RAG_CLEAN_MODEL_REGISTRY"
 DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models.toml")
 
-ROLES = ("dense", "sparse", "rerank")
-BACKENDS = ("sentence-transformers", "flagembedding")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-FUSION_METHODS = ("concat", "mean")
 
 
 class RegistryError(ValueError):
@@ -138,42 +141,17 @@ def resolve_source(source: str, base_dir: Path | None = None) -> str:
     return source  # hub id or absolute folder
 
 
-def _spec_from_table(entry: dict, registry_dir: Path, where: str) -> ModelSpec:
-    known = set(ModelSpec.__dataclass_fields__) - {"registry_dir"}
-    unknown = set(entry) - known
-    if unknown:
-        raise RegistryError(f"{where}: unknown keys {sorted(unknown)}")
-    for key in ("name", "role", "source"):
-        if key not in entry:
-            raise RegistryError(f"{where}: missing required key {key!r}")
-    if entry["role"] not in ROLES:
-        raise RegistryError(f"{where}: role must be one of {ROLES}, got {entry['role']!r}")
-    backend = entry.get("backend", "sentence-transformers")
-    if backend not in BACKENDS:
-        raise RegistryError(f"{where}: backend must be one of {BACKENDS}, got {backend!r}")
-    if entry.get("dtype", "auto") not in DTYPES:
-        raise RegistryError(f"{where}: dtype must be one of {DTYPES}")
-    weight = float(entry.get("weight", 1.0))
-    if weight <= 0:
-        raise RegistryError(f"{where}: weight must be > 0")
-    truncate_dim = entry.get("truncate_dim")
-    dim = entry.get("dim")
-    if truncate_dim is not None and dim is not None and truncate_dim > dim:
-        raise RegistryError(f"{where}: truncate_dim {truncate_dim} > dim {dim}; vectors are never padded")
-    colbert = entry.get("colbert", False)
-    if not isinstance(colbert, bool):
-        raise RegistryError(f"{where}: colbert must be true or false, got {colbert!r}")
-    if colbert and not (entry["role"] == "dense" and backend == "flagembedding" and entry.get("flag_class") == "bge-m3"):
-        raise RegistryError(f"{where}: colbert = true needs role \"dense\", backend \"flagembedding\" and "
-                            f"flag_class \"bge-m3\" (only BGEM3FlagModel has a ColBERT head)")
-    data = dict(entry)
-    data["fallbacks"] = tuple(entry.get("fallbacks", ()))
-    data["weight"] = weight
+def _spec_from_table(entry: ModelTable, registry_dir: Path) -> ModelSpec:
+    data = entry.model_dump()
+    data["fallbacks"] = tuple(data["fallbacks"])
     return ModelSpec(registry_dir=registry_dir, **data)
 
 
 def load_registry(path: str | os.PathLike | None = None) -> Registry:
-    """Load the registry from `path`, else $RAG_CLEAN_MODEL_REGISTRY, else the bundled default."""
+    """Load the registry from `path`, else $RAG_CLEAN_MODEL_REGISTRY, else the bundled default.
+
+    The whole file is validated first (registry_schema); every problem is reported in one RegistryError.
+    """
     path = Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY_PATH).expanduser()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -181,15 +159,9 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
         raise RegistryError(f"model registry {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(f"model registry {path} is not valid TOML: {exc}") from exc
-    entries = raw.get("models", [])
-    if not entries:
-        raise RegistryError(f"model registry {path} names no [[models]]")
-    specs = tuple(_spec_from_table(e, path.parent, f"{path} models[{i}]") for i, e in enumerate(entries))
-    names = [s.asset_name for s in specs]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise RegistryError(f"model registry {path}: duplicate model names {sorted(dupes)}")
-    fusion = raw.get("fusion", {}).get("method", "concat")
-    if fusion not in FUSION_METHODS:
-        raise RegistryError(f"model registry {path}: fusion.method must be one of {FUSION_METHODS}")
-    return Registry(models=specs, fusion_method=fusion, path=path)
+    try:
+        parsed = RegistryFile.model_validate(raw)
+    except ValidationError as exc:
+        raise RegistryError(render_errors(exc, str(path))) from None
+    specs = tuple(_spec_from_table(entry, path.parent) for entry in parsed.models)
+    return Registry(models=specs, fusion_method=parsed.fusion.method, path=path)

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from rag_clean.privacy import query_hash, redact_query
+from rag_clean.privacy import query_hash, query_key, redact_query
 
 QUERIES_FILE = "queries.jsonl"
 MAX_GENERATED_QUERIES = 500
@@ -125,12 +125,13 @@ def masked_gold_texts(queries: Sequence[Query], chunks: pa.Table) -> dict[int, s
 
 
 def queries_table(queries: Sequence[Query], text_mode: str = "hash") -> pa.Table:
+    key = query_key()  # keyed hash (privacy.py): the same key check_queries_match uses in this instance
     return pa.table(
         {
             "query_id": [q.query_id for q in queries],
-            "text_hash": [query_hash(q.text) for q in queries],
+            "text_hash": [query_hash(q.text, key) for q in queries],
             "text_chars": [len(q.text) for q in queries],
-            "text_display": [redact_query(q.text, text_mode) for q in queries],
+            "text_display": [redact_query(q.text, text_mode, key) for q in queries],
             "gold_chunk_ids": [list(q.gold_chunk_ids) for q in queries],
             "origin": [q.origin for q in queries],
         },
@@ -141,7 +142,8 @@ def queries_table(queries: Sequence[Query], text_mode: str = "hash") -> pa.Table
 def check_queries_match(queries: Sequence[Query], stored: pa.Table) -> None:
     """The reranked asset re-reads query text from its origin; it must be what `queries` recorded."""
     stored_pairs = list(zip(stored.column("query_id").to_pylist(), stored.column("text_hash").to_pylist()))
-    current = [(q.query_id, query_hash(q.text)) for q in queries]
+    key = query_key()
+    current = [(q.query_id, query_hash(q.text, key)) for q in queries]
     if stored_pairs != current:
         raise QueryFileError(
             "the collection's queries changed since the `queries` asset was materialized; rematerialize `queries` first"

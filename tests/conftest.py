@@ -35,6 +35,18 @@ def _offline_hub():
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _query_key_file(tmp_path_factory):
+    """The keyed query hash creates its secret on first use: keep it out of the real ~/.config."""
+    saved = os.environ.get("RAG_CLEAN_QUERY_KEY_FILE")
+    os.environ["RAG_CLEAN_QUERY_KEY_FILE"] = str(tmp_path_factory.mktemp("query_key") / "query_key")
+    yield
+    if saved is None:
+        os.environ.pop("RAG_CLEAN_QUERY_KEY_FILE", None)
+    else:
+        os.environ["RAG_CLEAN_QUERY_KEY_FILE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory) -> Path:
     """Folder with tiny-a (32-d), tiny-b (48-d), tiny-splade, tiny-reranker, tiny-bge-m3."""

@@ -7,9 +7,12 @@ Tests that rematerialize parts of `full_run` sit at the end of the file.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import shutil
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +76,10 @@ def full_run(tmp_path_factory, tiny_registry_path):
     home.mkdir()
     with pytest.MonkeyPatch.context() as mp, dg.instance_for_test(temp_dir=str(home)) as instance:
         _clean_env(mp, tmp)
+        # The query key at its default place (user config), to check it lands outside storage and instance.
+        mp.delenv("RAG_CLEAN_QUERY_KEY", raising=False)
+        mp.delenv("RAG_CLEAN_QUERY_KEY_FILE", raising=False)
+        mp.setenv("XDG_CONFIG_HOME", str(tmp / "user_config"))
         write_collection(tmp / "data", queries=QUERIES)
         pipeline = Pipeline(tmp / "data", tmp / "storage", tiny_registry_path, tmp / "locks")
         pipeline.instance = instance
@@ -153,6 +160,20 @@ def test_query_text_never_lands_in_storage_or_instance(full_run):
     assert any(p.startswith("exports/demo/") for p in stored)
     assert storage_files >= 10 and home_files >= 2
     assert list(full_run.home.rglob("*.db"))
+
+
+def test_query_hash_is_keyed_by_a_secret_outside_storage_and_instance(full_run):
+    key_file = full_run.tmp / "user_config" / "rag_clean" / "query_key"
+    assert key_file.is_file() and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    for root in (full_run.pipeline.storage_root, full_run.home):
+        assert root.resolve() not in key_file.resolve().parents
+        assert not [p for p in root.rglob("*") if p.is_file() and key_file.read_bytes().strip() in p.read_bytes()]
+    stored = pq.read_table(full_run.pipeline.file("queries", "demo.parquet")).to_pylist()
+    planted = next(r for r in stored if r["query_id"] == "q-planted")
+    key = key_file.read_bytes().strip()
+    assert planted["text_hash"] == "hmac-sha256:" + hmac.new(key, PLANTED_QUERY.encode(), hashlib.sha256).hexdigest()[:16]
+    assert hashlib.sha256(PLANTED_QUERY.encode()).hexdigest()[:16] not in json.dumps(stored)
+    assert full_run.result.success  # reranked's check_queries_match agreed with the same keyed hash
 
 
 def test_checks_fail_on_corrupted_fused_file(full_run, tmp_path):
