@@ -3,7 +3,7 @@
 Every stage returns one record. `to_summary()` is the dict stored under `stages[<asset key>]` in
 processing_summary.json (the summary's v4.1 sections are built from those dicts, see telemetry);
 `to_metadata()` is the Dagster materialization metadata, as plain values plus the `MetaPath` /
-`MetaJson` markers that the Dagster adapter turns into path / JSON metadata. Nothing else reads a
+`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Nothing else reads a
 stage's fields by key.
 """
 
@@ -25,6 +25,81 @@ class MetaJson:
     value: Any
 
 
+@dataclass(frozen=True)
+class MetaMarkdown:
+    text: str
+
+
+# ---------------------------------------------------------------- readable values (numbers stay beside them)
+
+
+def human_bytes(n: int | float) -> str:
+    """1536 -> "1.5 KiB" (binary units, one decimal; bytes as an integer)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(x: int | float) -> str:
+    """230_400 -> "230k", 1_500_000 -> "1.5M", 12.34 -> "12.3"."""
+    x = float(x)
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            v = x / div
+            return f"{v:.0f}{suffix}" if v >= 100 else f"{v:.1f}{suffix}".replace(".0" + suffix, suffix)
+    return f"{x:.0f}" if x >= 100 or x == int(x) else f"{x:.1f}"
+
+
+def human_rate(per_second: float, unit: str) -> str:
+    return f"{human_count(per_second)} {unit}/s"
+
+
+def human_duration(seconds: float) -> str:
+    """0.0123 -> "12 ms", 4.2 -> "4.2 s", 185 -> "3 min 5 s", 7300 -> "2 h 1 min"."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def compact(value: Any) -> Any:
+    """`value` without None, empty strings, lists and dicts, at any depth (False and 0 are values: kept)."""
+    if isinstance(value, dict):
+        out = {k: compact(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if not _empty(v)}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (compact(v) for v in value) if not _empty(v)]
+    return value
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list, tuple, dict)) and len(value) == 0)
+
+
+METRIC_COLUMNS = (("recall@1", "recall@1"), ("recall@5", "recall@5"), ("recall@10", "recall@10"),
+                  ("recall@20", "recall@20"), ("mrr", "MRR"))
+
+
+def metrics_markdown(metrics: dict[str, dict], candidate_sources: list[str], scorer: str) -> str:
+    """One row per phase (before / after rerank), one column per metric; then what was ranked, and how."""
+    lines = ["| phase | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
+             "|---|" + "---:|" * len(METRIC_COLUMNS)]
+    for phase, values in metrics.items():
+        cells = [("n/a" if values.get(key) is None else f"{values[key]:.3f}") for key, _ in METRIC_COLUMNS]
+        lines.append(f"| {phase.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    lines += ["", "Candidate sources: " + (", ".join(f"`{s}`" for s in candidate_sources) or "none"),
+              "", f"Final order by: `{scorer}`"]
+    return "\n".join(lines)
+
+
 def encode_fields(stats: EncodeStats | None) -> dict:
     """The encoder's measurements as the summary keeps them."""
     if stats is None:
@@ -36,7 +111,9 @@ def encode_fields(stats: EncodeStats | None) -> dict:
 def _encode_metadata(stats: EncodeStats | None) -> dict:
     if stats is None:
         return {}
-    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": float(stats.tokens_per_second())}
+    tps = float(stats.tokens_per_second())
+    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": tps,
+           "throughput": human_rate(tps, "tokens")}
     if stats.oom_mitigations:
         out["batch_mitigations"] = MetaJson(stats.oom_mitigations)
     return out
@@ -95,6 +172,9 @@ class StageRecord:
     def to_metadata(self, summary_file: str) -> dict:
         out: dict[str, Any] = {"status": self.status, "rows": int(self.rows), "bytes": int(self.bytes),
                                "duration_s": float(self.duration_s or 0.0), "summary": MetaPath(summary_file)}
+        out["duration"] = human_duration(out["duration_s"])
+        if not self.disabled:
+            out["size"] = human_bytes(out["bytes"])
         if self.path:
             out["path"] = MetaPath(self.path)
         if self.device is not None:
@@ -102,9 +182,13 @@ class StageRecord:
         if self.reason is not None:
             out["reason"] = self.reason
         if self.lease:
-            out["lease"] = MetaJson(self.lease)
+            # The summary keeps every lease field; the UI shows only those that say something.
+            out["lease"] = MetaJson(compact(self.lease))
         if self.disabled:
             out["executed"] = False
+            # Still a materialization (downstream must run, see docs/architecture.md): say plainly it did nothing.
+            out["note"] = ("disabled: this stage did not run and wrote nothing; the stored file, if any, is "
+                           "from an earlier run" + (f" ({self.reason})" if self.reason else ""))
         out.update(self.stage_metadata())
         return out
 
@@ -259,6 +343,7 @@ class RerankRecord(StageRecord):
                 if value is not None:
                     out[f"{phase}/{name}"] = float(value)
         out["rerank_fallback_applied"] = bool((self.resolution or {}).get("fallback_applied", False))
+        out["metrics_table"] = MetaMarkdown(metrics_markdown(self.metrics, self.candidate_sources, self.scorer))
         return out | _encode_metadata(self.encode)
 
 
@@ -286,4 +371,4 @@ class ExportsRecord(StageRecord):
         if self.disabled:
             return {}
         return {"executed": True, "export_dir": MetaPath(self.export_dir), "files": len(self.files),
-                "bytes_written": self.bytes_written}
+                "bytes_written": self.bytes_written, "exported_size": human_bytes(self.bytes_written)}
