@@ -3,7 +3,7 @@
 Every stage returns one record. `to_summary()` is the dict stored under `stages[<asset key>]` in
 processing_summary.json (the summary's v4.1 sections are built from those dicts, see telemetry);
 `to_metadata()` is the Dagster materialization metadata, as plain values plus the `MetaPath` /
-`MetaJson` markers that the Dagster adapter turns into path / JSON metadata. Nothing else reads a
+`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Nothing else reads a
 stage's fields by key.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rag_clean.encoders.base import EncodeStats
+from rag_clean.readable import compact, human_bytes, human_duration, human_rate, metrics_markdown
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ def truncation_warning(stats: EncodeStats | None, total: int) -> str | None:
 def _encode_metadata(stats: EncodeStats | None) -> dict:
     if stats is None:
         return {}
-    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": float(stats.tokens_per_second()),
-           "chunks_truncated": int(stats.truncated_inputs)}
+    tps = float(stats.tokens_per_second())
+    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": tps,
+           "throughput": human_rate(tps, "tokens"), "chunks_truncated": int(stats.truncated_inputs)}
     if stats.oom_mitigations:
         out["batch_mitigations"] = MetaJson(stats.oom_mitigations)
     return out
@@ -109,6 +111,9 @@ class StageRecord:
     def to_metadata(self, summary_file: str) -> dict:
         out: dict[str, Any] = {"status": self.status, "rows": int(self.rows), "bytes": int(self.bytes),
                                "duration_s": float(self.duration_s or 0.0), "summary": MetaPath(summary_file)}
+        out["duration"] = human_duration(out["duration_s"])
+        if not self.disabled:
+            out["size"] = human_bytes(out["bytes"])
         if self.path:
             out["path"] = MetaPath(self.path)
         if self.device is not None:
@@ -116,9 +121,13 @@ class StageRecord:
         if self.reason is not None:
             out["reason"] = self.reason
         if self.lease:
-            out["lease"] = MetaJson(self.lease)
+            # The summary keeps every lease field; the UI shows only those that say something.
+            out["lease"] = MetaJson(compact(self.lease))
         if self.disabled:
             out["executed"] = False
+            # Still a materialization (downstream must run, see docs/architecture.md): say plainly it did nothing.
+            out["note"] = ("disabled: this stage did not run and wrote nothing; the stored file, if any, is "
+                           "from an earlier run" + (f" ({self.reason})" if self.reason else ""))
         out.update(self.stage_metadata())
         return out
 
@@ -293,6 +302,7 @@ class RerankRecord(StageRecord):
             out["hybrid_weights"] = ", ".join(f"{k} {v:.2f}" for k, v in self.hybrid["weights"].items())
             out["hybrid_candidates"] = MetaMarkdown(candidates_table(self.hybrid, self.ensemble))
         out["rerank_fallback_applied"] = bool((self.resolution or {}).get("fallback_applied", False))
+        out["metrics_table"] = MetaMarkdown(metrics_markdown(self.metrics, self.candidate_sources, self.scorer))
         return out | _encode_metadata(self.encode)
 
 
@@ -320,7 +330,7 @@ class ExportsRecord(StageRecord):
         if self.disabled:
             return {}
         return {"executed": True, "export_dir": MetaPath(self.export_dir), "files": len(self.files),
-                "bytes_written": self.bytes_written}
+                "bytes_written": self.bytes_written, "exported_size": human_bytes(self.bytes_written)}
 
 
 def candidates_table(hybrid: dict, ensemble: dict | None = None) -> str:

@@ -3,7 +3,8 @@
 
 import hashlib
 import warnings
-
+from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 import dagster as dg
@@ -11,10 +12,13 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.registry import Registry
-from rag_clean.storage import EmbeddingSet
+from rag_clean.storage import EmbeddingSet, file_digest, read_table
+from rag_clean.telemetry import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.assets.fused import FUSED_KEY
 from rag_clean_assets.partitions import collections_partitions
+from resources.paths import PathsResource
 
 NORM_TOLERANCE = 1e-3
 
@@ -136,5 +140,48 @@ def reranked_valid(chunks: pa.Table, queries: pa.Table, reranked: pa.Table) -> d
     return _result(problems, {"rows": reranked.num_rows, "queries": len(ranks)})
 
 
+@dg.asset_check(asset="queries", partitions_def=collections_partitions,
+                additional_ins={"chunks": dg.AssetIn("chunks")},
+                description="unique query ids, every gold chunk id exists in chunks")
+def queries_valid(chunks: pa.Table, queries: pa.Table) -> dg.AssetCheckResult:
+    known = set(chunks.column("chunk_id").to_pylist())
+    qids = queries.column("query_id").to_pylist()
+    problems = []
+    duplicates = sorted(q for q, n in Counter(qids).items() if n > 1)
+    if duplicates:
+        problems.append(f"{len(duplicates)} duplicate query ids: {', '.join(duplicates[:5])}")
+    unknown = sorted({g for gold in queries.column("gold_chunk_ids").to_pylist() for g in (gold or []) if g not in known})
+    if unknown:
+        problems.append(f"{len(unknown)} gold chunk ids not in chunks: {', '.join(unknown[:5])}")
+    return _result(problems, {"queries": len(qids), "duplicate_ids": len(duplicates), "unknown_gold_ids": len(unknown)})
+
+
+@dg.asset_check(asset=EXPORTS_KEY, name="exports_valid", partitions_def=collections_partitions,
+                description="every file in the manifest exists with the recorded size and sha256")
+def exports_valid(context: dg.AssetCheckExecutionContext, paths: PathsResource) -> dg.AssetCheckResult:
+    # Reads the manifest itself instead of taking the asset as input: exports is off by default, and a
+    # disabled stage stores no manifest, which the IO manager would refuse to load.
+    layout = paths.layout()
+    collection = context.partition_key
+    summary_file = layout.summary_file(collection)
+    record = read_summary(summary_file).get("stages", {}).get(EXPORTS_KEY.to_user_string()) if summary_file.exists() else None
+    if not record or record.get("status") == "disabled":
+        return dg.AssetCheckResult(passed=True, metadata={"status": "disabled"},
+                                   description="not applicable: exports are disabled for this collection")
+    manifest = read_table(layout.asset_file(list(EXPORTS_KEY.path), collection)).to_pylist()
+    folder = Path(record["export_dir"])
+    problems = []
+    for entry in manifest:
+        path = folder / entry["name"]
+        if not path.is_file():
+            problems.append(f"{entry['name']} missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{entry['name']} is {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif file_digest(path) != entry["sha256"]:
+            problems.append(f"{entry['name']} sha256 differs from the manifest")
+    return _result(problems, {"files": len(manifest), "export_dir": dg.MetadataValue.path(str(folder))})
+
+
 def build_checks(registry: Registry) -> list:
-    return [chunks_valid, fused_valid, sparse_valid, reranked_valid, *(build_dense_check(s) for s in registry.dense)]
+    return [chunks_valid, fused_valid, sparse_valid, reranked_valid, queries_valid, exports_valid,
+            *(build_dense_check(s) for s in registry.dense)]

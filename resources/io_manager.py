@@ -12,6 +12,7 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rag_clean.records import MetaJson, MetaMarkdown, MetaPath
 from rag_clean.stages.common import StageOutput
@@ -37,6 +38,23 @@ def to_dagster_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
             value = value.item()
         out[key] = value
     return out
+
+
+def stored_table_metadata(path: Path) -> dict[str, Any]:
+    """Dagster's standard `dagster/row_count` (and `dagster/column_schema` for Parquet tables) of the file
+    just published, read from its footer / schema: what the UI shows in its table and lineage views."""
+    if path.suffix == ".parquet":
+        meta = pq.ParquetFile(str(path)).metadata
+        schema = meta.schema.to_arrow_schema()
+        columns = [dg.TableColumn(name=f.name, type=str(f.type)) for f in schema]
+        return {"dagster/row_count": int(meta.num_rows),
+                "dagster/column_schema": dg.MetadataValue.table_schema(dg.TableSchema(columns=columns))}
+    if path.suffix == ".arrow":
+        with pa.memory_map(str(path)) as source:
+            reader = pa.ipc.open_file(source)
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        return {"dagster/row_count": int(rows)}
+    return {}
 
 
 class TelemetryIOManager(dg.ConfigurableIOManager):
@@ -65,7 +83,10 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
             record.bytes, record.path = write_table(obj.value, path), str(path)
         else:
             raise TypeError(f"{record.asset_key}: unsupported value type {type(obj.value).__name__}")
-        context.add_output_metadata(to_dagster_metadata(record_materialization(self.paths.layout(), record)))
+        metadata = to_dagster_metadata(record_materialization(self.paths.layout(), record))
+        if not obj.disabled:  # a disabled stage stored nothing this run: no row count to claim
+            metadata |= stored_table_metadata(path)
+        context.add_output_metadata(metadata)
 
     def load_input(self, context: dg.InputContext) -> Any:
         path = self._file(context)

@@ -4,6 +4,7 @@ rerank of the top K, metrics per candidate system before and after the rerank.""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,29 @@ def _sparse_rows(table: pa.Table, model: str, chunk_ids: Sequence[str]) -> tuple
         raise StorageError(f"sparse_vectors for {model} lacks chunks {missing[:3]}: rematerialize sparse_vectors")
     return ([np.asarray(term_ids[pos[c]], np.int32) for c in chunk_ids],
             [np.asarray(weights[pos[c]], np.float32) for c in chunk_ids])
+
+
+# "...: LocalEntryNotFoundError: ..." inside an error's text: the chained cause, the same for every hub source.
+_NESTED_ERROR = re.compile(r": [A-Z]\w*(?:Error|Exception): ")
+
+
+def _first_line(text: str, limit: int = 240) -> str:
+    """The first line of an error, without a chained cause, at most `limit` characters."""
+    line = next((l.strip() for l in str(text).splitlines() if l.strip()), "")
+    line = _NESTED_ERROR.split(line, maxsplit=1)[0]
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
+def _rerank_unavailable_warning(resolution: dict) -> str:
+    """One header line, then one line per source tried with the first line of its error: a hub error
+    repeats the whole offline explanation, which made the old one-line message 1,400 characters long."""
+    lines = ["rerank: no cross-encoder could be loaded; results keep retrieval order."]
+    attempts = resolution.get("attempts") or []
+    if attempts:
+        lines += [f"  - {a.get('source')}: {_first_line(a.get('error', ''))}" for a in attempts]
+    elif resolution.get("reason"):
+        lines.append(f"  - {_first_line(resolution['reason'])}")
+    return "\n".join(lines)
 
 
 def _encode_dense(specs: Sequence[ModelSpec], q_texts: list[str], masked: dict[int, str], device):
@@ -66,8 +90,8 @@ def _sparse_scorers(specs, sparse: pa.Table, chunk_ids, q_texts, masked: dict[in
             # Chunks may hold metadata-fallback vectors, but queries have no metadata: leave this
             # model out of the candidates, say so, and keep the other systems.
             msg = (f"sparse candidates from {spec.name} skipped: its encoder cannot be loaded for the queries "
-                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-            log.warning(msg)
+                   f"({type(exc).__name__}: {_first_line(exc)})")
+            log.debug(msg)  # surfaced once, by whoever runs the stage, from record.warnings
             record.warnings.append(msg)
             continue
         try:
@@ -224,8 +248,8 @@ def _rerank(candidates, q_texts, texts, rerank_spec, config: RetrievalConfig, de
     if reranker is None:
         resolution["fallback_applied"] = True
         record.status = "fallback"
-        msg = f"rerank: no cross-encoder could be loaded; results keep retrieval order. {resolution['reason']}"
-        log.warning(msg)
+        msg = _rerank_unavailable_warning(resolution)
+        log.debug(msg)  # surfaced once, by whoever runs the stage, from record.warnings
         record.warnings.append(msg)
         return candidates, rerank_scores, "retrieval (no cross-encoder could be loaded)"
     try:

@@ -7,6 +7,8 @@ from rag_clean.chunking import ChunkingConfig, read_collection
 from rag_clean.records import ChunksRecord
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, log_warnings, run_plan, start_record
+from rag_clean_assets import versions
+from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -23,11 +25,12 @@ class ChunksConfig(dg.Config):
     io_manager_key=IO_MANAGER_KEY,
     group_name="ingest",
     kinds={"python", "parquet"},
+    code_version=versions.CHUNKS,
     description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
                 "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
 )
 def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
-           registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> StageOutput:
+           registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
     timer = StageTimer()
     plan = run_plan(context, registry, settings)
     folder = paths.collection_dir(context.partition_key)
@@ -40,4 +43,4 @@ def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: Paths
                                        skips=[{"file": s.file, "index": s.index, "reason": s.reason}
                                               for s in result.skipped]), plan)
     log_warnings(context, record)
-    return StageOutput(result.table, timer.stamp(record))
+    return versioned(context, StageOutput(result.table, timer.stamp(record)))

@@ -19,6 +19,8 @@ from rag_clean_assets.assets.common import (
     staged_file,
     start_record,
 )
+from rag_clean_assets import versions
+from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
@@ -41,13 +43,14 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         group_name="embeddings",
         kinds={"pytorch", "arrow"},
         pool="gpu",
+        code_version=versions.dense_code_version(spec),
         description=f"L2-normalized float32 vectors of every chunk from dense model {spec.name} "
                     f"({spec.backend}, {spec.source}). Vectors of unchanged chunks are reused.",
         metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,
                   "dim": int(spec.output_dim or 0), "fusion_weight": float(spec.weight)},
     )
     def _dense(context: dg.AssetExecutionContext, chunks: pa.Table, gpu_lease: GpuLeaseResource,
-               registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource) -> StageOutput:
+               registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource) -> dg.Output[StageOutput]:
         timer = StageTimer()
         plan = run_plan(context, registry, settings)
         current = plan.dense_spec(spec.name)
@@ -55,7 +58,7 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         if reason is not None:
             context.log.info(f"dense stage skipped: {reason}")
             record = DenseRecord(model=spec.name, status="disabled", reason=reason)
-            return StageOutput(None, timer.stamp(start_record(record, plan)))
+            return versioned(context, StageOutput(None, timer.stamp(start_record(record, plan))))
         layout = paths.layout()
         # bge-m3 serving the sparse stage too (or asked for ColBERT): one forward pass, side files beside.
         joint = joint_outputs(plan.joint(current), layout, current, context.partition_key)
@@ -78,6 +81,6 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
             if info["sparse_partner"]:
                 context.log.info(f"{spec.name}: same pass wrote lexical rows for {info['sparse_partner']} to "
                                  f"{info['sparse_file']}")
-        return StageOutput(writer, timer.stamp(record))
+        return versioned(context, StageOutput(writer, timer.stamp(record)))
 
     return _dense

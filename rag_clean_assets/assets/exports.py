@@ -15,6 +15,8 @@ from rag_clean.storage import EmbeddingSet
 from rag_clean.telemetry import build_summary, read_summary, utc_now
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets import versions
+from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -36,21 +38,24 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
         io_manager_key=IO_MANAGER_KEY,
         group_name="exports",
         kinds={"numpy", "json"},
-        description="The old embedder's export files under <export_dir>/<collection>/: fused and per-model .npy, "
+        code_version=versions.EXPORTS,
+        # Placeholders in braces: the UI renders descriptions as markdown and swallows <...> as HTML.
+        description="The old embedder's export files under {export_dir}/{collection}/: fused and per-model .npy, "
                     "qdrant JSONL (named vectors per model + fused + sparse), sparse JSONL, metadata, stats, and a "
                     "copy of the processing summary. Off unless enable_exports (rag-clean --output-dir, config, "
                     "EMBEDDER_ENABLE_EXPORTS=1 or run config). Value: the files written with bytes and sha256.",
     )
     def exports(context: dg.AssetExecutionContext, chunks: pa.Table, fused_embeddings: EmbeddingSet,
                 sparse_vectors: pa.Table | None, registry: ModelRegistryResource, settings: EmbedderSettingsResource,
-                paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> StageOutput:
+                paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
         timer = StageTimer()
         plan = run_plan(context, registry, settings)
         collection = context.partition_key
         reason = plan.exports_disabled_reason()
         if reason is not None:
             context.log.info(reason)
-            return StageOutput(None, timer.stamp(start_record(ExportsRecord(status="disabled", reason=reason), plan)))
+            record = ExportsRecord(status="disabled", reason=reason)
+            return versioned(context, StageOutput(None, timer.stamp(start_record(record, plan))))
         # A disabled sparse stage leaves its previous file in place: never export that stale file.
         if plan.sparse_enabled and sparse_vectors is None:
             raise ValueError("sparse is enabled but sparse_vectors has no stored file for this collection: "
@@ -76,6 +81,6 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
             sparse_models=[s.name for s in plan.sparse], summary=summary_with_this_stage)
         context.log.info(f"exported {len(record.files)} files to {record.export_dir}")
         record.device = "cpu"
-        return StageOutput(table, timer.stamp(start_record(record, plan)))
+        return versioned(context, StageOutput(table, timer.stamp(start_record(record, plan))))
 
     return exports

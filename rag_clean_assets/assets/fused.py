@@ -12,6 +12,8 @@ from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, staged_file, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets import versions
+from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -30,11 +32,12 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
         io_manager_key=IO_MANAGER_KEY,
         group_name="embeddings",
         kinds={"numpy", "arrow"},
+        code_version=versions.FUSED,
         description="Weighted fusion of the dense models. concat (default): each unit vector scaled by sqrt(weight), "
                     "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",
     )
     def fused_embeddings(context: dg.AssetExecutionContext, chunks: pa.Table, registry: ModelRegistryResource,
-                         settings: EmbedderSettingsResource, paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> StageOutput:
+                         settings: EmbedderSettingsResource, paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
         timer = StageTimer()
         plan = run_plan(context, registry, settings)
         missing = [s.name for s in plan.dense if dense_sets.get(s.asset_name) is None]
@@ -44,6 +47,6 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
         sets = {s.name: dense_sets[s.asset_name] for s in plan.dense}
         writer, record = run_fusion_stage(sets, plan.fusion_weights, plan.fusion_method,
                                           staged_file(paths, FUSED_KEY, context.partition_key), chunks)
-        return StageOutput(writer, timer.stamp(start_record(record, plan)))
+        return versioned(context, StageOutput(writer, timer.stamp(start_record(record, plan))))
 
     return fused_embeddings

@@ -10,6 +10,8 @@ from rag_clean.stages import run_retrieval_stage
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, lease_target, log_warnings, run_plan, start_record
+from rag_clean_assets import versions
+from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
@@ -22,18 +24,19 @@ from resources.settings import EmbedderSettingsResource
     io_manager_key=IO_MANAGER_KEY,
     group_name="retrieval",
     kinds={"python", "parquet"},
+    code_version=versions.QUERIES,
     description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
                 "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
                 "(hash by default, or the first 100 characters); never the whole raw query.",
 )
 def queries(context: dg.AssetExecutionContext, chunks: pa.Table, paths: PathsResource,
-            registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> StageOutput:
+            registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
     timer = StageTimer()
     plan = run_plan(context, registry, settings)
     found, source = load_queries(paths.collection_dir(context.partition_key), chunks)
     record = QueriesRecord(rows=len(found), source=source, with_gold=sum(1 for q in found if q.gold_chunk_ids),
                            text_mode=plan.query_text_mode, device="cpu")
-    return StageOutput(queries_table(found, plan.query_text_mode), timer.stamp(start_record(record, plan)))
+    return versioned(context, StageOutput(queries_table(found, plan.query_text_mode), timer.stamp(start_record(record, plan))))
 
 
 @dg.asset(
@@ -42,13 +45,14 @@ def queries(context: dg.AssetExecutionContext, chunks: pa.Table, paths: PathsRes
     group_name="retrieval",
     kinds={"pytorch", "parquet"},
     pool="gpu",
+    code_version=versions.RERANKED,
     description="Per query: candidates from fused vectors (+ sparse by reciprocal-rank fusion when enabled), the top K "
                 "reranked by a cross-encoder (fallback chain from the registry), ranked chunk ids with retrieval and "
                 "rerank scores and the scorer that produced them. Recall@k and MRR before/after rerank as metadata.",
 )
 def reranked(context: dg.AssetExecutionContext, chunks: pa.Table, queries: pa.Table,
              fused_embeddings: EmbeddingSet, sparse_vectors: pa.Table | None, gpu_lease: GpuLeaseResource,
-             registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource) -> StageOutput:
+             registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource) -> dg.Output[StageOutput]:
     timer = StageTimer()
     plan = run_plan(context, registry, settings)
     found, _ = load_queries(paths.collection_dir(context.partition_key), chunks)
@@ -62,4 +66,4 @@ def reranked(context: dg.AssetExecutionContext, chunks: pa.Table, queries: pa.Ta
             lease_target(lease))
     add_lease(start_record(record, plan), lease)
     log_warnings(context, record)
-    return StageOutput(table, timer.stamp(record))
+    return versioned(context, StageOutput(table, timer.stamp(record)))

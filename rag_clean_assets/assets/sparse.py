@@ -25,6 +25,8 @@ from rag_clean_assets.assets.common import (
     start_record,
 )
 from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets import versions
+from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
@@ -49,6 +51,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         group_name="embeddings",
         kinds={"pytorch", "parquet"},
         pool="gpu",
+        code_version=versions.SPARSE,
         description="Sparse term weights per chunk from each selected sparse model. Opt out with "
                     "EMBEDDER_ENABLE_SPARSE=0 (then nothing is written and the previous file stays). A bge-m3 "
                     "sparse model reuses the lexical rows of its dense partner's forward pass when they cover "
@@ -56,13 +59,14 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
     )
     def sparse_vectors(context: dg.AssetExecutionContext, chunks: pa.Table, gpu_lease: GpuLeaseResource,
                        registry: ModelRegistryResource, settings: EmbedderSettingsResource,
-                       paths: PathsResource) -> StageOutput:
+                       paths: PathsResource) -> dg.Output[StageOutput]:
         timer = StageTimer()
         plan = run_plan(context, registry, settings)
         reason = plan.sparse_disabled_reason()
         if reason is not None:
             context.log.info(reason)
-            return StageOutput(None, timer.stamp(start_record(SparseRecord(status="disabled", reason=reason), plan)))
+            record = SparseRecord(status="disabled", reason=reason)
+            return versioned(context, StageOutput(None, timer.stamp(start_record(record, plan))))
         layout = paths.layout()
         shared = shared_sparse_sources(plan.registry, plan.sparse, layout, context.partition_key)
         sink = TableWriter(staged_file(paths, SPARSE_KEY, context.partition_key), SPARSE_SCHEMA)
@@ -75,6 +79,6 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         for name, info in record.shared_pass.items():
             context.log.info(f"{name}: rows from the forward pass of {info['dense_model']}" if info["used"]
                              else info["reason"])
-        return StageOutput(staged, timer.stamp(record))
+        return versioned(context, StageOutput(staged, timer.stamp(record)))
 
     return sparse_vectors

@@ -1,0 +1,73 @@
+"""Code versions of the assets (one constant each) and the data version each output carries.
+
+Bump an asset's constant when its logic changes what it stores: Dagster then reports it, and
+everything downstream, as unsynced. Without a code version Dagster takes the run id as one, so
+every rerun -- even a no-op -- would mark the whole downstream graph changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import dagster as dg
+import pyarrow as pa
+
+from rag_clean.registry import ModelSpec
+from rag_clean.stages.common import StageOutput, model_fingerprint
+
+CHUNKS = "1"
+DENSE = "1"
+FUSED = "1"
+SPARSE = "1"
+QUERIES = "1"
+RERANKED = "1"
+EXPORTS = "1"
+
+# Output(data_version=) is "beta" in Dagster 1.13; it is what the staleness of the graph is built on.
+warnings.filterwarnings("ignore", message=".*Parameter `data_version` of initializer `Output.__init__`.*")
+
+# Dagster's tag for an asset event's data version (dagster._core.definitions.data_version.DATA_VERSION_TAG).
+DATA_VERSION_TAG = "dagster/data_version"
+STATUS_TAG = "rag_clean/status"
+
+
+def dense_code_version(spec: ModelSpec) -> str:
+    """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
+    code change of that asset (its vectors change), so it and its downstream become unsynced."""
+    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec).encode()).hexdigest()[:12]}"
+
+
+def table_data_version(table: pa.Table) -> dg.DataVersion:
+    """A digest of the table's content (Arrow IPC bytes: equal tables give equal bytes)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return dg.DataVersion(hashlib.sha256(sink.getvalue()).hexdigest()[:24])
+
+
+def _previous_data_version(context: dg.AssetExecutionContext) -> dg.DataVersion | None:
+    record = context.instance.get_latest_data_version_record(context.asset_key, False, context.partition_key)
+    materialization = record.asset_materialization if record is not None else None
+    version = (materialization.tags or {}).get(DATA_VERSION_TAG) if materialization is not None else None
+    return dg.DataVersion(version) if version else None
+
+
+def versioned(context: dg.AssetExecutionContext, output: StageOutput) -> dg.Output:
+    """The asset's return value with its data version and status tag.
+
+    - Tables get a content digest: `chunks` and `queries` read files Dagster does not track, so
+      code version + inputs alone would call an edited collection unchanged; for the others a
+      rerun that produces the same rows keeps the same version.
+    - A disabled stage writes nothing and the stored file is the previous one, so it keeps the previous
+      data version: downstream is not reported changed by a stage that did not run. (Without a
+      previous materialization Dagster's default applies.)
+    - Streamed embedding files use Dagster's default (code version + upstream data versions).
+    """
+    data_version = None
+    if output.disabled:
+        data_version = _previous_data_version(context)
+    elif isinstance(output.value, pa.Table):
+        data_version = table_data_version(output.value)
+    tags = {STATUS_TAG: "disabled" if output.disabled else output.record.status}
+    return dg.Output(output, data_version=data_version, tags=tags)

@@ -1,0 +1,316 @@
+"""What the Dagster UI shows (issue 10): table metadata, readable sizes, the metrics table, code and data
+versions (no-op reruns leave the graph in sync), disabled stages, the new checks, one short rerank warning.
+
+One module-scoped pipeline is materialized twice on one instance (`twice`); read-only tests come first,
+tests that rematerialize parts of it sit at the end, in the order they run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from types import SimpleNamespace
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from dagster._core.definitions.data_version import StaleStatus
+from dagster._utils.test.data_versions import get_stale_status_resolver
+
+from rag_clean.records import DenseRecord, MetaJson, compact, human_bytes, human_duration, human_rate
+from rag_clean.registry import load_registry
+from rag_clean_assets import versions
+from rag_clean_assets.partitions import collections_partitions
+from tiny_models import write_tiny_registry
+
+from pipeline_helpers import Pipeline, write_collection
+
+QUERIES = [
+    {"query_id": "q-rerank", "text": "rerank the retrieval results with a cross encoder", "gold_chunk_ids": ["legacy-2"]},
+    {"query_id": "q-embed", "text": "embedding model vector", "gold_chunk_ids": ["legacy-1"]},
+]
+TOGGLE_VARS = ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "EMBEDDER_ENABLE_EXPORTS",
+               "RAG_CLEAN_FORCE_CPU")
+TABLE_ASSETS = ("chunks", "sparse_vectors", "queries", "reranked", "exports")
+EMBEDDING_ASSETS = ("dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings")
+
+
+def _clean_env(mp: pytest.MonkeyPatch, tmp) -> None:
+    for var in TOGGLE_VARS:
+        mp.delenv(var, raising=False)
+    mp.setenv("EMBEDDER_CONFIG_FILE", str(tmp / "absent-config.json"))
+
+
+def _events(result) -> dict[str, dg.AssetMaterialization]:
+    return {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
+
+
+def _statuses(pipeline: Pipeline) -> dict[str, StaleStatus]:
+    resolver = get_stale_status_resolver(pipeline.instance, pipeline.assets)
+    return {k.to_user_string(): resolver.get_status(k, "demo") for a in pipeline.assets for k in a.keys}
+
+
+def _run_checks_only(pipeline: Pipeline, asset_key: dg.AssetKey):
+    job = dg.define_asset_job("checks_only", selection=dg.AssetSelection.checks_for_assets(asset_key),
+                              partitions_def=collections_partitions)
+    defs = dg.Definitions(assets=pipeline.assets, asset_checks=pipeline.checks, jobs=[job],
+                          resources=pipeline.resources())
+    pipeline.instance.add_dynamic_partitions("collections", ["demo"])
+    return defs.resolve_job_def("checks_only").execute_in_process(
+        tags={"dagster/partition": "demo"}, instance=pipeline.instance, raise_on_error=False)
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory, tiny_registry_path):
+    tmp = tmp_path_factory.mktemp("metadata")
+    with pytest.MonkeyPatch.context() as mp:
+        _clean_env(mp, tmp)
+        write_collection(tmp / "data", queries=QUERIES)
+        pipeline = Pipeline(tmp / "data", tmp / "storage", tiny_registry_path, tmp / "locks")
+        export_dir = str(tmp / "exported")
+        first = pipeline.materialize(enable_exports=True, export_dir=export_dir)
+        second = pipeline.materialize(enable_exports=True, export_dir=export_dir)
+        assert first.success and second.success
+        yield SimpleNamespace(pipeline=pipeline, first=first, second=second, events=_events(second), tmp=tmp,
+                              export_dir=export_dir, mp=mp)
+
+
+# ---------------------------------------------------------------- helpers render what they say
+
+
+def test_readable_values():
+    assert [human_bytes(n) for n in (0, 1023, 1536, int(1.2 * 1024 ** 2), 3 * 1024 ** 3)] == [
+        "0 B", "1023 B", "1.5 KiB", "1.2 MiB", "3.0 GiB"]
+    assert [human_rate(x, "tokens") for x in (12.34, 1000, 230_400, 1_500_000)] == [
+        "12.3 tokens/s", "1k tokens/s", "230k tokens/s", "1.5M tokens/s"]
+    assert [human_duration(s) for s in (0.0123, 4.2, 185, 7300)] == ["12 ms", "4.2 s", "3 min 5 s", "2 h 1 min"]
+    assert compact({"a": None, "b": [], "c": {"d": None}, "e": 0, "f": False, "g": [{"h": "", "i": 1}]}) == {
+        "e": 0, "f": False, "g": [{"i": 1}]}
+
+
+# ---------------------------------------------------------------- metadata of a good run
+
+
+def test_tables_carry_row_count_and_column_schema(twice):
+    for name in TABLE_ASSETS:
+        stored = pq.read_table(twice.pipeline.file(*name.split("/"), "demo.parquet"))
+        meta = twice.events[name].metadata
+        assert meta["dagster/row_count"].value == stored.num_rows > 0, name
+        schema = meta["dagster/column_schema"].value
+        assert isinstance(schema, dg.TableSchema), name
+        assert [(c.name, c.type) for c in schema.columns] == [(f.name, str(f.type)) for f in stored.schema], name
+    n_chunks = twice.events["chunks"].metadata["dagster/row_count"].value
+    for name in EMBEDDING_ASSETS:
+        assert twice.events[name].metadata["dagster/row_count"].value == n_chunks, name
+
+
+def test_sizes_durations_and_rates_are_readable_beside_the_numbers(twice):
+    for name, event in twice.events.items():
+        meta = event.metadata
+        assert meta["size"].value == human_bytes(meta["bytes"].value) and meta["bytes"].value > 0, name
+        assert meta["duration"].value == human_duration(meta["duration_s"].value), name
+    first = _events(twice.first)  # the second run reuses every dense vector: nothing encoded, no rate
+    for name in (*EMBEDDING_ASSETS[:2], "reranked"):
+        meta = first[name].metadata
+        assert meta["throughput"].value == human_rate(meta["tokens_per_second"].value, "tokens"), name
+        assert re.fullmatch(r"[\d.]+[kMG]? tokens/s", meta["throughput"].value), name
+    exports = twice.events["exports"].metadata
+    assert exports["exported_size"].value == human_bytes(exports["bytes_written"].value)
+
+
+def test_reranked_has_one_markdown_metrics_table(twice):
+    meta = twice.events["reranked"].metadata
+    table = meta["metrics_table"]
+    assert isinstance(table, dg.MarkdownMetadataValue)
+    lines = table.value.splitlines()
+    assert lines[0] == "| phase | recall@1 | recall@5 | recall@10 | recall@20 | MRR | MRR@10 | nDCG@10 |"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in lines[2:] if line.startswith("| ")}
+    assert set(rows) == {"before rerank", "after rerank", "held-out before rerank", "held-out after rerank"}
+    for phase in ("before_rerank", "after_rerank"):
+        expected = [f"{meta[f'{phase}/{m}'].value:.3f}"
+                    for m in ("recall@1", "recall@5", "recall@10", "recall@20", "mrr", "mrr@10", "ndcg@10")]
+        assert rows[phase.replace("_", " ")] == expected
+    # The quality check reads the held-out final ranking; the table shows the same numbers.
+    assert rows["held-out after rerank"][2] == f"{meta['quality/recall@10'].value:.3f}"
+    sources = meta["candidate_sources"].value.split(", ")
+    assert sources[0] == "dense:fused" and any(s.startswith("sparse:") for s in sources)
+    assert "Candidate sources: " + ", ".join(f"`{s}`" for s in sources) in lines
+    assert f"Final order by: `{meta['scorer'].value}`" in lines
+
+
+def test_lease_metadata_has_no_empty_fields_and_summary_keeps_them(twice):
+    stages = twice.pipeline.summary()["stages"]
+    leased = [k for k, e in twice.events.items() if "lease" in e.metadata]
+    assert {"dense_embeddings/tiny_a", "sparse_vectors", "reranked"} <= set(leased)
+
+    def empties(value, path=""):
+        if isinstance(value, dict):
+            return [p for k, v in value.items() for p in empties(v, f"{path}.{k}")]
+        if isinstance(value, list):
+            return [path] if not value else [p for i, v in enumerate(value) for p in empties(v, f"{path}[{i}]")]
+        return [path] if value is None or value == "" else []
+
+    for key in leased:
+        shown = twice.events[key].metadata["lease"].value
+        assert empties(shown) == [], key
+        assert shown == compact(stages[key]["lease"]), key
+
+
+def test_lease_metadata_drops_empty_fields_the_record_keeps():
+    lease = {"lease_id": "abc", "devices": ["cuda:0"], "cpu_fallback": False, "reason": None, "wait_seconds": 0.0,
+             "vram_before": [], "holder": {"pid": 1, "owner": ""}, "events": [{"event": "acquired", "detail": {}}]}
+    record = DenseRecord(model="m", lease=lease, rows=3, bytes=10)
+    assert record.to_metadata("summary.json")["lease"] == MetaJson(
+        {"lease_id": "abc", "devices": ["cuda:0"], "cpu_fallback": False, "wait_seconds": 0.0, "holder": {"pid": 1},
+         "events": [{"event": "acquired"}]})
+    assert record.to_summary()["lease"] == lease
+
+
+def test_every_asset_has_its_code_version(twice):
+    registry = load_registry(twice.pipeline.registry_path)
+    expected = {"chunks": versions.CHUNKS, "fused_embeddings": versions.FUSED, "sparse_vectors": versions.SPARSE,
+                "queries": versions.QUERIES, "reranked": versions.RERANKED, "exports": versions.EXPORTS}
+    expected |= {f"dense_embeddings/{s.asset_name}": versions.dense_code_version(s) for s in registry.dense}
+    found = {k.to_user_string(): a.code_versions_by_key[k] for a in twice.pipeline.assets for k in a.keys}
+    assert found == expected and all(found.values())
+    assert len(set(expected[f"dense_embeddings/{s.asset_name}"] for s in registry.dense)) == len(registry.dense)
+    for name, event in twice.events.items():
+        assert event.tags["dagster/code_version"] == expected[name], name
+
+
+def test_no_asset_description_holds_an_html_like_placeholder(twice):
+    for assets_def in twice.pipeline.assets:
+        for key, text in assets_def.descriptions_by_key.items():
+            assert not re.search(r"<[A-Za-z_/][^>]*>", text or ""), (key, text)
+    exports = next(a for a in twice.pipeline.assets if dg.AssetKey("exports") in a.keys)
+    assert "{export_dir}/{collection}/" in exports.descriptions_by_key[dg.AssetKey("exports")]
+
+
+def test_new_checks_pass_on_a_good_run(twice):
+    checks = {(c.asset_key.to_user_string(), c.check_name): c for c in twice.second.get_asset_check_evaluations()}
+    for key in (("queries", "queries_valid"), ("exports", "exports_valid")):
+        assert checks[key].passed, checks[key].description
+    assert checks[("exports", "exports_valid")].metadata["files"].value == 8
+    assert checks[("queries", "queries_valid")].metadata["queries"].value == len(QUERIES)
+
+
+def test_queries_check_fails_on_duplicate_ids_and_unknown_gold(twice, tmp_path):
+    storage = tmp_path / "storage"
+    shutil.copytree(twice.pipeline.storage_root, storage)
+    pipeline = Pipeline(twice.pipeline.data_root, storage, twice.pipeline.registry_path, tmp_path / "locks")
+    path = storage / "queries" / "demo.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows.append(dict(rows[0], gold_chunk_ids=["no-such-chunk"]))
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    [evaluation] = _run_checks_only(pipeline, dg.AssetKey("queries")).get_asset_check_evaluations()
+    assert evaluation.passed is False
+    assert f"1 duplicate query ids: {rows[0]['query_id']}" in evaluation.description
+    assert "1 gold chunk ids not in chunks: no-such-chunk" in evaluation.description
+
+
+def test_exports_check_fails_on_a_changed_or_missing_file(twice, tmp_path):
+    storage, exported = tmp_path / "storage", tmp_path / "exported"
+    shutil.copytree(twice.pipeline.storage_root, storage)
+    shutil.copytree(twice.export_dir, exported)
+    summary_file = storage / "telemetry" / "demo" / "processing_summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["stages"]["exports"]["export_dir"] = str(exported / "demo")
+    summary_file.write_text(json.dumps(summary))
+    pipeline = Pipeline(twice.pipeline.data_root, storage, twice.pipeline.registry_path, tmp_path / "locks")
+    [good] = _run_checks_only(pipeline, dg.AssetKey("exports")).get_asset_check_evaluations()
+    assert good.passed, good.description
+
+    manifest = pq.read_table(storage / "exports" / "demo.parquet").to_pylist()
+    grown, same_size, gone = (exported / "demo" / m["name"] for m in manifest[:3])
+    grown.write_bytes(grown.read_bytes() + b"x")
+    data = bytearray(same_size.read_bytes())
+    data[-1] ^= 1
+    same_size.write_bytes(bytes(data))
+    gone.unlink()
+    [bad] = _run_checks_only(pipeline, dg.AssetKey("exports")).get_asset_check_evaluations()
+    assert bad.passed is False
+    assert f"{grown.name} is {grown.stat().st_size} bytes, manifest says {manifest[0]['bytes']}" in bad.description
+    assert f"{same_size.name} sha256 differs from the manifest" in bad.description
+    assert f"{gone.name} missing" in bad.description
+
+
+# ---------------------------------------------------------------- versions (rematerialize parts of `twice`)
+
+
+def test_noop_reruns_leave_every_asset_in_sync(twice):
+    assert set(_statuses(twice.pipeline).values()) == {StaleStatus.FRESH}
+    first, second = _events(twice.first), twice.events
+    for name in ("chunks", "queries", *EMBEDDING_ASSETS, "sparse_vectors", "reranked"):
+        assert first[name].tags["dagster/data_version"] == second[name].tags["dagster/data_version"], name
+    # Rerunning only the root (nothing changed) must not mark the rest unsynced.
+    result = twice.pipeline.materialize(selection=dg.AssetSelection.assets("chunks"), enable_exports=True,
+                                        export_dir=twice.export_dir)
+    assert _events(result)["chunks"].tags["dagster/data_version"] == second["chunks"].tags["dagster/data_version"]
+    assert set(_statuses(twice.pipeline).values()) == {StaleStatus.FRESH}
+
+
+def test_disabled_stage_says_so_and_keeps_its_data_version(twice):
+    before = {k: twice.events[k].tags["dagster/data_version"] for k in ("sparse_vectors", "exports")}
+    result = twice.pipeline.materialize(selection=dg.AssetSelection.assets("sparse_vectors", "exports"),
+                                        enable_sparse=False, enable_exports=False)
+    assert result.success
+    for name, event in _events(result).items():
+        meta = event.metadata
+        assert event.tags[versions.STATUS_TAG] == "disabled", name
+        assert meta["status"].value == "disabled" and meta["executed"].value is False, name
+        assert meta["note"].value.startswith("disabled: this stage did not run and wrote nothing"), name
+        assert meta["reason"].value in meta["note"].value, name
+        assert "dagster/row_count" not in meta and "size" not in meta, name
+        assert event.tags["dagster/data_version"] == before[name], name
+    assert set(_statuses(twice.pipeline).values()) == {StaleStatus.FRESH}  # reranked is not marked changed
+    assert twice.events["reranked"].tags[versions.STATUS_TAG] == "ok"
+
+
+def test_edited_collection_marks_downstream_unsynced(twice):
+    notes = twice.pipeline.data_root / "demo" / "notes.jsonl"
+    notes.write_text(json.dumps({"id": "note-1", "text": "install the cuda driver first", "author": "ops"}) + "\n")
+    result = twice.pipeline.materialize(selection=dg.AssetSelection.assets("chunks"))
+    assert _events(result)["chunks"].tags["dagster/data_version"] != twice.events["chunks"].tags["dagster/data_version"]
+    statuses = _statuses(twice.pipeline)
+    assert statuses["chunks"] == StaleStatus.FRESH
+    for name in ("queries", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings",
+                 "sparse_vectors", "reranked"):
+        assert statuses[name] == StaleStatus.STALE, name
+
+
+# ---------------------------------------------------------------- the rerank fallback warning
+
+
+def test_rerank_fallback_warning_is_one_line_per_source_logged_once(tiny_models_dir, tmp_path, monkeypatch, caplog):
+    _clean_env(monkeypatch, tmp_path)
+    missing = tmp_path / "no-such-reranker"
+    sources = ["BAAI/not-in-any-cache", "cross-encoder/also-not-cached", f"path:{missing}"]
+    registry = write_tiny_registry(tmp_path / "registry", tiny_models_dir, rerank_sources=sources)
+    write_collection(tmp_path / "data")
+    pipeline = Pipeline(tmp_path / "data", tmp_path / "storage", registry, tmp_path / "locks")
+    with caplog.at_level(logging.DEBUG):
+        result = pipeline.materialize(enable_sparse=False, selection=dg.AssetSelection.all() - dg.AssetSelection.assets("exports"))
+    assert result.success
+    warnings = [e.user_message for e in pipeline.instance.all_logs(result.run_id)
+                if e.level == logging.WARNING and "no cross-encoder could be loaded" in (e.user_message or "")]
+    assert len(warnings) == 1, warnings
+    lines = warnings[0].splitlines()
+    assert lines[0] == "rerank: no cross-encoder could be loaded; results keep retrieval order."
+    assert [line.split(": ", 1)[0] for line in lines[1:]] == [f"  - {s}" for s in sources]
+    attempts = pipeline.summary()["rerank_run"]["attempts"]
+    for line, attempt in zip(lines[1:], attempts):
+        shown, first = line.split(": ", 1)[1], attempt["error"].strip().splitlines()[0].strip()
+        assert first.startswith(shown.rstrip("\u2026")) and len(shown) <= 240, (shown, first)
+        assert shown.startswith("ModelLoadError: ") and "Error: " not in shown[len("ModelLoadError: "):], shown
+    # The hub's offline explanation (a chained cause) was repeated once per source; it is gone.
+    assert "LocalEntryNotFoundError" in attempts[0]["error"] and "LocalEntryNotFoundError" not in warnings[0]
+    assert len(warnings[0]) < 200 * len(lines)
+    # The engine's own logger does not repeat it as a warning.
+    assert not [r for r in caplog.records if r.name.startswith("rag_clean") and r.levelno >= logging.WARNING
+                and "no cross-encoder" in r.getMessage()]
+    assert [w for w in pipeline.summary()["warnings"] if "no cross-encoder" in w] == [warnings[0]]
