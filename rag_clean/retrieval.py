@@ -52,7 +52,18 @@ def load_queries(collection_dir: Path, chunks: pa.Table) -> tuple[list[Query], s
 
 def _read_query_file(path: Path, known_ids: set[str]) -> list[Query]:
     queries, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    data = path.read_bytes()
+    try:
+        text_of_file = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A bare UnicodeDecodeError names neither the file nor the line.
+        bad_line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise QueryFileError(
+            f"{path.name} line {bad_line}: not valid UTF-8 (byte {data[exc.start]:#04x} at byte {column} of the line: "
+            f"{exc.reason}): save the file as UTF-8"
+        ) from None
+    for lineno, line in enumerate(text_of_file.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -62,6 +73,8 @@ def _read_query_file(path: Path, known_ids: set[str]) -> list[Query]:
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise QueryFileError(f"{path.name} line {lineno}: needs a non-empty string 'text'")
+        if not _is_unicode(text):  # a JSON "\\ud800" escape: hashing the query would fail later
+            raise QueryFileError(f"{path.name} line {lineno}: 'text' holds a lone surrogate (a bad \\u escape)")
         qid = str(obj.get("query_id") or obj.get("id") or f"q{lineno}")
         if qid in seen:
             raise QueryFileError(f"{path.name} line {lineno}: duplicate query_id {qid!r}")
@@ -74,6 +87,14 @@ def _read_query_file(path: Path, known_ids: set[str]) -> list[Query]:
             raise QueryFileError(f"{path.name} line {lineno}: gold chunk ids not in the collection: {unknown[:3]}")
         queries.append(Query(qid, text, tuple(gold), f"file:{QUERIES_FILE}:{lineno}"))
     return queries
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def heading_queries(chunks: pa.Table, limit: int = MAX_GENERATED_QUERIES) -> list[Query]:

@@ -104,10 +104,22 @@ def write_table(table: pa.Table, path: Path) -> int:
     return path.stat().st_size
 
 
+def _unreadable(path: Path, what: str, exc: Exception) -> StorageError:
+    """One line naming the file, what is wrong and what to do (a raw ArrowInvalid says none of it)."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StorageError(
+        f"{path} is not a valid {what} (truncated or corrupt: {detail}): rematerialize the asset that "
+        f"writes it for this collection (its asset key is the folder path under the storage root)"
+    )
+
+
 def read_table(path: Path) -> pa.Table:
     if not Path(path).exists():
         raise StorageError(f"{path} does not exist: materialize the upstream asset first")
-    return pq.read_table(path, memory_map=True)
+    try:
+        return pq.read_table(path, memory_map=True)
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid / ArrowIOError: bad footer, short read
+        raise _unreadable(path, "Parquet file", exc) from exc
 
 
 class TableWriter:
@@ -292,8 +304,8 @@ def read_embeddings(path: Path) -> EmbeddingSet:
     try:
         source = pa.memory_map(str(path), "r")
         table = ipc.open_file(source).read_all()
-    except pa.ArrowInvalid as exc:
-        raise StorageError(f"{path} is not a valid Arrow IPC embeddings file: {exc}") from exc
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, "Arrow IPC embeddings file", exc) from exc
     names = table.schema.names
     if names[:3] != ["chunk_id", "content_hash", "embedding"]:
         raise StorageError(f"{path}: unexpected columns {names}")

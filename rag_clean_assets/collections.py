@@ -17,9 +17,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from rag_clean.storage import check_name
+from rag_clean.storage import StorageError, check_name
 from rag_clean.telemetry import read_summary
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
+from rag_clean_assets.sensors import skipped_folder_line
 from resources.paths import PathsResource
 
 DAGSTER_YAML = """\
@@ -105,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "init-home":
         print(f"dagster instance config: {init_home()}")
-    elif args.command == "add":
-        new = add(args.names)
-        print(f"added partitions: {new}" if new else f"partitions already known: {args.names}")
-    elif args.command == "sync":
-        names = PathsResource().collections()
-        new = add(names) if names else []
-        print(f"collections under the data root: {names}; newly added: {new}")
+    elif args.command in ("add", "sync"):
+        try:
+            if args.command == "add":
+                new = add(args.names)
+                print(f"added partitions: {new}" if new else f"partitions already known: {args.names}")
+            else:
+                names, unusable = PathsResource().scan_collections()
+                for folder, reason in unusable:  # the sensor logs the same lines
+                    print(skipped_folder_line(folder, reason))
+                new = add(names) if names else []
+                print(f"collections under the data root: {names}; newly added: {new}")
+        except StorageError as exc:  # a bad name or folder is the user's to fix: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "list":
         print("\n".join(_instance().get_dynamic_partitions(COLLECTIONS_PARTITION)))
     elif args.command == "report":

@@ -7,11 +7,15 @@ from rag_clean_assets.partitions import COLLECTIONS_PARTITION, collections_parti
 from resources.paths import PathsResource
 
 
-def new_collections(instance: dg.DagsterInstance, paths: PathsResource) -> tuple[list[str], list[str]]:
-    """(new usable collections, folders skipped because their names cannot be partition keys)."""
+def new_collections(instance: dg.DagsterInstance, paths: PathsResource) -> tuple[list[str], list[tuple[str, str]]]:
+    """(new usable collections, [(folder, reason)] for folders that cannot be collections)."""
     known = set(instance.get_dynamic_partitions(COLLECTIONS_PARTITION))
     names, unusable = paths.scan_collections()
     return [name for name in names if name not in known], unusable
+
+
+def skipped_folder_line(folder: str, reason: str) -> str:
+    return f"skipped folder {folder!r} under the data root: {reason}"
 
 
 def build_collection_sensor(job) -> dg.SensorDefinition:
@@ -19,11 +23,10 @@ def build_collection_sensor(job) -> dg.SensorDefinition:
                description="Adds a partition for every new folder under the data root and materializes it.")
     def collection_folder_sensor(context: dg.SensorEvaluationContext, paths: PathsResource) -> dg.SensorResult:
         added, unusable = new_collections(context.instance, paths)
-        skipped = ""
-        if unusable:
-            skipped = (f"skipped {len(unusable)} folder(s) whose names are not usable as collection names "
-                       f"(letters, digits, '.', '_', '-'): {unusable}")
-            context.log.warning(skipped)
+        lines = [skipped_folder_line(folder, reason) for folder, reason in unusable]
+        for line in lines:  # one line each, so every skipped folder can be found in the log
+            context.log.warning(line)
+        skipped = f"skipped {len(lines)} folder(s): " + "; ".join(lines) if lines else ""
         if not added:
             return dg.SensorResult(skip_reason="; ".join(filter(None, ["no new collection folders", skipped])))
         context.log.info(f"new collections: {added}")

@@ -1,13 +1,14 @@
 """Read a collection folder into one table of chunks (the `chunks` stage).
 
-Three input kinds, found recursively (hidden files and folders ignored):
+Three input kinds, found recursively (hidden files and folders, and symlinks that resolve outside
+the data root, are skipped and counted):
 
 * the old embedder's chunk files `*_chunks.json`: a JSON list of {"text", "metadata": {"chunk_id", ...}};
 * JSONL: one object per line with "text", optional "id", every other field kept as metadata;
 * Markdown / plain-text documents that are chunked here: heading-aware, token-budgeted, with overlap.
 
 Bad input raises `ChunkingError` naming the file (path relative to the collection) and the record
-index or line. Empty texts and files of other types are skipped, and every skip is reported in
+index or line. Empty texts, front-matter-only documents and files of other types are skipped; every skip is in
 `ChunkingResult.skipped`, never dropped silently.
 
 Modules, one concern each: `markdown` (document structure), `packer` (token budget and overlap),

@@ -66,11 +66,16 @@ def chunk_markdown(
     Heading-aware (ATX and setext; `#` inside code fences is code): each chunk stays inside one
     section and carries its heading and section_path. The first chunk of a section starts with
     its heading line. Sections without text are not chunked (reported in `skipped` when they
-    have no sub-sections either). YAML front matter goes to metadata["front_matter"].
+    have no sub-sections either). YAML front matter goes to metadata["front_matter"]; a document
+    that is only front matter gives no rows (reported in `skipped`).
     """
     count = count_tokens or approx_token_count
     body, front_matter = strip_front_matter(text.replace("\r\n", "\n").replace("\r", "\n"))
     extra = {"front_matter": front_matter} if front_matter is not None else None
+    if front_matter is not None and not body.strip():
+        if skipped is not None:
+            skipped.append(SkipRecord(source_file, None, "front matter only, no text to embed"))
+        return []
     return _chunk_document(parse_markdown(body), source_file, "markdown", config, count, skipped, extra)
 
 

@@ -10,6 +10,27 @@ from .rows import make_row
 from .tokens import CountTokens
 
 
+def _check_unicode(value: Any, where: str, field: str = "") -> None:
+    """JSON can spell a lone surrogate ("\\ud800"); no UTF-8 can hold it, so hashing or writing the
+    chunk would fail later with a bare UnicodeEncodeError. Name the record and the field instead."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ChunkingError(
+                f"{where}: {f'field {field!r}' if field else 'a key'} holds a lone surrogate "
+                f"\\u{ord(value[exc.start]):04x} at character {exc.start}, which is not valid Unicode: "
+                f"fix that \\u escape in the file"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, where, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, where, f"{field}[{i}]")
+
+
 def _mapped_fields(metadata: dict, where: str, heading_keys: tuple[str, ...]) -> dict:
     """Typed copies of the metadata fields that have their own column; wrong types are errors."""
     out: dict[str, Any] = {}
@@ -47,11 +68,14 @@ def read_chunk_file(
         raise ChunkingError(f"{rel}: expected a JSON list of chunk records, got {type(records).__name__}")
     if not records:
         skipped.append(SkipRecord(rel, None, "chunk file holds no records"))
+    has_escapes = "\\u" in raw  # only a \u escape can make a surrogate: skip the walk otherwise
     rows = []
     for i, record in enumerate(records):
         where = f"{rel} record index {i}"
         if not isinstance(record, dict):
             raise ChunkingError(f"{where}: expected an object, got {type(record).__name__}")
+        if has_escapes:
+            _check_unicode(record, where)
         text = record.get("text")
         if not isinstance(text, str):
             raise ChunkingError(f"{where}: 'text' must be a string, got {type(text).__name__}")
@@ -95,6 +119,8 @@ def read_jsonl(raw: str, rel: str, count_tokens: CountTokens, skipped: list[Skip
             raise ChunkingError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from exc
         if not isinstance(record, dict):
             raise ChunkingError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "\\u" in line:  # only a \u escape can make a surrogate: skip the walk otherwise
+            _check_unicode(record, where)
         text = record.get("text")
         if not isinstance(text, str):
             raise ChunkingError(f"{where}: 'text' is missing or not a string")

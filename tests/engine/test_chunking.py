@@ -441,6 +441,8 @@ def test_mixed_collection_order_schema_and_skips(tmp_path):
     assert result.files_read == ["empty.md", "guide.md", "notes.jsonl", "sub/legacy_chunks.json", "sub/plain.txt"]
     skips = sorted((s.file, s.index, s.reason.split(" (")[0]) for s in result.skipped)
     assert skips == [
+        (".git", None, "hidden folder"),  # hidden entries are counted, never read
+        (".hidden.md", None, "hidden file"),
         ("empty.md", None, "empty document"),
         ("notes.jsonl", 2, "empty text"),
         ("picture.png", None, "unsupported file type"),
