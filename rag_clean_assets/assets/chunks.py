@@ -8,6 +8,7 @@ from rag_clean.records import ChunksRecord
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, log_warnings, run_plan, start_record
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -23,6 +24,7 @@ class ChunksConfig(dg.Config):
     io_manager_key=IO_MANAGER_KEY,
     group_name="ingest",
     kinds={"python", "parquet"},
+    op_tags=cpu_pod_tags(),
     description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
                 "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
 )

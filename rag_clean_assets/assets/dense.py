@@ -20,6 +20,7 @@ from rag_clean_assets.assets.common import (
     start_record,
 )
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import gpu_pod_tags
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -41,6 +42,7 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         group_name="embeddings",
         kinds={"pytorch", "arrow"},
         pool="gpu",
+        op_tags=gpu_pod_tags(),
         description=f"L2-normalized float32 vectors of every chunk from dense model {spec.name} "
                     f"({spec.backend}, {spec.source}). Vectors of unchanged chunks are reused.",
         metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,

@@ -16,6 +16,7 @@ from rag_clean.telemetry import build_summary, read_summary, utc_now
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -36,6 +37,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
         io_manager_key=IO_MANAGER_KEY,
         group_name="exports",
         kinds={"numpy", "json"},
+        op_tags=cpu_pod_tags(),
         description="The old embedder's export files under <export_dir>/<collection>/: fused and per-model .npy, "
                     "qdrant JSONL (named vectors per model + fused + sparse), sparse JSONL, metadata, stats, and a "
                     "copy of the processing summary. Off unless enable_exports (rag-clean --output-dir, config, "

@@ -13,6 +13,7 @@ from rag_clean.storage import EmbeddingSet
 from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, staged_file, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -30,6 +31,7 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
         io_manager_key=IO_MANAGER_KEY,
         group_name="embeddings",
         kinds={"numpy", "arrow"},
+        op_tags=cpu_pod_tags(),
         description="Weighted fusion of the dense models. concat (default): each unit vector scaled by sqrt(weight), "
                     "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",
     )
