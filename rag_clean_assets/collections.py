@@ -3,7 +3,7 @@
     python -m rag_clean_assets.collections add <name>    # add one partition (its folder must exist)
     python -m rag_clean_assets.collections sync          # add a partition for every folder under the data root
     python -m rag_clean_assets.collections list
-    python -m rag_clean_assets.collections init-home     # write $DAGSTER_HOME/dagster.yaml if missing
+    python -m rag_clean_assets.collections init-home [--gpu-pool-limit N]  # write $DAGSTER_HOME/dagster.yaml if missing
     python -m rag_clean_assets.collections report <name> # where the outputs are, and the headline numbers
 
 Needs DAGSTER_HOME: without it the Dagster CLI uses a throwaway instance that knows no partitions.
@@ -41,12 +41,17 @@ def _instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def init_home() -> Path:
+def init_home(gpu_pool_limit: int = 1) -> Path:
+    """gpu_pool_limit: the `gpu` pool's limit (the only pool, so the default limit) = GPUs to use at once."""
+    if gpu_pool_limit < 1:
+        raise ValueError(f"gpu pool limit must be >= 1, got {gpu_pool_limit}")
     home = Path(os.environ.get("DAGSTER_HOME") or sys.exit("error: set DAGSTER_HOME"))
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(DAGSTER_YAML, encoding="utf-8")
+        # A line substitution, not str.format: the template stays plain YAML (braces allowed).
+        text = DAGSTER_YAML.replace("    default_limit: 1\n", f"    default_limit: {gpu_pool_limit}\n", 1)
+        config.write_text(text, encoding="utf-8")
     return config
 
 
@@ -95,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rag-clean-collections", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("init-home")
+    init_p = sub.add_parser("init-home")
+    init_p.add_argument("--gpu-pool-limit", type=int, default=1, metavar="N",
+                        help="GPU steps at once (set to the number of GPUs); written only if dagster.yaml is new")
     add_p = sub.add_parser("add")
     add_p.add_argument("names", nargs="+")
     sub.add_parser("sync")
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--wall-seconds", type=float)
     args = parser.parse_args(argv)
     if args.command == "init-home":
-        print(f"dagster instance config: {init_home()}")
+        print(f"dagster instance config: {init_home(args.gpu_pool_limit)}")
     elif args.command in ("add", "sync"):
         try:
             if args.command == "add":

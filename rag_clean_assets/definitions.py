@@ -44,12 +44,26 @@ def build_resources(*, data_root: str = "", storage_root: str = "", registry_pat
     }
 
 
+EXECUTORS = ("in_process", "multiprocess", "k8s")
+
+
 def default_executor():
     """In process by default: GPU steps run one at a time anyway (pool "gpu", exclusive ensemble), and a
     process per step costs a torch import each (the sample job: 30 s in process vs 190 s on 2 cores).
-    RAG_CLEAN_EXECUTOR=multiprocess runs CPU-only steps side by side and isolates each step's memory."""
-    if os.environ.get("RAG_CLEAN_EXECUTOR", "in_process") == "multiprocess":
+    RAG_CLEAN_EXECUTOR=multiprocess runs CPU-only steps side by side and isolates each step's memory;
+    with a `gpu` pool limit N on an N-GPU host, N GPU steps (models or collections) run on N cards.
+    RAG_CLEAN_EXECUTOR=k8s: one pod per step (dagster-k8s), pod requirements from rag_clean_assets/pods.py."""
+    name = os.environ.get("RAG_CLEAN_EXECUTOR", "in_process") or "in_process"
+    if name not in EXECUTORS:
+        raise ValueError(f"RAG_CLEAN_EXECUTOR={name!r}: expected one of {EXECUTORS}")
+    if name == "multiprocess":
         return dg.multiprocess_executor
+    if name == "k8s":
+        try:  # lazily: dagster-k8s is an optional extra, needed only on a cluster
+            from dagster_k8s import k8s_job_executor
+        except ImportError as exc:
+            raise ImportError("RAG_CLEAN_EXECUTOR=k8s needs dagster-k8s (docs/scaling.md, \"On Kubernetes\")") from exc
+        return k8s_job_executor
     return dg.in_process_executor
 
 

@@ -20,6 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[bootstrap] pip install failed (full log: .venv/install.log)" >&2
     exit 1
   fi
+  # dagster-k8s pins dagster 1.13.27 (no release for 1.13.28): its deps come from the extra, it comes alone.
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps dagster-k8s==0.29.27 \
+    >> .venv/install.log 2>&1 || { tail -20 .venv/install.log >&2; echo "[bootstrap] dagster-k8s install failed" >&2; exit 1; }
   .venv/bin/python -c "import dagster, torch, sentence_transformers, FlagEmbedding, rag_clean_assets" \
     || { echo "[bootstrap] installed packages do not import" >&2; exit 1; }
   echo "$want" > "$stamp"

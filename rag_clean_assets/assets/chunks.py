@@ -10,6 +10,7 @@ from rag_clean_assets.assets.common import IO_MANAGER_KEY, log_warnings, run_pla
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -26,6 +27,7 @@ class ChunksConfig(dg.Config):
     group_name="ingest",
     kinds={"python", "parquet"},
     code_version=versions.CHUNKS,
+    op_tags=cpu_pod_tags(),
     description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
                 "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
 )

@@ -22,6 +22,7 @@ from rag_clean_assets.assets.common import (
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import gpu_pod_tags
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -44,6 +45,7 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         kinds={"pytorch", "arrow"},
         pool="gpu",
         code_version=versions.dense_code_version(spec),
+        op_tags=gpu_pod_tags(),
         description=f"L2-normalized float32 vectors of every chunk from dense model {spec.name} "
                     f"({spec.backend}, {spec.source}). Vectors of unchanged chunks are reused.",
         metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,

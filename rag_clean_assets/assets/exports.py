@@ -18,6 +18,7 @@ from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -39,6 +40,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
         group_name="exports",
         kinds={"numpy", "json"},
         code_version=versions.EXPORTS,
+        op_tags=cpu_pod_tags(),
         # Placeholders in braces: the UI renders descriptions as markdown and swallows <...> as HTML.
         description="The old embedder's export files under {export_dir}/{collection}/: fused and per-model .npy, "
                     "qdrant JSONL (named vectors per model + fused + sparse), sparse JSONL, metadata, stats, and a "

@@ -15,6 +15,7 @@ from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -33,6 +34,7 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
         group_name="embeddings",
         kinds={"numpy", "arrow"},
         code_version=versions.FUSED,
+        op_tags=cpu_pod_tags(),
         description="Weighted fusion of the dense models. concat (default): each unit vector scaled by sqrt(weight), "
                     "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",
     )

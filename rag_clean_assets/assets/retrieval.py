@@ -13,6 +13,7 @@ from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, lease_targ
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags, gpu_pod_tags
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -25,6 +26,7 @@ from resources.settings import EmbedderSettingsResource
     group_name="retrieval",
     kinds={"python", "parquet"},
     code_version=versions.QUERIES,
+    op_tags=cpu_pod_tags(),
     description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
                 "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
                 "(hash by default, or the first 100 characters); never the whole raw query.",
@@ -46,6 +48,7 @@ def queries(context: dg.AssetExecutionContext, chunks: pa.Table, paths: PathsRes
     kinds={"pytorch", "parquet"},
     pool="gpu",
     code_version=versions.RERANKED,
+    op_tags=gpu_pod_tags(),
     description="Per query: candidates from fused vectors (+ sparse by reciprocal-rank fusion when enabled), the top K "
                 "reranked by a cross-encoder (fallback chain from the registry), ranked chunk ids with retrieval and "
                 "rerank scores and the scorer that produced them. Recall@k and MRR before/after rerank as metadata.",

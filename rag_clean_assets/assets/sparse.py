@@ -28,6 +28,7 @@ from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import gpu_pod_tags
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -52,6 +53,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         kinds={"pytorch", "parquet"},
         pool="gpu",
         code_version=versions.SPARSE,
+        op_tags=gpu_pod_tags(),
         description="Sparse term weights per chunk from each selected sparse model. Opt out with "
                     "EMBEDDER_ENABLE_SPARSE=0 (then nothing is written and the previous file stays). A bge-m3 "
                     "sparse model reuses the lexical rows of its dense partner's forward pass when they cover "
