@@ -163,6 +163,11 @@ def _rerank_run(stage: dict | None, toggles: Mapping) -> dict:
         "rerank_top_k": stage.get("rerank_top_k"),
         "candidate_sources": stage.get("candidate_sources"),
         "metrics": stage.get("metrics", {}),
+        "hybrid": stage.get("hybrid"),
+        "ensemble_tuning": stage.get("ensemble"),
+        "reranker_gain": stage.get("reranker_gain", {}),
+        "quality": stage.get("quality", {}),
+        "masked_gold_chunks": stage.get("masked_gold_chunks", 0),
         "latency_ms": percentiles(1000.0 * s for s in stage.get("batch_seconds", [])),
         "oom_mitigations": (stage.get("encode") or {}).get("oom_mitigations", []),
     }
@@ -179,6 +184,16 @@ def _truncated_per_model(stages: Mapping[str, dict]) -> dict[str, int]:
                 if "truncated_inputs" in enc:
                     out[name] = int(enc["truncated_inputs"] or 0)
     return dict(sorted(out.items()))
+
+
+def _runs(stages: Mapping[str, dict]) -> dict:
+    """Which run produced each stage, and the stages that are not from the run of the latest chunks
+    (after a run that failed part way, those may describe older chunks: see the chunks check
+    outputs_cite_current_chunks)."""
+    by_stage = {key: rec.get("run_id") for key, rec in sorted(stages.items())}
+    chunks_run = by_stage.get("chunks")
+    return {"by_stage": by_stage, "chunks_run_id": chunks_run,
+            "stages_from_other_runs": sorted(k for k, r in by_stage.items() if chunks_run and r != chunks_run)}
 
 
 def _spans(stages: Mapping[str, dict]) -> list[dict]:
@@ -241,6 +256,7 @@ def build_summary(collection: str, stages: Mapping[str, dict], toggles: Mapping[
             key: {"duration_s": rec.get("duration_s"), "rows": rec.get("rows"), "device": rec.get("device")}
             for key, rec in stages.items()
         },
+        "runs": _runs(stages),
         "stages": dict(stages),
     }
 

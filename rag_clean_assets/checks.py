@@ -18,6 +18,7 @@ from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.assets.fused import FUSED_KEY
 from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.quality import QUALITY_CHECKS
 from resources.paths import PathsResource
 
 NORM_TOLERANCE = 1e-3
@@ -184,4 +185,4 @@ def exports_valid(context: dg.AssetCheckExecutionContext, paths: PathsResource) 
 
 def build_checks(registry: Registry) -> list:
     return [chunks_valid, fused_valid, sparse_valid, reranked_valid, queries_valid, exports_valid,
-            *(build_dense_check(s) for s in registry.dense)]
+            *(build_dense_check(s) for s in registry.dense), *QUALITY_CHECKS]

@@ -1,0 +1,102 @@
+"""Checks across materializations: retrieval quality against the previous run, and outputs that still
+cite the current chunks.
+
+- `reranked_quality`: held-out recall@10 and MRR@10 of this `reranked` materialization against the
+  previous one of the same collection (read from the Dagster instance); fails when either drops by more
+  than `quality_margin`, with severity `quality_severity` (warn by default), so a model or chunking change
+  that hurts retrieval shows in the UI.
+- `outputs_cite_current_chunks`: runs with `chunks`; fails when the stored `queries` / `reranked` of the
+  collection, which this run does not rematerialize, cite chunk ids that the new chunks no longer have,
+  naming the stale assets and the run that wrote them. (When the run does rematerialize them, their own
+  checks verify what they write; if it fails before that, the summary's `runs.stages_from_other_runs`
+  and Dagster's unsynced status say which stages are from an older run.)
+"""
+
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rag_clean.layout import StorageLayout
+from rag_clean.telemetry import read_summary
+from rag_clean_assets.partitions import collections_partitions
+from resources.paths import PathsResource
+from resources.settings import EmbedderSettingsResource
+
+QUALITY_METRICS = ("recall@10", "mrr@10")
+RERANKED_KEY = dg.AssetKey("reranked")
+
+
+def _quality_of(record: dg.EventLogRecord) -> dict[str, float]:
+    metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+    return {m: float(metadata[f"quality/{m}"].value) for m in QUALITY_METRICS if f"quality/{m}" in metadata}
+
+
+@dg.asset_check(asset=RERANKED_KEY, name="quality_vs_previous", partitions_def=collections_partitions,
+                description="held-out recall@10 / MRR@10 not below the previous materialization by more than "
+                            "quality_margin (severity: quality_severity)")
+def reranked_quality(context: dg.AssetCheckExecutionContext, settings: EmbedderSettingsResource) -> dg.AssetCheckResult:
+    resolved = settings.resolve()
+    severity = dg.AssetCheckSeverity.ERROR if resolved.quality_severity == "error" else dg.AssetCheckSeverity.WARN
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=RERANKED_KEY, asset_partitions=[context.partition_key]), limit=2).records
+    if not records:
+        return dg.AssetCheckResult(passed=False, severity=severity, description="reranked has no materialization")
+    current = _quality_of(records[0])
+    metadata = {f"current/{m}": v for m, v in current.items()} | {"margin": resolved.quality_margin}
+    if len(records) < 2 or not _quality_of(records[1]):
+        return dg.AssetCheckResult(passed=True, metadata=metadata,
+                                   description="first materialization with quality metrics: nothing to compare")
+    previous = _quality_of(records[1])
+    metadata |= {f"previous/{m}": v for m, v in previous.items()}
+    drops = [f"{m} {previous[m]:.3f} -> {current[m]:.3f}" for m in QUALITY_METRICS
+             if m in current and m in previous and previous[m] - current[m] > resolved.quality_margin]
+    return dg.AssetCheckResult(
+        passed=not drops, severity=severity, metadata=metadata,
+        description=("held-out retrieval got worse than the previous materialization by more than "
+                     f"{resolved.quality_margin}: " + "; ".join(drops)) if drops else "not worse than the previous run")
+
+
+def _cited_ids(path, column: str) -> set[str]:
+    table = pq.read_table(path, columns=[column])
+    values = table.column(column)
+    if pa.types.is_list(values.type):
+        values = pa.chunked_array([c.flatten() for c in values.chunks], type=values.type.value_type)
+    return set(values.to_pylist())
+
+
+@dg.asset_check(asset="chunks", name="outputs_cite_current_chunks", partitions_def=collections_partitions,
+                description="the stored queries / reranked of this collection cite only chunk ids the chunks have")
+def outputs_cite_current_chunks(context: dg.AssetCheckExecutionContext, chunks: pa.Table,
+                                paths: PathsResource) -> dg.AssetCheckResult:
+    layout: StorageLayout = paths.layout()
+    known = set(chunks.column("chunk_id").to_pylist())
+    collection = context.partition_key
+    summary_file = layout.summary_file(collection)
+    stages = read_summary(summary_file).get("stages", {}) if summary_file.exists() else {}
+    # Outputs this run rematerializes are checked by their own checks once written; here only those it
+    # leaves as they are. (None: the run executes its whole job.)
+    steps = context.op_execution_context.run.step_keys_to_execute
+    problems, metadata, deferred = [], {}, []
+    for asset, column in (("queries", "gold_chunk_ids"), ("reranked", "chunk_id")):
+        path = layout.asset_file([asset], collection)
+        if not path.exists():
+            continue
+        if steps is None or asset in steps:  # an asset's step key is its key path joined by "__"
+            deferred.append(asset)
+            continue
+        missing = _cited_ids(path, column) - known
+        metadata[f"{asset}/unknown_chunk_ids"] = len(missing)
+        if missing:
+            run = (stages.get(asset) or {}).get("run_id") or "unknown"
+            problems.append(f"{asset} (run {run[:8]}) cites {len(missing)} chunk ids the current chunks do not have "
+                            f"(e.g. {sorted(missing)[0]}): rematerialize {asset} for {collection!r}")
+    if deferred:
+        metadata["rematerialized_in_this_run"] = ", ".join(deferred)
+    ok = "stored queries and reranked cite current chunks only" + (
+        f" ({', '.join(deferred)} rematerialized in this run)" if deferred else "")
+    return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.WARN, metadata=metadata,
+                               description="; ".join(problems) or ok)
+
+
+QUALITY_CHECKS = [reranked_quality, outputs_cite_current_chunks]

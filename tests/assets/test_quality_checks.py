@@ -1,0 +1,67 @@
+"""Checks across materializations: held-out quality vs the previous run; outputs citing current chunks."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipeline_helpers import Pipeline, write_collection
+
+
+def _check(result, name: str) -> dg.AssetCheckEvaluation:
+    return next(e for e in result.get_asset_check_evaluations() if e.check_name == name)
+
+
+def _pipeline(tmp_path, tiny_registry_path, monkeypatch) -> Pipeline:
+    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+    write_collection(tmp_path / "data")
+    return Pipeline(tmp_path / "data", tmp_path / "storage", tiny_registry_path, tmp_path / "locks")
+
+
+def test_quality_check_compares_with_the_previous_materialization(tmp_path, tiny_registry_path, monkeypatch):
+    pipeline = _pipeline(tmp_path, tiny_registry_path, monkeypatch)
+    first = pipeline.materialize()
+    check = _check(first, "quality_vs_previous")
+    assert check.passed and "nothing to compare" in check.description
+    recall10 = check.metadata["current/recall@10"].value
+
+    same = _check(pipeline.materialize(), "quality_vs_previous")
+    assert same.passed and same.metadata["previous/recall@10"].value == recall10
+
+    # One candidate per query: recall@10 can only be what recall@1 was, far below the previous run.
+    worse = pipeline.materialize(top_k_candidates=1, raise_on_error=False)
+    check = _check(worse, "quality_vs_previous")
+    assert recall10 > check.metadata["current/recall@10"].value + 0.02
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "got worse than the previous materialization" in check.description and "recall@10" in check.description
+
+    strict = _check(pipeline.materialize(top_k_candidates=1, quality_severity="error", quality_margin=0.0,
+                                         raise_on_error=False), "quality_vs_previous")
+    assert strict.passed  # the previous run was just as bad: no drop
+    again = _check(pipeline.materialize(quality_severity="error", raise_on_error=False), "quality_vs_previous")
+    assert again.passed  # better than the previous run
+    dropped = _check(pipeline.materialize(top_k_candidates=1, quality_severity="error", raise_on_error=False),
+                     "quality_vs_previous")
+    assert not dropped.passed and dropped.severity == dg.AssetCheckSeverity.ERROR
+
+
+def test_outputs_citing_removed_chunks_are_made_visible(tmp_path, tiny_registry_path, monkeypatch):
+    pipeline = _pipeline(tmp_path, tiny_registry_path, monkeypatch)
+    first = pipeline.materialize()
+    assert _check(first, "outputs_cite_current_chunks").passed
+    assert pipeline.summary()["runs"]["stages_from_other_runs"] == []
+
+    # A run that replaces chunks and stops before queries / reranked (as a failed run would).
+    (tmp_path / "data" / "demo" / "notes.jsonl").unlink()
+    partial = pipeline.materialize(selection=["chunks"])
+    check = _check(partial, "outputs_cite_current_chunks")
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "reranked (run " in check.description and "rematerialize reranked" in check.description
+    assert check.metadata["reranked/unknown_chunk_ids"].value == 1
+    runs = pipeline.summary()["runs"]
+    assert runs["chunks_run_id"] == partial.run_id
+    assert {"reranked", "queries", "fused_embeddings"} <= set(runs["stages_from_other_runs"])
+    assert runs["by_stage"]["reranked"] == first.run_id
+
+    assert _check(pipeline.materialize(), "outputs_cite_current_chunks").passed

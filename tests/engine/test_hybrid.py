@@ -1,0 +1,131 @@
+"""Hybrid fusion: splits, normalization, the weight grid, tuning on a split, honest generated queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rag_clean.chunking import ChunkingConfig, read_collection
+from rag_clean.hybrid import QueryPool, choose_weights, default_weights, normalize, split_queries, weight_grid
+from rag_clean.plan import RetrievalConfig
+from rag_clean.registry import load_registry
+from rag_clean.retrieval import heading_queries, mask_heading, masked_gold_texts
+from rag_clean.stages import run_dense_stage, run_fusion_stage, run_retrieval_stage, run_sparse_stage
+from rag_clean.storage import read_embeddings
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "collections" / "sample"
+
+
+def test_split_is_stable_and_roughly_the_fraction():
+    ids = [f"q{i}" for i in range(1000)]
+    tune, held = split_queries(ids, 0.5)
+    assert len(set(tune) | set(held)) == 1000 and not set(tune) & set(held)
+    assert 400 < len(tune) < 600
+    tune2, _ = split_queries(ids + ["new-query"], 0.5)
+    assert set(tune) <= set(tune2)  # adding a query moves no other query between splits
+    assert split_queries(ids, 0.5)[0].tolist() == tune.tolist()
+
+
+def test_normalize_minmax_and_zscore():
+    s = np.array([1.0, 3.0, 2.0])
+    assert normalize(s, "minmax").tolist() == [0.0, 1.0, 0.5]
+    z = normalize(s, "zscore")
+    assert z.mean() == pytest.approx(0) and z.std() == pytest.approx(1)
+    assert normalize(np.array([2.0, 2.0]), "minmax").tolist() == [1.0, 1.0]
+
+
+def test_weight_grid_covers_the_simplex():
+    two, three = weight_grid(2), weight_grid(3)
+    assert len(two) == 11 and len(three) == 66
+    assert all(abs(sum(w) - 1) < 1e-9 for w in two + three)
+    assert (0.3, 0.7) in two and (1.0,) == weight_grid(1)[0]
+    assert default_weights(["dense", "sparse:a", "sparse:b"], 0.3) == (0.3, 0.35, 0.35)
+
+
+def _pools(n_queries: int, rng) -> tuple[list[QueryPool], list[list[str]], list[str]]:
+    """Sparse ranks the gold doc first; dense ranks it last: tuning must move weight to sparse."""
+    chunk_ids = [f"c{i}" for i in range(20)]
+    pools, gold = [], []
+    for qi in range(n_queries):
+        docs = rng.choice(20, size=10, replace=False)
+        target = int(docs[qi % 10])
+        sparse = np.where(docs == target, 1.0, rng.random(10) * 0.5)
+        dense = np.where(docs == target, 0.0, 0.5 + rng.random(10) * 0.5)
+        pools.append(QueryPool(docs, np.stack([normalize(dense, "minmax"), normalize(sparse, "minmax")])))
+        gold.append([chunk_ids[target]])
+    return pools, gold, chunk_ids
+
+
+def test_tuning_picks_the_weights_that_win_on_the_tuning_split():
+    pools, gold, chunk_ids = _pools(60, np.random.default_rng(0))
+    tune, held = split_queries([f"q{i}" for i in range(60)], 0.5)
+    result = choose_weights(["dense", "sparse:x"], lambda w: [p.ranking(w, 10)[0] for p in pools], gold, chunk_ids,
+                            tune, held, fallback=(0.3, 0.7), min_queries=30, what="hybrid weights")
+    assert result.tuned and result.weights["sparse:x"] > 0.5
+    assert result.tune_queries == len(tune) and result.heldout_queries == len(held)
+    assert "tuned on" in result.reason
+
+
+def test_too_few_queries_use_the_documented_default():
+    pools, gold, chunk_ids = _pools(12, np.random.default_rng(1))
+    tune, held = split_queries([f"q{i}" for i in range(12)], 0.5)
+    result = choose_weights(["dense", "sparse:x"], lambda w: [p.ranking(w, 10)[0] for p in pools], gold, chunk_ids,
+                            tune, held, fallback=(0.3, 0.7), min_queries=30, what="hybrid weights")
+    assert not result.tuned and result.weights == {"dense": 0.3, "sparse:x": 0.7}
+    assert "fewer than 30" in result.reason
+
+
+def test_mask_heading_removes_the_query_from_its_gold_chunk():
+    text = "## Enabling the service\n\nTo keep enabling the Service at boot, run it.\n\n### Next\nmore"
+    masked = mask_heading(text, "Enabling the service")
+    assert "enabling the service" not in masked.lower() and "run it" in masked and "#" not in masked
+
+
+def test_generated_queries_cannot_be_answered_by_exact_match_on_the_sample():
+    """The default is honest: no heading query appears verbatim in the text its gold chunk is scored by."""
+    chunks = read_collection(SAMPLE, ChunkingConfig()).table
+    queries = heading_queries(chunks)
+    masked = masked_gold_texts(queries, chunks)
+    row = {cid: i for i, cid in enumerate(chunks.column("chunk_id").to_pylist())}
+    texts = chunks.column("text").to_pylist()
+    assert len(queries) > 20
+    assert sum(1 for q in queries for g in q.gold_chunk_ids if q.text.lower() in texts[row[g]].lower()) > 0
+    for q in queries:
+        for g in q.gold_chunk_ids:
+            assert q.text.lower() not in masked[row[g]].lower(), (q.text, g)
+
+
+def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_path):
+    registry = load_registry(tiny_registry_path)
+    texts = [f"# Topic {i}\n\nthe gpu driver and the index number {i} need {w}" for i, w in
+             enumerate(["install", "rerank", "query", "vector", "chunk", "model", "config", "server"] * 5)]
+    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(40)], "content_hash": [f"h{i}" for i in range(40)],
+                       "text": texts, "heading": [f"Topic {i}" for i in range(40)],
+                       "source_file": ["a.md"] * 40, "metadata_json": ["{}"] * 40})
+    dense_spec, sparse_spec = registry.get("tiny-a"), registry.get("tiny-splade")
+    writer, _ = run_dense_stage(dense_spec, chunks, "cpu", tmp_path / "a.arrow")
+    dense = read_embeddings(writer.publish())
+    writer, _ = run_fusion_stage({"tiny-a": dense}, {"tiny-a": 1.0}, "concat", tmp_path / "f.arrow", chunks)
+    fused = read_embeddings(writer.publish())
+    sparse, _ = run_sparse_stage([sparse_spec], chunks, "cpu")
+    queries = heading_queries(chunks)
+    table, record = run_retrieval_stage(queries, chunks, fused, [dense_spec], "concat", {"tiny-a": 1.0}, sparse,
+                                        [sparse_spec], None, RetrievalConfig(enable_rerank=False, tune_min_queries=30),
+                                        "cpu")
+    hybrid = record.hybrid
+    assert hybrid["tuned"] and hybrid["split"]["tune"] + hybrid["split"]["heldout"] == 40
+    assert set(hybrid["heldout"]) == {"dense", "sparse:tiny-splade", "rrf", "weighted"}
+    assert abs(sum(hybrid["weights"].values()) - 1) < 1e-6
+    assert record.masked_gold_chunks == 40
+    assert {"mrr@10", "ndcg@10", "recall@20"} <= set(record.metrics["before_rerank"])
+    assert set(record.metrics["heldout"]) == {"before_rerank"}
+    assert record.quality()["recall@10"] == record.metrics["heldout"]["before_rerank"]["recall@10"]
+    assert table.num_rows == 40 * 40
+
+    _, few = run_retrieval_stage(queries, chunks, fused, [dense_spec], "concat", {"tiny-a": 1.0}, sparse,
+                                 [sparse_spec], None, RetrievalConfig(enable_rerank=False, tune_min_queries=100), "cpu")
+    assert not few.hybrid["tuned"] and few.hybrid["weights"] == {"dense": 0.3, "sparse:tiny-splade": 0.7}
+    assert any("fewer than 100 needed to tune" in w for w in few.warnings)
