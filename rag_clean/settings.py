@@ -54,6 +54,11 @@ class EmbedderSettings:
     enable_exports: bool = False
     export_dir: str = ""               # "" = <storage root>/exports
     reuse_unchanged: bool = True       # reuse vectors of chunks whose content hash did not change
+    # Data-parallel dense/sparse encoding on Ray (rag_clean.distributed): "" = off (in-process),
+    # "local" = start a local cluster, "auto" / "ray://host:port" / "host:port" = join an existing one.
+    ray_address: str = ""
+    ray_shard_rows: int = 4096         # rows per shard sent to one actor (the unit of work and of retry)
+    ray_actors: int = 2                # actors, each loading the model once (1 GPU each when the cluster has GPUs)
     provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)  # retired settings that were given
 
@@ -113,6 +118,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
             raise ValueError("must be 'hash' or 'truncate'")
         if key == "fusion_method" and value not in ("", "concat", "mean"):
             raise ValueError("must be 'concat' or 'mean'")
+        if key == "ray_address" and not (value in ("", "local", "auto") or value.startswith("ray://") or ":" in value):
+            raise ValueError("must be '' (off), 'local', 'auto', 'ray://host:port' or 'host:port'")
         return value
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{source}: setting {key!r}: {exc}") from exc

@@ -27,6 +27,9 @@ class EmbedderSettingsResource(dg.ConfigurableResource):
     enable_exports: Optional[bool] = None
     export_dir: Optional[str] = None
     reuse_unchanged: Optional[bool] = None
+    ray_address: Optional[str] = None
+    ray_shard_rows: Optional[int] = None
+    ray_actors: Optional[int] = None
     # Retired (accepted so old run configs keep working; reported in the run's warnings).
     exclusive_ensemble: Optional[bool] = None
     override_source: str = "run config"
