@@ -47,6 +47,15 @@ class JointPlan:
 
 
 @dataclass(frozen=True)
+class RayPlan:
+    """Where and how the dense and sparse stages encode data-parallel (see rag_clean.distributed)."""
+
+    address: str            # "local", "auto", "ray://host:port" or "host:port"
+    shard_rows: int = 4096  # rows per shard: the unit an actor encodes and Ray retries
+    actors: int = 2         # actors, one model load each
+
+
+@dataclass(frozen=True)
 class RunPlan:
     registry: Registry
     settings: EmbedderSettings
@@ -60,6 +69,7 @@ class RunPlan:
     exports_enabled: bool
     export_dir: str
     fusion_weights: Mapping[str, float] = field(default_factory=dict)
+    ray: RayPlan | None = None                    # None: encode in-process (the default)
 
     # -- per-stage questions -------------------------------------------------------------------
 
@@ -145,4 +155,6 @@ def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
         query_text_mode=settings.query_text_mode, reuse_unchanged=settings.reuse_unchanged,
         exports_enabled=settings.enable_exports, export_dir=settings.export_dir,
         fusion_weights={s.name: s.weight for s in dense},
+        ray=RayPlan(address=settings.ray_address, shard_rows=settings.ray_shard_rows, actors=settings.ray_actors)
+        if settings.ray_address else None,
     )

@@ -63,6 +63,11 @@ class EmbedderSettings:
     tune_ensemble_weights: bool = False    # also tune the dense models' weights (at query time)
     quality_margin: float = 0.02           # quality check: allowed drop of held-out recall@10 / MRR@10
     quality_severity: str = "warn"         # "warn" or "error" when the quality check fails
+    # Data-parallel dense/sparse encoding on Ray (rag_clean.distributed): "" = off (in-process),
+    # "local" = start a local cluster, "auto" / "ray://host:port" / "host:port" = join an existing one.
+    ray_address: str = ""
+    ray_shard_rows: int = 4096         # rows per shard sent to one actor (the unit of work and of retry)
+    ray_actors: int = 2                # actors, each loading the model once (1 GPU each when the cluster has GPUs)
     provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)  # retired settings that were given
 
@@ -137,6 +142,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
             raise ValueError("must be 'concat' or 'mean'")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ValueError(f"must be one of {_CHOICES[key]}")
+        if key == "ray_address" and not (value in ("", "local", "auto") or value.startswith("ray://") or ":" in value):
+            raise ValueError("must be '' (off), 'local', 'auto', 'ray://host:port' or 'host:port'")
         return value
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{source}: setting {key!r}: {exc}") from exc

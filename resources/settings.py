@@ -35,6 +35,9 @@ class EmbedderSettingsResource(dg.ConfigurableResource):
     tune_ensemble_weights: Optional[bool] = None
     quality_margin: Optional[float] = None
     quality_severity: Optional[str] = None
+    ray_address: Optional[str] = None
+    ray_shard_rows: Optional[int] = None
+    ray_actors: Optional[int] = None
     # Retired (accepted so old run configs keep working; reported in the run's warnings).
     exclusive_ensemble: Optional[bool] = None
     override_source: str = "run config"

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.fusion import truncate_and_normalize
+from rag_clean.plan import RayPlan
 from rag_clean.progress import ProgressLog, track
 from rag_clean.records import DenseRecord, truncation_warning
 from rag_clean.registry import ModelSpec
@@ -22,13 +23,15 @@ log = logging.getLogger(__name__)
 
 def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], staging_path: Path, *,
                     previous: EmbeddingSet | None = None, budget_store=None, token_budget: int | None = None,
-                    joint: JointOutputs | None = None,
+                    joint: JointOutputs | None = None, ray: RayPlan | None = None,
                     progress: Callable[[str], None] | None = None) -> tuple[EmbeddingWriter, DenseRecord]:
     """Embed every chunk with one model (reusing vectors of unchanged chunks), streaming to a staged file.
 
     The model is loaded, used and released inside this call: one model resident at a time.
     With `joint` (a bge-m3 entry, see RunPlan.joint and stages.joint.joint_outputs) the same forward pass also yields the partner
     sparse model's lexical rows and/or ColBERT vectors, written to side files published before returning.
+    With `ray` (RunPlan.ray) the rows to compute are encoded data-parallel on a Ray actor pool
+    (rag_clean.distributed) and written into the same writer; a joint pass still runs in-process.
     `progress` gets a done/total, rate and ETA line at most every 10 s while the model encodes.
     """
     from rag_clean.encoders.factory import load_dense_encoder
@@ -60,8 +63,15 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     native_dim = spec.dim
     try:
         if len(pass_rows):
-            encoder = load_joint_encoder(spec, joint, device, budget_store=budget_store, token_budget=token_budget) \
-                if side is not None else load_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+            if side is not None:
+                encoder = load_joint_encoder(spec, joint, device, budget_store=budget_store,
+                                             token_budget=token_budget)
+            elif ray is not None:
+                from rag_clean.distributed import ray_dense_encoder
+
+                encoder = ray_dense_encoder(spec, ray, budget_store=budget_store, token_budget=token_budget)
+            else:
+                encoder = load_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
             try:
                 native_dim = encoder.dim
                 if spec.dim is not None and encoder.dim != spec.dim:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.layout import StorageLayout
+from rag_clean.plan import RayPlan
 from rag_clean.progress import ProgressLog, track
 from rag_clean.records import SparseRecord, truncation_warning
 from rag_clean.registry import ModelSpec, Registry
@@ -120,7 +121,7 @@ def _sparse_table(spec: ModelSpec, chunk_ids: Sequence[str], rows: Sequence[int]
 
 def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str | list[str], *,
                      budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
-                     sink: TableWriter | None = None,
+                     sink: TableWriter | None = None, ray: RayPlan | None = None,
                      progress: Callable[[str], None] | None = None) -> tuple[pa.Table | TableWriter, SparseRecord]:
     """Term weights per chunk from each spec, streamed batch by batch into `sink` (a staged Parquet file).
 
@@ -129,6 +130,8 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
     the metadata fallback. A spec listed in `shared` (see shared_sparse_sources) takes its rows from its
     bge-m3 dense partner's pass when that file covers every chunk: no encoder, no forward pass.
     Without `sink`, the rows are returned as an in-memory table (small inputs, tests).
+    With `ray` (RunPlan.ray) each model encodes on a Ray actor pool (rag_clean.distributed); a failure
+    there takes the same metadata fallback as a local one.
     """
     from rag_clean.encoders.factory import load_sparse_encoder
 
@@ -140,6 +143,10 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
         out = TableWriter(scratch_dir / "sparse.parquet", SPARSE_SCHEMA)
     else:
         out = sink
+    if ray is not None:
+        from rag_clean.distributed.ray_encode import connect
+
+        connect(ray)  # a missing extra or an unreachable cluster fails the run here, never as a metadata fallback
     texts = chunks.column("text").to_pylist()
     chunk_ids = chunks.column("chunk_id").to_pylist()
     everything = range(len(chunk_ids))
@@ -166,7 +173,12 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                     part_available = sum(1 for t in rows[0] if len(t))
                 else:
                     try:
-                        encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
+                        if ray is not None:
+                            from rag_clean.distributed import ray_sparse_encoder
+
+                            encoder = ray_sparse_encoder(spec, ray, budget_store=budget_store)
+                        else:
+                            encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
                         try:
                             meter = ProgressLog(spec.name, len(texts), progress)
                             for idx, batch in track(encoder.encode(texts), meter, encoder.stats):

@@ -2,7 +2,10 @@
 
 
 from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import dagster as dg
 
@@ -45,6 +48,29 @@ def staged_file(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -
     """The asset's final file (folder created): streaming writers stage their temp files beside it, so the
     IO manager's publish is a rename on one filesystem."""
     return paths.layout().staged_asset_file(list(asset_key.path), collection)
+
+
+@dataclass
+class RemoteLease:
+    """Stands in for a GPU lease when the encode runs on the Ray cluster: no local device is held."""
+
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    device: str = "cpu"
+    summary: None = None
+    events: list = field(default_factory=list)
+
+
+@contextmanager
+def encode_lease(gpu_lease, context: dg.AssetExecutionContext, plan: RunPlan, *, remote: bool) -> Iterator:
+    """The machine's GPU lease for a step that encodes here. With `remote` (the plan names a Ray cluster
+    and the stage sends its work there) none: holding a local card while the work runs elsewhere would
+    block other steps for nothing."""
+    if not remote:
+        with gpu_lease.lease(context) as lease:
+            yield lease
+        return
+    context.log.info(f"encoding on the Ray cluster {plan.ray.address!r} ({plan.ray.actors} actors): no local GPU lease")
+    yield RemoteLease()
 
 
 def lease_target(lease) -> str | list[str]:

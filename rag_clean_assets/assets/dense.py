@@ -13,6 +13,7 @@ from rag_clean.storage import StorageError, read_embeddings
 from rag_clean_assets.assets.common import (
     IO_MANAGER_KEY,
     add_lease,
+    encode_lease,
     lease_target,
     log_warnings,
     run_plan,
@@ -71,10 +72,11 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
                 previous = read_embeddings(target)
             except StorageError as exc:
                 context.log.warning(f"previous vectors unreadable, recomputing all: {exc}")
-        with gpu_lease.lease(context) as lease:
+        # A bge-m3 joint pass always runs here (rag_clean.distributed shards single-output encodes only).
+        with encode_lease(gpu_lease, context, plan, remote=plan.ray is not None and joint is None) as lease:
             writer, record = run_dense_stage(current, chunks, lease_target(lease), target, previous=previous,
                                              budget_store=BudgetStore(layout.budget_store_file()), joint=joint,
-                                             progress=context.log.info)
+                                             ray=plan.ray, progress=context.log.info)
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         context.log.info(f"{spec.name}: {record.computed} chunks embedded, {record.reused} reused")

@@ -18,6 +18,7 @@ from rag_clean.storage import TableWriter
 from rag_clean_assets.assets.common import (
     IO_MANAGER_KEY,
     add_lease,
+    encode_lease,
     lease_target,
     log_warnings,
     run_plan,
@@ -72,10 +73,11 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         layout = paths.layout()
         shared = shared_sparse_sources(plan.registry, plan.sparse, layout, context.partition_key)
         sink = TableWriter(staged_file(paths, SPARSE_KEY, context.partition_key), SPARSE_SCHEMA)
-        with gpu_lease.lease(context) as lease:
+        with encode_lease(gpu_lease, context, plan, remote=plan.ray is not None) as lease:
             staged, record = run_sparse_stage(plan.sparse, chunks, lease_target(lease),
                                               budget_store=BudgetStore(layout.budget_store_file()),
-                                              shared=shared, sink=sink, progress=context.log.info)
+                                              shared=shared, sink=sink, progress=context.log.info,
+                                              ray=plan.ray)
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         for name, info in record.shared_pass.items():
