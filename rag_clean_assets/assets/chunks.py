@@ -6,11 +6,9 @@ import dagster as dg
 from rag_clean.chunking import ChunkingConfig, read_collection
 from rag_clean.records import ChunksRecord
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, log_warnings, run_plan, start_record
+from rag_clean_assets.assets.common import log_warnings, run_plan, stage_asset, start_record
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
-from rag_clean_assets.partitions import collections_partitions
-from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -22,12 +20,8 @@ class ChunksConfig(dg.Config):
 
 
 @dg.asset(
-    partitions_def=collections_partitions,
-    io_manager_key=IO_MANAGER_KEY,
-    group_name="ingest",
-    kinds={"python", "parquet"},
-    code_version=versions.CHUNKS,
-    op_tags=cpu_pod_tags(),
+    **stage_asset(group="ingest", kinds={"python", "parquet"}, code_version=versions.CHUNKS,
+                  gpu=False),
     description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
                 "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
 )

@@ -11,6 +11,8 @@ import dagster as dg
 
 from rag_clean.plan import RunPlan, build_run_plan
 from rag_clean.records import StageRecord
+from rag_clean_assets.partitions import collections_partitions
+from rag_clean_assets.pods import cpu_pod_tags, gpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -21,6 +23,14 @@ IO_MANAGER_KEY = "telemetry_io_manager"
 # Keyed by run id and the resources' config, so a test that reruns with other settings gets a new plan.
 _PLANS: "OrderedDict[tuple, RunPlan]" = OrderedDict()
 _PLANS_KEPT = 16
+
+
+def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool) -> dict:
+    """The decorator arguments every stage asset shares: one partition per collection, stored by the
+    telemetry IO manager, a code version, and its pod: GPU steps also sit in the `gpu` pool."""
+    kwargs = dict(partitions_def=collections_partitions, io_manager_key=IO_MANAGER_KEY, group_name=group,
+                  kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags())
+    return kwargs | ({"pool": "gpu"} if gpu else {})
 
 
 def run_plan(context: dg.AssetExecutionContext, registry: ModelRegistryResource,

@@ -11,19 +11,17 @@ from rag_clean.stages import joint_outputs, run_dense_stage
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import StorageError, read_embeddings
 from rag_clean_assets.assets.common import (
-    IO_MANAGER_KEY,
     add_lease,
     encode_lease,
     lease_target,
     log_warnings,
     run_plan,
+    stage_asset,
     staged_file,
     start_record,
 )
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
-from rag_clean_assets.partitions import collections_partitions
-from rag_clean_assets.pods import gpu_pod_tags
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -40,13 +38,8 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=key,
         ins={"chunks": dg.AssetIn(key="chunks")},
-        partitions_def=collections_partitions,
-        io_manager_key=IO_MANAGER_KEY,
-        group_name="embeddings",
-        kinds={"pytorch", "arrow"},
-        pool="gpu",
-        code_version=versions.dense_code_version(spec),
-        op_tags=gpu_pod_tags(),
+        **stage_asset(group="embeddings", kinds={"pytorch", "arrow"}, code_version=versions.dense_code_version(spec),
+                      gpu=True),
         description=f"L2-normalized float32 vectors of every chunk from dense model {spec.name} "
                     f"({spec.backend}, {spec.source}). Vectors of unchanged chunks are reused.",
         metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,

@@ -13,12 +13,10 @@ from rag_clean.registry import Registry
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
 from rag_clean.telemetry import build_summary, read_summary, utc_now
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, start_record
+from rag_clean_assets.assets.common import run_plan, stage_asset, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
-from rag_clean_assets.partitions import collections_partitions
-from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -35,12 +33,8 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
              "sparse_vectors": dg.AssetIn(key="sparse_vectors"), **dense_ins},
         # After reranked, so the summary copy covers every stage of the run.
         deps=[dg.AssetKey("reranked")],
-        partitions_def=collections_partitions,
-        io_manager_key=IO_MANAGER_KEY,
-        group_name="exports",
-        kinds={"numpy", "json"},
-        code_version=versions.EXPORTS,
-        op_tags=cpu_pod_tags(),
+        **stage_asset(group="exports", kinds={"numpy", "json"}, code_version=versions.EXPORTS,
+                      gpu=False),
         # Placeholders in braces: the UI renders descriptions as markdown and swallows <...> as HTML.
         description="The old embedder's export files under {export_dir}/{collection}/: fused and per-model .npy, "
                     "qdrant JSONL (named vectors per model + fused + sparse), sparse JSONL, metadata, stats, and a "

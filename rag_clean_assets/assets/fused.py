@@ -10,12 +10,10 @@ from rag_clean.registry import Registry
 from rag_clean.stages import run_fusion_stage
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, run_plan, staged_file, start_record
+from rag_clean_assets.assets.common import run_plan, stage_asset, staged_file, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
-from rag_clean_assets.partitions import collections_partitions
-from rag_clean_assets.pods import cpu_pod_tags
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -29,12 +27,8 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
     @dg.asset(
         key=FUSED_KEY,
         ins={"chunks": dg.AssetIn(key="chunks"), **ins},
-        partitions_def=collections_partitions,
-        io_manager_key=IO_MANAGER_KEY,
-        group_name="embeddings",
-        kinds={"numpy", "arrow"},
-        code_version=versions.FUSED,
-        op_tags=cpu_pod_tags(),
+        **stage_asset(group="embeddings", kinds={"numpy", "arrow"}, code_version=versions.FUSED,
+                      gpu=False),
         description="Weighted fusion of the dense models. concat (default): each unit vector scaled by sqrt(weight), "
                     "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",
     )

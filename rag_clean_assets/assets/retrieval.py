@@ -9,11 +9,16 @@ from rag_clean.retrieval import check_queries_match, load_queries, queries_table
 from rag_clean.stages import run_retrieval_stage
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import EmbeddingSet
-from rag_clean_assets.assets.common import IO_MANAGER_KEY, add_lease, lease_target, log_warnings, run_plan, start_record
+from rag_clean_assets.assets.common import (
+    add_lease,
+    lease_target,
+    log_warnings,
+    run_plan,
+    stage_asset,
+    start_record,
+)
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
-from rag_clean_assets.partitions import collections_partitions
-from rag_clean_assets.pods import cpu_pod_tags, gpu_pod_tags
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -21,12 +26,8 @@ from resources.settings import EmbedderSettingsResource
 
 
 @dg.asset(
-    partitions_def=collections_partitions,
-    io_manager_key=IO_MANAGER_KEY,
-    group_name="retrieval",
-    kinds={"python", "parquet"},
-    code_version=versions.QUERIES,
-    op_tags=cpu_pod_tags(),
+    **stage_asset(group="retrieval", kinds={"python", "parquet"}, code_version=versions.QUERIES,
+                  gpu=False),
     description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
                 "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
                 "(hash by default, or the first 100 characters); never the whole raw query.",
@@ -42,13 +43,8 @@ def queries(context: dg.AssetExecutionContext, chunks: pa.Table, paths: PathsRes
 
 
 @dg.asset(
-    partitions_def=collections_partitions,
-    io_manager_key=IO_MANAGER_KEY,
-    group_name="retrieval",
-    kinds={"pytorch", "parquet"},
-    pool="gpu",
-    code_version=versions.RERANKED,
-    op_tags=gpu_pod_tags(),
+    **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.RERANKED,
+                  gpu=True),
     description="Per query: candidates from fused vectors (+ sparse by reciprocal-rank fusion when enabled), the top K "
                 "reranked by a cross-encoder (fallback chain from the registry), ranked chunk ids with retrieval and "
                 "rerank scores and the scorer that produced them. Recall@k and MRR before/after rerank as metadata.",

@@ -16,20 +16,18 @@ from rag_clean.stages import SPARSE_SCHEMA, run_sparse_stage, shared_sparse_sour
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import TableWriter
 from rag_clean_assets.assets.common import (
-    IO_MANAGER_KEY,
     add_lease,
     encode_lease,
     lease_target,
     log_warnings,
     run_plan,
+    stage_asset,
     staged_file,
     start_record,
 )
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
-from rag_clean_assets.partitions import collections_partitions
-from rag_clean_assets.pods import gpu_pod_tags
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -48,13 +46,8 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         key=SPARSE_KEY,
         ins={"chunks": dg.AssetIn(key="chunks")},
         deps=joint_dense_deps(registry),
-        partitions_def=collections_partitions,
-        io_manager_key=IO_MANAGER_KEY,
-        group_name="embeddings",
-        kinds={"pytorch", "parquet"},
-        pool="gpu",
-        code_version=versions.SPARSE,
-        op_tags=gpu_pod_tags(),
+        **stage_asset(group="embeddings", kinds={"pytorch", "parquet"}, code_version=versions.SPARSE,
+                      gpu=True),
         description="Sparse term weights per chunk from each selected sparse model. Opt out with "
                     "EMBEDDER_ENABLE_SPARSE=0 (then nothing is written and the previous file stays). A bge-m3 "
                     "sparse model reuses the lexical rows of its dense partner's forward pass when they cover "
