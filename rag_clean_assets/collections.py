@@ -3,7 +3,8 @@
     python -m rag_clean_assets.collections add <name>    # add one partition (its folder must exist)
     python -m rag_clean_assets.collections sync          # add a partition for every folder under the data root
     python -m rag_clean_assets.collections list
-    python -m rag_clean_assets.collections init-home     # write $DAGSTER_HOME/dagster.yaml if missing
+    python -m rag_clean_assets.collections init-home     # write $DAGSTER_HOME/dagster.yaml (see instance.py)
+    python -m rag_clean_assets.collections reclaim       # fail runs whose process died, free their pool slots
     python -m rag_clean_assets.collections report <name> # where the outputs are, and the headline numbers
 
 Needs DAGSTER_HOME: without it the Dagster CLI uses a throwaway instance that knows no partitions.
@@ -19,20 +20,9 @@ import dagster as dg
 
 from rag_clean.storage import check_name
 from rag_clean.telemetry import read_summary
+from rag_clean_assets.instance import CONFIG_MARKER, dagster_yaml, reclaim_dead_runs
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
 from resources.paths import PathsResource
-
-DAGSTER_YAML = """\
-# Written by rag_clean. GPU steps share the "gpu" pool: one at a time per instance (exclusive ensemble).
-concurrency:
-  pools:
-    default_limit: 1
-telemetry:
-  enabled: false
-nux:
-  enabled: false
-"""
-
 
 def _instance() -> dg.DagsterInstance:
     if not os.environ.get("DAGSTER_HOME"):
@@ -44,8 +34,11 @@ def init_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or sys.exit("error: set DAGSTER_HOME"))
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML, encoding="utf-8")
+    wanted = dagster_yaml()
+    # Rewrite only a file we wrote (an older version of it too); a file the user owns stays as it is.
+    if not config.exists() or (config.read_text(encoding="utf-8").startswith(CONFIG_MARKER)
+                               and config.read_text(encoding="utf-8") != wanted):
+        config.write_text(wanted, encoding="utf-8")
     return config
 
 
@@ -82,7 +75,7 @@ def report(collection: str, wall_seconds: float | None = None) -> dict:
         lines.append(f"wall time of the materialization: {wall_seconds:.0f} s")
     lines += [
         "open the UI:  DAGSTER_HOME=" + os.environ.get("DAGSTER_HOME", "<home>") +
-        " .venv/bin/dagster-webserver -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
+        " .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
         "read vectors: python -c \"from rag_clean.storage import read_embeddings; "
         f"e = read_embeddings('{root}/fused_embeddings/{collection}.arrow'); print(e.vectors.shape)\"",
     ]
@@ -99,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     add_p.add_argument("names", nargs="+")
     sub.add_parser("sync")
     sub.add_parser("list")
+    sub.add_parser("reclaim")
     rep = sub.add_parser("report")
     rep.add_argument("name")
     rep.add_argument("--wall-seconds", type=float)
@@ -114,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collections under the data root: {names}; newly added: {new}")
     elif args.command == "list":
         print("\n".join(_instance().get_dynamic_partitions(COLLECTIONS_PARTITION)))
+    elif args.command == "reclaim":
+        released = reclaim_dead_runs(_instance())
+        for run_id, reason in released.items():
+            print(f"run {run_id}: marked failed, pool slots freed ({reason})")
+        if not released:
+            print("no dead runs hold pool slots")
     elif args.command == "report":
         report(check_name(args.name), args.wall_seconds)
     return 0
