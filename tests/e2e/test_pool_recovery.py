@@ -161,3 +161,52 @@ def test_sigkilled_run_releases_the_gpu_pool_and_its_scratch_files(home):
     leftovers = [p.name for p in dense_dir.iterdir() if p.name.startswith(".big.")]
     assert leftovers == [], f"the killed writer's temp files stayed: {leftovers}"
     assert (dense_dir / "small.arrow").is_file()
+
+
+def test_next_writer_removes_only_dead_writers_temp_files(tmp_path):
+    """Temp names carry the writer's pid: a new writer in the folder removes a dead writer's files and keeps a
+    live writer's (here: a sleeping child process), its own, and files it cannot attribute."""
+    import numpy as np
+
+    from rag_clean.storage import EmbeddingWriter, temp_path_for
+
+    def temp_of(pid: int, name: str) -> Path:
+        own = temp_path_for(tmp_path / name)
+        path = own.with_name(own.name.replace(f".{os.getpid()}@", f".{pid}@"))
+        path.write_bytes(b"x" * 16)
+        return path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [temp_of(dead.pid, "big.arrow"), temp_of(dead.pid, "big.scratch.npy")]
+        kept = [temp_of(live.pid, "other.arrow"), tmp_path / ".legacy.arrow.0123456789ab.tmp"]
+        kept[1].write_bytes(b"old format: no pid, left alone")
+        writer = EmbeddingWriter(tmp_path / "small.arrow", ["a"], ["h"], 2)
+        assert not any(p.exists() for p in stale)
+        assert all(p.exists() for p in kept)
+        writer.write(np.array([0]), np.ones((1, 2), dtype=np.float32))
+        writer.publish()
+    finally:
+        live.kill()
+        live.wait()
+    assert (tmp_path / "small.arrow").is_file()
+
+
+def test_init_home_pool_limit_follows_the_machine_and_keeps_a_users_file(tmp_path, monkeypatch):
+    from rag_clean_assets.collections import init_home
+    from rag_clean_assets.instance import gpu_pool_limit
+
+    assert gpu_pool_limit({"RAG_CLEAN_FORCE_CPU": "1"}) is None  # no CUDA: no limit
+    assert gpu_pool_limit({"RAG_CLEAN_GPU_DEVICES": "0,1,2"}) == 3
+    assert gpu_pool_limit({"RAG_CLEAN_GPU_POOL_LIMIT": "0", "RAG_CLEAN_GPU_DEVICES": "0"}) is None
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAG_CLEAN_GPU_POOL_LIMIT", "2")
+    config = init_home()
+    assert "default_limit: 2" in config.read_text() and "DefaultRunCoordinator" in config.read_text()
+    monkeypatch.setenv("RAG_CLEAN_GPU_POOL_LIMIT", "0")
+    assert "default_limit" not in init_home().read_text()  # our own file is rewritten
+    config.write_text("telemetry:\n  enabled: false\n")
+    init_home()
+    assert config.read_text() == "telemetry:\n  enabled: false\n"  # a user's file is left alone
