@@ -9,9 +9,11 @@ half file where a reader looks, and the previous materialization survives until 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +58,64 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+# Temp names carry the writer's pid and a host tag, so a later writer can tell a dead writer's
+# leftovers (kill -9 skips every cleanup) from a live writer's file: ".<name>.<pid>@<host>.<hex>.tmp".
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[0-9a-f]{6})\.[0-9a-f]{8}\.tmp$")
+
+
 def temp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}@{_HOST_TAG}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def process_alive(pid: int, not_after: float | None = None) -> bool:
+    """Whether `pid` runs and, given `not_after` (a wall-clock time it must have existed at), had started
+    by then, so a pid the kernel reused for a newer process does not count. Zombies are dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): existence only
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return False
+    if not_after is None:
+        return True
+    try:
+        with open("/proc/stat") as fh:
+            boot = next(float(line.split()[1]) for line in fh if line.startswith("btime "))
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+    return started <= not_after + 2.0  # btime has 1 s resolution
+
+
+def reclaim_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp/scratch files in `folder` left by writers on this host whose process is gone.
+    A live writer's file (its pid runs and is older than the file's last write) is never touched."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            match = _TEMP_NAME.match(entry.name)
+            if not match or match["host"] != _HOST_TAG or int(match["pid"]) == os.getpid():
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue
+            if not process_alive(int(match["pid"]), not_after=mtime):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def publish(temp: Path, final: Path) -> None:
@@ -73,6 +131,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    reclaim_stale_temps(path.parent)
     tmp = temp_path_for(path)
     try:
         yield tmp
@@ -131,6 +190,7 @@ class TableWriter:
     def __init__(self, final_path: Path, schema: pa.Schema):
         self.final_path = Path(final_path)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_stale_temps(self.final_path.parent)
         self.schema = schema
         self.staged_path: Path | None = temp_path_for(self.final_path)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(str(self.staged_path), schema, compression="zstd")
@@ -216,6 +276,8 @@ class EmbeddingWriter:
                  metadata: Mapping[str, str] | None = None):
         self.final_path = Path(final_path)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        # A run killed mid-encode leaves its scratch matrix (as large as the output) and staged file here.
+        reclaim_stale_temps(self.final_path.parent)
         self.chunk_ids = list(chunk_ids)
         self.content_hashes = list(content_hashes)
         if len(self.chunk_ids) != len(self.content_hashes):

@@ -3,7 +3,8 @@
     python -m rag_clean_assets.collections add <name>    # add one partition (its folder must exist)
     python -m rag_clean_assets.collections sync          # add a partition for every folder under the data root
     python -m rag_clean_assets.collections list
-    python -m rag_clean_assets.collections init-home [--gpu-pool-limit N]  # write $DAGSTER_HOME/dagster.yaml if missing
+    python -m rag_clean_assets.collections init-home [--gpu-pool-limit N]  # write $DAGSTER_HOME/dagster.yaml (see instance.py)
+    python -m rag_clean_assets.collections reclaim       # fail runs whose process died, free their pool slots
     python -m rag_clean_assets.collections report <name> # where the outputs are, and the headline numbers
 
 Needs DAGSTER_HOME: without it the Dagster CLI uses a throwaway instance that knows no partitions.
@@ -19,21 +20,10 @@ import dagster as dg
 
 from rag_clean.storage import StorageError, check_name
 from rag_clean.telemetry import read_summary
+from rag_clean_assets.instance import CONFIG_MARKER, dagster_yaml, reclaim_dead_runs
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
 from rag_clean_assets.sensors import skipped_folder_line
 from resources.paths import PathsResource
-
-DAGSTER_YAML = """\
-# Written by rag_clean. GPU steps share the "gpu" pool: one at a time per instance (exclusive ensemble).
-concurrency:
-  pools:
-    default_limit: 1
-telemetry:
-  enabled: false
-nux:
-  enabled: false
-"""
-
 
 def _instance() -> dg.DagsterInstance:
     if not os.environ.get("DAGSTER_HOME"):
@@ -41,17 +31,22 @@ def _instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def init_home(gpu_pool_limit: int = 1) -> Path:
-    """gpu_pool_limit: the `gpu` pool's limit (the only pool, so the default limit) = GPUs to use at once."""
-    if gpu_pool_limit < 1:
+def init_home(gpu_pool_limit: int | None = None) -> Path:
+    """gpu_pool_limit: the `gpu` pool's limit = GPU steps at once; None: $RAG_CLEAN_GPU_POOL_LIMIT, else one
+    per visible GPU, else (no CUDA) no limit (rag_clean_assets.instance.gpu_pool_limit)."""
+    if gpu_pool_limit is not None and gpu_pool_limit < 1:
         raise ValueError(f"gpu pool limit must be >= 1, got {gpu_pool_limit}")
     home = Path(os.environ.get("DAGSTER_HOME") or sys.exit("error: set DAGSTER_HOME"))
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        # A line substitution, not str.format: the template stays plain YAML (braces allowed).
-        text = DAGSTER_YAML.replace("    default_limit: 1\n", f"    default_limit: {gpu_pool_limit}\n", 1)
-        config.write_text(text, encoding="utf-8")
+    environ = dict(os.environ)
+    if gpu_pool_limit is not None:  # the flag wins over $RAG_CLEAN_GPU_POOL_LIMIT and the GPU count
+        environ["RAG_CLEAN_GPU_POOL_LIMIT"] = str(gpu_pool_limit)
+    wanted = dagster_yaml(environ)
+    # Rewrite only a file we wrote (an older version of it too); a file the user owns stays as it is.
+    if not config.exists() or (config.read_text(encoding="utf-8").startswith(CONFIG_MARKER)
+                               and config.read_text(encoding="utf-8") != wanted):
+        config.write_text(wanted, encoding="utf-8")
     return config
 
 
@@ -88,7 +83,7 @@ def report(collection: str, wall_seconds: float | None = None) -> dict:
         lines.append(f"wall time of the materialization: {wall_seconds:.0f} s")
     lines += [
         "open the UI:  DAGSTER_HOME=" + os.environ.get("DAGSTER_HOME", "<home>") +
-        " .venv/bin/dagster-webserver -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
+        " .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
         "read vectors: python -c \"from rag_clean.storage import read_embeddings; "
         f"e = read_embeddings('{root}/fused_embeddings/{collection}.arrow'); print(e.vectors.shape)\"",
     ]
@@ -101,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     init_p = sub.add_parser("init-home")
-    init_p.add_argument("--gpu-pool-limit", type=int, default=1, metavar="N",
-                        help="GPU steps at once (set to the number of GPUs); written only if dagster.yaml is new")
+    init_p.add_argument("--gpu-pool-limit", type=int, default=None, metavar="N",
+                        help="GPU steps at once; default $RAG_CLEAN_GPU_POOL_LIMIT, else one per visible GPU, "
+                             "else no limit (no CUDA). A dagster.yaml you edited (marker line removed) is kept")
     add_p = sub.add_parser("add")
     add_p.add_argument("names", nargs="+")
     sub.add_parser("sync")
     sub.add_parser("list")
+    sub.add_parser("reclaim")
     rep = sub.add_parser("report")
     rep.add_argument("name")
     rep.add_argument("--wall-seconds", type=float)
@@ -129,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif args.command == "list":
         print("\n".join(_instance().get_dynamic_partitions(COLLECTIONS_PARTITION)))
+    elif args.command == "reclaim":
+        released = reclaim_dead_runs(_instance())
+        for run_id, reason in released.items():
+            print(f"run {run_id}: marked failed, pool slots freed ({reason})")
+        if not released:
+            print("no dead runs hold pool slots")
     elif args.command == "report":
         report(check_name(args.name), args.wall_seconds)
     return 0

@@ -27,3 +27,23 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     || { echo "[bootstrap] installed packages do not import" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
+# The browser test drives Debian's chromium (playwright cannot download browsers here). Install it when
+# missing and we may (root, or passwordless sudo); quiet, full log shown only on failure.
+if [ ! -x /usr/bin/chromium ] && [ -z "${RAG_CLEAN_SKIP_CHROMIUM:-}" ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+  fi
+  if [ "$SUDO" = none ]; then
+    echo "[bootstrap] chromium missing and no root/sudo: the browser test will skip"
+  else
+    echo "[bootstrap] installing chromium (apt-get, ~1 minute; log: .venv/apt-chromium.log)"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { $SUDO apt-get install -y -q --no-install-recommends chromium \
+           || { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends chromium; }; } \
+         > .venv/apt-chromium.log 2>&1 < /dev/null; then
+      tail -30 .venv/apt-chromium.log >&2
+      echo "[bootstrap] apt-get install chromium failed (full log: .venv/apt-chromium.log); the browser test will skip" >&2
+    fi
+  fi
+fi

@@ -36,16 +36,27 @@ def test_the_job_runs_on_the_multiprocess_executor(monkeypatch):
 @pytest.mark.parametrize("n", [1, 4])
 def test_init_home_gpu_pool_limit(tmp_path, monkeypatch, n):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    argv = ["init-home"] + (["--gpu-pool-limit", str(n)] if n != 1 else [])
-    assert collections.main(argv) == 0
+    assert collections.main(["init-home", "--gpu-pool-limit", str(n)]) == 0
     config = yaml.safe_load((tmp_path / "dagster.yaml").read_text(encoding="utf-8"))
     assert config["concurrency"]["pools"]["default_limit"] == n
     # The instance reads it: the "gpu" pool (no explicit limit of its own) gets N slots.
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == n
-    # An existing dagster.yaml is kept as it is.
+    # A file init-home wrote follows a new limit; one the user owns (marker line removed) is kept.
     assert collections.main(["init-home", "--gpu-pool-limit", "7"]) == 0
-    assert yaml.safe_load((tmp_path / "dagster.yaml").read_text())["concurrency"]["pools"]["default_limit"] == n
+    path = tmp_path / "dagster.yaml"
+    assert yaml.safe_load(path.read_text())["concurrency"]["pools"]["default_limit"] == 7
+    path.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")
+    assert collections.main(["init-home", "--gpu-pool-limit", str(n)]) == 0
+    assert yaml.safe_load(path.read_text())["concurrency"]["pools"]["default_limit"] == 7
+
+
+def test_init_home_without_cuda_sets_no_gpu_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.setenv("RAG_CLEAN_FORCE_CPU", "1")
+    monkeypatch.delenv("RAG_CLEAN_GPU_POOL_LIMIT", raising=False)
+    assert collections.main(["init-home"]) == 0
+    assert "default_limit" not in yaml.safe_load((tmp_path / "dagster.yaml").read_text())["concurrency"]["pools"]
 
 
 def test_init_home_refuses_zero(tmp_path, monkeypatch):

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from ui_helpers import graphql, wait_for_asset_nodes
 
 requests = pytest.importorskip("requests")
 psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-STARTUP_TIMEOUT_S = 90
 CORE_ASSETS = {"chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings", "sparse_vectors",
                "queries", "reranked"}
 
@@ -33,81 +27,13 @@ query {
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the server and the code-server children it started, each by PID; kill what remains."""
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for child in alive:
-        child.kill()
-
-
 @pytest.fixture(scope="module")
-def webserver(tmp_path_factory, tiny_registry_path):
-    tmp = tmp_path_factory.mktemp("webserver")
-    (tmp / "data" / "demo").mkdir(parents=True)
-    (tmp / "data" / "demo" / "guide.md").write_text("# Guide\n\n## Install\n\nInstall the gpu driver.\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDER_", "RAG_CLEAN_", "DAGSTER_"))}
-    env.update(DAGSTER_HOME=str(tmp / "home"), RAG_CLEAN_MODEL_REGISTRY=str(tiny_registry_path),
-               RAG_CLEAN_DATA_ROOT=str(tmp / "data"), RAG_CLEAN_STORAGE_ROOT=str(tmp / "storage"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    for args in (["init-home"], ["add", "demo"]):
-        subprocess.run([sys.executable, "-m", "rag_clean_assets.collections", *args], env=env, cwd=tmp,
-                       check=True, capture_output=True, timeout=120)
-    config = (tmp / "home" / "dagster.yaml").read_text()
-    assert "telemetry:\n  enabled: false" in config and "nux:\n  enabled: false" in config
-
-    port = _free_port()
-    log_path = tmp / "webserver.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-                                 "-m", "rag_clean_assets.definitions"], env=env, cwd=tmp, stdout=log,
-                                stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dagster-webserver exited {proc.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                if requests.get(f"{base}/server_info", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"dagster-webserver not up after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        _stop(proc)
+def webserver(ui_server) -> str:
+    return ui_server.base
 
 
-def _graphql(base: str, query: str) -> dict:
-    response = requests.post(f"{base}/graphql", json={"query": query}, timeout=60)
-    assert response.status_code == 200, response.text[:2000]
-    body = response.json()
-    assert not body.get("errors"), body["errors"]
-    return body["data"]
+def _graphql(base: str, query: str, variables: dict | None = None) -> dict:
+    return graphql(base, query, variables)
 
 
 def test_server_info_reports_dagster_version(webserver):
@@ -124,13 +50,7 @@ def test_graphql_lists_every_asset_and_the_collection_partitions(webserver, tiny
         expected.add("exports")
     assert expected <= in_process
 
-    # The code location loads in the background: retry until its asset nodes appear.
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        nodes = _graphql(webserver, ASSETS_QUERY)["assetNodes"]
-        if nodes or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    nodes = wait_for_asset_nodes(webserver, ASSETS_QUERY)
     by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
     assert set(by_key) == expected
     for key, node in by_key.items():
@@ -138,3 +58,51 @@ def test_graphql_lists_every_asset_and_the_collection_partitions(webserver, tiny
         assert partitions["type"] == "DYNAMIC", key
         assert [d["dynamicPartitionsDefinitionName"] for d in partitions["dimensionTypes"]] == ["collections"], key
         assert node["partitionKeys"] == ["demo"], key
+
+
+LOCATIONS_QUERY = """
+query { workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError {
+  ... on RepositoryLocation { repositories { name jobs { name } } } } } } } }
+"""
+LAUNCH_MUTATION = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+RUN_QUERY = 'query Run($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }'
+RUN_BUDGET_S = 180
+
+
+def _embed_job_selector(base: str) -> dict:
+    for entry in graphql(base, LOCATIONS_QUERY)["workspaceOrError"]["locationEntries"]:
+        for repo in (entry.get("locationOrLoadError") or {}).get("repositories", []):
+            if any(job["name"] == "embed_collection" for job in repo["jobs"]):
+                return {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
+                        "pipelineName": "embed_collection"}
+    pytest.fail("embed_collection job not found in the workspace")
+
+
+def test_run_launched_from_the_webserver_alone_reaches_success(ui_server):
+    """The README's UI command runs no daemon: with our dagster.yaml (DefaultRunCoordinator) a launched run must
+    start at once and finish, not sit QUEUED (what the default queued coordinator does without a daemon)."""
+    assert "DefaultRunCoordinator" in (ui_server.tmp / "home" / "dagster.yaml").read_text()
+    wait_for_asset_nodes(ui_server.base, "query { assetNodes { id } }")
+    params = {"selector": _embed_job_selector(ui_server.base), "runConfigData": {},
+              "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "demo"}]}}
+    launched = graphql(ui_server.base, LAUNCH_MUTATION, {"params": params})["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline, seen = time.monotonic() + RUN_BUDGET_S, []
+    while time.monotonic() < deadline:
+        status = graphql(ui_server.base, RUN_QUERY, {"id": run_id})["runOrError"]["status"]
+        seen.append(status)
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(1)
+    assert seen[-1] == "SUCCESS", f"run {run_id} statuses {sorted(set(seen))}:\n{ui_server.log.read_text()[-3000:]}"
+    assert (ui_server.storage / "reranked" / "demo.parquet").is_file()

@@ -1,0 +1,123 @@
+"""Shared by the e2e UI tests (GraphQL and browser): one dagster-webserver over a real DAGSTER_HOME, tiny models."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_S = 90
+
+
+@dataclass
+class UiServer:
+    base: str
+    tmp: Path
+    env: dict
+    log: Path
+
+    @property
+    def storage(self) -> Path:
+        return self.tmp / "storage"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_tree(proc: subprocess.Popen) -> None:
+    """Terminate the server and the code-server / run-worker children it started, each by PID; kill what remains."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        child.kill()
+
+
+def start_ui_server(tmp_path_factory, tiny_registry_path) -> UiServer:
+    """`dagster-webserver -h 127.0.0.1 -p PORT -m rag_clean_assets.definitions` (the README's UI command without
+    the daemon) over a home written by init-home, with one collection partition `demo`."""
+    requests = pytest.importorskip("requests")
+    pytest.importorskip("psutil")
+    tmp = tmp_path_factory.mktemp("webserver")
+    (tmp / "data" / "demo").mkdir(parents=True)
+    (tmp / "data" / "demo" / "guide.md").write_text(
+        "# Guide\n\n## Install\n\nInstall the gpu driver.\n\n## Query\n\nRun the query server and search the index.\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDER_", "RAG_CLEAN_", "DAGSTER_"))}
+    env.update(DAGSTER_HOME=str(tmp / "home"), RAG_CLEAN_MODEL_REGISTRY=str(tiny_registry_path),
+               RAG_CLEAN_DATA_ROOT=str(tmp / "data"), RAG_CLEAN_STORAGE_ROOT=str(tmp / "storage"),
+               RAG_CLEAN_GPU_LOCK_DIR=str(tmp / "locks"), EMBEDDER_CONFIG_FILE=str(tmp / "absent.json"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    for args in (["init-home"], ["add", "demo"]):
+        subprocess.run([sys.executable, "-m", "rag_clean_assets.collections", *args], env=env, cwd=tmp,
+                       check=True, capture_output=True, timeout=120)
+
+    port = _free_port()
+    log_path = tmp / "webserver.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
+                                 "-m", "rag_clean_assets.definitions"], env=env, cwd=tmp, stdout=log,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"dagster-webserver exited {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+            try:
+                if requests.get(f"{base}/server_info", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"dagster-webserver not up after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
+            time.sleep(0.5)
+        yield UiServer(base=base, tmp=tmp, env=env, log=log_path)
+    finally:
+        stop_process_tree(proc)
+
+
+def graphql(base: str, query: str, variables: dict | None = None) -> dict:
+    import requests
+
+    response = requests.post(f"{base}/graphql", json={"query": query, "variables": variables or {}}, timeout=60)
+    assert response.status_code == 200, response.text[:2000]
+    body = response.json()
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+def wait_for_asset_nodes(base: str, query: str) -> list[dict]:
+    """The code location loads in the background: retry until its asset nodes appear."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        nodes = graphql(base, query)["assetNodes"]
+        if nodes or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1)
