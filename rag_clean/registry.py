@@ -9,12 +9,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
-# Re-exported: callers import the allowed values from here.
-from rag_clean.registry_schema import (  # noqa: F401
-    BACKENDS, DTYPES, FUSION_METHODS, ROLES, ModelTable, RegistryFile, render_errors,
-)
+ROLES = ("dense", "sparse", "rerank")
+BACKENDS = ("sentence-transformers", "flagembedding")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+FUSION_METHODS = ("concat", "mean")
 
 REGISTRY_ENV = "RAG_CLEAN_MODEL_REGISTRY"
 DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models.toml")
@@ -141,7 +139,8 @@ def resolve_source(source: str, base_dir: Path | None = None) -> str:
     return source  # hub id or absolute folder
 
 
-def _spec_from_table(entry: ModelTable, registry_dir: Path) -> ModelSpec:
+def _spec_from_table(entry, registry_dir: Path) -> ModelSpec:
+    """A validated registry_schema.ModelTable as the frozen ModelSpec every stage uses."""
     data = entry.model_dump()
     data["fallbacks"] = tuple(data["fallbacks"])
     return ModelSpec(registry_dir=registry_dir, **data)
@@ -152,6 +151,12 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
 
     The whole file is validated first (registry_schema); every problem is reported in one RegistryError.
     """
+    # The schema (pydantic) is imported here: the encoders and stages build ModelSpecs without it, so the
+    # engine runs on a GPU box that has torch but no pydantic (the benchmarks).
+    from pydantic import ValidationError
+
+    from rag_clean.registry_schema import RegistryFile, render_errors
+
     path = Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY_PATH).expanduser()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

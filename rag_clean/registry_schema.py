@@ -10,10 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ROLES = ("dense", "sparse", "rerank")
-BACKENDS = ("sentence-transformers", "flagembedding")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-FUSION_METHODS = ("concat", "mean")
+from rag_clean.registry import BACKENDS, DTYPES, FUSION_METHODS, ROLES  # one list of the allowed values
+
 FLAG_CLASSES = ("bge-m3",)
 
 # strict: TOML already types its values, so "32" for an int or true for a number is a mistake, not a
