@@ -145,8 +145,9 @@ def masked_gold_texts(queries: Sequence[Query], chunks: pa.Table) -> dict[int, s
     return out
 
 
-def queries_table(queries: Sequence[Query], text_mode: str = "hash") -> pa.Table:
-    key = query_key()  # keyed hash (privacy.py): the same key check_queries_match uses in this instance
+def queries_table(queries: Sequence[Query], text_mode: str = "hash", storage_root: Path | None = None) -> pa.Table:
+    """`storage_root`: where the table goes; the hash key file may not lie under it (privacy.query_key)."""
+    key = query_key(storage_root)  # keyed hash: the same key check_queries_match uses in this instance
     return pa.table(
         {
             "query_id": [q.query_id for q in queries],
@@ -160,10 +161,10 @@ def queries_table(queries: Sequence[Query], text_mode: str = "hash") -> pa.Table
     )
 
 
-def check_queries_match(queries: Sequence[Query], stored: pa.Table) -> None:
+def check_queries_match(queries: Sequence[Query], stored: pa.Table, storage_root: Path | None = None) -> None:
     """The reranked asset re-reads query text from its origin; it must be what `queries` recorded."""
     stored_pairs = list(zip(stored.column("query_id").to_pylist(), stored.column("text_hash").to_pylist()))
-    key = query_key()
+    key = query_key(storage_root)
     current = [(q.query_id, query_hash(q.text, key)) for q in queries]
     if stored_pairs != current:
         raise QueryFileError(

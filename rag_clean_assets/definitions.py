@@ -11,7 +11,7 @@ from rag_clean_assets.assets.chunks import chunks
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
-from rag_clean_assets.assets.retrieval import queries, reranked
+from rag_clean_assets.assets.retrieval import build_reranked_asset, queries
 from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.checks import build_checks
 from rag_clean_assets.partitions import collections_partitions
@@ -29,7 +29,7 @@ EMBED_JOB_NAME = "embed_collection"
 def build_assets(registry_path: str | None = None) -> list:
     registry = load_registry(registry_path)
     return [chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
-            build_sparse_asset(registry), queries, reranked, build_exports_asset(registry)]
+            build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry)]
 
 
 def build_resources(*, data_root: str = "", storage_root: str = "", registry_path: str = "",

@@ -193,9 +193,10 @@ def _forget_worker(actor) -> None:
 def shutdown_workers() -> None:
     """End every warm worker of this driver (they also end with the driver or ray.shutdown())."""
     ray = import_ray()
-    for pool in _POOLS.values():
-        for actor in pool:
-            ray.kill(actor, no_restart=True)
+    if ray.is_initialized():  # after ray.shutdown() the handles are dead already: just forget them
+        for pool in _POOLS.values():
+            for actor in pool:
+                ray.kill(actor, no_restart=True)
     _POOLS.clear()
 
 

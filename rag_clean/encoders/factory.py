@@ -58,6 +58,19 @@ def _flag_module(spec: ModelSpec):
         raise
 
 
+def _loaded(spec: ModelSpec, source: str, build):
+    """`build()`, with a failure to read the model's files (a truncated model.safetensors, a bad
+    config.json) turned into one line naming the model, its folder and the problem."""
+    try:
+        return build()
+    except (EncoderError, NotImplementedError):
+        raise
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise ModelLoadError(f"model {spec.name}: cannot load {source}: {type(exc).__name__}: {first} "
+                             "(a truncated or corrupt weights file? re-install or re-download the model)") from exc
+
+
 def _check_role(spec: ModelSpec, role: str) -> None:
     if spec.role != role:
         raise EncoderError(f"model {spec.name} has role {spec.role!r}; this loader needs role {role!r}")
@@ -72,7 +85,8 @@ def load_dense_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *, budg
     from rag_clean.encoders.st_dense import STDenseEncoder
 
     path = resolve_local_source(spec, spec.source)
-    return STDenseEncoder(spec, device, source=path, budget_store=budget_store, token_budget=token_budget)
+    return _loaded(spec, path, lambda: STDenseEncoder(spec, device, source=path, budget_store=budget_store,
+                                                      token_budget=token_budget))
 
 
 def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
@@ -83,7 +97,8 @@ def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
     from rag_clean.encoders.st_sparse import STSparseEncoder
 
     path = resolve_local_source(spec, spec.source)
-    return STSparseEncoder(spec, device, source=path, budget_store=budget_store, token_budget=token_budget)
+    return _loaded(spec, path, lambda: STSparseEncoder(spec, device, source=path, budget_store=budget_store,
+                                                       token_budget=token_budget))
 
 
 def load_reranker(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_store: BudgetStore | None = None,

@@ -19,6 +19,7 @@ ENCODE = ["chunks", "dense_embeddings/tiny_a", "sparse_vectors"]
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
+    ray_encode.shutdown_workers()
     ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False, logging_level="WARNING",
              runtime_env=ray_encode.job_runtime_env())
     yield

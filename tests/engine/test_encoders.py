@@ -356,3 +356,18 @@ def test_fast_bert_forward_equals_the_hf_module_on_unpadded_tokens(family):
     mean = pool_unpadded(got, cu, "mean")
     assert torch.allclose(mean[2], ref[2, :12].mean(0), atol=1e-5)
     assert torch.allclose(pool_unpadded(got, cu, "cls"), ref[:, 0], atol=1e-5)
+
+
+def test_truncated_weights_file_names_the_model_and_folder(registry, tiny_models_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "tiny-a"
+    shutil.copytree(tiny_models_dir / "tiny-a", folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # cut short, as an interrupted download leaves it
+    spec = replace(registry.get("tiny-a"), source=f"path:{folder}")
+    with pytest.raises(ModelLoadError) as info:
+        load_dense_encoder(spec)
+    message = str(info.value)
+    assert message.startswith(f"model tiny-a: cannot load {folder}") and "\n" not in message
+    assert "truncated or corrupt weights file" in message

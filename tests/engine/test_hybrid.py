@@ -129,3 +129,31 @@ def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_
                                  [sparse_spec], None, RetrievalConfig(enable_rerank=False, tune_min_queries=100), "cpu")
     assert not few.hybrid["tuned"] and few.hybrid["weights"] == {"dense": 0.3, "sparse:tiny-splade": 0.7}
     assert any("fewer than 100 needed to tune" in w for w in few.warnings)
+
+
+def test_ensemble_weights_tuned_and_reported_on_held_out(tiny_registry_path, tmp_path):
+    registry = load_registry(tiny_registry_path)
+    texts = [f"# Topic {i}\n\nthe gpu driver and the index number {i} need {w}" for i, w in
+             enumerate(["install", "rerank", "query", "vector", "chunk", "model", "config", "server"] * 5)]
+    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(40)], "content_hash": [f"h{i}" for i in range(40)],
+                       "text": texts, "heading": [f"Topic {i}" for i in range(40)],
+                       "source_file": ["a.md"] * 40, "metadata_json": ["{}"] * 40})
+    specs = [registry.get("tiny-a"), registry.get("tiny-b")]
+    sets = {}
+    for spec in specs:
+        writer, _ = run_dense_stage(spec, chunks, "cpu", tmp_path / f"{spec.asset_name}.arrow")
+        sets[spec.name] = read_embeddings(writer.publish())
+    weights = {s.name: s.weight for s in specs}
+    writer, _ = run_fusion_stage(sets, weights, "concat", tmp_path / "f.arrow", chunks)
+    fused = read_embeddings(writer.publish())
+    config = RetrievalConfig(enable_rerank=False, enable_sparse=False, tune_ensemble_weights=True)
+    _, record = run_retrieval_stage(heading_queries(chunks), chunks, fused, specs, "concat", weights, None, [], None,
+                                    config, "cpu", dense_sets=sets)
+    ensemble = record.ensemble
+    assert ensemble["tuned"] and ensemble["systems"] == ["tiny-a", "tiny-b"]
+    assert abs(sum(ensemble["weights"].values()) - 1) < 1e-6 and ensemble["grid_size"] == 11
+    assert set(ensemble["heldout"]) == {"registry weights", "tuned weights"}
+    assert ensemble["split"]["tune"] + ensemble["split"]["heldout"] == 40
+    _, off = run_retrieval_stage(heading_queries(chunks), chunks, fused, specs, "concat", weights, None, [], None,
+                                 RetrievalConfig(enable_rerank=False, enable_sparse=False), "cpu", dense_sets=sets)
+    assert off.ensemble is None  # off by default

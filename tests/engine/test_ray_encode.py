@@ -38,6 +38,7 @@ def ray_cluster():
     ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False, logging_level="WARNING",
              runtime_env=ray_encode.job_runtime_env())
     yield
+    ray_encode.shutdown_workers()  # warm workers belong to this cluster: none may outlive it
     ray.shutdown()
 
 
