@@ -20,22 +20,14 @@ from rag_clean.chunking import (
     read_collection,
 )
 
+from file_helpers import write
+
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "collections" / "sample"
 
 
 def words(text: str) -> int:
     """Exact, additive token count for tests: whitespace-separated words."""
     return len(text.split())
-
-
-def write(folder: Path, rel: str, content: str | bytes) -> Path:
-    path = folder / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
 
 
 def legacy_record(chunk_id: str, text: str, **metadata) -> dict:

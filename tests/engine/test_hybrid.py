@@ -98,13 +98,18 @@ def test_generated_queries_cannot_be_answered_by_exact_match_on_the_sample():
             assert q.text.lower() not in masked[row[g]].lower(), (q.text, g)
 
 
-def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_path):
-    registry = load_registry(tiny_registry_path)
+def _topic_chunks() -> pa.Table:
+    """40 chunks under 40 headings: 40 generated queries, each with one gold chunk."""
     texts = [f"# Topic {i}\n\nthe gpu driver and the index number {i} need {w}" for i, w in
              enumerate(["install", "rerank", "query", "vector", "chunk", "model", "config", "server"] * 5)]
-    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(40)], "content_hash": [f"h{i}" for i in range(40)],
-                       "text": texts, "heading": [f"Topic {i}" for i in range(40)],
-                       "source_file": ["a.md"] * 40, "metadata_json": ["{}"] * 40})
+    return pa.table({"chunk_id": [f"c{i}" for i in range(40)], "content_hash": [f"h{i}" for i in range(40)],
+                     "text": texts, "heading": [f"Topic {i}" for i in range(40)],
+                     "source_file": ["a.md"] * 40, "metadata_json": ["{}"] * 40})
+
+
+def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_path):
+    registry = load_registry(tiny_registry_path)
+    chunks = _topic_chunks()
     dense_spec, sparse_spec = registry.get("tiny-a"), registry.get("tiny-splade")
     writer, _ = run_dense_stage(dense_spec, chunks, "cpu", tmp_path / "a.arrow")
     dense = read_embeddings(writer.publish())
@@ -133,11 +138,7 @@ def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_
 
 def test_ensemble_weights_tuned_and_reported_on_held_out(tiny_registry_path, tmp_path):
     registry = load_registry(tiny_registry_path)
-    texts = [f"# Topic {i}\n\nthe gpu driver and the index number {i} need {w}" for i, w in
-             enumerate(["install", "rerank", "query", "vector", "chunk", "model", "config", "server"] * 5)]
-    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(40)], "content_hash": [f"h{i}" for i in range(40)],
-                       "text": texts, "heading": [f"Topic {i}" for i in range(40)],
-                       "source_file": ["a.md"] * 40, "metadata_json": ["{}"] * 40})
+    chunks = _topic_chunks()
     specs = [registry.get("tiny-a"), registry.get("tiny-b")]
     sets = {}
     for spec in specs:

@@ -16,18 +16,9 @@ import pytest
 from rag_clean.chunking import ChunkingError, read_collection
 from rag_clean.retrieval import QueryFileError, load_queries
 from rag_clean.storage import StorageError, read_embeddings, read_table, write_embeddings, write_table
+from file_helpers import write
 
 GOOD_MD = "# Guide\n\nGuide text that is embedded.\n"
-
-
-def write(folder: Path, rel: str, content: str | bytes) -> Path:
-    path = folder / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
 
 
 @pytest.fixture
