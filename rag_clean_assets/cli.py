@@ -116,14 +116,13 @@ def _select_collections(requested: list[str] | None, chunked_dir: str | None) ->
     if not root.is_dir():
         raise CliError(f"data root {root} does not exist (--chunked-dir)")
     if requested is None:
-        names = []
-        for child in sorted(root.iterdir()):
-            if not child.is_dir() or child.name.startswith("."):
-                continue
-            try:
-                names.append(check_name(child.name))
-            except StorageError as exc:  # reported, not silently dropped; name it with --collections to fail
-                print(f"note: skipping folder {child}: {exc}", file=sys.stderr)
+        from rag_clean_assets.sensors import skipped_folder_line
+        from resources.paths import PathsResource
+
+        # The same scan as the sensor and `collections sync`: every other folder is reported, one line each.
+        names, unusable = PathsResource(data_root=str(root)).scan_collections()
+        for folder, reason in unusable:  # name it with --collections to make it an error instead
+            print(f"note: {skipped_folder_line(folder, reason)}", file=sys.stderr)
         if not names:
             raise CliError(f"no collection folders under the data root {root}")
     for name in names:
