@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from rag_clean.candidates import DenseScorer, SparseScorer, build_pools
 from rag_clean.fusion import fuse_queries, truncate_and_normalize
-from rag_clean.hybrid import choose_weights, default_weights, evaluate, split_queries
+from rag_clean.hybrid import QueryPool, choose_weights, default_weights, evaluate, split_queries
 from rag_clean.metrics import ranking_metrics
 from rag_clean.plan import RetrievalConfig
 from rag_clean.records import RerankRecord
@@ -152,16 +152,17 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
         per_model = [DenseScorer(dense_sets[s.name].vectors, q, over)
                      for s, q, over in zip(dense_specs, per_model_q, per_model_over)]
         names = [s.name for s in dense_specs]
-        pools_once, _ = build_pools(dense_idx, lambda qi, docs: per_model[0].scores(qi, docs), [], k, "minmax")
+        registry_weights = list(np.asarray(weights) / np.sum(weights))
+        # Each model's raw cosine over each query's fused candidates, once: a weight vector is then a
+        # weighted sum of those rows (QueryPool.ranking), however many the grid tries.
+        per_model_pools = [QueryPool(docs, np.stack([m.scores(qi, docs) for m in per_model]))
+                           for qi, docs in enumerate(np.unique(row) for row in dense_idx)]
 
         def by_ensemble(w):
-            return [p.docs[np.lexsort((p.docs, -sum(wi * m.scores(qi, p.docs) for wi, m in zip(w, per_model))))][:k]
-                    for qi, p in enumerate(pools_once)]
-        ensemble = choose_weights(names, by_ensemble, gold, chunk_ids, tune, heldout,
-                                  fallback=list(np.asarray(weights) / np.sum(weights)),
+            return [p.ranking(w, k)[0] for p in per_model_pools]
+        ensemble = choose_weights(names, by_ensemble, gold, chunk_ids, tune, heldout, fallback=registry_weights,
                                   min_queries=config.tune_min_queries, what="dense ensemble weights")
-        ensemble.heldout = {"registry weights": evaluate(by_ensemble(np.asarray(weights) / np.sum(weights)), gold,
-                                                         chunk_ids, report),
+        ensemble.heldout = {"registry weights": evaluate(by_ensemble(registry_weights), gold, chunk_ids, report),
                             "tuned weights": evaluate(by_ensemble(list(ensemble.weights.values())), gold, chunk_ids,
                                                       report)}
         record.ensemble = ensemble.to_dict()
