@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--pool-limit", type=int, default=None)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    from project_env import init_instance, project_env
     from tiny_models import build_all, write_tiny_registry
 
     tmp = Path(tempfile.mkdtemp(prefix="rag_clean_load_"))
@@ -46,17 +47,9 @@ def main() -> int:
         (tmp / "data" / name).mkdir(parents=True)
         (tmp / "data" / name / "notes.jsonl").write_text(
             "".join(json.dumps({"id": f"{name}-{i}", "text": TEXT.format(i=i)}) + "\n" for i in range(args.rows)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDER_", "RAG_CLEAN_", "DAGSTER_"))}
-    env.update(DAGSTER_HOME=str(tmp / "home"), RAG_CLEAN_MODEL_REGISTRY=str(registry),
-               RAG_CLEAN_DATA_ROOT=str(tmp / "data"), RAG_CLEAN_STORAGE_ROOT=str(tmp / "storage"),
-               RAG_CLEAN_GPU_LOCK_DIR=str(tmp / "locks"), EMBEDDER_CONFIG_FILE=str(tmp / "absent.json"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    if args.pool_limit is not None:
-        env["RAG_CLEAN_GPU_POOL_LIMIT"] = str(args.pool_limit)
-    for cmd in (["init-home"], ["add", *names]):
-        subprocess.run([sys.executable, "-m", "rag_clean_assets.collections", *cmd], env=env, cwd=tmp, check=True,
-                       capture_output=True)
+    env = project_env(tmp, registry, tmp / "data",
+                      **({"RAG_CLEAN_GPU_POOL_LIMIT": str(args.pool_limit)} if args.pool_limit is not None else {}))
+    init_instance(env, tmp, names, timeout=600)
     config = (tmp / "home" / "dagster.yaml").read_text()
     limit = next((line.split(":")[1].strip() for line in config.splitlines() if "default_limit" in line), "none")
 

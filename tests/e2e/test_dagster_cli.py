@@ -6,7 +6,6 @@ fused_embeddings of the first and checks that nothing else (and nothing of the s
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from project_env import project_env
+
 from rag_clean.storage import read_embeddings
 from rag_clean.telemetry import read_summary
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEFS_MODULE = "rag_clean_assets.definitions"
 
@@ -70,11 +70,7 @@ def cli_home(tmp_path_factory, tiny_registry_path):
         (data / name).mkdir(parents=True)
         (data / name / "guide.md").write_text(GUIDE, encoding="utf-8")
         (data / name / "notes.jsonl").write_text(NOTES, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDER_", "RAG_CLEAN_", "DAGSTER_"))}
-    env.update(DAGSTER_HOME=str(tmp / "home"), RAG_CLEAN_MODEL_REGISTRY=str(tiny_registry_path),
-               RAG_CLEAN_DATA_ROOT=str(data), RAG_CLEAN_STORAGE_ROOT=str(tmp / "storage"),
-               EMBEDDER_CONFIG_FILE=str(tmp / "absent-config.json"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = project_env(tmp, tiny_registry_path, data)
     cwd = tmp  # not the repo: a stray .env or config/ there must not leak into the run
     _run([sys.executable, "-m", "rag_clean_assets.collections", "init-home"], env, cwd)
     _run([sys.executable, "-m", "rag_clean_assets.collections", "add", "demo", "other"], env, cwd)

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from project_env import init_instance, project_env
+
 psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BIG_ROWS = 6000  # enough that the test catches run A inside its dense step (then SIGSTOPs it there)
 RECOVERY_BUDGET_S = 60
@@ -43,15 +44,8 @@ def home(tmp_path, tiny_registry_path):
     data = tmp_path / "data"
     _write_jsonl(data / "big", BIG_ROWS)
     _write_jsonl(data / "small", 3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDER_", "RAG_CLEAN_", "DAGSTER_"))}
-    env.update(DAGSTER_HOME=str(tmp_path / "home"), RAG_CLEAN_MODEL_REGISTRY=str(tiny_registry_path),
-               RAG_CLEAN_DATA_ROOT=str(data), RAG_CLEAN_STORAGE_ROOT=str(tmp_path / "storage"),
-               RAG_CLEAN_GPU_LOCK_DIR=str(tmp_path / "locks"), RAG_CLEAN_GPU_POOL_LIMIT="1",
-               EMBEDDER_CONFIG_FILE=str(tmp_path / "absent.json"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    for args in (["init-home"], ["add", "big", "small"]):
-        subprocess.run([sys.executable, "-m", "rag_clean_assets.collections", *args], env=env, cwd=tmp_path,
-                       check=True, capture_output=True, timeout=120)
+    env = project_env(tmp_path, tiny_registry_path, data, RAG_CLEAN_GPU_POOL_LIMIT="1")
+    init_instance(env, tmp_path, ["big", "small"])
     assert "default_limit: 1" in (tmp_path / "home" / "dagster.yaml").read_text()
     procs: list[subprocess.Popen] = []
     yield tmp_path, env, procs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from project_env import init_instance, project_env
+
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 90
 
@@ -68,15 +68,8 @@ def start_ui_server(tmp_path_factory, tiny_registry_path) -> UiServer:
     (tmp / "data" / "demo").mkdir(parents=True)
     (tmp / "data" / "demo" / "guide.md").write_text(
         "# Guide\n\n## Install\n\nInstall the gpu driver.\n\n## Query\n\nRun the query server and search the index.\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDER_", "RAG_CLEAN_", "DAGSTER_"))}
-    env.update(DAGSTER_HOME=str(tmp / "home"), RAG_CLEAN_MODEL_REGISTRY=str(tiny_registry_path),
-               RAG_CLEAN_DATA_ROOT=str(tmp / "data"), RAG_CLEAN_STORAGE_ROOT=str(tmp / "storage"),
-               RAG_CLEAN_GPU_LOCK_DIR=str(tmp / "locks"), EMBEDDER_CONFIG_FILE=str(tmp / "absent.json"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    for args in (["init-home"], ["add", "demo"]):
-        subprocess.run([sys.executable, "-m", "rag_clean_assets.collections", *args], env=env, cwd=tmp,
-                       check=True, capture_output=True, timeout=120)
+    env = project_env(tmp, tiny_registry_path, tmp / "data")
+    init_instance(env, tmp, ["demo"])
 
     port = _free_port()
     log_path = tmp / "webserver.log"

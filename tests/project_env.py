@@ -1,0 +1,32 @@
+"""The environment for running the project's CLIs in a subprocess, confined to one temporary folder.
+
+Shared by the e2e tests and benchmarks/bench_concurrent_collections.py: the caller's EMBEDDER_*,
+RAG_CLEAN_* and DAGSTER_* settings never leak in, and every root (instance, data, storage, GPU locks)
+lies under `root`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_env(root: Path, registry: Path, data: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDER_", "RAG_CLEAN_", "DAGSTER_"))}
+    env.update(DAGSTER_HOME=str(root / "home"), RAG_CLEAN_MODEL_REGISTRY=str(registry),
+               RAG_CLEAN_DATA_ROOT=str(data), RAG_CLEAN_STORAGE_ROOT=str(root / "storage"),
+               RAG_CLEAN_GPU_LOCK_DIR=str(root / "locks"), EMBEDDER_CONFIG_FILE=str(root / "absent.json"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])), **extra)
+    return env
+
+
+def init_instance(env: dict[str, str], cwd: Path, collections: list[str], timeout: float = 120) -> None:
+    """`collections init-home`, then `collections add` the given partitions."""
+    for args in (["init-home"], ["add", *collections]):
+        subprocess.run([sys.executable, "-m", "rag_clean_assets.collections", *args], env=env, cwd=cwd,
+                       check=True, capture_output=True, timeout=timeout)
