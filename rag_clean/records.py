@@ -59,6 +59,21 @@ def _encode_metadata(stats: EncodeStats | None) -> dict:
 
 
 @dataclass
+class ReuseCount:
+    """How much of one unit of work a stage reused from its previous materialization vs computed now.
+
+    Keyed in `StageRecord.reuse_counts` by what was counted: a model name ("minilm"), or "files",
+    "query_vectors", "rerank_pairs", "export_lines"... `unit` says what a row is ("chunks", "files", ...)."""
+
+    reused: int = 0
+    computed: int = 0
+    unit: str = "chunks"
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "reused": int(self.reused), "computed": int(self.computed)}
+
+
+@dataclass
 class StageRecord:
     """Fields every stage has. Set by the stage: rows, status, device, warnings; by the asset: toggles,
     timing and the lease; at the storage boundary: where the value went."""
@@ -83,10 +98,24 @@ class StageRecord:
     materialized_at: str | None = None
     path: str | None = None
     bytes: int = 0
+    # Reused vs computed work, per model or unit (see ReuseCount). Every stage that can reuse fills it.
+    reuse_counts: dict[str, ReuseCount] = field(default_factory=dict)
 
     @property
     def disabled(self) -> bool:
         return self.status == "disabled"
+
+    def counts(self) -> dict[str, ReuseCount]:
+        """Reused vs computed per model/unit; subclasses with their own counters override."""
+        return dict(self.reuse_counts)
+
+    def reuse_line(self, label: str) -> str | None:
+        """The run log's one line per stage: what was reused and what was computed."""
+        counts = self.counts()
+        if self.disabled or not counts:
+            return None
+        parts = [f"{name}: {c.computed:,} computed, {c.reused:,} reused {c.unit}" for name, c in counts.items()]
+        return f"{label} reuse: " + "; ".join(parts)
 
     def stage_fields(self) -> dict:
         """The stage's own summary fields (subclasses)."""
@@ -105,6 +134,9 @@ class StageRecord:
                "bytes": self.bytes}
         if self.reason is not None:
             out["reason"] = self.reason
+        counts = self.counts()
+        if counts:
+            out["reuse_counts"] = {name: c.to_dict() for name, c in counts.items()}
         out.update(self.stage_fields())
         return out
 
@@ -128,6 +160,11 @@ class StageRecord:
             # Still a materialization (downstream must run, see docs/architecture.md): say plainly it did nothing.
             out["note"] = ("disabled: this stage did not run and wrote nothing; the stored file, if any, is "
                            "from an earlier run" + (f" ({self.reason})" if self.reason else ""))
+        counts = self.counts()
+        if counts and not self.disabled:
+            out["rows_reused"] = int(sum(c.reused for c in counts.values()))
+            out["rows_computed"] = int(sum(c.computed for c in counts.values()))
+            out["reuse"] = MetaJson({name: c.to_dict() for name, c in counts.items()})
         out.update(self.stage_metadata())
         return out
 
@@ -156,6 +193,9 @@ class DenseRecord(StageRecord):
     computed: int = 0
     encode: EncodeStats | None = None
     joint: dict | None = None          # see stages.joint.JointSideFiles.record
+
+    def counts(self) -> dict[str, ReuseCount]:
+        return {self.model: ReuseCount(self.reused, self.computed, "chunks")} if self.model else {}
 
     def stage_fields(self) -> dict:
         out = {"model": self.model}

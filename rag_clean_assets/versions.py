@@ -69,5 +69,9 @@ def versioned(context: dg.AssetExecutionContext, output: StageOutput) -> dg.Outp
         data_version = _previous_data_version(context)
     elif isinstance(output.value, pa.Table):
         data_version = table_data_version(output.value)
+    # Every asset returns through here: the run log's one line per stage on reused vs computed work.
+    line = output.record.reuse_line(context.asset_key.to_user_string())
+    if line:
+        context.log.info(line)
     tags = {STATUS_TAG: "disabled" if output.disabled else output.record.status}
     return dg.Output(output, data_version=data_version, tags=tags)

@@ -72,7 +72,6 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
                                              ray=plan.ray, progress=context.log.info)
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
-        context.log.info(f"{spec.name}: {record.computed} chunks embedded, {record.reused} reused")
         if record.joint is not None:
             info = record.joint
             if info["sparse_partner"]:
