@@ -5,6 +5,7 @@
     <root>/colbert_vectors/<dense model>/<c>.arrow          ColBERT multi-vectors of that pass
     <root>/telemetry/<c>/processing_summary.json, events.jsonl
     <root>/state/token_budgets.json                        safe token budgets per model and device
+    <root>/state/folder_hashes/<c>.json                    file digests behind a collection folder's version
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
@@ -72,6 +73,10 @@ class StorageLayout:
 
     def budget_store_file(self) -> Path:
         return path_under(self.root, "state", "token_budgets.json")
+
+    def folder_hash_cache_file(self, collection: str) -> Path:
+        """(path, size, mtime_ns) -> sha256 of a collection's files, for its folder version (rag_clean.folder_version)."""
+        return path_under(self.root, "state", "folder_hashes", check_name(collection) + ".json")
 
     # -- exports -------------------------------------------------------------------------------
 
