@@ -72,7 +72,8 @@ def default_executor():
 
 
 def build_definitions(registry_path: str | None = None, *, automation: bool | None = None,
-                      **resource_kwargs) -> dg.Definitions:
+                      loggers: dict | None = None, **resource_kwargs) -> dg.Definitions:
+    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars."""
     registry = load_registry(registry_path)
     automation = automation_enabled() if automation is None else automation
     assets = build_assets(registry_path, automation=automation)
@@ -86,6 +87,7 @@ def build_definitions(registry_path: str | None = None, *, automation: bool | No
         sensors=[build_collection_sensor(job), *([automation_sensor()] if automation else [])],
         resources=build_resources(registry_path=registry_path or "", **resource_kwargs),
         executor=default_executor(),
+        loggers=loggers,
     )
 
 
