@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dagster as dg
+from dagster._core.definitions.observe import observe  # what the UI's "Observe" runs (no public alias in 1.13)
 import pytest
 
 from rag_clean_assets.definitions import EMBED_JOB_NAME
-from rag_clean_assets.observe import COLLECTION_FILES
+from rag_clean_assets.observe import (COLLECTION_FILES, collection_files, collection_version, observe_collections,
+                                      recorded_version)
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
 from rag_clean_assets.versions import DATA_VERSION_TAG
 from rag_clean_assets.sensors import build_collection_sensor
@@ -88,3 +90,18 @@ def test_edited_known_folder_is_observed_once(sensor, tmp_path):
         assert [(e.asset_key, e.partition) for e in edited.asset_events] == [(COLLECTION_FILES, "beta")]
         assert edited.asset_events[0].tags[DATA_VERSION_TAG] != first.asset_events[1].tags[DATA_VERSION_TAG]
         assert not edited.run_requests
+
+
+def test_observing_collection_files_records_every_partition(tmp_path):
+    """The UI's "Observe" on collection_files: one data version per partition, equal to the sensor's."""
+    data = tmp_path / "data"
+    for name in ("alpha", "beta"):
+        (data / name).mkdir(parents=True)
+        (data / name / "doc.md").write_text(f"# {name}\n\ntext\n")
+    paths = PathsResource(data_root=str(data), storage_root=str(tmp_path / "storage"))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(COLLECTIONS_PARTITION, ["alpha", "beta"])
+        assert observe([collection_files], instance=instance, resources={"paths": paths}).success
+        for name in ("alpha", "beta"):
+            assert recorded_version(instance, name) == collection_version(paths, name).digest
+        assert observe_collections(instance, paths) == []  # nothing changed since
