@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.registry import Registry
-from rag_clean.storage import EmbeddingSet, file_digest, read_table
+from rag_clean.storage import EmbeddingSet, as_string_array, file_digest, read_table
 from rag_clean.telemetry import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
@@ -27,11 +27,12 @@ NORM_TOLERANCE = 1e-3
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 
-def _vector_problems(vectors: EmbeddingSet, expected_rows: int, expected_ids: list[str], expected_dim: int | None) -> tuple[list[str], dict]:
+def _vector_problems(vectors: EmbeddingSet, expected_rows: int, expected_ids: pa.ChunkedArray, expected_dim: int | None) -> tuple[list[str], dict]:
     problems = []
     if len(vectors) != expected_rows:
         problems.append(f"{len(vectors)} rows, chunks has {expected_rows}")
-    if vectors.chunk_ids != expected_ids:
+    # Arrow equality over the two memory-mapped id columns: no Python list of every id.
+    if not as_string_array(expected_ids).equals(vectors.ids):
         problems.append("chunk_ids differ from the chunks table (order or content)")
     if expected_dim is not None and vectors.dim != expected_dim:
         problems.append(f"dim {vectors.dim}, expected {expected_dim}")
@@ -81,7 +82,7 @@ def build_dense_check(spec) -> dg.AssetChecksDefinition:
         if vectors is None:
             return dg.AssetCheckResult(passed=True, metadata={"status": "disabled"},
                                        description="not applicable: the model is outside ensemble_models and has no stored file")
-        problems, meta = _vector_problems(vectors, chunks.num_rows, chunks.column("chunk_id").to_pylist(), spec.output_dim)
+        problems, meta = _vector_problems(vectors, chunks.num_rows, chunks.column("chunk_id"), spec.output_dim)
         return _result(problems, meta)
 
     return _check
@@ -90,7 +91,7 @@ def build_dense_check(spec) -> dg.AssetChecksDefinition:
 @dg.asset_check(asset=FUSED_KEY, name="vectors_valid", partitions_def=collections_partitions,
                 additional_ins={"chunks": dg.AssetIn("chunks")}, description="rows match chunks, no NaN, unit norms")
 def fused_valid(chunks: pa.Table, fused_embeddings: EmbeddingSet) -> dg.AssetCheckResult:
-    problems, meta = _vector_problems(fused_embeddings, chunks.num_rows, chunks.column("chunk_id").to_pylist(), None)
+    problems, meta = _vector_problems(fused_embeddings, chunks.num_rows, chunks.column("chunk_id"), None)
     return _result(problems, meta)
 
 
