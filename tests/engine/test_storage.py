@@ -209,3 +209,12 @@ def test_embedding_writer_takes_arrow_columns_and_set_exposes_zero_copy_ids(tmp_
     # A list input writes the same file as the Arrow column.
     write_embeddings(tmp_path / "f.arrow", [f"c{i}" for i in range(30)], [f"h{i}" for i in range(30)], vectors)
     assert (tmp_path / "e.arrow").read_bytes() == (tmp_path / "f.arrow").read_bytes()
+
+
+def test_duplicate_id_rows_finds_every_repeat_across_blocks(tmp_path):
+    from rag_clean.storage import duplicate_id_rows
+
+    ids = [f"id{i}" for i in range(1000)] + ["id7", "id999", "id7"]
+    groups = duplicate_id_rows(pa.array(ids), block=64)
+    assert [g.tolist() for g in groups] == [[7, 1000, 1002], [999, 1001]]
+    assert duplicate_id_rows(pa.chunked_array([pa.array(ids[:1000])]), block=64) == []
