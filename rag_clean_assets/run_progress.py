@@ -63,6 +63,7 @@ class RunProgress:
         self.collection: str | None = None
         self.steps: dict[str, _Step] = {}
         self.header: TaskID | None = None
+        self.finished: dict[str, dict[str, float]] = {}  # collection -> {step key: percent shown at its end}
 
     def __enter__(self) -> "RunProgress":
         if self.progress is not None:
@@ -80,15 +81,25 @@ class RunProgress:
         self.steps = {key: _Step(name) for key, name in self.step_names.items()}
         if self.progress is not None:
             self.header = self.progress.add_task(f"[bold]{collection}[/bold] steps", total=len(self.steps))
-            for step in self.steps.values():
-                step.task = self.progress.add_task(f"  {collection} · {step.name}", total=1)
+            for step in self.steps.values():  # started at STEP_START, so elapsed and ETA are the step's own
+                step.task = self.progress.add_task(f"  {collection} · {step.name}", total=1, start=False)
         else:
             self._plain(f"{collection}: {len(self.steps)} steps")
 
     def finish_collection(self, ok: bool) -> None:
+        """The collection's bars leave the live display (it holds the running collection only, however many
+        follow) and one line stays: how many steps finished."""
         done = sum(1 for s in self.steps.values() if s.state == "done")
+        line = f"{self.collection}: {'finished' if ok else 'FAILED'} ({done}/{len(self.steps)} steps done)"
+        self.finished[self.collection] = {key: self.percent(key) for key in self.steps}
         if self.progress is None:
-            self._plain(f"{self.collection}: {'finished' if ok else 'FAILED'} ({done}/{len(self.steps)} steps done)")
+            self._plain(line)
+            return
+        for task in [self.header, *(s.task for s in self.steps.values())]:
+            if task is not None:
+                self.progress.remove_task(task)
+        self.header = None
+        self.console.print(line)
 
     # -- what the Dagster logger feeds -----------------------------------------------------------
 
@@ -98,6 +109,8 @@ class RunProgress:
             return
         if event_type == "STEP_START":
             step.state = "running"
+            if self.progress is not None and step.task is not None:
+                self.progress.start_task(step.task)
             self._plain(f"{self.collection} {step.name}: started")
         elif event_type == "STEP_SUCCESS":
             step.state, step.done = "done", step.total
@@ -136,10 +149,10 @@ class RunProgress:
 
     def percent(self, step_key: str) -> float:
         """How far a step's bar is (0-100): what the display shows."""
-        if self.progress is not None:
-            task = self.progress.tasks[self.steps[step_key].task]
-            return float(task.percentage)
         step = self.steps[step_key]
+        task = next((t for t in self.progress.tasks if t.id == step.task), None) if self.progress is not None else None
+        if task is not None:
+            return float(task.percentage)
         return 100.0 * step.done / step.total
 
 
