@@ -5,7 +5,7 @@
     data root), sorted by path.
 
 Hashing every byte of a big collection on every sensor tick would be wasteful, so file digests are
-cached per collection under the storage layout's state folder, keyed by (real path, size, mtime_ns):
+cached per collection under the storage layout's state folder, keyed by (relative path, size, mtime_ns):
 an unchanged file is stat'ed, not read. An edit changes size or mtime_ns (or both), so it is re-read.
 The cache is only an accelerator: a missing or unreadable cache file means every file is hashed.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from rag_clean.chunking.collection import _walk as walk_collection_files
 from rag_clean.storage import write_json
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the path relative to the collection folder
 _READ_BLOCK = 1 << 20
 
 
@@ -64,23 +64,22 @@ def folder_version(folder: Path, cache_file: Path | None = None, root: Path | No
     rels = walk_collection_files(folder, boundary, [])
     for rel in rels:
         path = os.path.join(folder, rel)
-        real = os.path.realpath(path)
         try:
-            st = os.stat(real)
+            st = os.stat(path)  # follows a symlink: the target's size and mtime
         except OSError:  # vanished or a broken link: part of the version as such, so it is seen
             overall.update(f"{rel}\0<unreadable>\n".encode("utf-8", "surrogateescape"))
             continue
-        entry = cache.get(real)
+        entry = cache.get(rel)
         if isinstance(entry, list) and len(entry) == 3 and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
             digest = entry[2]
         else:
             try:
-                digest = _file_sha256(real)
+                digest = _file_sha256(path)
             except OSError:
                 overall.update(f"{rel}\0<unreadable>\n".encode("utf-8", "surrogateescape"))
                 continue
             hashed += 1
-        fresh[real] = [st.st_size, st.st_mtime_ns, digest]
+        fresh[rel] = [st.st_size, st.st_mtime_ns, digest]
         overall.update(f"{rel}\0{digest}\n".encode("utf-8", "surrogateescape"))
     if cache_file is not None and (hashed or len(fresh) != len(cache)):
         try:  # atomic: concurrent writers (sensor, chunks steps) lose at most entries, never the file
