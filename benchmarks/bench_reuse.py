@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "--words" in sys.argv:  # before scale_common reads it
+    os.environ["RAG_CLEAN_BENCH_WORDS"] = sys.argv[sys.argv.index("--words") + 1]
 import scale_common as sc  # noqa: E402
 
 ENCODED_TARGET, WALL_TARGET = 0.02, 0.05
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--rows-per-file", type=int, default=200)
     ap.add_argument("--registry", type=Path, help="a models.toml (default: tiny random models)")
     ap.add_argument("--executor", default="in_process", choices=["in_process", "multiprocess"])
+    ap.add_argument("--words", type=int, default=30, help="words per chunk (30 ~ 42 tokens, 12 ~ 20)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -91,7 +95,7 @@ def main() -> int:
         out.write_text(json.dumps({
             "benchmark": "reuse", "machine": sc.machine(), "date": dt.datetime.utcnow().isoformat() + "Z",
             "command": " ".join(sys.argv), "registry": str(registry), "executor": args.executor,
-            "chunks": chunks, "changed_chunks": changed, "full_wall_s": full["wall_s"], "again_wall_s": again["wall_s"],
+            "words_per_chunk": sc.WORDS_PER_CHUNK, "chunks": chunks, "changed_chunks": changed, "full_wall_s": full["wall_s"], "again_wall_s": again["wall_s"],
             "wall_fraction": wall_fraction, "stages": stages, "full_steps": full["steps"], "again_steps": again["steps"],
             "targets": {"encoded_fraction": ENCODED_TARGET, "wall_fraction": WALL_TARGET}}, indent=2) + "\n")
         print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Flat memory at scale (issue 9 item 4): every asset of a 100k- and a 1M-chunk collection through the real
 asset graph, peak anonymous RSS per step at each size and their ratio (target: 1M <= 1.10 x 100k).
 
-    python benchmarks/bench_scale.py [--sizes 100000,1000000] [--rows-per-file 200] [--out results.json]
+    python benchmarks/bench_scale.py [--sizes 100000,1000000] [--words 30] [--rows-per-file 200] [--out results.json]
 
 Each size: a fresh DAGSTER_HOME and storage root in a temp folder, a synthetic collection (JSONL + Markdown,
 ~40 tokens per chunk, see scale_common.py), tiny random models (2 dense, SPLADE, cross-encoder), 200 fixed
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "--words" in sys.argv:  # before scale_common reads it
+    os.environ["RAG_CLEAN_BENCH_WORDS"] = sys.argv[sys.argv.index("--words") + 1]
 import scale_common as sc  # noqa: E402
 
 TARGET = 1.10
@@ -61,14 +64,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--rows-per-file", type=int, default=200)
+    ap.add_argument("--words", type=int, default=30, help="words per chunk (30 ~ 42 tokens, 12 ~ 20)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folders")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {}
+    out = args.out or sc.REPO / "benchmarks" / "results" / f"{dt.date.today().isoformat()}_cpu_scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"benchmark": "scale", "machine": sc.machine(), "command": " ".join(sys.argv), "sizes": sizes,
+              "words_per_chunk": sc.WORDS_PER_CHUNK, "target_ratio": TARGET}
     for n in sizes:
         print(f"size {n:,}", flush=True)
         results[n] = run_size(n, args.rows_per_file, args.keep)
+        # Written after each size, so a run stopped during the large one keeps the small one's figures.
+        out.write_text(json.dumps({**header, "date": dt.datetime.utcnow().isoformat() + "Z", "complete": False,
+                                   "runs": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
     small, large = sizes[0], sizes[-1]
     table = []
     mib = 2 ** 20
@@ -89,10 +100,7 @@ def main() -> int:
     print(f"\nwhole graph: {results[small]['wall_s']} s @ {small:,}, {results[large]['wall_s']} s @ {large:,}")
     misses = [r["step"] for r in table if r["ratio"] is not None and not r["meets_target"]]
     print("steps over the 1.10 target: " + (", ".join(misses) if misses else "none"))
-    out = args.out or sc.REPO / "benchmarks" / "results" / f"{dt.date.today().isoformat()}_cpu_scale.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "scale", "machine": sc.machine(), "date": dt.datetime.utcnow().isoformat() + "Z",
-                               "command": " ".join(sys.argv), "sizes": sizes, "target_ratio": TARGET,
+    out.write_text(json.dumps({**header, "date": dt.datetime.utcnow().isoformat() + "Z", "complete": True,
                                "table": table, "runs": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -2,8 +2,8 @@
 `dagster asset materialize --select '*'` run with every step process's anonymous RSS polled from outside.
 
 Collections mix JSONL (half the chunks, `rows_per_file` records per file) and Markdown (half: files of
-`rows_per_file` short sections, one chunk each). Texts are ~30 words from the tiny models' vocabulary
-plus a per-chunk number (~40 tokens), so encoding stays cheap on a CPU. Generation is numpy-vectorized
+`rows_per_file` short sections, one chunk each). Texts are WORDS_PER_CHUNK words (default 30, ~42 tokens;
+`--words`) from the tiny models' vocabulary plus a per-chunk number, so encoding stays cheap on a CPU. Generation is numpy-vectorized
 (a pool of random sentences) and written file by file.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 BIN = Path(sys.executable).parent
-WORDS_PER_CHUNK = 30
+WORDS_PER_CHUNK = int(os.environ.get("RAG_CLEAN_BENCH_WORDS", "30"))  # 30 words ~ 42 tokens, 12 ~ 20
 BLOCK = 50_000
 
 
