@@ -8,13 +8,15 @@ every rerun -- even a no-op -- would mark the whole downstream graph changed.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 
 import dagster as dg
 import pyarrow as pa
 
-from rag_clean.registry import ModelSpec
+from rag_clean.registry import ModelSpec, Registry
 from rag_clean.stages.common import StageOutput, model_fingerprint
+from rag_clean.stages.joint import sparse_fingerprint
 
 CHUNKS = "1"
 DENSE = "1"
@@ -32,10 +34,29 @@ DATA_VERSION_TAG = "dagster/data_version"
 STATUS_TAG = "rag_clean/status"
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def dense_code_version(spec: ModelSpec) -> str:
     """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
     code change of that asset (its vectors change), so it and its downstream become unsynced."""
     return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec).encode()).hexdigest()[:12]}"
+
+
+# The other assets that read registry entries, likewise: an edit there is a code change of that asset.
+def sparse_code_version(registry: Registry) -> str:
+    return f"{SPARSE}-{_digest([sparse_fingerprint(s) for s in registry.sparse])}"
+
+
+def fused_code_version(registry: Registry) -> str:
+    """Fusion method and the dense models' weights (the fused vectors are built with them)."""
+    return f"{FUSED}-{_digest([registry.fusion_method, [(s.name, float(s.weight)) for s in registry.dense]])}"
+
+
+def reranked_code_version(registry: Registry) -> str:
+    spec = registry.rerank
+    return f"{RERANKED}-{_digest(None if spec is None else [model_fingerprint(spec), list(spec.fallbacks)])}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

@@ -56,7 +56,7 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
         ins={"chunks": dg.AssetIn(key="chunks"), "queries": dg.AssetIn(key="queries"),
              "fused_embeddings": dg.AssetIn(key="fused_embeddings"), "sparse_vectors": dg.AssetIn(key="sparse_vectors"),
              **dense_ins},
-        **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.RERANKED, gpu=True),
+        **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.reranked_code_version(registry), gpu=True),
         description="Per query: hybrid candidates (dense + sparse, a weighted sum of normalized scores tuned on a "
                     "held-out split, or RRF), the top K reranked by a cross-encoder (fallback chain from the "
                     "registry): ranked chunk ids with retrieval and rerank scores and the scorer. Metrics of every "

@@ -46,7 +46,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         key=SPARSE_KEY,
         ins={"chunks": dg.AssetIn(key="chunks")},
         deps=joint_dense_deps(registry),
-        **stage_asset(group="embeddings", kinds={"pytorch", "parquet"}, code_version=versions.SPARSE,
+        **stage_asset(group="embeddings", kinds={"pytorch", "parquet"}, code_version=versions.sparse_code_version(registry),
                       gpu=True),
         description="Sparse term weights per chunk from each selected sparse model. Opt out with "
                     "EMBEDDER_ENABLE_SPARSE=0 (then nothing is written and the previous file stays). A bge-m3 "
