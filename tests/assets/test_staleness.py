@@ -141,7 +141,7 @@ def test_automation_requests_only_the_changed_partition(pipeline):
     pipeline.materialize(OTHER)
     defs = _defs(pipeline, automation=True)
     assert all(spec.automation_condition is not None for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-               and a.is_executable for spec in a.specs)
+               and a.is_materializable for spec in a.specs)
     first = dg.evaluate_automation_conditions(defs=defs, instance=pipeline.instance)
     assert first.total_requested == 0  # everything materialized, nothing changed
     quiet = dg.evaluate_automation_conditions(defs=defs, instance=pipeline.instance, cursor=first.cursor)
