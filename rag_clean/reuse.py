@@ -49,9 +49,19 @@ def as_string_array(hashes: HashColumn) -> pa.ChunkedArray:
     return arr
 
 
+def _scalar_key(value: str | None) -> int:
+    """The key of one string, by the same rule as the vectorized path: its first 16 hex digits when it
+    starts with 16 hex digits, else a blake2b of the whole string."""
+    value = value or ""
+    head = value[:16]
+    if len(head) == 16 and all(c in "0123456789abcdefABCDEF" for c in head):
+        return int(head, 16)
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int(np.frombuffer(digest, dtype=np.uint64)[0])
+
+
 def _block_keys(block: pa.StringArray) -> np.ndarray:
-    """uint64 keys of one block: the first 16 hex digits, or a blake2b of the string when it is not
-    a fixed-width hex digest (any string works, hex digests are just fast)."""
+    """uint64 keys of one block (see _scalar_key); fixed-width strings (hex digests) are parsed in numpy."""
     n = len(block)
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
@@ -62,13 +72,11 @@ def _block_keys(block: pa.StringArray) -> np.ndarray:
             width = int(widths[0])
             data = np.frombuffer(block.buffers()[2], dtype=np.uint8, count=n * width, offset=int(offsets[0]))
             nibbles = _NIBBLE[data.reshape(n, width)[:, :16]]
-            if (nibbles != 255).all():
-                return (nibbles.astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
-    out = np.empty(n, dtype=np.uint64)
-    for i, value in enumerate(block.to_pylist()):
-        digest = hashlib.blake2b((value or "").encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        out[i] = np.frombuffer(digest, dtype=np.uint64)[0]
-    return out
+            keys = (nibbles.astype(np.uint64) << _SHIFTS).sum(axis=1, dtype=np.uint64)
+            for i in np.flatnonzero((nibbles == 255).any(axis=1)):  # rare: not a hex digest
+                keys[i] = _scalar_key(block[int(i)].as_py())
+            return keys
+    return np.fromiter((_scalar_key(v) for v in block.to_pylist()), dtype=np.uint64, count=n)
 
 
 def hash_keys(hashes: HashColumn) -> np.ndarray:

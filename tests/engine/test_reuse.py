@@ -62,3 +62,10 @@ def test_arrow_texts_is_a_lazy_sequence_of_selected_rows(monkeypatch):
     assert list(ArrowTexts(column)) == ["a", "b", "c", "d", "e"]
     with pytest.raises(IndexError):
         texts[3]
+
+
+def test_a_block_with_odd_strings_keeps_the_keys_of_its_hex_rows(monkeypatch):
+    monkeypatch.setattr(reuse, "BLOCK", 4)
+    hashes = [sha(str(i)) for i in range(6)]
+    cur, prev = match_rows(pa.array(hashes), pa.array(hashes[2:] + ["x" * 64, "ü" * 64]))
+    assert cur.tolist() == [2, 3, 4, 5] and prev.tolist() == [0, 1, 2, 3]
