@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.fusion import fuse_block, fused_dim
-from rag_clean.records import FusedRecord
+from rag_clean.records import FusedRecord, ReuseCount
 from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
-from rag_clean.stages.common import ROW_BLOCK
+from rag_clean.stages.common import ROW_BLOCK, embedding_hashes, embedding_ids
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,10 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
     names = list(sets)
     if not names:
         raise ValueError("fusion needs at least one dense model")
-    chunk_ids = chunks.column("chunk_id").to_pylist()
-    hashes = chunks.column("content_hash").to_pylist()
+    chunk_ids = chunks.column("chunk_id")
+    hashes = chunks.column("content_hash")
     for name in names:
-        if sets[name].chunk_ids != chunk_ids or sets[name].content_hashes != hashes:
+        if not (_same(embedding_ids(sets[name]), chunk_ids) and _same(embedding_hashes(sets[name]), hashes)):
             raise StorageError(
                 f"dense_embeddings/{name} was computed for other chunks than the current `chunks`; rematerialize it first"
             )
@@ -39,8 +39,9 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
                              {"method": method, "models": json.dumps(names), "weights": json.dumps(w), "normalized": "l2"})
     t0 = time.perf_counter()
     try:
-        for start in range(0, len(chunk_ids), ROW_BLOCK):
-            stop = min(start + ROW_BLOCK, len(chunk_ids))
+        n = len(chunks)
+        for start in range(0, n, ROW_BLOCK):
+            stop = min(start + ROW_BLOCK, n)
             block = fuse_block([np.asarray(sets[n].vectors[start:stop]) for n in names], w, method)
             writer.write(np.arange(start, stop), block)
         writer.finish()
@@ -48,5 +49,18 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
         writer.abort()
         raise
     total = float(sum(w))
-    return writer, FusedRecord(method=method, models=names, weights={n: round(weights[n] / total, 6) for n in names},
-                               rows=len(chunk_ids), dim=dim, fuse_seconds=round(time.perf_counter() - t0, 6))
+    record = FusedRecord(method=method, models=names, weights={m: round(weights[m] / total, 6) for m in names},
+                         rows=len(chunks), dim=dim, fuse_seconds=round(time.perf_counter() - t0, 6))
+    # Every row is fused again: the stage reads every dense row and writes the whole file either way, and
+    # fusing a row costs less than copying it from the previous file (docs/performance.md, bench_fusion_reuse.py).
+    record.reuse_counts["fused"] = ReuseCount(0, len(chunks), "chunks")
+    return writer, record
+
+
+def _same(stored, current: pa.ChunkedArray) -> bool:
+    """Column equality in Arrow (no Python list of ids); a stored Python list is converted once."""
+    if not isinstance(stored, (pa.Array, pa.ChunkedArray)):
+        stored = pa.array(stored, pa.string())
+    if isinstance(stored, pa.Array):
+        stored = pa.chunked_array([stored])
+    return len(stored) == len(current) and stored.cast(pa.string()).equals(current.cast(pa.string()))
