@@ -27,6 +27,7 @@ class SparseScratch:
     def __init__(self, beside: Path, n: int, top_k: int, label: str):
         self.n, self.top_k, self.label = int(n), max(int(top_k), 1), label
         base = Path(beside)
+        base.parent.mkdir(parents=True, exist_ok=True)
         self._paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}.npy")) for part in ("ids", "w", "len")]
         self.ids = np.lib.format.open_memmap(self._paths[0], mode="w+", dtype=np.int32, shape=(self.n, self.top_k))
         self.weights = np.lib.format.open_memmap(self._paths[1], mode="w+", dtype=np.float32, shape=(self.n, self.top_k))
