@@ -124,18 +124,6 @@ def default_digest_cache() -> Path | None:
     return StorageLayout(storage_root()).weights_digest_file()
 
 
-def embedding_hashes(emb) -> pa.ChunkedArray | list[str]:
-    """An EmbeddingSet's content hashes, as its zero-copy Arrow column when it has one."""
-    hashes = getattr(emb, "hashes", None)
-    return hashes if hashes is not None else emb.content_hashes
-
-
-def embedding_ids(emb) -> pa.ChunkedArray | list[str]:
-    """An EmbeddingSet's chunk ids, as its zero-copy Arrow column when it has one."""
-    ids = getattr(emb, "ids", None)
-    return ids if ids is not None else emb.chunk_ids
-
-
 @dataclass
 class StageOutput:
     """`value` is a table (written as Parquet, or Arrow IPC where the layout says .arrow), a staged writer

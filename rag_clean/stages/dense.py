@@ -16,7 +16,7 @@ from rag_clean.records import DenseRecord, truncation_warning
 from rag_clean.registry import ModelSpec
 from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
 from rag_clean.reuse import ArrowTexts, complement, match_rows
-from rag_clean.stages.common import ROW_BLOCK, embedding_hashes, model_fingerprint
+from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
 from rag_clean.stages.joint import JointOutputs, JointSideFiles, load_joint_encoder
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     # Reuse keyed by (model fingerprint, content hash); no dict of every row (rag_clean.reuse).
     reuse_dst = reuse_src = np.zeros(0, dtype=np.int64)
     if previous is not None and previous.metadata.get("fingerprint") == fingerprint and (out_dim is None or previous.dim == out_dim):
-        reuse_dst, reuse_src = match_rows(hashes, embedding_hashes(previous))
+        reuse_dst, reuse_src = match_rows(hashes, previous.hashes)
     to_compute = complement(reuse_dst, n)
 
     side = JointSideFiles(spec, joint, chunk_ids, hashes, digest_cache) if joint is not None and joint.active else None

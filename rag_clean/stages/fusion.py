@@ -14,7 +14,7 @@ import pyarrow as pa
 from rag_clean.fusion import fuse_block, fused_dim
 from rag_clean.records import FusedRecord, ReuseCount
 from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
-from rag_clean.stages.common import ROW_BLOCK, embedding_hashes, embedding_ids
+from rag_clean.stages.common import ROW_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
     chunk_ids = chunks.column("chunk_id")
     hashes = chunks.column("content_hash")
     for name in names:
-        if not (_same(embedding_ids(sets[name]), chunk_ids) and _same(embedding_hashes(sets[name]), hashes)):
+        if not (_same(sets[name].ids, chunk_ids) and _same(sets[name].hashes, hashes)):
             raise StorageError(
                 f"dense_embeddings/{name} was computed for other chunks than the current `chunks`; rematerialize it first"
             )
@@ -39,9 +39,9 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
                              {"method": method, "models": json.dumps(names), "weights": json.dumps(w), "normalized": "l2"})
     t0 = time.perf_counter()
     try:
-        n = len(chunks)
-        for start in range(0, n, ROW_BLOCK):
-            stop = min(start + ROW_BLOCK, n)
+        rows = len(chunks)
+        for start in range(0, rows, ROW_BLOCK):
+            stop = min(start + ROW_BLOCK, rows)
             block = fuse_block([np.asarray(sets[n].vectors[start:stop]) for n in names], w, method)
             writer.write(np.arange(start, stop), block)
         writer.finish()
@@ -57,10 +57,6 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
     return writer, record
 
 
-def _same(stored, current: pa.ChunkedArray) -> bool:
-    """Column equality in Arrow (no Python list of ids); a stored Python list is converted once."""
-    if not isinstance(stored, (pa.Array, pa.ChunkedArray)):
-        stored = pa.array(stored, pa.string())
-    if isinstance(stored, pa.Array):
-        stored = pa.chunked_array([stored])
-    return len(stored) == len(current) and stored.cast(pa.string()).equals(current.cast(pa.string()))
+def _same(stored: pa.Array, current: pa.ChunkedArray) -> bool:
+    """Column equality in Arrow, no Python list of ids."""
+    return len(stored) == len(current) and pa.chunked_array([stored]).equals(current.cast(pa.string()))
