@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import dagster as dg
-import pyarrow.parquet as pq
 import pytest
 
 import rag_clean.encoders.runner as runner
+from rag_clean.storage import read_arrow_table
 
 from pipeline_helpers import Pipeline, write_collection
 from test_bge_m3_joint import write_registry as write_bge_m3_registry
@@ -67,10 +67,10 @@ def test_incremental_run_equals_full_run(registry, one_row_batches, tmp_path, ti
     selection = dg.AssetSelection.assets(*ENCODE_ASSETS, *dense_keys)
 
     assert incremental.materialize(selection=selection).success
-    n_before = pq.read_table(incremental.file("chunks", "demo.parquet")).num_rows
+    n_before = read_arrow_table(incremental.file("chunks", "demo.arrow")).num_rows
     _edit_collection(folder)
     assert incremental.materialize(selection=selection).success
-    n = pq.read_table(incremental.file("chunks", "demo.parquet")).num_rows
+    n = read_arrow_table(incremental.file("chunks", "demo.arrow")).num_rows
     assert n == n_before  # one removed, one added
 
     full = Pipeline(data_root, tmp_path / "full", registry_path, tmp_path / "locks")
