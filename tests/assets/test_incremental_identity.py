@@ -86,7 +86,7 @@ def test_incremental_run_equals_full_run(registry, one_row_batches, tmp_path, ti
         assert stages[key.to_user_string()]["reuse"] == {"reused": n - 2, "computed": 2}
     sparse_counts = stages["sparse_vectors"]["reuse_counts"]
     assert sparse_counts["tiny-splade"] == {"unit": "chunks", "reused": n - 2, "computed": 2}
-    assert stages["fused_embeddings"]["reuse_counts"]["fused"] == {"unit": "chunks", "reused": 0, "computed": n}
+    assert stages["fused_embeddings"]["reuse_counts"]["fused"] == {"unit": "chunks", "reused": n - 2, "computed": 2}
     if registry == "bge-m3":
         joint = stages["dense_embeddings/tiny_bge_m3"]["joint"]
         assert joint["sparse_rows"] == n and joint["sparse_rows_reused"] == n - 2

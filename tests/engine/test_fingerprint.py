@@ -158,3 +158,39 @@ def test_fallback_rows_are_never_reused_as_model_rows(model_copy, tmp_path, monk
 def test_sparse_stage_on_no_chunks(model_copy, tmp_path):
     table, record = _sparse([model_copy["tiny-splade"]], _chunks([]), tmp_path / "s.parquet")
     assert table.num_rows == 0 and record.rows == 0
+
+
+def test_fusion_reuses_rows_only_with_the_same_inputs(model_copy, tmp_path):
+    from rag_clean.stages import run_fusion_stage
+
+    spec = model_copy["tiny-a"]
+    texts = TEXTS + ["one more chunk"]
+    writer, _ = run_dense_stage(spec, _chunks(texts), "cpu", tmp_path / "a.arrow")
+    writer.publish()
+    dense = {"tiny-a": read_embeddings(tmp_path / "a.arrow")}
+    writer, record = run_fusion_stage(dense, {"tiny-a": 1.0}, "concat", tmp_path / "f.arrow", _chunks(texts))
+    writer.publish()
+    assert record.reuse_counts["fused"].computed == 5
+    previous = read_embeddings(tmp_path / "f.arrow")
+
+    # The stored fused rows stand for 4 of the current chunks (one text differs).
+    chunks = _chunks(TEXTS[:4] + ["an edited chunk"])
+    writer, _ = run_dense_stage(spec, chunks, "cpu", tmp_path / "b.arrow", previous=dense["tiny-a"])
+    writer.publish()
+    current = {"tiny-a": read_embeddings(tmp_path / "b.arrow")}
+    writer, record = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "g.arrow", chunks, previous=previous)
+    writer.publish()
+    counts = record.reuse_counts["fused"]
+    assert (counts.reused, counts.computed) == (4, 1)
+    full, _ = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "h.arrow", chunks)
+    full.publish()
+    assert (tmp_path / "g.arrow").read_bytes() == (tmp_path / "h.arrow").read_bytes()
+
+    # Other weights, or a dense model with another fingerprint: nothing is reused.
+    writer, record = run_fusion_stage(current, {"tiny-a": 2.0}, "concat", tmp_path / "i.arrow", chunks, previous=previous)
+    writer.abort()
+    assert record.reuse_counts["fused"].reused == 0
+    current["tiny-a"].metadata["fingerprint"] = "another model"
+    writer, record = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "j.arrow", chunks, previous=previous)
+    writer.abort()
+    assert record.reuse_counts["fused"].reused == 0
