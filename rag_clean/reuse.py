@@ -14,7 +14,7 @@ Used by the dense, sparse and bge-m3 side-file stages; any stage keyed by conten
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -122,6 +122,71 @@ def match_rows(current: HashColumn, previous: HashColumn) -> tuple[np.ndarray, n
     if not cur_rows:
         return empty, empty.copy()
     return np.concatenate(cur_rows).astype(np.int64), np.concatenate(prev_rows).astype(np.int64)
+
+
+def match_parquet(current: HashColumn, path, *, keep: Callable[[pa.RecordBatch], np.ndarray] | None = None,
+                  columns: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """match_rows against the `content_hash` column of a Parquet file, read row group by row group twice
+    (keys, then the exact check), so memory holds 16 bytes per stored row instead of the strings.
+
+    `keep(batch)` -> bool mask limits which stored rows may match (its batch also has `columns`).
+    Returns (current_rows, file_rows): file_rows are row numbers in the file."""
+    import pyarrow.parquet as pq
+
+    cur = as_string_array(current)
+    empty = np.zeros(0, dtype=np.int64)
+    pf = pq.ParquetFile(str(path), memory_map=True)
+    wanted = ["content_hash", *[c for c in columns if c != "content_hash"]]
+
+    def groups():
+        base = 0
+        for g in range(pf.num_row_groups):
+            batch = pf.read_row_group(g, columns=wanted)
+            yield base, batch
+            base += batch.num_rows
+
+    keys, positions = [], []
+    for base, batch in groups():
+        rows = np.arange(batch.num_rows, dtype=np.int64)
+        if keep is not None:
+            rows = rows[np.asarray(keep(batch), dtype=bool)]
+        if len(rows):
+            keys.append(hash_keys(batch.column("content_hash").take(pa.array(rows))))
+            positions.append(rows + base)
+    if not keys or len(cur) == 0:
+        return empty, empty.copy()
+    file_keys, file_pos = np.concatenate(keys), np.concatenate(positions)
+    del keys, positions
+    order = np.argsort(file_keys, kind="stable")
+    sorted_keys, sorted_pos = file_keys[order], file_pos[order]
+    del file_keys, file_pos, order
+    cand_cur, cand_file = [], []
+    start = 0
+    for chunk in cur.chunks:
+        for off in range(0, len(chunk), BLOCK):
+            k = _block_keys(chunk.slice(off, BLOCK))
+            pos = np.searchsorted(sorted_keys, k)
+            ok = pos < len(sorted_keys)
+            hit = np.zeros(len(k), dtype=bool)
+            hit[ok] = sorted_keys[pos[ok]] == k[ok]
+            local = np.flatnonzero(hit)
+            cand_cur.append(local + start + off)
+            cand_file.append(sorted_pos[pos[local]])
+        start += len(chunk)
+    cand_cur, cand_file = np.concatenate(cand_cur), np.concatenate(cand_file)
+    # Exact check, file row group by row group: a key collision is a recompute, never a wrong reuse.
+    by_file = np.argsort(cand_file, kind="stable")
+    cand_cur, cand_file = cand_cur[by_file], cand_file[by_file]
+    same = np.zeros(len(cand_cur), dtype=bool)
+    for base, batch in groups():
+        lo, hi = np.searchsorted(cand_file, [base, base + batch.num_rows])
+        if hi > lo:
+            stored = batch.column("content_hash").take(pa.array(cand_file[lo:hi] - base))
+            now = cur.take(pa.array(cand_cur[lo:hi]))
+            same[lo:hi] = np.asarray(pc.equal(stored, now).to_numpy(zero_copy_only=False), dtype=bool)
+    cand_cur, cand_file = cand_cur[same], cand_file[same]
+    back = np.argsort(cand_cur, kind="stable")
+    return cand_cur[back].astype(np.int64), cand_file[back].astype(np.int64)
 
 
 def complement(rows: np.ndarray, n: int) -> np.ndarray:

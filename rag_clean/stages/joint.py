@@ -17,7 +17,7 @@ from rag_clean.layout import StorageLayout
 from rag_clean.plan import JointPlan
 from rag_clean.registry import ModelSpec
 from rag_clean.storage import StorageError, publish, temp_path_for
-from rag_clean.reuse import complement, match_rows
+from rag_clean.reuse import complement, match_parquet, match_rows
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint, sparse_fingerprint
 from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
 
@@ -156,8 +156,7 @@ class JointSideFiles:
             path = self.joint.sparse_path
             if self._read_previous_schema(path, self.sparse_fp, "lexical rows", pq.read_schema):
                 try:
-                    stored = pq.read_table(path, columns=["content_hash"], memory_map=True).column("content_hash")
-                    self._prev_sparse = match_rows(self.hashes, stored)
+                    self._prev_sparse = match_parquet(self.hashes, path)
                 except (OSError, pa.ArrowException) as exc:
                     self.warnings.append(f"previous lexical rows {path} unreadable, recomputing its rows: {exc}")
             current = self._prev_sparse[0] if self._prev_sparse is not None else np.zeros(0, dtype=np.int64)

@@ -24,7 +24,7 @@ from rag_clean.plan import RayPlan
 from rag_clean.progress import ProgressLog, track
 from rag_clean.records import ReuseCount, SparseRecord, truncation_warning
 from rag_clean.registry import ModelSpec, Registry
-from rag_clean.reuse import ArrowTexts, complement, match_rows
+from rag_clean.reuse import ArrowTexts, complement, match_parquet
 from rag_clean.storage import TableWriter
 from rag_clean.stages.common import ROW_BLOCK, sparse_fingerprint
 from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
@@ -132,10 +132,9 @@ def load_shared_sparse_rows(spec: ModelSpec, source: SharedSparseSource, chunks:
             return None, f"{prefix} {path} lacks columns {sorted(missing_cols)}"
         if _file_fingerprint(schema, "fingerprint") != sparse_fingerprint(spec, digest_cache):
             return None, f"{prefix} {path} was written for another model configuration (fingerprint differs)"
-        stored = pq.read_table(path, columns=["content_hash"], memory_map=True).column("content_hash")
+        current, rows = match_parquet(chunks.column("content_hash"), path)
     except (OSError, pa.ArrowException) as exc:
         return None, f"{prefix} {path} is unreadable ({type(exc).__name__}: {exc})"
-    current, rows = match_rows(chunks.column("content_hash"), stored)
     if len(current) < len(chunks):
         absent = complement(current, len(chunks))
         first = chunks.column("chunk_id")[int(absent[0])].as_py()
@@ -155,15 +154,13 @@ def previous_model_rows(spec: ModelSpec, previous: Path | None, chunks: pa.Table
             return None, f"{spec.name}: previous {previous} predates content hashes; encoding every chunk"
         if _file_fingerprint(schema, FINGERPRINT_KEY.format(spec.name)) != fingerprint:
             return None, None  # another model configuration (or none stored): nothing to reuse
-        table = pq.read_table(previous, columns=["model", "content_hash", "fallback"], memory_map=True)
+        current, rows = match_parquet(
+            chunks.column("content_hash"), previous, columns=["model", "fallback"],
+            keep=lambda b: pc.and_(pc.equal(b.column("model"), spec.name),
+                                   pc.invert(b.column("fallback"))).to_numpy(zero_copy_only=False))
     except (OSError, pa.ArrowException) as exc:
         return None, f"{spec.name}: previous {previous} unreadable, encoding every chunk ({type(exc).__name__}: {exc})"
-    mine = pc.and_(pc.equal(table.column("model"), spec.name), pc.invert(table.column("fallback")))
-    positions = np.flatnonzero(mine.to_numpy(zero_copy_only=False)).astype(np.int64)
-    if not len(positions):
-        return None, None
-    current, local = match_rows(chunks.column("content_hash"), table.column("content_hash").take(pa.array(positions)))
-    return StoredRows(previous, current, positions[local]), None
+    return (StoredRows(previous, current, rows), None) if len(current) else (None, None)
 
 
 def _model_table(spec: ModelSpec, chunks: pa.Table, start: int, stop: int, term_ids: pa.Array, weights: pa.Array,

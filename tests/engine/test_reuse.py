@@ -69,3 +69,21 @@ def test_a_block_with_odd_strings_keeps_the_keys_of_its_hex_rows(monkeypatch):
     hashes = [sha(str(i)) for i in range(6)]
     cur, prev = match_rows(pa.array(hashes), pa.array(hashes[2:] + ["x" * 64, "ü" * 64]))
     assert cur.tolist() == [2, 3, 4, 5] and prev.tolist() == [0, 1, 2, 3]
+
+
+def test_match_parquet_reads_row_groups_and_filters_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    from rag_clean.reuse import match_parquet
+
+    hashes = [sha(str(i)) for i in range(6)]
+    a = "0123456789abcdef" + "0" * 48
+    b = "0123456789abcdef" + "1" * 48  # same key as a, another hash
+    table = pa.table({"content_hash": hashes[:3] + [a] + hashes[3:], "model": ["m", "m", "x", "m", "m", "m", "m"]})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=3)
+    current = pa.array([hashes[5], b, hashes[2], hashes[0], "new"])
+    cur, rows = match_parquet(current, tmp_path / "f.parquet", columns=["model"],
+                              keep=lambda g: (g.column("model").to_numpy(zero_copy_only=False) == "m"))
+    assert cur.tolist() == [0, 3] and rows.tolist() == [6, 0]  # hashes[2] is another model's row; b collides
+    cur, rows = match_parquet(current, tmp_path / "f.parquet")
+    assert cur.tolist() == [0, 2, 3] and rows.tolist() == [6, 2, 0]
