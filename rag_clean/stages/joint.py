@@ -99,7 +99,7 @@ def _colbert_array(rows: Sequence[np.ndarray], dim: int) -> pa.ListArray:
 class JointSideFiles:
     """The staged side files of one joint pass: lexical rows for the sparse partner, ColBERT vectors.
 
-    Lexical rows are gathered in a scratch matrix (stages.sparse_rows) and written in chunk order, so an
+    Lexical rows are gathered in scratch files (stages.sparse_rows) and written in chunk order, so an
     incremental file equals a full one; ColBERT rows stream to their file in the order batches finish
     (readers look rows up by chunk_id / content_hash). Rows of unchanged chunks are copied from the
     previous files when those match the fingerprint, so the published files cover every current chunk.

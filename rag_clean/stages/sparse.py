@@ -2,8 +2,8 @@
 
 Reuse is keyed by (sparse fingerprint, content hash): a model's rows of unchanged chunks are copied from
 the previous sparse_vectors file (or its bge-m3 partner's side file) when that file's fingerprint for
-the model matches; only the rest are encoded. Each model's rows are written in chunk order (through a
-scratch matrix, see stages.sparse_rows), so an incremental file equals a full one.
+the model matches; only the rest are encoded. Each model's rows are written in chunk order (through
+scratch files, see stages.sparse_rows), so an incremental file equals a full one.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                      ) -> tuple[pa.Table | TableWriter, SparseRecord]:
     """Term weights per chunk from each spec, into a staged Parquet file at `sink_path` (published by the caller).
 
-    Each model's rows are gathered in a scratch matrix in any order (encoded rows, rows reused from
+    Each model's rows are gathered in scratch files in any order (encoded rows, rows reused from
     `previous` -- the stored sparse_vectors file -- or from a bge-m3 partner's side file) and then streamed
     to the file in chunk order. A model whose inference fails is replaced whole by the metadata fallback.
     A spec listed in `shared` (see shared_sparse_sources) takes its rows from its bge-m3 dense partner's
@@ -253,7 +253,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                 record.reuse_counts[spec.name] = ReuseCount(reused, n - reused, "chunks")
                 for start, stop, term_ids, weights in scratch.blocks():
                     out.write(_model_table(spec, chunks, start, stop, term_ids, weights, fallback))
-                available += int(np.count_nonzero(np.asarray(scratch.lengths)))
+                available += scratch.rows_with_terms
             finally:
                 scratch.close()
     except BaseException:

@@ -1,8 +1,9 @@
 """Sparse rows of one model, written in any order, read back in chunk order, in flat memory.
 
 Encoders yield length-sorted batches and reused rows come from a previous file in its order, but
-an incremental file must equal a full one: rows land in scratch memmaps ([n, top_k] term ids and
-weights, plus a length per row) beside the output, and `blocks()` streams them out in chunk order.
+an incremental file must equal a full one. Rows are appended to two scratch files beside the output
+(term ids, weights: only the terms a row has, however large top_k is), with each row's start and
+length in file-backed arrays; `blocks()` gathers them back in chunk order, block by block.
 """
 
 from __future__ import annotations
@@ -25,31 +26,52 @@ def list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType)
 
 class SparseScratch:
     def __init__(self, beside: Path, n: int, top_k: int, label: str):
-        self.n, self.top_k, self.label = int(n), max(int(top_k), 1), label
+        self.n, self.top_k, self.label = int(n), int(top_k), label
         base = Path(beside)
         base.parent.mkdir(parents=True, exist_ok=True)
-        self._paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}.npy")) for part in ("ids", "w", "len")]
-        self.ids = np.lib.format.open_memmap(self._paths[0], mode="w+", dtype=np.int32, shape=(self.n, self.top_k))
-        self.weights = np.lib.format.open_memmap(self._paths[1], mode="w+", dtype=np.float32, shape=(self.n, self.top_k))
-        self.lengths = np.lib.format.open_memmap(self._paths[2], mode="w+", dtype=np.int32, shape=(self.n,))
-        self.written = np.zeros(self.n, dtype=bool)
+        self._paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}"))
+                       for part in ("ids.bin", "w.bin", "start.npy", "len.npy")]
+        self._ids = open(self._paths[0], "wb+")
+        self._weights = open(self._paths[1], "wb+")
+        # Per row: where its terms start in the scratch files, and how many (-1: not written yet).
+        # File-backed, so a million rows cost page cache, not anonymous memory.
+        self.starts = np.lib.format.open_memmap(self._paths[2], mode="w+", dtype=np.int64, shape=(self.n,))
+        self.lengths = np.lib.format.open_memmap(self._paths[3], mode="w+", dtype=np.int32, shape=(self.n,))
+        self.lengths[:] = -1
+        self._count = 0
 
     def reset(self) -> None:
         """Forget every row (a model that failed midway is replaced whole)."""
-        self.lengths[:] = 0
-        self.written[:] = False
+        for fh in (self._ids, self._weights):
+            fh.seek(0)
+            fh.truncate()
+        self.lengths[:] = -1
+        self._count = 0
+
+    def _append(self, rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        if len(lengths) and lengths.max() > self.top_k:
+            raise ValueError(f"{self.label}: a row has {lengths.max()} terms, more than top_k={self.top_k}")
+        if len(ids) != len(weights) or len(ids) != int(lengths.sum()):
+            raise ValueError(f"{self.label}: term ids and weights differ in length")
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._weights.write(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+        self.starts[rows] = starts + self._count
+        self.lengths[rows] = lengths
+        self._count += int(lengths.sum())
 
     def write(self, rows: np.ndarray, term_ids: Sequence, weights: Sequence) -> None:
         """Rows `rows` (chunk indices) get per-row term id / weight arrays."""
-        for r, t, w in zip(np.asarray(rows, dtype=np.int64), term_ids, weights):
-            t = np.asarray(t, dtype=np.int32)
-            k = len(t)
-            if k > self.top_k:
-                raise ValueError(f"{self.label}: a row has {k} terms, more than top_k={self.top_k}")
-            self.ids[r, :k] = t
-            self.weights[r, :k] = np.asarray(w, dtype=np.float32)
-            self.lengths[r] = k
-        self.written[np.asarray(rows, dtype=np.int64)] = True
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        term_ids = [np.asarray(t, dtype=np.int32) for t in term_ids]
+        weights = [np.asarray(w, dtype=np.float32) for w in weights]
+        lengths = np.fromiter((len(t) for t in term_ids), dtype=np.int64, count=len(term_ids))
+        if any(len(t) != len(w) for t, w in zip(term_ids, weights)):
+            raise ValueError(f"{self.label}: term ids and weights differ in length")
+        self._append(rows, lengths, np.concatenate(term_ids), np.concatenate(weights))
 
     def write_lists(self, rows: np.ndarray, term_ids: pa.Array, weights: pa.Array) -> None:
         """Rows from Arrow list columns (a previous file's), vectorized: no Python object per row."""
@@ -58,35 +80,39 @@ class SparseScratch:
             return
         term_ids, weights = _flat_list(term_ids), _flat_list(weights)
         offsets = term_ids.offsets.to_numpy().astype(np.int64)
-        lengths = np.diff(offsets)
-        if lengths.max(initial=0) > self.top_k:
-            raise ValueError(f"{self.label}: a stored row has {lengths.max()} terms, more than top_k={self.top_k}")
-        start = offsets[0]
-        ids = term_ids.values.to_numpy(zero_copy_only=False)[start:offsets[-1]]
-        ws = weights.values.to_numpy(zero_copy_only=False)[start:offsets[-1]]
-        row_of = np.repeat(rows, lengths)
-        col_of = np.arange(len(ids), dtype=np.int64) - np.repeat(offsets[:-1] - start, lengths)
-        self.ids[row_of, col_of] = ids
-        self.weights[row_of, col_of] = ws
-        self.lengths[rows] = lengths
-        self.written[rows] = True
+        w_offsets = weights.offsets.to_numpy().astype(np.int64)
+        ids = term_ids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        ws = weights.values.to_numpy(zero_copy_only=False)[w_offsets[0]:w_offsets[-1]]
+        self._append(rows, np.diff(offsets), ids, ws)
 
     def blocks(self) -> Iterator[tuple[int, int, pa.ListArray, pa.ListArray]]:
         """(start, stop, term_ids, weights) per block of rows, in chunk order."""
-        missing = np.flatnonzero(~self.written)
+        missing = np.flatnonzero(np.asarray(self.lengths) < 0)
         if len(missing):
             raise ValueError(f"{self.label}: {len(missing)} rows never written (first: row {missing[0]})")
+        for fh in (self._ids, self._weights):
+            fh.flush()
+        ids = np.memmap(self._paths[0], dtype=np.int32, mode="r") if self._count else np.zeros(0, np.int32)
+        ws = np.memmap(self._paths[1], dtype=np.float32, mode="r") if self._count else np.zeros(0, np.float32)
         for start in range(0, self.n, BLOCK):
             stop = min(start + BLOCK, self.n)
-            lengths = np.asarray(self.lengths[start:stop])
-            mask = np.arange(self.top_k)[None, :] < lengths[:, None]
+            lengths = np.asarray(self.lengths[start:stop], dtype=np.int64)
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            yield (start, stop, list_array(offsets, np.asarray(self.ids[start:stop])[mask], pa.int32()),
-                   list_array(offsets, np.asarray(self.weights[start:stop])[mask], pa.float32()))
+            # Position of every term of the block in the scratch files, rows in chunk order.
+            gather = np.repeat(np.asarray(self.starts[start:stop]) - offsets[:-1], lengths) + np.arange(offsets[-1])
+            yield (start, stop, list_array(offsets, ids[gather], pa.int32()),
+                   list_array(offsets, ws[gather], pa.float32()))
+        del ids, ws
+
+    @property
+    def rows_with_terms(self) -> int:
+        return int(np.count_nonzero(np.asarray(self.lengths) > 0))
 
     def close(self) -> None:
-        self.ids = self.weights = self.lengths = None  # unmaps
+        for fh in (self._ids, self._weights):
+            fh.close()
+        self.starts = self.lengths = None  # unmaps
         for path in self._paths:
             path.unlink(missing_ok=True)
 
