@@ -6,6 +6,7 @@
     <root>/colbert_vectors/<dense model>/<c>.arrow          ColBERT multi-vectors of that pass
     <root>/telemetry/<c>/processing_summary.json, events.jsonl
     <root>/state/token_budgets.json                        safe token budgets per model and device
+    <root>/state/weights_digests.json                      model file digests by (path, size, mtime_ns)
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
@@ -87,6 +88,10 @@ class StorageLayout:
 
     def budget_store_file(self) -> Path:
         return path_under(self.root, "state", "token_budgets.json")
+
+    def weights_digest_file(self) -> Path:
+        """sha256 of model files by (path, size, mtime_ns), so fingerprints do not re-hash weights."""
+        return path_under(self.root, "state", "weights_digests.json")
 
     # -- exports -------------------------------------------------------------------------------
 
