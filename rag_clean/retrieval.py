@@ -100,10 +100,14 @@ def _read_query_file(path: Path, chunks: pa.Table) -> list[Query]:
         gold = obj.get("gold_chunk_ids", [])
         if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold):
             raise QueryFileError(f"{path.name} line {lineno}: gold_chunk_ids must be a list of strings")
-        unknown = [g for g, r in zip(gold, chunk_rows(chunks, gold)) if r < 0]
-        if unknown:
-            raise QueryFileError(f"{path.name} line {lineno}: gold chunk ids not in the collection: {unknown[:3]}")
         queries.append(Query(qid, text, tuple(gold), f"file:{QUERIES_FILE}:{lineno}"))
+    # Every gold id looked up at once (one hash table over the chunk ids), then the first bad line named.
+    rows = iter(chunk_rows(chunks, [g for q in queries for g in q.gold_chunk_ids]).tolist())
+    for q in queries:
+        unknown = [g for g in q.gold_chunk_ids if next(rows) < 0]
+        if unknown:
+            lineno = q.origin.rsplit(":", 1)[1]
+            raise QueryFileError(f"{path.name} line {lineno}: gold chunk ids not in the collection: {unknown[:3]}")
     return queries
 
 
