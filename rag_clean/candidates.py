@@ -86,7 +86,7 @@ class SparseScorer:
         for rows, lengths, terms, weights in self._all_blocks():
             seen[rows] = True
             index = SparseIndex.from_flat(len(rows), lengths, terms, weights)
-            order = np.argsort(rows, kind="stable")
+            order = np.arange(len(rows)) if np.all(rows[1:] > rows[:-1]) else np.argsort(rows, kind="stable")
             sorted_rows = rows[order]
             for qi, (q_terms, q_weights) in enumerate(self.query_rows):
                 scores = index.score_all(q_terms, q_weights)
