@@ -29,12 +29,15 @@ from rag_clean.records import RerankRecord
 from rag_clean.registry import ModelSpec
 from rag_clean.retrieval import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, take_column
 from rag_clean.retrieval_cache import KeyedCache, RetrievalCaches, fingerprint, one_text_per_forward
-from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
+from rag_clean.stages.common import model_fingerprint
 from rag_clean.storage import EmbeddingSet, StorageError
 
 log = logging.getLogger(__name__)
 
 SparseSource = pa.Table | pq.ParquetFile | Path | str
+# Sparse rows per block: each block becomes a small inverted index (~50 bytes per posting while built), so
+# smaller blocks keep the peak low; more blocks cost more per-query index lookups (linear, cheap).
+SPARSE_BLOCK_ROWS = 16384
 
 
 def _ids_column(emb: EmbeddingSet) -> pa.ChunkedArray:
@@ -51,10 +54,10 @@ def _same_chunks(emb: EmbeddingSet, chunks: pa.Table) -> bool:
 
 def _record_batches(sparse: SparseSource, columns: list[str]) -> Iterator[pa.RecordBatch]:
     if isinstance(sparse, pa.Table):
-        yield from sparse.select(columns).to_batches(max_chunksize=ROW_BLOCK)
+        yield from sparse.select(columns).to_batches(max_chunksize=SPARSE_BLOCK_ROWS)
         return
     source = sparse if isinstance(sparse, pq.ParquetFile) else pq.ParquetFile(str(sparse), memory_map=True)
-    yield from source.iter_batches(batch_size=ROW_BLOCK, columns=columns)
+    yield from source.iter_batches(batch_size=SPARSE_BLOCK_ROWS, columns=columns)
 
 
 def _sparse_blocks(sparse: SparseSource, model: str, chunks: pa.Table) -> Callable[[], Iterator[SparseBlock]]:
@@ -65,7 +68,8 @@ def _sparse_blocks(sparse: SparseSource, model: str, chunks: pa.Table) -> Callab
     def blocks() -> Iterator[SparseBlock]:
         cursor = 0
         for batch in _record_batches(sparse, ["chunk_id", "model", "term_ids", "weights"]):
-            sub = batch.filter(pc.equal(batch.column("model"), model))
+            same = pc.equal(batch.column("model"), model)
+            sub = batch if pc.all(same).as_py() else batch.filter(same)  # one model per file: no copy
             n = sub.num_rows
             if not n:
                 continue

@@ -142,7 +142,7 @@ def test_blockwise_sparse_scores_equal_one_whole_index(monkeypatch):
         "term_ids": [rows_t[i].tolist() for i in order] + [[1, 2], [3]],
         "weights": [rows_w[i].tolist() for i in order] + [[1.0, 1.0], [9.0]],
     })
-    monkeypatch.setattr(retrieval_stage, "ROW_BLOCK", 8)
+    monkeypatch.setattr(retrieval_stage, "SPARSE_BLOCK_ROWS", 8)
     queries = [(np.array([3, 7, 11]), np.array([1.0, 0.5, 2.0], np.float32)),
                (np.array([0, 39]), np.array([0.3, 0.9], np.float32)), (np.array([99]), np.array([1.0], np.float32))]
     overrides = {5: (np.array([3, 11], np.int32), np.array([4.0, 4.0], np.float32))}
