@@ -67,13 +67,13 @@ def build(folder: Path, rows: int, dim: int, terms: int, vocab: int, seed: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rag_clean.storage import EmbeddingWriter
+    from rag_clean.storage import EmbeddingWriter, write_arrow_table
 
     rng = np.random.default_rng(seed)
     block = 65536
     ids = pa.array([f"c{i:08d}" for i in range(rows)])
     hashes = pa.array([f"{i:064x}" for i in range(rows)])
-    writer = EmbeddingWriter(folder / "fused.arrow", ids.to_pylist(), hashes.to_pylist(), dim)
+    writer = EmbeddingWriter(folder / "fused.arrow", ids, hashes, dim)
     for start in range(0, rows, block):
         n = min(block, rows - start)
         v = rng.standard_normal((n, dim), dtype=np.float32)
@@ -82,9 +82,9 @@ def build(folder: Path, rows: int, dim: int, terms: int, vocab: int, seed: int =
     writer.finish()
     writer.publish()
     texts = pa.array([f"chunk {i} about the gpu driver and the index" for i in range(rows)])
-    pq.write_table(pa.table({"chunk_id": ids, "content_hash": hashes, "text": texts,
-                             "heading": pa.array([None] * rows, pa.string())}), folder / "chunks.parquet",
-                   row_group_size=block)
+    # As the chunks asset stores it: one-batch Arrow IPC, read memory-mapped.
+    write_arrow_table(pa.table({"chunk_id": ids, "content_hash": hashes, "text": texts,
+                                "heading": pa.array([None] * rows, pa.string())}), folder / "chunks.arrow")
     sparse_schema = pa.schema([("chunk_id", pa.string()), ("model", pa.string()), ("term_ids", pa.list_(pa.int32())),
                                ("weights", pa.list_(pa.float32())), ("fallback", pa.bool_())])
     with pq.ParquetWriter(folder / "sparse.parquet", sparse_schema, compression="zstd") as w:
@@ -108,13 +108,13 @@ def run_one(folder: Path, queries: int, k: int, device: str, vocab: int) -> dict
     from rag_clean.candidates import DenseScorer, SparseScorer, build_pools
     from rag_clean.retrieval import take_column
     from rag_clean.stages.retrieval import _sparse_blocks
-    from rag_clean.storage import read_embeddings
+    from rag_clean.storage import read_arrow_table, read_embeddings
 
     rng = np.random.default_rng(1)
     out: dict = {}
     with AnonPeak() as peak:
         t0 = time.perf_counter()
-        chunks = pq.read_table(folder / "chunks.parquet", memory_map=True)
+        chunks = read_arrow_table(folder / "chunks.arrow")
         fused = read_embeddings(folder / "fused.arrow")
         out["open_s"] = round(time.perf_counter() - t0, 3)
         # What opening the inputs holds (decoded chunks columns, EmbeddingSet id lists): the storage layer's,
