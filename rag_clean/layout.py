@@ -7,6 +7,8 @@
     <root>/telemetry/<c>/processing_summary.json, events.jsonl
     <root>/state/token_budgets.json                        safe token budgets per model and device
     <root>/state/weights_digests.json                      model file digests by (path, size, mtime_ns)
+    <root>/reranked/_cache/<kind>/<model>/<c>.parquet      retrieval caches: query-side vectors, rerank scores
+    <root>/state/export_lines/<c>/<file kind>.parquet      byte ranges of the previous export's JSONL lines
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
@@ -30,6 +32,10 @@ ARROW_TABLE_ROOTS = ("chunks",)
 FILES_DIR = "_files"
 # Not a valid collection name (check_name), so it never clashes with sparse_vectors/<collection>.
 JOINT_DIR = "_joint"
+# Same reason: "_cache" can never be a collection, so reranked/_cache/ never clashes with reranked/<c>.parquet.
+CACHE_DIR = "_cache"
+# What the reranked stage caches (rag_clean/retrieval_cache.py): query-side encodings and cross-encoder scores.
+RETRIEVAL_CACHE_KINDS = ("query_vectors", "masked_gold", "sparse_queries", "sparse_masked", "rerank_pairs")
 
 
 def suffix_for(asset_path: Sequence[str]) -> str:
@@ -74,6 +80,20 @@ class StorageLayout:
     def colbert_file(self, dense_asset_name: str, collection: str) -> Path:
         return path_under(self.root, "colbert_vectors", check_name(dense_asset_name, "model"),
                           check_name(collection) + ".arrow")
+
+    # -- side files of the reranked stage (caches, not assets) ---------------------------------
+
+    def retrieval_cache_file(self, kind: str, model_asset_name: str, collection: str) -> Path:
+        if kind not in RETRIEVAL_CACHE_KINDS:
+            raise ValueError(f"unknown retrieval cache kind {kind!r}")
+        return path_under(self.root, "reranked", CACHE_DIR, kind, check_name(model_asset_name, "model"),
+                          check_name(collection) + ".parquet")
+
+    def export_line_index(self, collection: str, file_kind: str) -> Path:
+        """Where the previous export's JSONL lines start and end (exports reuse them); under the storage
+        root, not the export folder, so a shared export holds only the old embedder's files."""
+        return path_under(self.root, "state", "export_lines", check_name(collection),
+                          check_name(file_kind, "export file kind") + ".parquet")
 
     # -- telemetry and state -------------------------------------------------------------------
 
