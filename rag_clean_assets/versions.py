@@ -15,8 +15,7 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.registry import ModelSpec, Registry
-from rag_clean.stages.common import StageOutput, model_fingerprint
-from rag_clean.stages.joint import sparse_fingerprint
+from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint, sparse_fingerprint
 
 CHUNKS = "1"
 DENSE = "1"
@@ -40,13 +39,15 @@ def _digest(value) -> str:
 
 def dense_code_version(spec: ModelSpec) -> str:
     """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
-    code change of that asset (its vectors change), so it and its downstream become unsynced."""
-    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec).encode()).hexdigest()[:12]}"
+    code change of that asset (its vectors change), so it and its downstream become unsynced. The
+    fingerprint covers the weights too (digests cached under the configured storage root's state dir)."""
+    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec, default_digest_cache()).encode()).hexdigest()[:12]}"
 
 
 # The other assets that read registry entries, likewise: an edit there is a code change of that asset.
 def sparse_code_version(registry: Registry) -> str:
-    return f"{SPARSE}-{_digest([sparse_fingerprint(s) for s in registry.sparse])}"
+    cache = default_digest_cache()
+    return f"{SPARSE}-{_digest([sparse_fingerprint(s, cache) for s in registry.sparse])}"
 
 
 def fused_code_version(registry: Registry) -> str:
@@ -56,7 +57,8 @@ def fused_code_version(registry: Registry) -> str:
 
 def reranked_code_version(registry: Registry) -> str:
     spec = registry.rerank
-    return f"{RERANKED}-{_digest(None if spec is None else [model_fingerprint(spec), list(spec.fallbacks)])}"
+    fingerprint = None if spec is None else [model_fingerprint(spec, default_digest_cache()), list(spec.fallbacks)]
+    return f"{RERANKED}-{_digest(fingerprint)}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

@@ -6,6 +6,7 @@ from typing import Optional
 import dagster as dg
 import pyarrow as pa
 
+from rag_clean.privacy import query_key
 from rag_clean.records import QueriesRecord
 from rag_clean.registry import Registry
 from rag_clean.retrieval import check_queries_match, load_queries, queries_table
@@ -74,11 +75,14 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
             raise ValueError("sparse is enabled but sparse_vectors has no stored file for this collection: "
                              "materialize it first")
         per_model = {s.name: dense_sets.get(s.asset_name) for s in plan.dense}
+        layout, collection = paths.layout(), context.partition_key
         with gpu_lease.lease(context) as lease:
             table, record = run_retrieval_stage(
                 found, chunks, fused_embeddings, plan.dense, plan.fusion_method, plan.fusion_weights,
                 sparse_vectors if plan.sparse_enabled else None, plan.sparse, plan.rerank, plan.retrieval,
-                lease_target(lease), dense_sets=per_model if all(per_model.values()) else None)
+                lease_target(lease), dense_sets=per_model if all(per_model.values()) else None,
+                cache_path=lambda kind, model: layout.retrieval_cache_file(kind, model, collection),
+                hash_key=query_key(layout.root))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         return versioned(context, StageOutput(table, timer.stamp(record)))
