@@ -5,6 +5,7 @@
     <root>/colbert_vectors/<dense model>/<c>.arrow          ColBERT multi-vectors of that pass
     <root>/telemetry/<c>/processing_summary.json, events.jsonl
     <root>/state/token_budgets.json                        safe token budgets per model and device
+    <root>/state/token_ids/<c>/<tokenizer fingerprint>.arrow  token ids of the chunks, shared by models of one tokenizer
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
@@ -69,6 +70,10 @@ class StorageLayout:
 
     def events_file(self, collection: str) -> Path:
         return self.telemetry_dir(collection) / "events.jsonl"
+
+    def token_cache_file(self, collection: str, fingerprint: str) -> Path:
+        """Token ids of a collection's chunks for one tokenizer (rag_clean.encoders.token_cache)."""
+        return path_under(self.root, "state", "token_ids", check_name(collection), check_name(fingerprint, "tokenizer") + ".arrow")
 
     def budget_store_file(self) -> Path:
         return path_under(self.root, "state", "token_budgets.json")

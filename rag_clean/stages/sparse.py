@@ -122,7 +122,8 @@ def _sparse_table(spec: ModelSpec, chunk_ids: Sequence[str], rows: Sequence[int]
 def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str | list[str], *,
                      budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
                      sink: TableWriter | None = None, ray: RayPlan | None = None,
-                     progress: Callable[[str], None] | None = None) -> tuple[pa.Table | TableWriter, SparseRecord]:
+                     progress: Callable[[str], None] | None = None,
+                     token_cache=None) -> tuple[pa.Table | TableWriter, SparseRecord]:
     """Term weights per chunk from each spec, streamed batch by batch into `sink` (a staged Parquet file).
 
     Rows are written in encode order (length-sorted), not chunk order: readers join on chunk_id.
@@ -132,7 +133,9 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
     Without `sink`, the rows are returned as an in-memory table (small inputs, tests).
     With `ray` (RunPlan.ray) each model encodes on a Ray actor pool (rag_clean.distributed); a failure
     there takes the same metadata fallback as a local one.
+    `token_cache` (encoders.token_cache.TokenCache) shares chunk token ids with other models of the same tokenizer.
     """
+    from rag_clean.encoders import token_cache as tc
     from rag_clean.encoders.factory import load_sparse_encoder
 
     scratch_dir = None
@@ -181,10 +184,11 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                             encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
                         try:
                             meter = ProgressLog(spec.name, len(texts), progress)
-                            for idx, batch in track(encoder.encode(texts), meter, encoder.stats):
-                                part.write(_sparse_table(spec, chunk_ids, idx, [t for t, _ in batch],
-                                                         [w for _, w in batch], fallback=False))
-                                part_available += sum(1 for t, _ in batch if len(t))
+                            with tc.scope(token_cache, encoder):
+                                for idx, batch in track(encoder.encode(texts), meter, encoder.stats):
+                                    part.write(_sparse_table(spec, chunk_ids, idx, [t for t, _ in batch],
+                                                             [w for _, w in batch], fallback=False))
+                                    part_available += sum(1 for t, _ in batch if len(t))
                             record.per_model[spec.name] = encoder.stats.to_dict()
                             record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
                             record.devices.append(encoder.stats.device)

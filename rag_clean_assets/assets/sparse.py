@@ -12,6 +12,7 @@ import pyarrow as pa
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.records import SparseRecord
 from rag_clean.registry import Registry
+from rag_clean.encoders.token_cache import TokenCache
 from rag_clean.stages import SPARSE_SCHEMA, run_sparse_stage, shared_sparse_sources
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import TableWriter
@@ -70,7 +71,8 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
             staged, record = run_sparse_stage(plan.sparse, chunks, lease_target(lease),
                                               budget_store=BudgetStore(layout.budget_store_file()),
                                               shared=shared, sink=sink, progress=context.log.info,
-                                              ray=plan.ray)
+                                              ray=plan.ray,
+                                              token_cache=TokenCache.for_collection(layout, context.partition_key))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         for name, info in record.shared_pass.items():
