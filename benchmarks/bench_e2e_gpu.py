@@ -26,6 +26,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -191,24 +192,66 @@ print(json.dumps({"run_id": run.run_id, "status": str(run.status), "first": firs
                    "event_span_seconds": round(data["last"] - data["first"], 3)}
 
 
+def _prune(value, depth=0):
+    """The summary without what is long or beside the point here (toggles, metrics, per-batch lists)."""
+    if isinstance(value, dict):
+        return {k: _prune(v, depth + 1) for k, v in value.items()
+                if k not in ("toggles", "provenance", "metrics", "batch_seconds", "events", "hybrid", "attempts")}
+    if isinstance(value, list):
+        return value if len(value) <= 20 else f"<{len(value)} items>"
+    return value
+
+
 def summary_stages(storage: Path) -> dict:
-    """Per-stage duration and encode figures from the processing summary (whatever of them it has)."""
+    """Per-stage duration and encode records from the processing summary (pruned)."""
     path = storage / "telemetry" / COLLECTION / "processing_summary.json"
     if not path.exists():
         return {}
     summary = json.loads(path.read_text())
-    out = {"summary_keys": sorted(summary)}
-    for key, value in summary.items():
-        if isinstance(value, dict) and ("duration_s" in value or "per_model" in value):
-            entry = {k: value[k] for k in ("duration_s", "tokens_per_second", "rows", "computed", "reused") if k in value}
-            per_model = value.get("per_model")
-            if isinstance(per_model, dict):
-                entry["per_model"] = {m: {k: v for k, v in (d or {}).items()
-                                          if k in ("duration_s", "tokens_per_second", "tokens", "items", "encode_seconds",
-                                                   "tokenize_seconds", "wall_seconds", "load_seconds")}
-                                      for m, d in per_model.items()}
-            out[key] = entry
-    return out
+    keep = ("performance_baseline", "stages", "dense_run", "sparse_run", "fused_run", "rerank_run")
+    return {k: _prune(summary[k]) for k in keep if k in summary}
+
+
+PROFILE_CODE = r"""
+import cProfile, io, pstats, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+import pyarrow.parquet as pq
+from rag_clean.encoders.budget import BudgetStore
+from rag_clean.registry import load_registry
+from rag_clean.stages import run_dense_stage
+registry, name, chunks_path, device, out = sys.argv[1:6]
+imports = time.perf_counter() - t0
+spec = load_registry(registry).get(name)
+chunks = pq.read_table(chunks_path)
+prof = cProfile.Profile()
+t1 = time.perf_counter()
+prof.enable()
+writer, record = run_dense_stage(spec, chunks, device, Path(out), budget_store=BudgetStore(Path(out + ".budgets.json")))
+prof.disable()
+total = time.perf_counter() - t1
+text = io.StringIO()
+pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+enc = record.encode
+print(f"PROFILE imports {imports:.2f}s stage {total:.2f}s encode wall {enc.wall_seconds:.2f}s "
+      f"load {enc.load_seconds:.2f}s tokenize {enc.tokenize_seconds:.2f}s")
+print(text.getvalue())
+"""
+
+
+def profile_stage(work: Path, registry: Path, storage: Path, name: str, device: str, log) -> dict:
+    """The dense stage of `name` alone (no Dagster) in a fresh process, under cProfile: where its time goes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PROFILE_CODE, str(registry), name,
+                           str(storage / "chunks" / f"{COLLECTION}.parquet"), device, str(work / f"profile-{name}.arrow")],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    out = proc.stdout[proc.stdout.find("PROFILE"):] if "PROFILE" in proc.stdout else proc.stdout[-3000:] + proc.stderr[-3000:]
+    (work / f"profile-{name}.txt").write_text(out)
+    log(f"  profile {name}: process wall {wall:.1f}s; " + out.splitlines()[0] if out else "no output")
+    return {"model": name, "process_wall_seconds": round(wall, 3), "returncode": proc.returncode,
+            "text": out[:12000]}
 
 
 def run_graph(work: Path, label: str, registry: Path, extra_env: dict[str, str], log) -> dict:
@@ -304,6 +347,10 @@ def encode_only(registry_path: Path, storage: Path, device: str, n_pairs: int, l
     return out
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(124)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chunks", type=int, default=100_000)
@@ -314,10 +361,13 @@ def main(argv=None) -> int:
     p.add_argument("--token-cache", default="", help="comma list of on/off: one graph run each (RAG_CLEAN_TOKEN_CACHE)")
     p.add_argument("--small-models", action="store_true", help="tiny shapes (CPU check of this script)")
     p.add_argument("--skip-encode-only", action="store_true")
+    p.add_argument("--profile-stage", default="", help="registry name of a dense model: profile its stage alone")
     p.add_argument("--rerank-top-k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    # A `timeout` kill still writes the JSON of what finished (the finally below).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -359,6 +409,9 @@ def main(argv=None) -> int:
                 log(f"  [{r['label']}] whole graph {r['wall_seconds']:.1f}s / encode-only {total:.1f}s = "
                     f"{r['ratio_whole_graph_to_encode_only']:.2f} (target <= 1.15)")
             report["tokens_per_model"] = {k: v["tokens"] for k, v in tokens.items()}
+        if ok and args.profile_stage:
+            storage = args.work / f"home-{ok[0]['label']}" / "rag_clean"
+            report["profile"] = profile_stage(args.work, registry, storage, args.profile_stage, device, log)
     finally:
         report["log"] = log_lines
         if args.out:

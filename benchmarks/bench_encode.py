@@ -28,6 +28,7 @@ import platform
 import random
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -566,6 +567,10 @@ def bench_tokenizer(tokenizer_dir, texts, args, log) -> dict:
     return res
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(124)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -593,6 +598,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--export-tokenizer", action="store_true", help=f"copy the tokenizer into {LOCAL_TOKENIZER_DIR}")
     args = p.parse_args(argv)
+    # A `timeout` kill still writes the JSON of what finished (the finally below).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.export_tokenizer:
         export_tokenizer()
         return 0
