@@ -1,6 +1,7 @@
 """Where every file of the storage root goes: the one owner of paths.
 
-    <root>/<asset key path>/<collection>.<ext>             asset files (.arrow for embedding matrices, else .parquet)
+    <root>/<asset key path>/<collection>.<ext>             asset files (.arrow: chunks and embedding matrices, else .parquet)
+    <root>/chunks/_files/<c>.parquet                       the chunks stage's file manifest (which rows each input file gave)
     <root>/sparse_vectors/_joint/<dense model>/<c>.parquet  lexical rows of a bge-m3 dense pass (a cache, not an asset)
     <root>/colbert_vectors/<dense model>/<c>.arrow          ColBERT multi-vectors of that pass
     <root>/telemetry/<c>/processing_summary.json, events.jsonl
@@ -20,14 +21,23 @@ from typing import Sequence
 
 from rag_clean.storage import check_name, path_under
 
-# Assets whose value is an embedding matrix (Arrow IPC, memory-mapped); everything else is a Parquet table.
+# Assets whose value is an embedding matrix (Arrow IPC, memory-mapped).
 EMBEDDING_ROOTS = ("dense_embeddings", "fused_embeddings")
+# Tables stored as uncompressed Arrow IPC with one record batch, loaded memory-mapped: what every stage
+# reads whole (zero-copy slices, file pages instead of anonymous memory). Everything else is Parquet.
+ARROW_TABLE_ROOTS = ("chunks",)
+# Not a valid collection name (check_name), so it never clashes with chunks/<collection>.arrow.
+FILES_DIR = "_files"
 # Not a valid collection name (check_name), so it never clashes with sparse_vectors/<collection>.
 JOINT_DIR = "_joint"
 
 
 def suffix_for(asset_path: Sequence[str]) -> str:
-    return ".arrow" if asset_path[0] in EMBEDDING_ROOTS else ".parquet"
+    return ".arrow" if asset_path[0] in EMBEDDING_ROOTS + ARROW_TABLE_ROOTS else ".parquet"
+
+
+def is_embedding_file(asset_path: Sequence[str]) -> bool:
+    return asset_path[0] in EMBEDDING_ROOTS
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,11 @@ class StorageLayout:
         path = self.asset_file(asset_path, collection)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def chunks_manifest_file(self, collection: str) -> Path:
+        """Per input file of a collection: its sha256, the chunking config and which rows of the chunks
+        file it gave, so the next run re-parses only new or changed files."""
+        return path_under(self.root, "chunks", FILES_DIR, check_name(collection) + ".parquet")
 
     # -- side files of a bge-m3 joint pass -----------------------------------------------------
 

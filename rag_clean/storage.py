@@ -1,9 +1,21 @@
-"""On-disk formats and atomic writes.
+"""On-disk formats and atomic writes: the contract the stages build on.
 
-Tables are Parquet; embedding matrices are uncompressed Arrow IPC files with one record batch,
-so a reader memory-maps them and gets a zero-copy numpy view. Nothing is pickled. Every write
-goes to a temp file in the target folder, is fsynced, then renamed: a killed run never leaves a
-half file where a reader looks, and the previous materialization survives until the rename.
+* Data that flows between stages is file-backed. `chunks` and the embedding matrices are
+  uncompressed Arrow IPC files with ONE record batch; readers memory-map them
+  (`read_arrow_table`, `read_embeddings`), so every column is one contiguous buffer over file pages:
+  slices are zero-copy and a 1M-chunk collection costs page cache, not anonymous memory. Stage code
+  works on Arrow columns (slices, `take`, `pyarrow.compute`, numpy views) and converts to Python
+  objects only block by block, never a whole column (`.to_pylist()` of a 1M-row column is ~100 MB).
+* `ColumnSpool` writes such a table from a stream of record batches without holding it: every
+  column's buffers (validity, offsets, data) are appended to scratch files; `finish()` memory-maps
+  them, assembles one record batch over those buffers and writes the IPC file.
+* `EmbeddingSet` holds `vectors` (zero-copy numpy over the file) and `ids` / `hashes` (zero-copy
+  Arrow string arrays); `chunk_ids` / `content_hashes` are Python lists built on first use, kept for
+  small callers and tests, not for stage code. `EmbeddingWriter` takes ids and hashes as Arrow arrays
+  (e.g. `chunks.column("chunk_id")`) or lists, and streams rows into a memory-mapped scratch matrix.
+* Other tables are Parquet (`TableWriter` streams row groups). Nothing is pickled.
+* Every write goes to a temp file in the target folder, is fsynced, then renamed: a killed run never
+  leaves a half file where a reader looks, and the previous materialization survives until the rename.
 """
 
 from __future__ import annotations
@@ -14,10 +26,10 @@ import json
 import os
 import re
 import socket
+import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -233,24 +245,336 @@ class TableWriter:
             self.staged_path = None
 
 
+# ---------------------------------------------------------------- memory-mapped Arrow tables
+
+
+def read_arrow_table(path: Path) -> pa.Table:
+    """Memory-map an Arrow IPC file: the table's buffers are the file's pages (zero-copy, no anon memory)."""
+    path = Path(path)
+    if not path.exists():
+        raise StorageError(f"{path} does not exist: materialize the upstream asset first")
+    try:
+        return ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, "Arrow IPC file", exc) from exc
+
+
+def _mapped(path: Path, size: int) -> pa.Buffer:
+    """A zero-copy buffer over a scratch file's pages (empty files cannot be mapped)."""
+    if size == 0:
+        return pa.py_buffer(b"")
+    return pa.memory_map(str(path), "r").read_buffer(size)
+
+
+class _ColumnFiles:
+    """The buffers of one Arrow array (and its children), appended to scratch files.
+
+    Supports what the project's tables hold: fixed-width primitives, string/binary (large ones too)
+    and lists of those. Validity is spooled as one byte per row and bit-packed at finish."""
+
+    def __init__(self, type_: pa.DataType, scratch: "Callable[[str], Path]", name: str):
+        self.type, self.name, self.length, self.null_count = type_, name, 0, 0
+        self._files: dict[str, tuple[Path, object]] = {}
+        self._open(scratch, "valid")
+        self.child = None
+        if pa.types.is_string(type_) or pa.types.is_binary(type_) or pa.types.is_list(type_):
+            self._offset_dtype = np.int32
+        elif pa.types.is_large_string(type_) or pa.types.is_large_binary(type_) or pa.types.is_large_list(type_):
+            self._offset_dtype = np.int64
+        elif pa.types.is_primitive(type_) and not pa.types.is_boolean(type_):
+            self._offset_dtype = None
+            self._width = type_.bit_width // 8
+        else:
+            raise TypeError(f"ColumnSpool: column {name!r} has unsupported type {type_}")
+        if self._offset_dtype is not None:
+            self._open(scratch, "offsets").write(np.zeros(1, self._offset_dtype).tobytes())
+            self._end = 0  # data bytes (strings) or child rows (lists) so far
+            if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+                self.child = _ColumnFiles(type_.value_type, scratch, name + ".item")
+            else:
+                self._open(scratch, "data")
+        else:
+            self._open(scratch, "data")
+
+    def _open(self, scratch, part: str):
+        path = scratch(f"{self.name}.{part}")
+        fh = open(path, "wb")
+        self._files[part] = (path, fh)
+        return fh
+
+    def _fh(self, part: str):
+        return self._files[part][1]
+
+    def append(self, arr: pa.Array) -> None:
+        n = len(arr)
+        if n == 0:
+            return
+        if arr.null_count:
+            self._fh("valid").write(np.asarray(arr.is_valid(), dtype=np.uint8).tobytes())
+        else:
+            self._fh("valid").write(b"\x01" * n)
+        self.null_count += arr.null_count
+        bufs = arr.buffers()
+        if self._offset_dtype is None:
+            start = arr.offset * self._width
+            self._fh("data").write(memoryview(bufs[1])[start:start + n * self._width])
+        else:
+            offsets = np.frombuffer(bufs[1], dtype=self._offset_dtype, count=arr.offset + n + 1)[arr.offset:]
+            first, last = int(offsets[0]), int(offsets[-1])
+            rebased = offsets[1:] - first + self._end
+            if self._offset_dtype is np.int32 and int(rebased[-1]) > np.iinfo(np.int32).max:
+                raise ValueError(f"ColumnSpool: column {self.name!r} exceeds 2 GiB; declare it large_string/large_list")
+            self._fh("offsets").write(rebased.astype(self._offset_dtype, copy=False).tobytes())
+            if self.child is not None:
+                self.child.append(arr.values.slice(first, last - first))
+            elif last > first:
+                self._fh("data").write(memoryview(bufs[2])[first:last])
+            self._end += last - first
+        self.length += n
+
+    def close(self) -> None:
+        for _, fh in self._files.values():
+            if not fh.closed:
+                fh.close()
+        if self.child is not None:
+            self.child.close()
+
+    def paths(self) -> list[Path]:
+        own = [p for p, _ in self._files.values()]
+        return own + (self.child.paths() if self.child is not None else [])
+
+    def array(self, scratch) -> pa.Array:
+        """The whole column as one Arrow array over memory-mapped scratch files."""
+        self.close()
+        validity = None
+        if self.null_count:
+            # One byte per row -> Arrow's bitmap (LSB first), blockwise so memory stays flat.
+            src_path = self._files["valid"][0]
+            bitmap_path = scratch(f"{self.name}.bitmap")
+            self._files["bitmap"] = (bitmap_path, open(bitmap_path, "wb"))
+            src = np.memmap(src_path, dtype=np.uint8, mode="r", shape=(self.length,))
+            fh = self._fh("bitmap")
+            for start in range(0, self.length, 1 << 23):
+                fh.write(np.packbits(src[start:start + (1 << 23)], bitorder="little").tobytes())
+            fh.close()
+            del src
+            validity = _mapped(bitmap_path, (self.length + 7) // 8)
+        if self._offset_dtype is None:
+            data = _mapped(self._files["data"][0], self.length * self._width)
+            return pa.Array.from_buffers(self.type, self.length, [validity, data], null_count=self.null_count)
+        width = np.dtype(self._offset_dtype).itemsize
+        offsets = _mapped(self._files["offsets"][0], (self.length + 1) * width)
+        if self.child is not None:
+            return pa.Array.from_buffers(self.type, self.length, [validity, offsets], null_count=self.null_count,
+                                         children=[self.child.array(scratch)])
+        data = _mapped(self._files["data"][0], self._end)
+        return pa.Array.from_buffers(self.type, self.length, [validity, offsets, data], null_count=self.null_count)
+
+
+class ColumnSpool:
+    """Streams record batches of one schema into a staged Arrow IPC file with ONE record batch.
+
+    Anonymous memory stays flat in the number of rows: appended batches go to per-column scratch
+    files; `finish()` assembles the record batch over those files memory-mapped and writes it
+    (the copy reads file pages and writes file pages). `publish()` renames the staged file into place,
+    then any side files registered with `add_side_file` (so a side file never describes a file that
+    was not published). Columns are `string` (int32 offsets): a column over 2 GiB of text raises,
+    and would need `large_string` in the schema.
+    """
+
+    def __init__(self, final_path: Path, schema: pa.Schema):
+        self.final_path = Path(final_path)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_stale_temps(self.final_path.parent)
+        self.schema = schema
+        self._scratch_paths: list[Path] = []
+        self._columns = [_ColumnFiles(f.type, self._scratch, f.name) for f in schema]
+        self.rows = 0
+        self.staged_path: Path | None = None
+        self.content_digest: str | None = None  # sha256 of the staged file, set by finish()
+        self._side: list[tuple[Path, Path]] = []
+
+    def _scratch(self, part: str) -> Path:
+        path = temp_path_for(self.final_path.with_name(f"{self.final_path.name}.{part}"))
+        self._scratch_paths.append(path)
+        return path
+
+    def append(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if self.staged_path is not None:
+            raise ValueError(f"{self.final_path.name}: spool already finished")
+        if not batch.schema.equals(self.schema, check_metadata=False):
+            batch = batch.select(self.schema.names).cast(self.schema)
+        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+        for b in batches:
+            for col, arr in zip(self._columns, b.columns):
+                col.append(arr)
+            self.rows += b.num_rows
+
+    def finish(self) -> Path:
+        if self.staged_path is not None:
+            return self.staged_path
+        arrays = [col.array(self._scratch) for col in self._columns]
+        record_batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        staged = temp_path_for(self.final_path)
+        try:
+            with pa.OSFile(str(staged), "wb") as sink:
+                with ipc.new_file(sink, self.schema) as writer:
+                    writer.write_batch(record_batch)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        finally:
+            del record_batch, arrays
+            self._drop_scratch()
+        self.staged_path = staged
+        self.content_digest = file_digest(staged)
+        return staged
+
+    def read(self) -> pa.Table:
+        """The staged table, memory-mapped (for checks before publishing)."""
+        return read_arrow_table(self.finish())
+
+    def add_side_file(self, staged: Path, final: Path) -> None:
+        """A file published (renamed) right after the main file, e.g. a manifest describing it."""
+        self._side.append((Path(staged), Path(final)))
+
+    def publish(self) -> Path:
+        publish(self.finish(), self.final_path)
+        self.staged_path = None
+        for staged, final in self._side:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            publish(staged, final)
+        self._side = []
+        return self.final_path
+
+    def abort(self) -> None:
+        self._drop_scratch()
+        if self.staged_path is not None:
+            self.staged_path.unlink(missing_ok=True)
+            self.staged_path = None
+        for staged, _ in self._side:
+            staged.unlink(missing_ok=True)
+        self._side = []
+
+    def _drop_scratch(self) -> None:
+        for col in self._columns:
+            col.close()
+        for path in self._scratch_paths:
+            path.unlink(missing_ok=True)  # a mapped file stays readable until unmapped
+        self._scratch_paths = []
+
+
+def write_arrow_table(table: pa.Table, path: Path) -> int:
+    """Small-table convenience: one record batch, atomically; returns bytes written."""
+    spool = ColumnSpool(path, table.schema)
+    try:
+        spool.append(table)
+        spool.publish()
+    except BaseException:
+        spool.abort()
+        raise
+    return Path(path).stat().st_size
+
+
+def duplicate_id_rows(ids: "pa.Array | pa.ChunkedArray", block: int = 65536) -> list[np.ndarray]:
+    """Rows of every id that occurs more than once, one sorted array per id, ordered by each id's second
+    occurrence (the first duplicate a reader meets comes first). Empty when all ids are unique.
+
+    Streaming, without a Python set of every id: per row a 64-bit key (high bits: the id's hash, low
+    bits: the row) goes into a scratch file that is sorted in place (its pages are file-backed, not
+    anonymous memory); only rows whose hashes collide are compared exactly.
+    """
+    ids = as_string_array(ids)
+    n = len(ids)
+    if n < 2:
+        return []
+    bits = max(1, (n - 1).bit_length())
+    if bits > 40:
+        raise ValueError(f"duplicate_id_rows: {n} rows is more than this check supports")
+    row_mask = np.uint64((1 << bits) - 1)
+    with tempfile.TemporaryFile(prefix="rag_clean_ids_") as fh:
+        keys = np.memmap(fh, dtype=np.uint64, mode="w+", shape=(n,))
+        for start in range(0, n, block):
+            values = ids.slice(start, block).to_pylist()
+            hashed = np.fromiter((hash(v) for v in values), dtype=np.int64, count=len(values)).view(np.uint64)
+            keys[start:start + len(values)] = (hashed & ~row_mask) | np.arange(start, start + len(values), dtype=np.uint64)
+        keys.sort()
+        candidates: list[np.ndarray] = []
+        for start in range(0, n - 1, block):
+            window = np.asarray(keys[start:start + block + 1])
+            high = window & ~row_mask
+            same = np.flatnonzero(high[1:] == high[:-1])
+            if len(same):
+                candidates.append(np.unique(np.concatenate([window[same], window[same + 1]]) & row_mask))
+        del keys
+    if not candidates:
+        return []
+    rows = np.unique(np.concatenate(candidates)).astype(np.int64)
+    by_id: dict[str, list[int]] = {}
+    for row, value in zip(rows.tolist(), ids.take(pa.array(rows)).to_pylist()):
+        by_id.setdefault(value, []).append(row)
+    groups = [np.array(sorted(r), dtype=np.int64) for r in by_id.values() if len(r) > 1]
+    return sorted(groups, key=lambda g: int(g[1]))
+
+
 # ---------------------------------------------------------------- embeddings
 
+Strings = "Sequence[str] | pa.Array | pa.ChunkedArray"
 
-@dataclass
+
+def as_string_array(values, what: str = "ids") -> pa.Array:
+    """One Arrow string array from a list, an Arrow array or a chunked column (zero-copy when the column
+    has one chunk, as every memory-mapped table of this project does)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.chunk(0) if values.num_chunks == 1 else (
+            values.combine_chunks() if values.num_chunks else pa.array([], pa.string()))
+    if isinstance(values, pa.Array):
+        if values.type != pa.string():
+            values = values.cast(pa.string())
+        return values
+    return pa.array(list(values), pa.string())
+
+
 class EmbeddingSet:
-    """Row-aligned vectors for a collection; `vectors` may be a read-only memory-mapped view."""
+    """Row-aligned vectors for a collection.
 
-    chunk_ids: list[str]
-    content_hashes: list[str]
-    vectors: np.ndarray
-    metadata: dict[str, str]
+    `vectors` is a read-only memory-mapped view; `ids` / `hashes` are zero-copy Arrow string arrays
+    over the same file. `chunk_ids` / `content_hashes` are Python lists built on first use: for tests
+    and small callers only (a 1M-row list costs ~100 MB); stage code compares with `ids.equals(...)`.
+    """
+
+    def __init__(self, chunk_ids=None, content_hashes=None, vectors: np.ndarray | None = None,
+                 metadata: dict[str, str] | None = None, *, ids=None, hashes=None):
+        self.ids = as_string_array(ids if ids is not None else (chunk_ids if chunk_ids is not None else []))
+        self.hashes = as_string_array(hashes if hashes is not None else (content_hashes if content_hashes is not None else []))
+        if len(self.ids) != len(self.hashes):
+            raise ValueError("chunk ids and content hashes differ in length")
+        self.vectors = vectors if vectors is not None else np.zeros((len(self.ids), 0), np.float32)
+        self.metadata = dict(metadata or {})
+        self._chunk_ids: list[str] | None = None
+        self._content_hashes: list[str] | None = None
+
+    @property
+    def chunk_ids(self) -> list[str]:
+        if self._chunk_ids is None:
+            self._chunk_ids = self.ids.to_pylist()
+        return self._chunk_ids
+
+    @property
+    def content_hashes(self) -> list[str]:
+        if self._content_hashes is None:
+            self._content_hashes = self.hashes.to_pylist()
+        return self._content_hashes
 
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
     def __len__(self) -> int:
-        return len(self.chunk_ids)
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingSet(rows={len(self)}, dim={self.dim})"
 
 
 def embedding_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
@@ -269,22 +593,24 @@ class EmbeddingWriter:
 
     Batches land in a disk-backed scratch matrix, so host memory stays flat in collection size;
     `finish()` turns it into the Arrow file (still staged) and `publish_to()` renames it into place.
-    Every row must be written exactly once before finish().
+    Every row must be written exactly once before finish(). `chunk_ids` / `content_hashes` may be
+    Arrow arrays or chunked columns (e.g. `chunks.column("chunk_id")`: written without Python lists)
+    or lists.
     """
 
-    def __init__(self, final_path: Path, chunk_ids: Sequence[str], content_hashes: Sequence[str], dim: int,
+    def __init__(self, final_path: Path, chunk_ids: Strings, content_hashes: Strings, dim: int,
                  metadata: Mapping[str, str] | None = None):
         self.final_path = Path(final_path)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         # A run killed mid-encode leaves its scratch matrix (as large as the output) and staged file here.
         reclaim_stale_temps(self.final_path.parent)
-        self.chunk_ids = list(chunk_ids)
-        self.content_hashes = list(content_hashes)
-        if len(self.chunk_ids) != len(self.content_hashes):
+        self.ids = as_string_array(chunk_ids)
+        self.hashes = as_string_array(content_hashes)
+        if len(self.ids) != len(self.hashes):
             raise ValueError("chunk_ids and content_hashes differ in length")
         self.dim = int(dim)
         self.metadata = dict(metadata or {})
-        n = len(self.chunk_ids)
+        n = len(self.ids)
         self._scratch_path = temp_path_for(self.final_path.with_suffix(".scratch.npy"))
         self._scratch = np.lib.format.open_memmap(self._scratch_path, mode="w+", dtype=np.float32, shape=(n, self.dim))
         self._written = np.zeros(n, dtype=bool)
@@ -306,14 +632,15 @@ class EmbeddingWriter:
     def finish(self) -> Path:
         missing = np.flatnonzero(~self._written)
         if len(missing):
-            raise ValueError(f"{len(missing)} rows never written into {self.final_path.name} (first: {self.chunk_ids[missing[0]]})")
+            raise ValueError(f"{len(missing)} rows never written into {self.final_path.name} "
+                             f"(first: {self.ids[int(missing[0])].as_py()})")
         self._scratch.flush()
         staged = temp_path_for(self.final_path)
         flat = pa.array(self._scratch.reshape(-1), type=pa.float32())  # zero-copy over the memmap
         table = pa.table(
             {
-                "chunk_id": pa.array(self.chunk_ids, pa.string()),
-                "content_hash": pa.array(self.content_hashes, pa.string()),
+                "chunk_id": self.ids,
+                "content_hash": self.hashes,
                 "embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim),
             },
             schema=embedding_schema(self.dim, self.metadata),
@@ -345,12 +672,12 @@ class EmbeddingWriter:
         self._scratch_path.unlink(missing_ok=True)
 
 
-def write_embeddings(path: Path, chunk_ids: Sequence[str], content_hashes: Sequence[str], vectors: np.ndarray,
+def write_embeddings(path: Path, chunk_ids: Strings, content_hashes: Strings, vectors: np.ndarray,
                      metadata: Mapping[str, str] | None = None) -> Path:
     """Small-matrix convenience: write all rows at once, atomically."""
     writer = EmbeddingWriter(path, chunk_ids, content_hashes, vectors.shape[1], metadata)
     try:
-        writer.write(np.arange(len(chunk_ids)), np.ascontiguousarray(vectors, dtype=np.float32))
+        writer.write(np.arange(len(writer.ids)), np.ascontiguousarray(vectors, dtype=np.float32))
         writer.finish()
         return writer.publish()
     except BaseException:
@@ -379,17 +706,11 @@ def read_embeddings(path: Path) -> EmbeddingSet:
         values = pa.concat_arrays([c.values for c in column.chunks])
     vectors = values.to_numpy(zero_copy_only=len(table) > 0 and column.num_chunks == 1).reshape(len(table), dim)
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return EmbeddingSet(
-        chunk_ids=table.column("chunk_id").to_pylist(),
-        content_hashes=table.column("content_hash").to_pylist(),
-        vectors=vectors,
-        metadata=metadata,
-    )
+    return EmbeddingSet(ids=table.column("chunk_id"), hashes=table.column("content_hash"), vectors=vectors,
+                        metadata=metadata)
 
 
 def file_digest(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.registry import Registry
-from rag_clean.storage import EmbeddingSet, file_digest, read_table
+from rag_clean.stages.common import ROW_BLOCK
+from rag_clean.storage import EmbeddingSet, as_string_array, duplicate_id_rows, file_digest, read_table
 from rag_clean.telemetry import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
@@ -27,11 +28,12 @@ NORM_TOLERANCE = 1e-3
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 
-def _vector_problems(vectors: EmbeddingSet, expected_rows: int, expected_ids: list[str], expected_dim: int | None) -> tuple[list[str], dict]:
+def _vector_problems(vectors: EmbeddingSet, expected_rows: int, expected_ids: pa.ChunkedArray, expected_dim: int | None) -> tuple[list[str], dict]:
     problems = []
     if len(vectors) != expected_rows:
         problems.append(f"{len(vectors)} rows, chunks has {expected_rows}")
-    if vectors.chunk_ids != expected_ids:
+    # Arrow equality over the two memory-mapped id columns: no Python list of every id.
+    if not as_string_array(expected_ids).equals(vectors.ids):
         problems.append("chunk_ids differ from the chunks table (order or content)")
     if expected_dim is not None and vectors.dim != expected_dim:
         problems.append(f"dim {vectors.dim}, expected {expected_dim}")
@@ -56,20 +58,25 @@ def _result(problems: list[str], metadata: dict) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset="chunks", partitions_def=collections_partitions, description="non-empty, unique ids, hashes match text")
 def chunks_valid(chunks: pa.Table) -> dg.AssetCheckResult:
-    ids = chunks.column("chunk_id").to_pylist()
+    # Streaming over the memory-mapped table: ids by sorted hashes, texts in blocks.
     problems = []
-    if not ids:
+    if not chunks.num_rows:
         problems.append("no chunks")
-    if len(set(ids)) != len(ids):
-        problems.append(f"{len(ids) - len(set(ids))} duplicate chunk ids")
-    bad_hash = sum(hashlib.sha256(t.encode("utf-8")).hexdigest() != h
-                   for t, h in zip(chunks.column("text").to_pylist(), chunks.column("content_hash").to_pylist()))
+    duplicates = duplicate_id_rows(chunks.column("chunk_id"))
+    if duplicates:
+        problems.append(f"{sum(len(g) - 1 for g in duplicates)} duplicate chunk ids")
+    bad_hash = empty = 0
+    for start in range(0, chunks.num_rows, ROW_BLOCK):
+        block = chunks.slice(start, ROW_BLOCK)
+        texts = block.column("text").to_pylist()
+        bad_hash += sum(hashlib.sha256(t.encode("utf-8")).hexdigest() != h
+                        for t, h in zip(texts, block.column("content_hash").to_pylist()))
+        empty += sum(1 for t in texts if not t.strip())
     if bad_hash:
         problems.append(f"{bad_hash} content hashes do not match their text")
-    empty = sum(1 for t in chunks.column("text").to_pylist() if not t.strip())
     if empty:
         problems.append(f"{empty} empty texts")
-    return _result(problems, {"rows": len(ids)})
+    return _result(problems, {"rows": chunks.num_rows})
 
 
 def build_dense_check(spec) -> dg.AssetChecksDefinition:
@@ -81,7 +88,7 @@ def build_dense_check(spec) -> dg.AssetChecksDefinition:
         if vectors is None:
             return dg.AssetCheckResult(passed=True, metadata={"status": "disabled"},
                                        description="not applicable: the model is outside ensemble_models and has no stored file")
-        problems, meta = _vector_problems(vectors, chunks.num_rows, chunks.column("chunk_id").to_pylist(), spec.output_dim)
+        problems, meta = _vector_problems(vectors, chunks.num_rows, chunks.column("chunk_id"), spec.output_dim)
         return _result(problems, meta)
 
     return _check
@@ -90,7 +97,7 @@ def build_dense_check(spec) -> dg.AssetChecksDefinition:
 @dg.asset_check(asset=FUSED_KEY, name="vectors_valid", partitions_def=collections_partitions,
                 additional_ins={"chunks": dg.AssetIn("chunks")}, description="rows match chunks, no NaN, unit norms")
 def fused_valid(chunks: pa.Table, fused_embeddings: EmbeddingSet) -> dg.AssetCheckResult:
-    problems, meta = _vector_problems(fused_embeddings, chunks.num_rows, chunks.column("chunk_id").to_pylist(), None)
+    problems, meta = _vector_problems(fused_embeddings, chunks.num_rows, chunks.column("chunk_id"), None)
     return _result(problems, meta)
 
 

@@ -56,7 +56,7 @@ def _previous_data_version(context: dg.AssetExecutionContext) -> dg.DataVersion 
 def versioned(context: dg.AssetExecutionContext, output: StageOutput) -> dg.Output:
     """The asset's return value with its data version and status tag.
 
-    - Tables get a content digest: `chunks` and `queries` read files Dagster does not track, so
+    - Tables (and finished spools: the sha256 of the staged file, streamed) get a content digest: `chunks` and `queries` read files Dagster does not track, so
       code version + inputs alone would call an edited collection unchanged; for the others a
       rerun that produces the same rows keeps the same version.
     - A disabled stage writes nothing and the stored file is the previous one, so it keeps the previous
@@ -69,6 +69,8 @@ def versioned(context: dg.AssetExecutionContext, output: StageOutput) -> dg.Outp
         data_version = _previous_data_version(context)
     elif isinstance(output.value, pa.Table):
         data_version = table_data_version(output.value)
+    elif getattr(output.value, "content_digest", None):  # a finished ColumnSpool: the staged file's sha256
+        data_version = dg.DataVersion(output.value.content_digest[:24])
     # Every asset returns through here: the run log's one line per stage on reused vs computed work.
     line = output.record.reuse_line(context.asset_key.to_user_string())
     if line:

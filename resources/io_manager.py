@@ -1,7 +1,7 @@
 """Telemetry IO manager: stores each asset value, then hands its stage record to telemetry.
 
-A thin adapter: the file goes where the storage layout says (Parquet tables, Arrow IPC matrices
-published from their staged file by rename); `rag_clean.telemetry.record_materialization` merges
+A thin adapter: the file goes where the storage layout says (Parquet tables; Arrow IPC files --
+chunks and embedding matrices -- published from their staged file by rename and loaded memory-mapped); `rag_clean.telemetry.record_materialization` merges
 the record into processing_summary.json and the events log and returns the metadata, which is
 converted to Dagster metadata here. A disabled stage writes no file: the previous one stays.
 """
@@ -14,9 +14,12 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rag_clean.memory import PROBE
 from rag_clean.records import MetaJson, MetaMarkdown, MetaPath
 from rag_clean.stages.common import StageOutput
-from rag_clean.storage import EmbeddingWriter, StorageError, TableWriter, read_embeddings, read_table, write_table
+from rag_clean.layout import is_embedding_file
+from rag_clean.storage import (ColumnSpool, EmbeddingWriter, StorageError, TableWriter, read_arrow_table,
+                               read_embeddings, read_table, write_arrow_table, write_table)
 from rag_clean.telemetry import record_materialization, utc_now
 from resources.paths import PathsResource
 
@@ -53,12 +56,17 @@ def stored_table_metadata(path: Path) -> dict[str, Any]:
         with pa.memory_map(str(path)) as source:
             reader = pa.ipc.open_file(source)
             rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-        return {"dagster/row_count": int(rows)}
+            columns = [dg.TableColumn(name=f.name, type=str(f.type)) for f in reader.schema]
+        return {"dagster/row_count": int(rows),
+                "dagster/column_schema": dg.MetadataValue.table_schema(dg.TableSchema(columns=columns))}
     return {}
 
 
 class TelemetryIOManager(dg.ConfigurableIOManager):
     paths: dg.ResourceDependency[PathsResource]
+
+    def setup_for_execution(self, context) -> None:
+        PROBE.start()  # sample from the start of the step process
 
     def _file(self, context: dg.OutputContext | dg.InputContext) -> Path:
         if not context.has_partition_key:
@@ -74,15 +82,20 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
         record.partition, record.materialized_at = context.partition_key, utc_now()
         if obj.disabled:
             record.status, record.path, record.bytes = "disabled", None, 0
-        elif isinstance(obj.value, (EmbeddingWriter, TableWriter)):
+        elif isinstance(obj.value, (EmbeddingWriter, TableWriter, ColumnSpool)):
             if Path(obj.value.final_path) != path:  # both come from the layout: a mismatch is a wiring bug
                 raise StorageError(f"{record.asset_key}: staged for {obj.value.final_path}, but the layout says {path}")
             obj.value.publish()
             record.path, record.bytes = str(path), path.stat().st_size
         elif isinstance(obj.value, pa.Table):
-            record.bytes, record.path = write_table(obj.value, path), str(path)
+            write = write_arrow_table if path.suffix == ".arrow" else write_table
+            record.bytes, record.path = write(obj.value, path), str(path)
         else:
             raise TypeError(f"{record.asset_key}: unsupported value type {type(obj.value).__name__}")
+        # The step's window: since the previous output stored in this process (or the process start):
+        # loading inputs, the body, and storing this output. One process per step (multiprocess executor)
+        # makes it the step's own peak; in-process, checks run between steps fall into the next window.
+        record.peak_rss_anon_bytes = PROBE.take()
         metadata = to_dagster_metadata(record_materialization(self.paths.layout(), record))
         if not obj.disabled:  # a disabled stage stored nothing this run: no row count to claim
             metadata |= stored_table_metadata(path)
@@ -97,5 +110,6 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
                 f"{path} does not exist: materialize {context.asset_key.to_user_string()} for {context.partition_key!r} first"
             )
         if path.suffix == ".arrow":
-            return read_embeddings(path)
+            # Memory-mapped: the loaded value's buffers are file pages (zero-copy, no anonymous memory).
+            return read_embeddings(path) if is_embedding_file(context.asset_key.path) else read_arrow_table(path)
         return read_table(path)

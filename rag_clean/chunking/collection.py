@@ -1,12 +1,19 @@
-"""Walk a collection folder and read every supported file into one table (`read_collection`)."""
+"""Walk a collection folder and stream every supported file into the chunks file (`stream_collection`),
+re-parsing only files whose bytes changed since the previous run (its manifest says which rows each gave)."""
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+
+from rag_clean.storage import ColumnSpool, duplicate_id_rows
 
 from .config import ChunkingConfig, ChunkingError, ChunkingResult, SkipRecord
 from .documents import chunk_markdown, chunk_plain_text
@@ -78,16 +85,127 @@ def _walk(folder: Path, boundary: Path, skipped: list[SkipRecord]) -> list[str]:
     return sorted(found)
 
 
-def read_collection(
+# Bump when parsing or chunking logic changes which rows a file gives: the manifest then no longer
+# matches, and every file is parsed again.
+CHUNKER_VERSION = "1"
+
+MANIFEST_SCHEMA = pa.schema([
+    ("path", pa.string()),        # relative to the collection folder, forward slashes
+    ("sha256", pa.string()),      # of the file's bytes
+    ("size", pa.int64()),
+    ("config", pa.string()),      # chunking config + chunker version + token counter
+    ("first_row", pa.int64()),    # its rows in the chunks file: [first_row, first_row + rows)
+    ("rows", pa.int64()),
+    ("skips_json", pa.string()),  # its skips ([[index, reason], ...]), replayed when it is reused
+])
+_FLUSH_ROWS = 8192  # parsed rows buffered before they go to the spool
+
+
+@dataclass
+class PreviousChunks:
+    """The last published chunks file and its manifest: rows of unchanged files are copied from it."""
+
+    table: pa.Table  # memory-mapped
+    entries: dict[str, dict]  # path -> manifest row
+
+
+@dataclass
+class StreamedChunks:
+    rows: int
+    skipped: list[SkipRecord]
+    files_read: list[str]
+    files_reused: int
+    files_parsed: int
+    manifest: pa.Table
+
+
+def config_key(config: ChunkingConfig, count: CountTokens) -> str:
+    """What must match for a file's previous rows to be reused (besides its bytes and path)."""
+    return json.dumps({"chunker": CHUNKER_VERSION, "max_tokens": config.max_tokens,
+                       "overlap_tokens": config.overlap_tokens, "min_chunk_tokens": config.min_chunk_tokens,
+                       "count_tokens": f"{count.__module__}.{getattr(count, '__qualname__', repr(count))}"},
+                      sort_keys=True)
+
+
+def _files_to_read(folder: Path, boundary: Path, config: ChunkingConfig, skipped: list[SkipRecord]):
+    """(relative path, kind) of every supported file, in row order; the rest are skips."""
+    for rel in _walk(folder, boundary, skipped):
+        name = rel.rsplit("/", 1)[-1]
+        if name in config.exclude_names:
+            continue
+        kind = _file_kind(name) if any(fnmatch.fnmatch(name, g) for g in config.include_globs) else None
+        if kind is None:
+            skipped.append(SkipRecord(rel, None, "unsupported file type"))
+            continue
+        yield rel, kind
+
+
+def _read_bytes(folder: Path, rel: str) -> bytes:
+    try:
+        return (folder / rel).read_bytes()
+    except OSError as exc:  # unreadable file, broken symlink
+        raise ChunkingError(f"{rel}: cannot be read: {exc.strerror or exc}") from exc
+
+
+def _parse(data: bytes, rel: str, kind: str, config: ChunkingConfig, count: CountTokens,
+           skipped: list[SkipRecord]) -> list[tuple[dict, str]]:
+    """One file's rows, each with where it came from ("a.jsonl line 3"); its skips go to `skipped`."""
+    try:
+        raw = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ChunkingError(f"{rel}: not valid UTF-8 (byte offset {exc.start}: {exc.reason})") from exc
+    if kind == "chunks":
+        located = read_chunk_file(raw, rel, count, skipped)
+    elif kind == "jsonl":
+        located = read_jsonl(raw, rel, count, skipped)
+    elif not raw.strip():
+        skipped.append(SkipRecord(rel, None, "empty document"))
+        return []
+    else:
+        chunker = chunk_markdown if kind == "markdown" else chunk_plain_text
+        kwargs = {"skipped": skipped} if kind == "markdown" else {}
+        located = [(row, f"{rel} chunk {row['chunk_index']}") for row in chunker(raw, rel, config, count, **kwargs)]
+    if not located and not any(s.file == rel for s in skipped):
+        # Whatever the cause, a file that was read and gave nothing is reported, not dropped.
+        skipped.append(SkipRecord(rel, None, "no text to embed"))
+    return located
+
+
+def _check_unique_ids(table: pa.Table, folder: Path, config: ChunkingConfig, count: CountTokens) -> None:
+    """Raise on the first duplicate chunk_id (by its second occurrence), naming both places.
+
+    Streaming: 64-bit hashes of the ids are sorted on disk (`duplicate_id_rows`); only rows whose hashes
+    collide are compared exactly, and only the two files involved are parsed again to say where."""
+    groups = duplicate_id_rows(table.column("chunk_id"))
+    if not groups:
+        return
+    first, second = (int(r) for r in groups[0][:2])
+    chunk_id = table.column("chunk_id")[first].as_py()
+    places: list[str] = []
+    for rel in dict.fromkeys(table.column("source_file")[r].as_py() for r in (first, second)):
+        kind = _file_kind(rel.rsplit("/", 1)[-1])
+        located = _parse(_read_bytes(folder, rel), rel, kind, config, count, [])
+        places += [where for row, where in located if row["chunk_id"] == chunk_id]
+    earlier, where = (places + ["?", "?"])[:2]
+    raise ChunkingError(f"duplicate chunk_id {chunk_id!r}: in {earlier} and in {where}")
+
+
+def stream_collection(
     folder: Path,
+    spool: ColumnSpool,
     config: ChunkingConfig = ChunkingConfig(),
     count_tokens: CountTokens | None = None,
     root: Path | None = None,
-) -> ChunkingResult:
-    """Read every supported file under `folder` into one CHUNK_SCHEMA table.
+    previous: PreviousChunks | None = None,
+) -> StreamedChunks:
+    """Read every supported file under `folder` into `spool` (CHUNK_SCHEMA rows), file by file.
 
-    Rows are ordered by source file, then by position in the file (= chunk_index for documents
-    and JSONL; chunk files keep their record order, their chunk_index comes from metadata).
+    Rows are ordered by source file, then by position in the file (= chunk_index for documents and
+    JSONL; chunk files keep their record order, their chunk_index comes from metadata). A file whose
+    bytes, path and chunking config match `previous`'s manifest is not parsed: its rows are copied from
+    the previous chunks file (zero-copy slices of the memory-mapped table) and its skips replayed, so
+    the result is byte-identical to parsing everything. Anonymous memory holds one file's rows at a
+    time. Finishes the spool (staged file) and returns the new manifest; on error the spool is aborted.
 
     `root` is the data root: symlinks that resolve outside it are skipped (and counted). By default
     it is the folder's parent, which is the data root for every collection folder
@@ -101,48 +219,73 @@ def read_collection(
     boundary = Path(root).resolve() if root is not None else folder.parent
     if not _inside(folder, boundary):
         raise ChunkingError(f"collection folder {folder} resolves outside the data root {boundary}")
-    rows: list[dict] = []
+    key = config_key(config, count)
+    old = previous.entries if previous is not None else {}
     skipped: list[SkipRecord] = []
     files_read: list[str] = []
-    first_seen: dict[str, str] = {}
-    for rel in _walk(folder, boundary, skipped):
-        name = rel.rsplit("/", 1)[-1]
-        if name in config.exclude_names:
-            continue
-        kind = _file_kind(name) if any(fnmatch.fnmatch(name, g) for g in config.include_globs) else None
-        if kind is None:
-            skipped.append(SkipRecord(rel, None, "unsupported file type"))
-            continue
-        try:
-            raw = (folder / rel).read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise ChunkingError(f"{rel}: not valid UTF-8 (byte offset {exc.start}: {exc.reason})") from exc
-        except OSError as exc:  # unreadable file, broken symlink
-            raise ChunkingError(f"{rel}: cannot be read: {exc.strerror or exc}") from exc
-        files_read.append(rel)
-        if kind == "chunks":
-            located = read_chunk_file(raw, rel, count, skipped)
-        elif kind == "jsonl":
-            located = read_jsonl(raw, rel, count, skipped)
-        else:
-            if not raw.strip():
-                skipped.append(SkipRecord(rel, None, "empty document"))
-                continue
-            chunker = chunk_markdown if kind == "markdown" else chunk_plain_text
-            kwargs = {"skipped": skipped} if kind == "markdown" else {}
-            located = [(row, f"{rel} chunk {row['chunk_index']}") for row in chunker(raw, rel, config, count, **kwargs)]
-        if not located and not any(s.file == rel for s in skipped):
-            # Whatever the cause, a file that was read and gave nothing is reported, not dropped.
-            skipped.append(SkipRecord(rel, None, "no text to embed"))
-        for row, where in located:
-            earlier = first_seen.get(row["chunk_id"])
-            if earlier is not None:
-                raise ChunkingError(f"duplicate chunk_id {row['chunk_id']!r}: in {earlier} and in {where}")
-            first_seen[row["chunk_id"]] = where
-            rows.append(row)
-    if not rows:
-        raise ChunkingError(
-            f"collection folder {folder} yielded no chunks "
-            f"({len(files_read)} files read, {len(skipped)} skipped)"
-        )
-    return ChunkingResult(table=pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA), skipped=skipped, files_read=files_read)
+    manifest: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    pending: list[dict] = []
+    rows = reused = parsed = 0
+
+    def flush() -> None:
+        if pending:
+            spool.append(pa.Table.from_pylist(pending, schema=CHUNK_SCHEMA))
+            pending.clear()
+
+    try:
+        for rel, kind in _files_to_read(folder, boundary, config, skipped):
+            data = _read_bytes(folder, rel)
+            digest = hashlib.sha256(data).hexdigest()
+            files_read.append(rel)
+            entry = old.get(rel)
+            if entry is not None and entry["sha256"] == digest and entry["config"] == key:
+                flush()
+                n = int(entry["rows"])
+                if n:
+                    spool.append(previous.table.slice(int(entry["first_row"]), n))
+                file_skips = [SkipRecord(rel, index, reason) for index, reason in json.loads(entry["skips_json"])]
+                skipped += file_skips
+                reused += 1
+            else:
+                before = len(skipped)
+                located = _parse(data, rel, kind, config, count, skipped)
+                del data
+                file_skips = skipped[before:]
+                pending.extend(row for row, _ in located)
+                n = len(located)
+                del located
+                parsed += 1
+                if len(pending) >= _FLUSH_ROWS:
+                    flush()
+            for name, value in (("path", rel), ("sha256", digest), ("size", (folder / rel).stat().st_size),
+                                ("config", key), ("first_row", rows), ("rows", n),
+                                ("skips_json", json.dumps([[s.index, s.reason] for s in file_skips]))):
+                manifest[name].append(value)
+            rows += n
+        flush()
+        if not rows:
+            raise ChunkingError(
+                f"collection folder {folder} yielded no chunks "
+                f"({len(files_read)} files read, {len(skipped)} skipped)"
+            )
+        _check_unique_ids(spool.read(), folder, config, count)
+    except BaseException:
+        spool.abort()
+        raise
+    return StreamedChunks(rows=rows, skipped=skipped, files_read=files_read, files_reused=reused,
+                          files_parsed=parsed, manifest=pa.table(manifest, schema=MANIFEST_SCHEMA))
+
+
+def read_collection(
+    folder: Path,
+    config: ChunkingConfig = ChunkingConfig(),
+    count_tokens: CountTokens | None = None,
+    root: Path | None = None,
+) -> ChunkingResult:
+    """`stream_collection` into a scratch file, returned as one memory-mapped table (small callers, tests)."""
+    with tempfile.TemporaryDirectory(prefix="rag_clean_chunks_") as scratch:
+        spool = ColumnSpool(Path(scratch) / "chunks.arrow", CHUNK_SCHEMA)
+        result = stream_collection(folder, spool, config, count_tokens, root)
+        table = spool.read()  # mapped: stays readable after the folder is removed
+        spool.abort()
+    return ChunkingResult(table=table, skipped=result.skipped, files_read=result.files_read)

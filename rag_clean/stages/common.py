@@ -31,11 +31,11 @@ def model_fingerprint(spec: ModelSpec) -> str:
 
 @dataclass
 class StageOutput:
-    """`value` is a table (written as Parquet), a staged writer (EmbeddingWriter: Arrow IPC;
-    TableWriter: Parquet) that the IO manager publishes by rename, or None when the stage is disabled:
+    """`value` is a table (written as Parquet, or Arrow IPC where the layout says .arrow), a staged writer
+    (EmbeddingWriter / ColumnSpool: Arrow IPC; TableWriter: Parquet) that the IO manager publishes by rename, or None when the stage is disabled:
     then nothing is written and the previous file stays."""
 
-    value: pa.Table | EmbeddingWriter | TableWriter | None
+    value: "pa.Table | EmbeddingWriter | TableWriter | ColumnSpool | None"
     record: StageRecord
 
     @property

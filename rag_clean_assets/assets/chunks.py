@@ -3,10 +3,10 @@
 
 import dagster as dg
 
-from rag_clean.chunking import ChunkingConfig, read_collection
-from rag_clean.records import ChunksRecord
+from rag_clean.chunking import ChunkingConfig
+from rag_clean.stages.chunks import run_chunks_stage
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean_assets.assets.common import log_warnings, run_plan, stage_asset, start_record
+from rag_clean_assets.assets.common import log_warnings, run_plan, staged_file, stage_asset, start_record
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
 from resources.paths import PathsResource
@@ -20,10 +20,11 @@ class ChunksConfig(dg.Config):
 
 
 @dg.asset(
-    **stage_asset(group="ingest", kinds={"python", "parquet"}, code_version=versions.CHUNKS,
+    **stage_asset(group="ingest", kinds={"python", "arrow"}, code_version=versions.CHUNKS,
                   gpu=False),
     description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
-                "heading-aware within a token budget. Stable chunk_id and a content hash per chunk.",
+                "heading-aware within a token budget. Stable chunk_id and a content hash per chunk. Only new or "
+                "changed files are parsed; unchanged files' rows are copied from the previous file.",
 )
 def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
            registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
@@ -32,11 +33,13 @@ def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: Paths
     folder = paths.collection_dir(context.partition_key)
     # The engine's model-independent token estimate: chunk ids (and the gold ids of queries.jsonl)
     # stay the same when the registry's models change.
-    result = read_collection(folder, ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens))
+    spool, result, record = run_chunks_stage(
+        folder, staged_file(paths, context.asset_key, context.partition_key),
+        paths.layout().chunks_manifest_file(context.partition_key),
+        ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens),
+        reuse=plan.reuse_unchanged)
     for skip in result.skipped:
         context.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
-    record = start_record(ChunksRecord(rows=result.table.num_rows, files_read=len(result.files_read), device="cpu",
-                                       skips=[{"file": s.file, "index": s.index, "reason": s.reason}
-                                              for s in result.skipped]), plan)
+    record = start_record(record, plan)
     log_warnings(context, record)
-    return versioned(context, StageOutput(result.table, timer.stamp(record)))
+    return versioned(context, StageOutput(spool, timer.stamp(record)))

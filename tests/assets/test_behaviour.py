@@ -287,7 +287,7 @@ def test_reuse_recomputes_only_the_edited_chunk(pipeline):
 
 def test_malformed_chunk_file_fails_naming_file_and_index_and_keeps_chunks(pipeline):
     assert pipeline.materialize(selection=dg.AssetSelection.assets("chunks")).success
-    chunks_file = pipeline.file("chunks", "demo.parquet")
+    chunks_file = pipeline.file("chunks", "demo.arrow")
     before = chunks_file.read_bytes()
     records = [{"text": "fine", "metadata": {"chunk_id": "ok-1"}}, {"text": "no metadata here"}]
     (pipeline.data_root / "demo" / "old_chunks.json").write_text(json.dumps(records))

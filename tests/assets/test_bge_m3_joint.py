@@ -22,6 +22,7 @@ import rag_clean.encoders.factory as factory
 import rag_clean.encoders.flag as flag
 from rag_clean.registry import RegistryError, load_registry
 from rag_clean.layout import StorageLayout
+from rag_clean.storage import read_arrow_table
 from rag_clean.plan import build_run_plan
 from rag_clean.settings import EmbedderSettings
 from rag_clean.stages import joint_outputs
@@ -130,7 +131,7 @@ def materializations(result) -> dict[str, dict]:
 
 
 def chunk_table(pipeline: Pipeline) -> pa.Table:
-    return pq.read_table(pipeline.file("chunks", "demo.parquet"))
+    return read_arrow_table(pipeline.file("chunks", "demo.arrow"))
 
 
 def sparse_rows(pipeline: Pipeline, model: str = LEXICAL) -> dict[str, dict[int, float]]:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from rag_clean.encoders.factory import load_dense_encoder
 from rag_clean.exports import export_files, point_id
 from rag_clean.registry import load_registry
-from rag_clean.storage import file_digest, read_embeddings
+from rag_clean.storage import file_digest, read_arrow_table, read_embeddings
 
 # Words that appear nowhere in the documents: if they show up in an export, query text leaked.
 QUERIES = [
@@ -35,7 +35,7 @@ def test_exports_off_by_default_then_on_by_run_config(pipeline, tmp_path):
     export_dir = tmp_path / "exported"
     result = pipeline.materialize(enable_exports=True, export_dir=str(export_dir))
     assert result.success
-    chunks = pq.read_table(pipeline.file("chunks", "demo.parquet"))
+    chunks = read_arrow_table(pipeline.file("chunks", "demo.arrow"))
     ids = chunks.column("chunk_id").to_pylist()
     files = export_files(export_dir, "demo")
 
@@ -103,7 +103,7 @@ def test_matryoshka_truncate_dim_through_the_assets(pipeline, tmp_path, tiny_reg
     assert stored.dim == 16
     np.testing.assert_allclose(np.linalg.norm(stored.vectors, axis=1), 1.0, atol=1e-5)
     # Reference: the untruncated 48-d model, cut to 16 and renormalized by hand.
-    chunks = pq.read_table(pipeline.file("chunks", "demo.parquet"))
+    chunks = read_arrow_table(pipeline.file("chunks", "demo.arrow"))
     encoder = load_dense_encoder(load_registry(tiny_registry_path).get("tiny-b"), "cpu")
     try:
         full = np.zeros((chunks.num_rows, 48), np.float32)

@@ -70,14 +70,14 @@ def test_chunks_asset_counts_and_logs_symlink_out_of_the_data_root(pipeline, tmp
     assert event.materialization.metadata["chunks_skipped"].value == len(skips)
 
 
-def test_io_manager_reports_truncated_parquet_as_storage_error(pipeline):
+def test_io_manager_reports_truncated_chunks_file_as_storage_error(pipeline):
     assert pipeline.materialize(selection=dg.AssetSelection.assets("chunks")).success
-    chunks_file = pipeline.file("chunks", "demo.parquet")
+    chunks_file = pipeline.file("chunks", "demo.arrow")
     chunks_file.write_bytes(chunks_file.read_bytes()[: chunks_file.stat().st_size // 2])
     result = pipeline.materialize(selection=dg.AssetSelection.assets(DENSE_A), raise_on_error=False)
     assert not result.success
     text = _failure_text(result)
-    assert f"StorageError: {chunks_file} is not a valid Parquet file (truncated or corrupt: " in text
+    assert f"StorageError: {chunks_file} is not a valid Arrow IPC file (truncated or corrupt: " in text
     assert "rematerialize the asset that writes it" in text
 
 

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from rag_clean.storage import read_arrow_table
 import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
@@ -96,7 +98,10 @@ def test_readable_values():
 
 def test_tables_carry_row_count_and_column_schema(twice):
     for name in TABLE_ASSETS:
-        stored = pq.read_table(twice.pipeline.file(*name.split("/"), "demo.parquet"))
+        if name == "chunks":
+            stored = read_arrow_table(twice.pipeline.file("chunks", "demo.arrow"))
+        else:
+            stored = pq.read_table(twice.pipeline.file(*name.split("/"), "demo.parquet"))
         meta = twice.events[name].metadata
         assert meta["dagster/row_count"].value == stored.num_rows > 0, name
         schema = meta["dagster/column_schema"].value
@@ -314,3 +319,14 @@ def test_rerank_fallback_warning_is_one_line_per_source_logged_once(tiny_models_
     assert not [r for r in caplog.records if r.name.startswith("rag_clean") and r.levelno >= logging.WARNING
                 and "no cross-encoder" in r.getMessage()]
     assert [w for w in pipeline.summary()["warnings"] if "no cross-encoder" in w] == [warnings[0]]
+
+
+def test_every_asset_reports_its_peak_anonymous_rss(twice):
+    stages = twice.pipeline.summary()["stages"]
+    for key, event in twice.events.items():
+        peak = event.metadata["peak_rss_anon_bytes"].value
+        # A Python process with torch and Dagster loaded holds tens of MB of heap at least.
+        assert 10 * 2 ** 20 < peak < 64 * 2 ** 30, key
+        assert event.metadata["peak_rss_anon"].value.endswith("iB"), key
+        assert stages[key]["peak_rss_anon_bytes"] > 10 * 2 ** 20, key  # (the latest materialization's)
+    assert twice.events["chunks"].metadata["reuse"].value["files"] == {"unit": "files", "reused": 3, "computed": 0}

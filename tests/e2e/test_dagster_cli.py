@@ -16,7 +16,7 @@ import pytest
 
 from project_env import project_env
 
-from rag_clean.storage import read_embeddings
+from rag_clean.storage import read_arrow_table, read_embeddings
 from rag_clean.telemetry import read_summary
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +36,7 @@ Set the chunk size and the retrieval model in the config file before you install
 """
 NOTES = '{"id": "note-1", "text": "install the gpu driver first"}\n{"id": "note-2", "text": "restart the server"}\n'
 ASSET_FILES = [  # (path parts under the storage root, reader kind), for collection "{c}"
-    (("chunks", "{c}.parquet"), "table"),
+    (("chunks", "{c}.arrow"), "arrow_table"),
     (("dense_embeddings", "tiny_a", "{c}.arrow"), "vectors"),
     (("dense_embeddings", "tiny_b", "{c}.arrow"), "vectors"),
     (("fused_embeddings", "{c}.arrow"), "vectors"),
@@ -87,8 +87,8 @@ def test_cli_materializes_every_asset_into_readable_files(cli_home):
     for parts, kind in ASSET_FILES:
         path = storage.joinpath(*(p.format(c="demo") for p in parts))
         assert path.is_file(), path
-        if kind == "table":
-            table = pq.read_table(path)
+        if kind in ("table", "arrow_table"):
+            table = pq.read_table(path) if kind == "table" else read_arrow_table(path)
             assert table.num_rows > 0, path
             if parts[0] == "chunks":
                 rows = table.num_rows

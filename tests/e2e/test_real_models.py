@@ -20,7 +20,7 @@ import pytest
 
 from rag_clean.registry import DEFAULT_REGISTRY_PATH, load_registry
 from rag_clean.metrics import ranking_metrics
-from rag_clean.storage import read_embeddings
+from rag_clean.storage import read_arrow_table, read_embeddings
 from rag_clean.telemetry import read_summary
 from rag_clean_assets.checks import build_checks
 from rag_clean_assets.definitions import build_assets, build_resources
@@ -64,7 +64,7 @@ def test_real_models_outputs_are_consistent(real_run):
     checks = real_run.result.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks), [(c.asset_key, c.description) for c in checks if not c.passed]
     storage = real_run.storage
-    chunk_ids = pq.read_table(storage / "chunks" / f"{COLLECTION}.parquet").column("chunk_id").to_pylist()
+    chunk_ids = read_arrow_table(storage / "chunks" / f"{COLLECTION}.arrow").column("chunk_id").to_pylist()
     assert len(chunk_ids) > 50
     per_model = {}
     for name, dim in DENSE.items():

@@ -14,6 +14,7 @@ from rag_clean.storage import (
     path_under,
     read_embeddings,
     read_table,
+    write_arrow_table,
     write_embeddings,
     write_json,
     write_table,
@@ -137,3 +138,83 @@ def test_path_under_refuses_traversal(tmp_path):
         path_under(tmp_path, "..", "outside")
     with pytest.raises(StorageError, match="escapes its root"):
         path_under(tmp_path, "/etc/passwd")
+
+
+# ---------------------------------------------------------------- memory-mapped tables (ColumnSpool)
+
+
+def _chunk_like(n: int, start: int = 0) -> pa.Table:
+    from rag_clean.chunking import CHUNK_SCHEMA
+
+    rows = [{"chunk_id": f"c{i}", "text": "é" * (i % 7), "content_hash": f"h{i}", "source_file": f"f{i // 5}",
+             "chunk_index": i, "heading": None if i % 3 else f"H{i}", "section_path": ["a", "b"][: i % 3],
+             "token_count": i * 2, "metadata_json": "{}"} for i in range(start, start + n)]
+    return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)
+
+
+def test_column_spool_writes_one_memory_mapped_batch_equal_to_its_input(tmp_path):
+    from rag_clean.storage import ColumnSpool, read_arrow_table
+
+    table = _chunk_like(40)
+    spool = ColumnSpool(tmp_path / "c.arrow", table.schema)
+    # Slices with offsets, an empty batch, a record batch: the file holds the rows in append order.
+    spool.append(table.slice(0, 13))
+    spool.append(table.slice(13, 0))
+    spool.append(table.slice(13, 27).to_batches()[0])
+    assert spool.publish() == tmp_path / "c.arrow"
+    loaded = read_arrow_table(tmp_path / "c.arrow")
+    assert loaded.equals(table)
+    assert all(loaded.column(name).num_chunks == 1 for name in loaded.schema.names)
+    assert _leftovers(tmp_path) == []
+    # The same rows appended in one piece give the same bytes (what incremental runs rely on).
+    write_arrow_table(_chunk_like(40), tmp_path / "d.arrow")
+    assert (tmp_path / "c.arrow").read_bytes() == (tmp_path / "d.arrow").read_bytes()
+
+
+def test_column_spool_abort_leaves_nothing_and_old_file_intact(tmp_path):
+    from rag_clean.storage import ColumnSpool, read_arrow_table
+
+    write_arrow_table(_chunk_like(3), tmp_path / "c.arrow")
+    spool = ColumnSpool(tmp_path / "c.arrow", _chunk_like(1).schema)
+    spool.append(_chunk_like(5))
+    spool.finish()
+    spool.abort()
+    assert read_arrow_table(tmp_path / "c.arrow").num_rows == 3
+    assert _leftovers(tmp_path) == []
+
+
+def test_read_arrow_table_names_truncated_file(tmp_path):
+    from rag_clean.storage import read_arrow_table
+
+    path = tmp_path / "c.arrow"
+    write_arrow_table(_chunk_like(10), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StorageError, match=r"c\.arrow is not a valid Arrow IPC file \(truncated or corrupt: "):
+        read_arrow_table(path)
+
+
+def test_embedding_writer_takes_arrow_columns_and_set_exposes_zero_copy_ids(tmp_path):
+    from rag_clean.storage import read_arrow_table
+
+    write_arrow_table(_chunk_like(30), tmp_path / "c.arrow")
+    chunks = read_arrow_table(tmp_path / "c.arrow")
+    vectors = np.eye(30, 4, dtype=np.float32)
+    vectors[4:] = 0.5
+    write_embeddings(tmp_path / "e.arrow", chunks.column("chunk_id"), chunks.column("content_hash"), vectors)
+    emb = read_embeddings(tmp_path / "e.arrow")
+    assert isinstance(emb.ids, pa.Array) and emb.ids.equals(chunks.column("chunk_id").chunk(0))
+    assert emb.hashes.equals(chunks.column("content_hash").chunk(0))
+    assert emb.chunk_ids == [f"c{i}" for i in range(30)] and emb.content_hashes[2] == "h2"
+    np.testing.assert_array_equal(emb.vectors, vectors)
+    # A list input writes the same file as the Arrow column.
+    write_embeddings(tmp_path / "f.arrow", [f"c{i}" for i in range(30)], [f"h{i}" for i in range(30)], vectors)
+    assert (tmp_path / "e.arrow").read_bytes() == (tmp_path / "f.arrow").read_bytes()
+
+
+def test_duplicate_id_rows_finds_every_repeat_across_blocks(tmp_path):
+    from rag_clean.storage import duplicate_id_rows
+
+    ids = [f"id{i}" for i in range(1000)] + ["id7", "id999", "id7"]
+    groups = duplicate_id_rows(pa.array(ids), block=64)
+    assert [g.tolist() for g in groups] == [[7, 1000, 1002], [999, 1001]]
+    assert duplicate_id_rows(pa.chunked_array([pa.array(ids[:1000])]), block=64) == []
