@@ -216,14 +216,16 @@ PROFILE_CODE = r"""
 import cProfile, io, pstats, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-import pyarrow.parquet as pq
 from rag_clean.encoders.budget import BudgetStore
+from rag_clean.layout import StorageLayout
+from rag_clean.storage import read_arrow_table, read_table
 from rag_clean.registry import load_registry
 from rag_clean.stages import run_dense_stage
-registry, name, chunks_path, device, out = sys.argv[1:6]
+registry, name, storage, collection, device, out = sys.argv[1:7]
+path = StorageLayout(Path(storage)).asset_file(["chunks"], collection)
 imports = time.perf_counter() - t0
 spec = load_registry(registry).get(name)
-chunks = pq.read_table(chunks_path)
+chunks = read_arrow_table(path) if path.suffix == ".arrow" else read_table(path)
 prof = cProfile.Profile()
 t1 = time.perf_counter()
 prof.enable()
@@ -244,7 +246,7 @@ def profile_stage(work: Path, registry: Path, storage: Path, name: str, device: 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", PROFILE_CODE, str(registry), name,
-                           str(storage / "chunks" / f"{COLLECTION}.parquet"), device, str(work / f"profile-{name}.arrow")],
+                           str(storage), COLLECTION, device, str(work / f"profile-{name}.arrow")],
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     out = proc.stdout[proc.stdout.find("PROFILE"):] if "PROFILE" in proc.stdout else proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -289,15 +291,22 @@ def run_graph(work: Path, label: str, registry: Path, extra_env: dict[str, str],
 # ---------------------------------------------------------------------------------------------
 
 
+def chunks_table(storage: Path):
+    """The chunks the graph stored (Arrow IPC since the storage contract of issue 9; Parquet before)."""
+    from rag_clean.layout import StorageLayout
+    from rag_clean.storage import read_arrow_table, read_table
+
+    path = StorageLayout(storage).asset_file(["chunks"], COLLECTION)
+    return read_arrow_table(path) if path.suffix == ".arrow" else read_table(path)
+
+
 def encode_only(registry_path: Path, storage: Path, device: str, n_pairs: int, log) -> dict:
-    import pyarrow.parquet as pq
     import torch
 
     from rag_clean.encoders.factory import load_dense_encoder, load_reranker, load_sparse_encoder
     from rag_clean.registry import load_registry
 
-    chunks = pq.read_table(storage / "chunks" / f"{COLLECTION}.parquet", columns=["text"])
-    texts = chunks.column("text").to_pylist()
+    texts = chunks_table(storage).column("text").to_pylist()
     registry = load_registry(registry_path)
     out = {}
     rng = np.random.default_rng(0)

@@ -145,3 +145,30 @@ def test_off_switch_and_content_hash(monkeypatch, tmp_path):
     assert content_hash("é x") == hashlib.sha256("é x".encode()).hexdigest()
     monkeypatch.setenv("RAG_CLEAN_TOKEN_CACHE", "0")
     assert TokenCache.for_collection(StorageLayout(tmp_path), "docs") is None
+
+
+def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
+    import pyarrow as pa
+
+    from rag_clean.stages import run_dense_stage, run_sparse_stage
+    from rag_clean.storage import read_embeddings
+
+    texts = TEXTS * 2
+    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))],
+                       "content_hash": [content_hash(t) for t in texts], "text": texts})
+    cache = TokenCache.for_collection(StorageLayout(tmp_path / "store"), "docs")
+    records = {}
+    for name in ("tiny-a", "tiny-b"):
+        for label, tc in (("cached", cache), ("plain", None)):
+            writer, record = run_dense_stage(registry.get(name), chunks, "cpu", tmp_path / f"{name}-{label}.arrow",
+                                             token_cache=tc)
+            writer.publish()
+            records[name, label] = record
+        cached = read_embeddings(tmp_path / f"{name}-cached.arrow").vectors
+        np.testing.assert_array_equal(cached, read_embeddings(tmp_path / f"{name}-plain.arrow").vectors)
+    assert records["tiny-a", "cached"].encode.token_cache["misses"] == len(texts)
+    assert records["tiny-b", "cached"].encode.token_cache == {**records["tiny-a", "cached"].encode.token_cache,
+                                                              "hits": len(texts), "misses": 0}
+    assert records["tiny-a", "plain"].encode.token_cache is None
+    _, sparse_record = run_sparse_stage([registry.get("tiny-splade")], chunks, "cpu", token_cache=cache)
+    assert sparse_record.per_model["tiny-splade"]["token_cache"]["misses"] == 0
