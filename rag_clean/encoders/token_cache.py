@@ -76,23 +76,35 @@ def end_specials(tokenizer) -> int | None:
 
 
 class CachedTokens:
-    """One open cache file: content hash -> row, ids memory-mapped."""
+    """One open cache file: content hash -> (record batch, row); ids stay memory-mapped (zero-copy views)."""
 
     def __init__(self, path: Path):
         try:
-            with pa.memory_map(str(path), "r") as source:
-                table = pa.ipc.open_file(source).read_all()
-        except (OSError, pa.ArrowInvalid) as exc:
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            meta = reader.schema.metadata or {}
+            self.cap = int(meta.get(b"cap", b"0"))
+            self.values, self.offsets, self.cut, self.hashes = [], [], [], []
+            self.row_of: dict[str, tuple[int, int]] = {}
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                ids = batch.column(1)
+                self.offsets.append(np.asarray(ids.offsets, dtype=np.int64))
+                self.values.append(ids.values.to_numpy(zero_copy_only=True) if len(ids.values) else np.zeros(0, np.int32))
+                self.cut.append(batch.column(2).to_numpy(zero_copy_only=False))
+                hashes = batch.column(0).to_pylist()
+                self.hashes.append(hashes)
+                for i, h in enumerate(hashes):
+                    self.row_of[h] = (b, i)
+        except (OSError, pa.ArrowInvalid, IndexError, ValueError) as exc:
             raise EncoderError(f"{path}: unreadable token cache ({exc})") from exc
-        meta = table.schema.metadata or {}
-        self.cap = int(meta.get(b"cap", b"0"))
-        table = table.combine_chunks()
-        ids = table.column("ids").chunk(0) if table.num_rows else pa.array([], pa.large_list(pa.int32()))
-        self.offsets = np.asarray(ids.offsets, dtype=np.int64)
-        self.values = ids.values.to_numpy(zero_copy_only=False)
-        self.cut = table.column("cut").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0, bool)
-        self.hashes = table.column("content_hash").to_pylist()
-        self.row_of = {h: i for i, h in enumerate(self.hashes)}
+
+    def ids(self, where: tuple[int, int]) -> np.ndarray:
+        b, i = where
+        off = self.offsets[b]
+        return self.values[b][off[i]:off[i + 1]]
+
+    def was_cut(self, where: tuple[int, int]) -> bool:
+        return bool(self.cut[where[0]][where[1]])
 
 
 class TokenCachePass:
@@ -104,18 +116,17 @@ class TokenCachePass:
         self.n_end = n_end
         self.cached = CachedTokens(path) if path.exists() else None
         self.hits = self.misses = 0
-        self._pending: list[np.ndarray] = []  # cached row numbers of all-hit windows not yet written
+        self._pending: list[list[tuple[int, int]]] = []  # cached rows of all-hit windows not yet written
         self._writer = None
         self._stack = contextlib.ExitStack()
 
-    def _from_cache(self, r: int, limit: int) -> tuple[np.ndarray, bool]:
-        """Cached row `r` as a tokenizer with max_length `limit` would give it, and whether it was cut."""
-        c = self.cached
-        ids = c.values[c.offsets[r]:c.offsets[r + 1]]
+    def _from_cache(self, where: tuple[int, int], limit: int) -> tuple[np.ndarray, bool]:
+        """A cached row as a tokenizer with max_length `limit` would give it, and whether it was cut."""
+        ids = self.cached.ids(where)
         if len(ids) > limit:
             n = self.n_end
             return (np.concatenate([ids[:limit - n], ids[len(ids) - n:]]) if n else ids[:limit]), True
-        return ids, bool(c.cut[r])
+        return ids, self.cached.was_cut(where)
 
     def encode(self, texts: list[str], direct: Callable):
         """(id_rows, truncated count) for `texts`: cached rows where usable, `direct(texts)` for the rest.
@@ -124,16 +135,16 @@ class TokenCachePass:
         hashes = [content_hash(t) for t in texts]
         id_rows: list = [None] * len(texts)
         cut_rows = np.zeros(len(texts), dtype=bool)
-        cached_rows = np.full(len(texts), -1, dtype=np.int64)
+        cached_rows: list[tuple[int, int]] = []
         missing = []
         c = self.cached
         for i, h in enumerate(hashes):
-            r = c.row_of.get(h) if c is not None else None
-            if r is None or (c.cut[r] and limit > c.cap):
+            where = c.row_of.get(h) if c is not None else None
+            if where is None or (limit > c.cap and c.was_cut(where)):
                 missing.append(i)
                 continue
-            id_rows[i], cut_rows[i] = self._from_cache(r, limit)
-            cached_rows[i] = r
+            id_rows[i], cut_rows[i] = self._from_cache(where, limit)
+            cached_rows.append(where)
         if missing:
             got, _, cuts = direct([texts[i] for i in missing])
             for i, ids, was_cut in zip(missing, got, cuts):
@@ -160,8 +171,8 @@ class TokenCachePass:
             self._writer = pa.ipc.new_file(str(tmp), schema)
             limit = self.tokenizer.max_length
             for rows in self._pending:
-                got = [self._from_cache(int(r), limit) for r in rows]
-                self._write_batch([self.cached.hashes[int(r)] for r in rows], [g[0] for g in got],
+                got = [self._from_cache(where, limit) for where in rows]
+                self._write_batch([self.cached.hashes[b][i] for b, i in rows], [g[0] for g in got],
                                   np.array([g[1] for g in got], dtype=bool))
             self._pending.clear()
         self._write_batch(hashes, id_rows, cut_rows)
