@@ -71,6 +71,7 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
             writer, record = run_dense_stage(current, chunks, lease_target(lease), target, previous=previous,
                                              budget_store=BudgetStore(layout.budget_store_file()), joint=joint,
                                              ray=plan.ray, progress=context.log.info,
+                                             digest_cache=layout.weights_digest_file(),
                                              token_cache=TokenCache.for_collection(layout, context.partition_key))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
