@@ -134,14 +134,14 @@ def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: li
         need_q, need_m = qc.missing(q_keys), mc.missing(m_keys[r] for r in rows)
         if need_q or need_m:
             encoder = load_dense_encoder(spec, device)
-            one_text_per_forward(encoder)
             try:
-                if need_q:
-                    for k, v in zip(need_q, encoder.encode_queries([q_texts[first_q[k]] for k in need_q])):
-                        qc.put(k, v)
-                if need_m:
-                    for k, v in zip(need_m, encoder.encode_all([text_of_m[k] for k in need_m])):
-                        mc.put(k, v)
+                with one_text_per_forward(encoder, device):
+                    if need_q:
+                        for k, v in zip(need_q, encoder.encode_queries([q_texts[first_q[k]] for k in need_q])):
+                            qc.put(k, v)
+                    if need_m:
+                        for k, v in zip(need_m, encoder.encode_all([text_of_m[k] for k in need_m])):
+                            mc.put(k, v)
             finally:
                 encoder.close()
         width = spec.truncate_dim or spec.dim
@@ -184,13 +184,13 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
                 log.debug(msg)  # surfaced once, by whoever runs the stage, from record.warnings
                 record.warnings.append(msg)
                 continue
-            one_text_per_forward(encoder)
             try:
-                for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
-                                           (mc, need_m, [text_of_m[k] for k in need_m])):
-                    for idx, batch in (encoder.encode(texts) if texts else ()):
-                        for i, row in zip(idx, batch):
-                            cache.put(keys[i], row)
+                with one_text_per_forward(encoder, device):
+                    for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
+                                               (mc, need_m, [text_of_m[k] for k in need_m])):
+                        for idx, batch in (encoder.encode(texts) if texts else ()):
+                            for i, row in zip(idx, batch):
+                                cache.put(keys[i], row)
             finally:
                 encoder.close()
         q_rows = [qc.get(k) for k in q_keys]
