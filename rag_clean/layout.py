@@ -6,6 +6,7 @@
     <root>/colbert_vectors/<dense model>/<c>.arrow          ColBERT multi-vectors of that pass
     <root>/telemetry/<c>/processing_summary.json, events.jsonl
     <root>/state/token_budgets.json                        safe token budgets per model and device
+    <root>/state/weights_digests.json                      model file digests by (path, size, mtime_ns)
     <root>/reranked/_cache/<kind>/<model>/<c>.parquet      retrieval caches: query-side vectors, rerank scores
     <root>/state/export_lines/<c>/<file kind>.parquet      byte ranges of the previous export's JSONL lines
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
@@ -107,6 +108,10 @@ class StorageLayout:
 
     def budget_store_file(self) -> Path:
         return path_under(self.root, "state", "token_budgets.json")
+
+    def weights_digest_file(self) -> Path:
+        """sha256 of model files by (path, size, mtime_ns), so fingerprints do not re-hash weights."""
+        return path_under(self.root, "state", "weights_digests.json")
 
     # -- exports -------------------------------------------------------------------------------
 

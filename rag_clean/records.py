@@ -100,6 +100,8 @@ class StageRecord:
     bytes: int = 0
     # Reused vs computed work, per model or unit (see ReuseCount). Every stage that can reuse fills it.
     reuse_counts: dict[str, ReuseCount] = field(default_factory=dict)
+    # Peak anonymous RSS of the step (rag_clean.memory: file-backed mmap pages excluded), set at storage.
+    peak_rss_anon_bytes: int | None = None
 
     @property
     def disabled(self) -> bool:
@@ -131,7 +133,7 @@ class StageRecord:
                "started_at": self.started_at, "duration_s": self.duration_s, "lease": self.lease,
                "events": list(self.events), "asset_key": self.asset_key, "run_id": self.run_id,
                "partition": self.partition, "materialized_at": self.materialized_at, "path": self.path,
-               "bytes": self.bytes}
+               "bytes": self.bytes, "peak_rss_anon_bytes": self.peak_rss_anon_bytes}
         if self.reason is not None:
             out["reason"] = self.reason
         counts = self.counts()
@@ -152,6 +154,9 @@ class StageRecord:
             out["device"] = self.device
         if self.reason is not None:
             out["reason"] = self.reason
+        if self.peak_rss_anon_bytes is not None:
+            out["peak_rss_anon_bytes"] = int(self.peak_rss_anon_bytes)
+            out["peak_rss_anon"] = human_bytes(int(self.peak_rss_anon_bytes))
         if self.lease:
             # The summary keeps every lease field; the UI shows only those that say something.
             out["lease"] = MetaJson(compact(self.lease))

@@ -14,6 +14,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rag_clean.memory import PROBE
 from rag_clean.records import MetaJson, MetaMarkdown, MetaPath
 from rag_clean.stages.common import StageOutput
 from rag_clean.layout import is_embedding_file
@@ -64,6 +65,9 @@ def stored_table_metadata(path: Path) -> dict[str, Any]:
 class TelemetryIOManager(dg.ConfigurableIOManager):
     paths: dg.ResourceDependency[PathsResource]
 
+    def setup_for_execution(self, context) -> None:
+        PROBE.start()  # sample from the start of the step process
+
     def _file(self, context: dg.OutputContext | dg.InputContext) -> Path:
         if not context.has_partition_key:
             raise StorageError(f"asset {context.asset_key.to_user_string()} must be materialized for one collection partition")
@@ -88,6 +92,10 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
             record.bytes, record.path = write(obj.value, path), str(path)
         else:
             raise TypeError(f"{record.asset_key}: unsupported value type {type(obj.value).__name__}")
+        # The step's window: since the previous output stored in this process (or the process start):
+        # loading inputs, the body, and storing this output. One process per step (multiprocess executor)
+        # makes it the step's own peak; in-process, checks run between steps fall into the next window.
+        record.peak_rss_anon_bytes = PROBE.take()
         metadata = to_dagster_metadata(record_materialization(self.paths.layout(), record))
         if not obj.disabled:  # a disabled stage stored nothing this run: no row count to claim
             metadata |= stored_table_metadata(path)

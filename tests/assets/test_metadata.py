@@ -319,3 +319,14 @@ def test_rerank_fallback_warning_is_one_line_per_source_logged_once(tiny_models_
     assert not [r for r in caplog.records if r.name.startswith("rag_clean") and r.levelno >= logging.WARNING
                 and "no cross-encoder" in r.getMessage()]
     assert [w for w in pipeline.summary()["warnings"] if "no cross-encoder" in w] == [warnings[0]]
+
+
+def test_every_asset_reports_its_peak_anonymous_rss(twice):
+    stages = twice.pipeline.summary()["stages"]
+    for key, event in twice.events.items():
+        peak = event.metadata["peak_rss_anon_bytes"].value
+        # A Python process with torch and Dagster loaded holds tens of MB of heap at least.
+        assert 10 * 2 ** 20 < peak < 64 * 2 ** 30, key
+        assert event.metadata["peak_rss_anon"].value.endswith("iB"), key
+        assert stages[key]["peak_rss_anon_bytes"] > 10 * 2 ** 20, key  # (the latest materialization's)
+    assert twice.events["chunks"].metadata["reuse"].value["files"] == {"unit": "files", "reused": 3, "computed": 0}
