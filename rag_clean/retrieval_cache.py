@@ -182,8 +182,8 @@ def _list_rows(column: pa.ChunkedArray, dtype) -> list[np.ndarray]:
 class RetrievalCaches:
     """Opens the caches of one collection; `path_of(kind, model_asset_name)` comes from StorageLayout."""
 
-    def __init__(self, path_of: Callable[[str, str], Path] | None):
-        self.path_of = path_of
+    def __init__(self, path_of: Callable[[str, str], Path] | None, digest_cache: Path | None = None):
+        self.path_of, self.digest_cache = path_of, digest_cache
         self.opened: list[KeyedCache] = []
 
     def open(self, kind: str, spec: ModelSpec, value: str, fp: str) -> KeyedCache:
