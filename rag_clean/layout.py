@@ -9,6 +9,7 @@
     <root>/state/weights_digests.json                      model file digests by (path, size, mtime_ns)
     <root>/reranked/_cache/<kind>/<model>/<c>.parquet      retrieval caches: query-side vectors, rerank scores
     <root>/state/export_lines/<c>/<file kind>.parquet      byte ranges of the previous export's JSONL lines
+    <root>/state/folder_hashes/<c>.json                    file digests behind a collection folder's version
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
@@ -112,6 +113,10 @@ class StorageLayout:
     def weights_digest_file(self) -> Path:
         """sha256 of model files by (path, size, mtime_ns), so fingerprints do not re-hash weights."""
         return path_under(self.root, "state", "weights_digests.json")
+
+    def folder_hash_cache_file(self, collection: str) -> Path:
+        """(path, size, mtime_ns) -> sha256 of a collection's files, for its folder version (rag_clean.folder_version)."""
+        return path_under(self.root, "state", "folder_hashes", check_name(collection) + ".json")
 
     # -- exports -------------------------------------------------------------------------------
 

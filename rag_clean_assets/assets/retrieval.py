@@ -24,6 +24,7 @@ from rag_clean_assets.assets.common import (
     start_record,
 )
 from rag_clean_assets import versions
+from rag_clean_assets.observe import COLLECTION_FILES
 from rag_clean_assets.versions import versioned
 from resources.gpu_lease import GpuLeaseResource
 from resources.io_manager import LAZY_INPUT
@@ -35,6 +36,7 @@ from resources.settings import EmbedderSettingsResource
 @dg.asset(
     **stage_asset(group="retrieval", kinds={"python", "parquet"}, code_version=versions.QUERIES,
                   gpu=False),
+    deps=[COLLECTION_FILES],  # it reads the folder's queries.jsonl, which chunks does not
     description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
                 "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
                 "(hash by default, or the first 100 characters); never the whole raw query.",
