@@ -41,8 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.records import ExportsRecord, ReuseCount
-from rag_clean.storage import (EmbeddingSet, StorageError, atomic_path, check_name, file_digest, path_under,
-                               write_json, write_table)
+from rag_clean.storage import (EmbeddingSet, StorageError, atomic_path, check_name, duplicate_id_rows, file_digest,
+                               path_under, write_json, write_table)
 
 TEXT_PREVIEW_CHARS = 500
 EXPORT_BLOCK_ROWS = 4096
@@ -430,7 +430,7 @@ def write_exports(
         raise ValueError("block_rows must be > 0")
     files = export_files(export_dir, collection)
     files.folder.mkdir(parents=True, exist_ok=True)
-    if pc.count_distinct(chunks.column("chunk_id")).as_py() != chunks.num_rows:
+    if duplicate_id_rows(chunks.column("chunk_id")):  # streaming check: no set of every id
         raise ExportError(f"collection {collection!r}: chunk ids are not unique; cannot export")
     if not dense:
         raise ExportError(f"collection {collection!r}: no dense model vectors to export")

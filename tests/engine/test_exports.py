@@ -265,3 +265,11 @@ def test_sparse_from_the_parquet_file_streams_and_equals_the_table(tmp_path, sto
         got, _ = write_exports(tmp_path / name, "docs", chunks, dense, fused, sparse=file, sparse_models=["splade"],
                                block_rows=2)
         assert got.to_pylist() == want.to_pylist(), name
+
+
+def test_duplicate_chunk_ids_are_refused(tmp_path, stored):
+    chunks, dense, fused, _ = stored
+    ids = chunks.column("chunk_id").to_pylist()
+    dup = chunks.set_column(0, "chunk_id", pa.array([ids[0]] + ids[:-1]))
+    with pytest.raises(ExportError, match="chunk ids are not unique"):
+        write_exports(tmp_path, "docs", dup, dense, fused)
