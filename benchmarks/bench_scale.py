@@ -1,7 +1,7 @@
 """Flat memory at scale (issue 9 item 4): every asset of a 100k- and a 1M-chunk collection through the real
 asset graph, peak anonymous RSS per step at each size and their ratio (target: 1M <= 1.10 x 100k).
 
-    python benchmarks/bench_scale.py [--sizes 100000,1000000] [--words 30] [--rows-per-file 200] [--out results.json]
+    python benchmarks/bench_scale.py [--sizes 100000,1000000] [--words 30] [--select '*'] [--rows-per-file 200] [--out results.json]
 
 Each size: a fresh DAGSTER_HOME and storage root in a temp folder, a synthetic collection (JSONL + Markdown,
 ~40 tokens per chunk, see scale_common.py), tiny random models (2 dense, SPLADE, cross-encoder), 200 fixed
@@ -33,7 +33,7 @@ import scale_common as sc  # noqa: E402
 TARGET = 1.10
 
 
-def run_size(n: int, rows_per_file: int, keep: bool) -> dict:
+def run_size(n: int, rows_per_file: int, keep: bool, select: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"rag_clean_scale_{n}_"))
     try:
         t0 = time.perf_counter()
@@ -41,7 +41,7 @@ def run_size(n: int, rows_per_file: int, keep: bool) -> dict:
         sc.make_collection(tmp / "data" / "scale", n, rows_per_file=rows_per_file)
         generate_s = time.perf_counter() - t0
         env = sc.setup_instance(tmp, registry, ["scale"])
-        run = sc.materialize_all(env, tmp, "scale", tmp / "materialize.log")
+        run = sc.materialize_all(env, tmp, "scale", tmp / "materialize.log", select)
         records = sc.stage_records(tmp / "storage", "scale")
         rows = records.get("chunks", {}).get("rows")
         print(f"  {n:,} chunks requested, {rows:,} stored; generate {generate_s:.1f} s, materialize {run['wall_s']:.1f} s",
@@ -64,6 +64,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--rows-per-file", type=int, default=200)
+    ap.add_argument("--select", default="*", help="asset selection (default every asset; e.g. 'chunks' with its checks)")
     ap.add_argument("--words", type=int, default=30, help="words per chunk (30 ~ 42 tokens, 12 ~ 20)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folders")
     ap.add_argument("--out", type=Path)
@@ -73,10 +74,10 @@ def main() -> int:
     out = args.out or sc.REPO / "benchmarks" / "results" / f"{dt.date.today().isoformat()}_cpu_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     header = {"benchmark": "scale", "machine": sc.machine(), "command": " ".join(sys.argv), "sizes": sizes,
-              "words_per_chunk": sc.WORDS_PER_CHUNK, "target_ratio": TARGET}
+              "words_per_chunk": sc.WORDS_PER_CHUNK, "select": args.select, "target_ratio": TARGET}
     for n in sizes:
         print(f"size {n:,}", flush=True)
-        results[n] = run_size(n, args.rows_per_file, args.keep)
+        results[n] = run_size(n, args.rows_per_file, args.keep, args.select)
         # Written after each size, so a run stopped during the large one keeps the small one's figures.
         out.write_text(json.dumps({**header, "date": dt.datetime.utcnow().isoformat() + "Z", "complete": False,
                                    "runs": {str(k): v for k, v in results.items()}}, indent=2) + "\n")

@@ -159,9 +159,9 @@ class StepPoller:
         return out
 
 
-def materialize_all(env: dict, cwd: Path, collection: str, log: Path) -> dict:
+def materialize_all(env: dict, cwd: Path, collection: str, log: Path, select: str = "*") -> dict:
     """One `dagster asset materialize --select '*'` for the collection; wall time and per-step polls."""
-    cmd = [str(BIN / "dagster"), "asset", "materialize", "--select", "*", "--partition", collection,
+    cmd = [str(BIN / "dagster"), "asset", "materialize", "--select", select, "--partition", collection,
            "-m", "rag_clean_assets.definitions"]
     t0 = time.perf_counter()
     with open(log, "wb") as out:
