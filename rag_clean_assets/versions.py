@@ -19,8 +19,8 @@ from rag_clean.stages.common import StageOutput, default_digest_cache, model_fin
 
 CHUNKS = "1"
 DENSE = "1"
-FUSED = "1"
-SPARSE = "1"
+FUSED = "2"   # 2: schema metadata `inputs` (dense fingerprints), rows reused from the previous file
+SPARSE = "2"  # 2: content_hash column, each model's rows in chunk order, fingerprint.<model> metadata
 QUERIES = "1"
 RERANKED = "1"
 EXPORTS = "1"

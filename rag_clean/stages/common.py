@@ -71,6 +71,8 @@ def weights_digest(spec: ModelSpec, cache_file: Path | None = None) -> str:
     folder = _model_folder(spec)
     if folder is None:
         return "unresolved"
+    if cache_file is None:  # callers without a layout still share the configured storage root's cache
+        cache_file = default_digest_cache()
     stored = _load_digest_cache(cache_file)
     changed = False
     overall = hashlib.sha256()

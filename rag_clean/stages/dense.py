@@ -105,8 +105,8 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
                 stats = encoder.stats
             finally:
                 encoder.close()  # released before the next model of the ensemble hydrates
-        else:
-            out_dim = previous.dim
+        else:  # every row reused (or no chunks at all)
+            out_dim = previous.dim if len(reuse_dst) else (spec.output_dim or 0)
             writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
                                      {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
         for start in range(0, len(reuse_dst), ROW_BLOCK):

@@ -194,3 +194,10 @@ def test_fusion_reuses_rows_only_with_the_same_inputs(model_copy, tmp_path):
     writer, record = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "j.arrow", chunks, previous=previous)
     writer.abort()
     assert record.reuse_counts["fused"].reused == 0
+
+
+def test_dense_stage_on_no_chunks_without_a_previous_file(model_copy, tmp_path):
+    writer, record = run_dense_stage(model_copy["tiny-a"], _chunks([]), "cpu", tmp_path / "a.arrow")
+    writer.publish()
+    assert (record.rows, record.reused, record.computed) == (0, 0, 0)
+    assert len(read_embeddings(tmp_path / "a.arrow")) == 0
