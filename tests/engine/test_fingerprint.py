@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import rag_clean.digests as digests
 import rag_clean.encoders.factory as factory
 import rag_clean.stages.common as common
 from rag_clean.registry import load_registry
@@ -77,8 +78,8 @@ def test_weight_digests_are_cached_by_size_and_mtime(model_copy, tmp_path, monke
     spec = model_copy["tiny-a"]
     cache = tmp_path / "state" / "weights_digests.json"
     hashed = []
-    real = common.file_digest
-    monkeypatch.setattr(common, "file_digest", lambda p: hashed.append(p) or real(p))
+    real = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda p: hashed.append(p) or real(p))
     monkeypatch.setattr(common, "_DIGESTS", {})
     first = model_fingerprint(spec, cache)
     assert hashed and cache.exists()
