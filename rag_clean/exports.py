@@ -12,13 +12,23 @@ Under `<export_dir>/<collection>/`:
   <collection>_processing_summary.json   copy of the telemetry summary
 
 Row i of every matrix is chunk i of the `chunks` table. Every file is written to a temp file beside
-it and renamed into place. Matrices stream in row blocks from the memory-mapped stored vectors, so
-host memory stays flat in collection size. No query text is ever read here.
+it and renamed into place. Everything streams in row blocks (a .npy header, then its rows; JSONL lines
+block by block) from the memory-mapped stored vectors, so host memory stays flat in collection size.
+No query text is ever read here.
+
+Reuse: formatting floats is what JSONL lines cost. Each qdrant/sparse line gets a key, a hash of
+everything the line is made of (point id, payload, the bytes of every vector in it); a line index side
+file (`StorageLayout.export_line_index`) keeps each key's byte range in the file written last. A line
+whose key is there is copied from the previous file instead of formatted: the output is byte for byte
+what a full export writes. The index is trusted only while that file has the size and mtime it recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -28,9 +38,11 @@ from typing import IO, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from rag_clean.records import ExportsRecord
-from rag_clean.storage import EmbeddingSet, StorageError, atomic_path, check_name, file_digest, path_under, write_json
+from rag_clean.records import ExportsRecord, ReuseCount
+from rag_clean.storage import (EmbeddingSet, StorageError, atomic_path, check_name, file_digest, path_under,
+                               write_json, write_table)
 
 TEXT_PREVIEW_CHARS = 500
 EXPORT_BLOCK_ROWS = 4096
@@ -40,6 +52,8 @@ SPARSE_VECTOR_NAME = "sparse"
 POINT_ID_NAMESPACE = uuid.UUID("5b0d7f3e-8f1c-4c55-9a57-3f1f4d2e6a10")
 
 FILES_SCHEMA = pa.schema([("name", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string())])
+LINE_KEY_BYTES = 16
+LINE_INDEX_VERSION = "export-lines/1"
 
 
 class ExportError(StorageError):
@@ -104,10 +118,19 @@ def export_files(export_dir: Path, collection: str) -> ExportFiles:
 # ---------------------------------------------------------------- inputs
 
 
-def _check_aligned(name: str, emb: EmbeddingSet, chunk_ids: list[str], hashes: list[str]) -> None:
-    if emb.chunk_ids != chunk_ids or emb.content_hashes != hashes:
+def _ids(emb: EmbeddingSet, column: str) -> pa.ChunkedArray:
+    arrow = getattr(emb, "ids" if column == "chunk_id" else "hashes", None)  # zero-copy where EmbeddingSet has them
+    if arrow is None:
+        arrow = pa.array(emb.chunk_ids if column == "chunk_id" else emb.content_hashes, pa.string())
+    arrow = arrow if isinstance(arrow, pa.ChunkedArray) else pa.chunked_array([arrow])
+    return arrow.cast(pa.string())
+
+
+def _check_aligned(name: str, emb: EmbeddingSet, chunks: pa.Table) -> None:
+    if len(emb) != chunks.num_rows or not all(
+            _ids(emb, c).equals(chunks.column(c).cast(pa.string())) for c in ("chunk_id", "content_hash")):
         raise ExportError(f"{name} was computed for other chunks than the current `chunks` "
-                          f"({len(emb.chunk_ids)} rows vs {len(chunk_ids)}); rematerialize it before exporting")
+                          f"({len(emb)} rows vs {chunks.num_rows}); rematerialize it before exporting")
 
 
 @dataclass
@@ -116,39 +139,48 @@ class _SparseModelRows:
     table: pa.Table  # rows of this model, in chunk order
 
 
-def _sparse_by_model(sparse: pa.Table, models: Sequence[str], chunk_ids: list[str]) -> list[_SparseModelRows]:
+def _sparse_by_model(sparse: pa.Table, models: Sequence[str], chunks: pa.Table) -> list[_SparseModelRows]:
+    """Each model's rows in chunk order. Rows stored in chunk order are used as they are; others are put
+    in order by an Arrow join on chunk_id (no Python list of ids)."""
     out = []
-    position = {cid: i for i, cid in enumerate(chunk_ids)}
+    ids = chunks.column("chunk_id").cast(pa.string())
+    value_set = ids.combine_chunks()
     for model in models:
-        sub = sparse.filter(pc.equal(sparse.column("model"), model))
-        ids = sub.column("chunk_id").to_pylist()
-        if ids != chunk_ids:
-            present = set(ids)
-            missing = [c for c in chunk_ids if c not in present]
-            if missing or len(ids) != len(chunk_ids):
+        sub = sparse.filter(pc.equal(sparse.column("model"), model)).select(["chunk_id", "term_ids", "weights",
+                                                                            "fallback"])
+        if not (sub.num_rows == len(ids) and sub.column("chunk_id").cast(pa.string()).equals(ids)):
+            position = pc.index_in(sub.column("chunk_id").cast(pa.string()), value_set=value_set)
+            pos = position.fill_null(-1).to_numpy(zero_copy_only=False)
+            covered = np.zeros(len(ids), bool)
+            covered[pos[pos >= 0]] = True
+            if not covered.all() or sub.num_rows != len(ids):
+                missing = take_ids(chunks, np.flatnonzero(~covered)[:3])
                 raise ExportError(f"sparse_vectors for model {model!r} does not cover the current chunks "
-                                  f"(missing e.g. {missing[:3]}); rematerialize sparse_vectors before exporting")
-            sub = sub.take(pa.array(np.argsort([position[c] for c in ids])))
+                                  f"(missing e.g. {missing}); rematerialize sparse_vectors before exporting")
+            sub = sub.take(pa.array(np.argsort(pos, kind="stable")))
         out.append(_SparseModelRows(model, sub))
     return out
+
+
+def take_ids(chunks: pa.Table, rows) -> list[str]:
+    return chunks.column("chunk_id").take(pa.array(np.asarray(rows, np.int64))).to_pylist() if len(rows) else []
 
 
 # ---------------------------------------------------------------- writers
 
 
 def _write_npy(path: Path, emb: EmbeddingSet, block_rows: int) -> dict:
-    """Stream a stored matrix into a .npy (temp file, then rename) and measure its norms on the way."""
+    """Stream a stored matrix into a .npy (header, then row blocks; temp file, then rename) and measure its
+    norms on the way."""
     n, dim = len(emb), emb.dim
     norms = np.empty(n, dtype=np.float64)
-    with atomic_path(path) as tmp:
-        # np.save would add ".npy" to a temp name without that suffix; open_memmap writes exactly `tmp`.
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                                  "fortran_order": False, "shape": (n, dim)})
         for start in range(0, n, block_rows):
-            block = np.asarray(emb.vectors[start:start + block_rows], dtype=np.float32)
-            out[start:start + len(block)] = block
+            block = np.ascontiguousarray(emb.vectors[start:start + block_rows], dtype="<f4")
+            fh.write(block.tobytes())
             norms[start:start + len(block)] = np.linalg.norm(block.astype(np.float64), axis=1)
-        out.flush()
-        del out
     return {
         "rows": n,
         "dim": dim,
@@ -180,12 +212,134 @@ def _row_blocks(chunks: pa.Table, block_rows: int) -> Iterator[tuple[int, list[d
         yield start, chunks.slice(start, block_rows).to_pylist()
 
 
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def _jsonl(fh: IO[str], obj: dict) -> None:
-    fh.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
+    fh.write(_dumps(obj) + "\n")
 
 
 def _sparse_vector(term_ids: list[int], weights: list[float]) -> dict:
     return {"indices": [int(t) for t in term_ids], "values": [float(w) for w in weights]}
+
+
+class _FlatLists:
+    """A block of list<...> rows as flat numpy values + offsets: row i's raw bytes without Python lists."""
+
+    def __init__(self, column):
+        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        self.lengths = lengths
+
+    def row_bytes(self, i: int) -> bytes:
+        return self.values[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
+
+class _PreviousLines:
+    """The lines of the previous export of one file, by key: sorted keys and byte ranges (numpy, not a
+    Python dict), the old file memory-mapped for copying. Empty when the index is absent, unreadable, or
+    does not describe the file as it is now (size and mtime)."""
+
+    def __init__(self, index_path: Path | None, file: Path):
+        self.keys = np.zeros(0, f"S{LINE_KEY_BYTES}")
+        self.offsets = self.lengths = np.zeros(0, np.int64)
+        self._map = None
+        self._fh = None
+        if index_path is None or not Path(index_path).exists() or not file.exists():
+            return
+        try:
+            table = pq.read_table(index_path)
+        except (pa.ArrowException, OSError):
+            return  # only a cache: the lines are formatted again
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        st = file.stat()
+        if meta.get("version") != LINE_INDEX_VERSION or meta.get("file") != file.name or \
+                meta.get("size") != str(st.st_size) or meta.get("mtime_ns") != str(st.st_mtime_ns) or not st.st_size:
+            return
+        keys = table.column("key").combine_chunks()
+        raw = np.frombuffer(keys.buffers()[1], dtype=f"S{LINE_KEY_BYTES}", count=len(keys), offset=keys.offset * LINE_KEY_BYTES)
+        order = np.argsort(raw, kind="stable")
+        self.keys = raw[order]
+        self.offsets = table.column("offset").to_numpy()[order]
+        self.lengths = table.column("length").to_numpy()[order]
+        self._fh = open(file, "rb")
+        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Position in this index of each key, -1 where absent."""
+        if not len(self.keys):
+            return np.full(len(keys), -1, np.int64)
+        pos = np.searchsorted(self.keys, keys)
+        pos[pos >= len(self.keys)] = 0
+        return np.where(self.keys[pos] == keys, pos, -1)
+
+    def line(self, pos: int) -> bytes:
+        off = int(self.offsets[pos])
+        return self._map[off:off + int(self.lengths[pos])]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._fh.close()
+            self._map = self._fh = None
+
+
+class _LineFile:
+    """Writes one JSONL export file line by line, copying lines whose key the previous export has, and
+    records the new file's line index."""
+
+    def __init__(self, path: Path, index_path: Path | None):
+        self.path, self.index_path = path, index_path
+        self.previous = _PreviousLines(index_path, path)
+        self.keys: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.reused = self.computed = 0
+
+    def write_block(self, fh, keys: list[bytes], make_line: Callable[[int], str]) -> None:
+        keys_arr = np.array(keys, dtype=f"S{LINE_KEY_BYTES}")
+        hits = self.previous.lookup(keys_arr)
+        lengths = np.empty(len(keys), np.int64)
+        for i, pos in enumerate(hits.tolist()):
+            if pos >= 0:
+                data = self.previous.line(pos)
+                self.reused += 1
+            else:
+                data = (make_line(i) + "\n").encode("utf-8")
+                self.computed += 1
+            fh.write(data)
+            lengths[i] = len(data)
+        self.keys.append(keys_arr)
+        self.lengths.append(lengths)
+
+    def finish(self) -> None:
+        """After the file is published: write its index (size and mtime of the published file)."""
+        self.previous.close()
+        if self.index_path is None:
+            return
+        keys = np.concatenate(self.keys) if self.keys else np.zeros(0, f"S{LINE_KEY_BYTES}")
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+        st = self.path.stat()
+        schema = pa.schema([("key", pa.binary(LINE_KEY_BYTES)), ("offset", pa.int64()), ("length", pa.int64())],
+                           metadata={"version": LINE_INDEX_VERSION, "file": self.path.name, "size": str(st.st_size),
+                                     "mtime_ns": str(st.st_mtime_ns)})
+        key_array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(LINE_KEY_BYTES), len(keys),
+                                                         [None, pa.py_buffer(keys.tobytes())])
+        Path(self.index_path).parent.mkdir(parents=True, exist_ok=True)
+        write_table(pa.table([key_array, pa.array(offsets), pa.array(lengths)], schema=schema), Path(self.index_path))
+
+    def abort(self) -> None:
+        self.previous.close()
+
+
+def _key(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=LINE_KEY_BYTES)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
 
 
 def _sparse_names(models: Sequence[str]) -> dict[str, str]:
@@ -207,6 +361,7 @@ def write_exports(
     sparse_models: Sequence[str] = (),
     summary: Mapping | Callable[[dict], Mapping] | None = None,
     block_rows: int = EXPORT_BLOCK_ROWS,
+    line_index: Callable[[str], Path] | None = None,
 ) -> tuple[pa.Table, ExportsRecord]:
     """Write every export file of one collection; returns (files table: name, bytes, sha256; stage record).
 
@@ -214,29 +369,29 @@ def write_exports(
     stored sparse_vectors table, or None when the sparse stage did not run (then no sparse file is
     written and a stale one from an earlier export is removed, so the folder describes this run).
     `summary` is the processing summary to copy, or a function that gets this stage's record so far
-    and returns it (so the copy can include the export span).
+    and returns it (so the copy can include the export span). `line_index(file kind)`: where the JSONL
+    line index of "qdrant" / "sparse" lives (StorageLayout.export_line_index); None: no line reuse.
     """
     if block_rows <= 0:
         raise ValueError("block_rows must be > 0")
     files = export_files(export_dir, collection)
     files.folder.mkdir(parents=True, exist_ok=True)
-    chunk_ids = chunks.column("chunk_id").to_pylist()
-    hashes = chunks.column("content_hash").to_pylist()
-    if len(set(chunk_ids)) != len(chunk_ids):
+    if pc.count_distinct(chunks.column("chunk_id")).as_py() != chunks.num_rows:
         raise ExportError(f"collection {collection!r}: chunk ids are not unique; cannot export")
     if not dense:
         raise ExportError(f"collection {collection!r}: no dense model vectors to export")
     for name, emb in dense.items():
-        _check_aligned(f"dense_embeddings/{name}", emb, chunk_ids, hashes)
-    _check_aligned("fused_embeddings", fused, chunk_ids, hashes)
-    sparse_rows = _sparse_by_model(sparse, list(sparse_models), chunk_ids) if sparse is not None and sparse_models else []
+        _check_aligned(f"dense_embeddings/{name}", emb, chunks)
+    _check_aligned("fused_embeddings", fused, chunks)
+    sparse_rows = _sparse_by_model(sparse, list(sparse_models), chunks) if sparse is not None and sparse_models else []
     sparse_names = _sparse_names([s.model for s in sparse_rows]) if sparse_rows else {}
     collision = set(sparse_names.values()) & (set(dense) | {FUSED_VECTOR_NAME})
     if FUSED_VECTOR_NAME in dense or collision:
         raise ExportError(f"a model is named like a reserved vector name ({FUSED_VECTOR_NAME!r} / {sorted(collision)})")
 
     written: list[Path] = []
-    stats: dict = {"collection": collection, "chunk_count": len(chunk_ids), "dense": {}, "fused": {}, "sparse": {}}
+    reuse: dict[str, ReuseCount] = {}
+    stats: dict = {"collection": collection, "chunk_count": chunks.num_rows, "dense": {}, "fused": {}, "sparse": {}}
 
     # 1. Matrices.
     stats["fused"] = _write_npy(files.fused, fused, block_rows)
@@ -252,46 +407,92 @@ def write_exports(
 
     # 2. Sparse rows, one line per (chunk, model).
     if sparse_rows:
-        with atomic_path(files.sparse) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            for rows in sparse_rows:
-                nnz = []
-                fallback_rows = 0
-                for start in range(0, rows.table.num_rows, block_rows):
-                    block = rows.table.slice(start, block_rows).to_pylist()
-                    for r in block:
-                        _jsonl(fh, {"chunk_id": r["chunk_id"], "model": rows.model,
-                                    **_sparse_vector(r["term_ids"], r["weights"]), "fallback": bool(r["fallback"])})
-                        nnz.append(len(r["term_ids"]))
-                        fallback_rows += bool(r["fallback"])
-                stats["sparse"][rows.model] = {
-                    "rows": len(nnz), "available": int(sum(1 for k in nnz if k)),
-                    "nnz_mean": float(np.mean(nnz)) if nnz else 0.0, "nnz_max": int(max(nnz)) if nnz else 0,
-                    "fallback_rows": fallback_rows,
-                }
+        lines = _LineFile(files.sparse, line_index("sparse") if line_index else None)
+        try:
+            with atomic_path(files.sparse) as tmp, open(tmp, "wb") as fh:
+                for rows in sparse_rows:
+                    nnz_total = nnz_max = available = fallback_rows = 0
+                    for start in range(0, rows.table.num_rows, block_rows):
+                        block = rows.table.slice(start, block_rows)
+                        terms, weights = _FlatLists(block.column("term_ids")), _FlatLists(block.column("weights"))
+                        fallback = block.column("fallback").to_numpy(zero_copy_only=False).astype(bool)
+                        ids = block.column("chunk_id").to_pylist()
+                        model = rows.model.encode()
+                        keys = [_key(b"sparse", ids[i].encode(), model, terms.row_bytes(i), weights.row_bytes(i),
+                                     bytes([int(fallback[i])])) for i in range(block.num_rows)]
+                        pylist: list = []
+
+                        def line(i, block=block, pylist=pylist, model=rows.model):
+                            if not pylist:  # formatted only when some line of the block is not reused
+                                pylist.extend(block.select(["term_ids", "weights"]).to_pylist())
+                            return _dumps({"chunk_id": ids[i], "model": model,
+                                           **_sparse_vector(pylist[i]["term_ids"], pylist[i]["weights"]),
+                                           "fallback": bool(fallback[i])})
+                        lines.write_block(fh, keys, line)
+                        nnz_total += int(terms.lengths.sum())
+                        nnz_max = max(nnz_max, int(terms.lengths.max()) if len(terms.lengths) else 0)
+                        available += int((terms.lengths > 0).sum())
+                        fallback_rows += int(fallback.sum())
+                    n_rows = rows.table.num_rows
+                    stats["sparse"][rows.model] = {
+                        "rows": n_rows, "available": available,
+                        "nnz_mean": float(nnz_total / n_rows) if n_rows else 0.0, "nnz_max": nnz_max,
+                        "fallback_rows": fallback_rows,
+                    }
+        except BaseException:
+            lines.abort()
+            raise
+        lines.finish()
+        reuse["sparse_lines"] = ReuseCount(lines.reused, lines.computed, "lines")
         written.append(files.sparse)
 
     # 3. Qdrant points: one per chunk, named vectors per dense model + fused (+ sparse).
-    with atomic_path(files.qdrant) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for start, block in _row_blocks(chunks, block_rows):
-            stop = start + len(block)
-            dense_blocks = {name: np.asarray(emb.vectors[start:stop]) for name, emb in dense.items()}
-            fused_block = np.asarray(fused.vectors[start:stop])
-            sparse_blocks = {s.model: s.table.slice(start, len(block)).select(["term_ids", "weights"]).to_pylist()
-                             for s in sparse_rows}
-            for i, row in enumerate(block):
-                vectors = {name: vec[i].tolist() for name, vec in dense_blocks.items()}
-                vectors[FUSED_VECTOR_NAME] = fused_block[i].tolist()
-                for model, srows in sparse_blocks.items():
-                    vectors[sparse_names[model]] = _sparse_vector(srows[i]["term_ids"], srows[i]["weights"])
-                payload = {"chunk_id": row["chunk_id"], "collection": collection,
-                           "text_preview": row["text"][:TEXT_PREVIEW_CHARS], "metadata": _chunk_metadata(row)}
-                _jsonl(fh, {"id": point_id(collection, row["chunk_id"]), "payload": payload, "vectors": vectors})
+    lines = _LineFile(files.qdrant, line_index("qdrant") if line_index else None)
+    names = [n.encode() for n in dense] + [FUSED_VECTOR_NAME.encode()]
+    try:
+        with atomic_path(files.qdrant) as tmp, open(tmp, "wb") as fh:
+            for start, block in _row_blocks(chunks, block_rows):
+                stop = start + len(block)
+                vector_blocks = [np.ascontiguousarray(emb.vectors[start:stop], dtype="<f4") for emb in dense.values()]
+                vector_blocks.append(np.ascontiguousarray(fused.vectors[start:stop], dtype="<f4"))
+                sparse_flat = [(sparse_names[s.model].encode(), _FlatLists(s.table.column("term_ids").slice(start, len(block))),
+                                _FlatLists(s.table.column("weights").slice(start, len(block)))) for s in sparse_rows]
+                heads, keys = [], []
+                for i, row in enumerate(block):
+                    payload = {"chunk_id": row["chunk_id"], "collection": collection,
+                               "text_preview": row["text"][:TEXT_PREVIEW_CHARS], "metadata": _chunk_metadata(row)}
+                    head = '{"id":' + _dumps(point_id(collection, row["chunk_id"])) + ',"payload":' + _dumps(payload)
+                    heads.append(head)
+                    parts = [b"qdrant", head.encode()]
+                    for name, vec in zip(names, vector_blocks):
+                        parts += [name, vec[i].tobytes()]
+                    for name, t, w in sparse_flat:
+                        parts += [name, t.row_bytes(i), w.row_bytes(i)]
+                    keys.append(_key(*parts))
+
+                sparse_lists: dict = {}
+
+                def line(i, start=start, n=len(block), heads=heads, vector_blocks=vector_blocks, lists=sparse_lists):
+                    vectors = {name: vec[i].tolist() for name, vec in zip(dense, vector_blocks)}
+                    vectors[FUSED_VECTOR_NAME] = vector_blocks[-1][i].tolist()
+                    for s in sparse_rows:
+                        if s.model not in lists:  # read only when some line of the block is formatted
+                            lists[s.model] = s.table.slice(start, n).select(["term_ids", "weights"]).to_pylist()
+                        r = lists[s.model][i]
+                        vectors[sparse_names[s.model]] = _sparse_vector(r["term_ids"], r["weights"])
+                    return heads[i] + ',"vectors":' + _dumps(vectors) + "}"
+                lines.write_block(fh, keys, line)
+    except BaseException:
+        lines.abort()
+        raise
+    lines.finish()
+    reuse["qdrant_lines"] = ReuseCount(lines.reused, lines.computed, "lines")
     written.append(files.qdrant)
 
     # 4. Metadata: row order, models, fusion, which named vectors exist. Streamed: one chunk per line.
     head = {
         "collection": collection,
-        "chunk_count": len(chunk_ids),
+        "chunk_count": chunks.num_rows,
         "row_order": "row i of every .npy and line i of the qdrant file is chunks[i]",
         "fused": {"file": files.fused.name, "dim": fused.dim, **({k: fusion[k] for k in fusion} if fusion else {})},
         "models": {name: {"file": model_files[name].name, "dim": emb.dim, "vector_name": name}
@@ -315,8 +516,8 @@ def write_exports(
     # 5. Stats, then the summary copy (last, so it can describe this export too).
     write_json(files.stats, stats)
     written.append(files.stats)
-    record = ExportsRecord(rows=len(chunk_ids), export_dir=str(files.folder), models=list(dense),
-                           sparse_models=[s.model for s in sparse_rows])
+    record = ExportsRecord(rows=chunks.num_rows, export_dir=str(files.folder), models=list(dense),
+                           sparse_models=[s.model for s in sparse_rows], reuse_counts=reuse)
     if summary is not None:
         partial = dict(record.stage_fields(), stage=record.stage, rows=record.rows, status=record.status,
                        files=[p.name for p in written])

@@ -83,8 +83,11 @@ class QueryPool:
         return self.docs[order], fused[order]
 
 
-def evaluate(rankings: Sequence[Sequence[int]], gold: Sequence[Sequence[str]], chunk_ids: Sequence[str],
+def evaluate(rankings: Sequence[Sequence[int]], gold: Sequence[Sequence], chunk_ids: Sequence[str] | None,
              subset: np.ndarray) -> dict[str, float | None]:
+    """`chunk_ids` None: `gold` holds row indices like the rankings (no list of every chunk id needed)."""
+    if chunk_ids is None:
+        return ranking_metrics([list(rankings[i]) for i in subset], [gold[i] for i in subset])
     return ranking_metrics([[chunk_ids[d] for d in rankings[i]] for i in subset], [gold[i] for i in subset])
 
 
@@ -108,7 +111,7 @@ class Tuning:
 
 
 def choose_weights(systems: Sequence[str], rank_with: Callable[[Sequence[float]], list[np.ndarray]],
-                   gold: Sequence[Sequence[str]], chunk_ids: Sequence[str], tune: np.ndarray, heldout: np.ndarray,
+                   gold: Sequence[Sequence], chunk_ids: Sequence[str] | None, tune: np.ndarray, heldout: np.ndarray,
                    *, fallback: Sequence[float], min_queries: int, what: str) -> Tuning:
     """Weights that maximize MRR@10 on the tuning split (ties: recall@10, then nearest the fallback);
     `fallback` when fewer than `min_queries` queries have gold ids."""

@@ -6,6 +6,10 @@
     <root>/colbert_vectors/<dense model>/<c>.arrow          ColBERT multi-vectors of that pass
     <root>/telemetry/<c>/processing_summary.json, events.jsonl
     <root>/state/token_budgets.json                        safe token budgets per model and device
+    <root>/state/weights_digests.json                      model file digests by (path, size, mtime_ns)
+    <root>/reranked/_cache/<kind>/<model>/<c>.parquet      retrieval caches: query-side vectors, rerank scores
+    <root>/state/export_lines/<c>/<file kind>.parquet      byte ranges of the previous export's JSONL lines
+    <root>/state/folder_hashes/<c>.json                    file digests behind a collection folder's version
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
@@ -29,6 +33,10 @@ ARROW_TABLE_ROOTS = ("chunks",)
 FILES_DIR = "_files"
 # Not a valid collection name (check_name), so it never clashes with sparse_vectors/<collection>.
 JOINT_DIR = "_joint"
+# Same reason: "_cache" can never be a collection, so reranked/_cache/ never clashes with reranked/<c>.parquet.
+CACHE_DIR = "_cache"
+# What the reranked stage caches (rag_clean/retrieval_cache.py): query-side encodings and cross-encoder scores.
+RETRIEVAL_CACHE_KINDS = ("query_vectors", "masked_gold", "sparse_queries", "sparse_masked", "rerank_pairs")
 
 
 def suffix_for(asset_path: Sequence[str]) -> str:
@@ -74,6 +82,20 @@ class StorageLayout:
         return path_under(self.root, "colbert_vectors", check_name(dense_asset_name, "model"),
                           check_name(collection) + ".arrow")
 
+    # -- side files of the reranked stage (caches, not assets) ---------------------------------
+
+    def retrieval_cache_file(self, kind: str, model_asset_name: str, collection: str) -> Path:
+        if kind not in RETRIEVAL_CACHE_KINDS:
+            raise ValueError(f"unknown retrieval cache kind {kind!r}")
+        return path_under(self.root, "reranked", CACHE_DIR, kind, check_name(model_asset_name, "model"),
+                          check_name(collection) + ".parquet")
+
+    def export_line_index(self, collection: str, file_kind: str) -> Path:
+        """Where the previous export's JSONL lines start and end (exports reuse them); under the storage
+        root, not the export folder, so a shared export holds only the old embedder's files."""
+        return path_under(self.root, "state", "export_lines", check_name(collection),
+                          check_name(file_kind, "export file kind") + ".parquet")
+
     # -- telemetry and state -------------------------------------------------------------------
 
     def telemetry_dir(self, collection: str) -> Path:
@@ -87,6 +109,14 @@ class StorageLayout:
 
     def budget_store_file(self) -> Path:
         return path_under(self.root, "state", "token_budgets.json")
+
+    def weights_digest_file(self) -> Path:
+        """sha256 of model files by (path, size, mtime_ns), so fingerprints do not re-hash weights."""
+        return path_under(self.root, "state", "weights_digests.json")
+
+    def folder_hash_cache_file(self, collection: str) -> Path:
+        """(path, size, mtime_ns) -> sha256 of a collection's files, for its folder version (rag_clean.folder_version)."""
+        return path_under(self.root, "state", "folder_hashes", check_name(collection) + ".json")
 
     # -- exports -------------------------------------------------------------------------------
 

@@ -1,16 +1,38 @@
 """Progress lines for long encodes: done/total, rate and ETA, at most one line per interval.
 
 The stages call `update` after every batch; a line is emitted when `interval_s` has passed since the
-last one (and once at the end), so a 5-minute encode logs every 10 s instead of staying silent.
-`emit` is any callable taking a string: Dagster's `context.log.info` in the assets, `print` elsewhere.
+last one, or when the rows done cross the next `step_fraction` (5%) of the total, and once at the end:
+a 5-minute encode logs every 10 s, a fast one at most ~20 lines. `emit` is any callable taking a
+string: Dagster's `context.log.info` in the assets, `print` elsewhere. `parse_line` reads a line back
+(the `rag-clean` progress bars follow the run log through it).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 DEFAULT_INTERVAL_S = 10.0
+DEFAULT_STEP_FRACTION = 0.05
+# "<label>: <done>/<total> <unit>..." -- the head of every line `ProgressLog.line` writes.
+_LINE = re.compile(r"^(?P<label>.+?): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\S+)")
+
+
+class ProgressUpdate(NamedTuple):
+    label: str
+    done: int
+    total: int
+    unit: str
+
+
+def parse_line(text: str) -> ProgressUpdate | None:
+    """The (label, done, total, unit) of a progress line; None for any other text."""
+    match = _LINE.match(text)
+    if match is None:
+        return None
+    return ProgressUpdate(match["label"], int(match["done"]), int(match["total"]), match["unit"])
 
 
 def _duration(seconds: float) -> str:
@@ -33,9 +55,13 @@ def _rate(value: float) -> str:
 
 class ProgressLog:
     def __init__(self, label: str, total: int, emit: Callable[[str], None] | None, *, unit: str = "chunks",
-                 interval_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 interval_s: float | None = None, step_fraction: float | None = DEFAULT_STEP_FRACTION,
+                 clock: Callable[[], float] = time.monotonic):
         self.label, self.total, self.emit, self.unit = label, int(total), emit, unit
         self.interval_s = DEFAULT_INTERVAL_S if interval_s is None else interval_s
+        # Rows per step (5% of the total, at least one row); None: time only.
+        self.step_rows = max(1, math.ceil(self.total * step_fraction)) if step_fraction and self.total else None
+        self.next_mark = self.step_rows
         self.clock = clock
         self.started = self.last = clock()
         self.done = 0
@@ -60,7 +86,10 @@ class ProgressLog:
         self.done += int(rows)
         self.tokens += int(tokens)
         now = self.clock()
-        if self.emit is not None and now - self.last >= self.interval_s and self.done < self.total:
+        crossed = self.next_mark is not None and self.done >= self.next_mark
+        if crossed:  # the next mark above what is done: a big batch crossing several marks gives one line
+            self.next_mark = (self.done // self.step_rows + 1) * self.step_rows
+        if self.emit is not None and self.done < self.total and (crossed or now - self.last >= self.interval_s):
             self.last = now
             self.emit(self.line())
 

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rag_clean.privacy import query_hash, query_key, redact_query
 
@@ -46,11 +47,28 @@ def load_queries(collection_dir: Path, chunks: pa.Table) -> tuple[list[Query], s
     """
     path = Path(collection_dir) / QUERIES_FILE
     if path.exists():
-        return _read_query_file(path, set(chunks.column("chunk_id").to_pylist())), "file"
+        return _read_query_file(path, chunks), "file"
     return heading_queries(chunks), "headings"
 
 
-def _read_query_file(path: Path, known_ids: set[str]) -> list[Query]:
+def chunk_rows(chunks: pa.Table, chunk_ids: Sequence[str]) -> np.ndarray:
+    """Row of each id in `chunks` (-1 where absent), by Arrow's hash lookup: no Python list of every id."""
+    if not len(chunk_ids):
+        return np.zeros(0, np.int64)
+    column = chunks.column("chunk_id")
+    value_set = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    found = pc.index_in(pa.array(list(chunk_ids), value_set.type), value_set=value_set)
+    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def take_column(chunks: pa.Table, name: str, rows: Sequence[int]) -> list:
+    """Python values of one column at the given rows only."""
+    if not len(rows):
+        return []
+    return chunks.column(name).take(pa.array(np.asarray(rows, np.int64))).to_pylist()
+
+
+def _read_query_file(path: Path, chunks: pa.Table) -> list[Query]:
     queries, seen = [], set()
     data = path.read_bytes()
     try:
@@ -82,10 +100,14 @@ def _read_query_file(path: Path, known_ids: set[str]) -> list[Query]:
         gold = obj.get("gold_chunk_ids", [])
         if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold):
             raise QueryFileError(f"{path.name} line {lineno}: gold_chunk_ids must be a list of strings")
-        unknown = [g for g in gold if g not in known_ids]
-        if unknown:
-            raise QueryFileError(f"{path.name} line {lineno}: gold chunk ids not in the collection: {unknown[:3]}")
         queries.append(Query(qid, text, tuple(gold), f"file:{QUERIES_FILE}:{lineno}"))
+    # Every gold id looked up at once (one hash table over the chunk ids), then the first bad line named.
+    rows = iter(chunk_rows(chunks, [g for q in queries for g in q.gold_chunk_ids]).tolist())
+    for q in queries:
+        unknown = [g for g in q.gold_chunk_ids if next(rows) < 0]
+        if unknown:
+            lineno = q.origin.rsplit(":", 1)[1]
+            raise QueryFileError(f"{path.name} line {lineno}: gold chunk ids not in the collection: {unknown[:3]}")
     return queries
 
 
@@ -97,24 +119,25 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def heading_queries(chunks: pa.Table, limit: int = MAX_GENERATED_QUERIES) -> list[Query]:
-    """One query per distinct heading; its gold chunks are the chunks under that heading."""
-    headings = chunks.column("heading").to_pylist()
-    ids = chunks.column("chunk_id").to_pylist()
-    files = chunks.column("source_file").to_pylist()
+def heading_queries(chunks: pa.Table, limit: int = MAX_GENERATED_QUERIES, block_rows: int = 65536) -> list[Query]:
+    """One query per distinct heading (the first `limit` in chunk order); its gold chunks are the chunks
+    under that heading. Reads the columns block by block: memory grows with the queries, not the chunks."""
     groups: dict[str, list[str]] = {}
     origin: dict[str, str] = {}
-    for heading, cid, source in zip(headings, ids, files):
-        text = (heading or "").strip()
-        if len(text) < 3:
-            continue
-        groups.setdefault(text, []).append(cid)
-        origin.setdefault(text, source)
-    queries = [
-        Query(f"h{i:04d}", text, tuple(gold), f"heading:{origin[text]}")
-        for i, (text, gold) in enumerate(groups.items())
-    ]
-    return queries[:limit]
+    table = chunks.select(["heading", "chunk_id", "source_file"])
+    for batch in table.to_batches(max_chunksize=block_rows):
+        headings, ids, files = (batch.column(i).to_pylist() for i in range(3))
+        for heading, cid, source in zip(headings, ids, files):
+            text = (heading or "").strip()
+            if len(text) < 3:
+                continue
+            if text not in groups:
+                if len(groups) >= limit:
+                    continue
+                groups[text], origin[text] = [], source
+            groups[text].append(cid)
+    return [Query(f"h{i:04d}", text, tuple(gold), f"heading:{origin[text]}")
+            for i, (text, gold) in enumerate(groups.items())]
 
 
 _HEADING_LINE = re.compile(r"^ {0,3}#{1,6}[ \t].*$|^ {0,3}#{1,6}$", re.MULTILINE)
@@ -132,17 +155,12 @@ def mask_heading(text: str, heading: str) -> str:
 
 def masked_gold_texts(queries: Sequence[Query], chunks: pa.Table) -> dict[int, str]:
     """Row -> scoring text for the gold chunks of heading-generated queries (file queries are scored
-    against the chunks as they are)."""
-    row = {cid: i for i, cid in enumerate(chunks.column("chunk_id").to_pylist())}
-    texts = chunks.column("text")
-    out: dict[int, str] = {}
-    for q in queries:
-        if not q.origin.startswith("heading:"):
-            continue
-        for cid in q.gold_chunk_ids:
-            i = row[cid]
-            out[i] = mask_heading(texts[i].as_py(), q.text)
-    return out
+    against the chunks as they are). Reads only those rows."""
+    pairs = [(q.text, cid) for q in queries if q.origin.startswith("heading:") for cid in q.gold_chunk_ids]
+    rows = chunk_rows(chunks, [cid for _, cid in pairs])
+    wanted = np.unique(rows[rows >= 0])
+    texts = dict(zip(wanted.tolist(), take_column(chunks, "text", wanted)))
+    return {int(r): mask_heading(texts[int(r)], heading) for (heading, _), r in zip(pairs, rows) if r >= 0}
 
 
 def queries_table(queries: Sequence[Query], text_mode: str = "hash", storage_root: Path | None = None) -> pa.Table:
@@ -174,24 +192,65 @@ def check_queries_match(queries: Sequence[Query], stored: pa.Table, storage_root
 
 # ---------------------------------------------------------------- search
 
+QUERY_GROUP = 32
+
 
 def dense_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, top_k: int,
-                 block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k, scanning documents in blocks so memory stays flat."""
-    n_docs = doc_vectors.shape[0]
+                 block_rows: int = 65536, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k, scanning documents in blocks with a running top-k so memory stays flat
+    (`doc_vectors` may be memory-mapped: one block is read at a time). `device` "cuda[:i]": the products and
+    top-k run there (torch), the matrix still streams from host memory block by block."""
+    if device and str(device).startswith("cuda"):
+        return _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows, str(device))
+    n_docs, n_q = doc_vectors.shape[0], len(query_vectors)
     k = min(top_k, n_docs)
-    best_idx = np.zeros((len(query_vectors), 0), dtype=np.int64)
-    best_val = np.zeros((len(query_vectors), 0), dtype=np.float32)
+    best_idx = np.zeros((n_q, 0), dtype=np.int64)
+    best_val = np.zeros((n_q, 0), dtype=np.float32)
     for start in range(0, n_docs, block_rows):
         block = np.asarray(doc_vectors[start:start + block_rows], dtype=np.float32)
-        scores = query_vectors @ block.T
-        idx = np.concatenate([best_idx, np.arange(start, start + len(block))[None, :].repeat(len(query_vectors), 0)], 1)
-        val = np.concatenate([best_val, scores], 1)
-        keep = np.argpartition(-val, k - 1, axis=1)[:, :k] if val.shape[1] > k else np.arange(val.shape[1])[None, :].repeat(len(val), 0)
-        best_idx = np.take_along_axis(idx, keep, 1)
-        best_val = np.take_along_axis(val, keep, 1)
-    order = np.argsort(-best_val, axis=1, kind="stable")
+        new_idx = np.empty((n_q, min(k, len(block)) + best_idx.shape[1]), np.int64)
+        new_val = np.empty(new_idx.shape, np.float32)
+        # Queries in groups, so the block's score and partition temporaries stay a few MB whatever the
+        # number of queries (what the flat-memory benchmark measures).
+        for q0 in range(0, n_q, QUERY_GROUP):
+            q1 = min(q0 + QUERY_GROUP, n_q)
+            scores = query_vectors[q0:q1] @ block.T
+            if scores.shape[1] > k:
+                part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k:]
+            else:
+                part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+            new_idx[q0:q1] = np.concatenate([best_idx[q0:q1], part + start], 1)
+            new_val[q0:q1] = np.concatenate([best_val[q0:q1], np.take_along_axis(scores, part, 1)], 1)
+            del scores, part
+        if new_idx.shape[1] > k:
+            keep = np.argpartition(-new_val, k - 1, axis=1)[:, :k]
+            new_idx, new_val = np.take_along_axis(new_idx, keep, 1), np.take_along_axis(new_val, keep, 1)
+        best_idx, best_val = new_idx, new_val
+    # Highest first, ties to the lower index.
+    order = np.lexsort((best_idx, -best_val), axis=1) if n_q else np.zeros((0, 0), np.int64)
     return np.take_along_axis(best_idx, order, 1), np.take_along_axis(best_val, order, 1)
+
+
+def _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows, device):
+    import torch
+
+    n_docs = doc_vectors.shape[0]
+    k = min(top_k, n_docs)
+    q = torch.from_numpy(np.ascontiguousarray(query_vectors, dtype=np.float32)).to(device)
+    best_val = torch.empty((len(q), 0), dtype=torch.float32, device=device)
+    best_idx = torch.empty((len(q), 0), dtype=torch.int64, device=device)
+    for start in range(0, n_docs, block_rows):
+        block = torch.from_numpy(np.ascontiguousarray(doc_vectors[start:start + block_rows], dtype=np.float32))
+        scores = q @ block.to(device, non_blocking=True).T
+        ids = torch.arange(start, start + len(block), device=device).expand(len(q), -1)
+        val, idx = torch.cat([best_val, scores], 1), torch.cat([best_idx, ids], 1)
+        best_val, pos = torch.topk(val, min(k, val.shape[1]), dim=1)
+        best_idx = torch.gather(idx, 1, pos)
+    # Highest first, ties to the lower index (as the CPU path): sort by index, then stable by score.
+    by_idx = torch.argsort(best_idx, dim=1)
+    best_val, best_idx = torch.gather(best_val, 1, by_idx), torch.gather(best_idx, 1, by_idx)
+    order = torch.sort(best_val, dim=1, descending=True, stable=True).indices
+    return (torch.gather(best_idx, 1, order).cpu().numpy(), torch.gather(best_val, 1, order).cpu().numpy())
 
 
 class SparseIndex:
@@ -203,12 +262,30 @@ class SparseIndex:
         doc = np.repeat(np.arange(self.n_docs), lengths)
         terms = np.concatenate(rows_term_ids).astype(np.int64) if self.n_docs else np.zeros(0, np.int64)
         weights = np.concatenate(rows_weights).astype(np.float32) if self.n_docs else np.zeros(0, np.float32)
-        order = np.argsort(terms, kind="stable")
+        self._index(doc, terms, weights)
+
+    @classmethod
+    def from_flat(cls, n_docs: int, lengths: np.ndarray, terms: np.ndarray, weights: np.ndarray) -> "SparseIndex":
+        """From flat Arrow-style columns (row i owns the next lengths[i] entries): no per-row Python objects."""
+        self = cls.__new__(cls)
+        self.n_docs = int(n_docs)
+        # int32 postings (a block has < 2**31 rows, a vocabulary < 2**31 terms): half the memory of int64.
+        self._index(np.repeat(np.arange(self.n_docs, dtype=np.int32), np.asarray(lengths, np.int64)),
+                    np.asarray(terms).astype(np.int32, copy=False), np.asarray(weights).astype(np.float32, copy=False))
+        return self
+
+    def _index(self, doc: np.ndarray, terms: np.ndarray, weights: np.ndarray) -> None:
+        # Not a stable sort: a document has at most one posting per term, so the order within a term does
+        # not change any document's sum (each adds its query terms in query order either way).
+        # A vocabulary under 65,536 terms (BERT's 30,522) sorts as uint16: numpy's radix sort, linear time.
+        small = len(terms) and int(terms.min()) >= 0 and int(terms.max()) < 65536
+        order = np.argsort(terms.astype(np.uint16), kind="stable") if small else np.argsort(terms)
         self.terms, self.docs, self.weights = terms[order], doc[order], weights[order]
 
     def score_all(self, term_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Dot product of the query's term weights with every document's, float32 [n_docs]."""
         scores = np.zeros(self.n_docs, dtype=np.float32)
+        term_ids = np.asarray(term_ids).astype(self.terms.dtype, copy=False)  # else numpy converts the index per call
         lo = np.searchsorted(self.terms, term_ids, "left")
         hi = np.searchsorted(self.terms, term_ids, "right")
         for a, b, w in zip(lo, hi, weights):

@@ -10,6 +10,7 @@ from typing import Optional
 import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rag_clean.registry import Registry
 from rag_clean.stages.common import ROW_BLOCK
@@ -101,26 +102,45 @@ def fused_valid(chunks: pa.Table, fused_embeddings: EmbeddingSet) -> dg.AssetChe
     return _result(problems, meta)
 
 
+def _sparse_block_problems(batch: pa.RecordBatch) -> tuple[int, int]:
+    """(malformed rows, empty rows) of one block, in numpy: ids and weights of equal length, weights finite,
+    positive and non-increasing within each row."""
+    ids, weights = batch.column("term_ids"), batch.column("weights")
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+    bad = lengths != pc.list_value_length(weights).to_numpy(zero_copy_only=False)
+    w = pc.list_flatten(weights).to_numpy(zero_copy_only=False)
+    row_of = np.repeat(np.arange(len(batch)), pc.list_value_length(weights).to_numpy(zero_copy_only=False))
+    wrong = ~np.isfinite(w) | (w <= 0)
+    rising = np.zeros(len(w), dtype=bool)
+    if len(w) > 1:
+        rising[1:] = (np.diff(w) > 1e-6) & (row_of[1:] == row_of[:-1])
+    bad[np.unique(row_of[wrong | rising])] = True
+    return int(bad.sum()), int((lengths == 0).sum())
+
+
 @dg.asset_check(asset="sparse_vectors", partitions_def=collections_partitions,
                 additional_ins={"chunks": dg.AssetIn("chunks")},
-                description="one row per chunk and model, finite positive weights, ids sorted by weight")
+                description="each model: one row per chunk, in chunk order; finite positive weights, ids sorted by weight")
 def sparse_valid(chunks: pa.Table, sparse_vectors: pa.Table | None) -> dg.AssetCheckResult:
     if sparse_vectors is None:
         return dg.AssetCheckResult(passed=True, description="not applicable: the sparse stage is disabled and has no stored file",
                                    metadata={"status": "disabled"})
-    models = sorted(set(sparse_vectors.column("model").to_pylist()))
+    models = sorted(pc.unique(sparse_vectors.column("model")).to_pylist())
     problems = []
     expected = chunks.num_rows * len(models)
     if sparse_vectors.num_rows != expected:
         problems.append(f"{sparse_vectors.num_rows} rows, expected {expected} ({len(models)} models x {chunks.num_rows} chunks)")
-    bad = 0
-    for ids, weights in zip(sparse_vectors.column("term_ids").to_pylist(), sparse_vectors.column("weights").to_pylist()):
-        w = np.asarray(weights, dtype=np.float32)
-        if len(ids) != len(w) or not np.isfinite(w).all() or (w <= 0).any() or (np.diff(w) > 1e-6).any():
-            bad += 1
+    chunk_ids = chunks.column("chunk_id")
+    for model in models:
+        ids = sparse_vectors.filter(pc.equal(sparse_vectors.column("model"), model)).column("chunk_id")
+        if not (len(ids) == len(chunk_ids) and ids.cast(pa.string()).equals(chunk_ids.cast(pa.string()))):
+            problems.append(f"rows of {model} are not one per chunk in chunk order")
+    bad = empty = 0
+    for batch in sparse_vectors.select(["term_ids", "weights"]).to_batches(max_chunksize=ROW_BLOCK):
+        b, e = _sparse_block_problems(batch)
+        bad, empty = bad + b, empty + e
     if bad:
         problems.append(f"{bad} malformed rows")
-    empty = sum(1 for ids in sparse_vectors.column("term_ids").to_pylist() if not ids)
     return _result(problems, {"rows": sparse_vectors.num_rows, "models": ", ".join(models), "empty_rows": empty})
 
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "else the bundled rag_clean/models.toml.")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="Dagster run log level on the console (default INFO; DEBUG shows every step event)")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "lines"],
+                   help="progress per collection and step: a live bar per step on a terminal, plain lines "
+                        "otherwise (auto, the default); bar or lines force one")
     p.add_argument("--storage-root", metavar="DIR", help="where asset files and telemetry go. Default: "
                                                           "$RAG_CLEAN_STORAGE_ROOT, else $DAGSTER_HOME/rag_clean.")
     return p
@@ -196,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
     from rag_clean.settings import SettingsError
     from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
     from rag_clean_assets.partitions import COLLECTIONS_PARTITION
+    from rag_clean_assets.run_progress import LOGGER_KEY as PROGRESS_LOGGER
+    from rag_clean_assets.run_progress import RunProgress, asset_steps
+    from rag_clean_assets.run_progress import logger_def as progress_logger_def
     from resources.paths import PathsResource
     from resources.settings import EmbedderSettingsResource
 
@@ -239,11 +245,15 @@ def run(args: argparse.Namespace) -> int:
     for line in resolved.provenance_lines():
         print(f"   {line}")
 
+    # The progress display listens to every run as a second Dagster logger (rag_clean_assets/run_progress.py).
+    view = RunProgress({}, tty=None if args.progress == "auto" else args.progress == "bar")
     defs = build_definitions(registry_path or None, data_root=str(data_root), storage_root=str(storage_root),
-                             settings=settings)
+                             settings=settings, loggers={"console": dg.colored_console_logger,
+                                                         PROGRESS_LOGGER: progress_logger_def(view)})
+    view.step_names = asset_steps(defs)
     job = defs.resolve_job_def(EMBED_JOB_NAME)
     failed: list[str] = []
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance, view:
         known = set(instance.get_dynamic_partitions(COLLECTIONS_PARTITION))
         new = [c for c in collections if c not in known]
         if new:
@@ -252,10 +262,12 @@ def run(args: argparse.Namespace) -> int:
         for collection in collections:
             print(f"-- materializing {collection} ...", flush=True)
             t0 = time.perf_counter()
+            view.start_collection(collection)
             result = job.execute_in_process(
                 partition_key=collection, instance=instance, raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+                run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}, PROGRESS_LOGGER: {}}},
                 tags={"rag_clean/launched_by": "rag-clean"})
+            view.finish_collection(result.success)
             wall = time.perf_counter() - t0
             if not result.success:
                 failed.append(collection)

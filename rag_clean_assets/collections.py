@@ -6,6 +6,8 @@
     python -m rag_clean_assets.collections init-home [--gpu-pool-limit N]  # write $DAGSTER_HOME/dagster.yaml (see instance.py)
     python -m rag_clean_assets.collections reclaim       # fail runs whose process died, free their pool slots
     python -m rag_clean_assets.collections report <name> # where the outputs are, and the headline numbers
+    python -m rag_clean_assets.collections observe [name ...]  # record which collection folders changed (as the sensor does)
+    python -m rag_clean_assets.collections status <name> # per asset: fresh, stale (and why), upstream stale, missing
 
 Needs DAGSTER_HOME: without it the Dagster CLI uses a throwaway instance that knows no partitions.
 """
@@ -104,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sync")
     sub.add_parser("list")
     sub.add_parser("reclaim")
+    obs = sub.add_parser("observe", help="record a collection_files observation for every collection whose files "
+                                         "changed (what the sensor does on each tick); default: every partition")
+    obs.add_argument("names", nargs="*")
+    st = sub.add_parser("status", help="what is out of date in one collection, per asset (Dagster's stale status, "
+                                       "plus 'upstream stale' for assets below a stale one)")
+    st.add_argument("name")
     rep = sub.add_parser("report")
     rep.add_argument("name")
     rep.add_argument("--wall-seconds", type=float)
@@ -132,6 +140,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run_id}: marked failed, pool slots freed ({reason})")
         if not released:
             print("no dead runs hold pool slots")
+    elif args.command == "observe":
+        from rag_clean_assets.observe import observe_collections
+
+        try:
+            changed = observe_collections(_instance(), PathsResource(), args.names or None)
+        except (StorageError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"changed collections (observed): {', '.join(changed)}" if changed else "no collection folder changed")
+    elif args.command == "status":
+        from rag_clean_assets.definitions import defs
+        from rag_clean_assets.staleness import partition_status
+
+        for key, status in partition_status(_instance(), defs, check_name(args.name)).items():
+            print(f"{key:32} {status.status}" + (f"  ({'; '.join(status.causes)})" if status.causes else ""))
     elif args.command == "report":
         report(check_name(args.name), args.wall_seconds)
     return 0

@@ -13,7 +13,9 @@ from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
 from rag_clean_assets.assets.retrieval import build_reranked_asset, queries
 from rag_clean_assets.assets.sparse import build_sparse_asset
+from rag_clean_assets.automation import automation_enabled, automation_sensor, with_automation
 from rag_clean_assets.checks import build_checks
+from rag_clean_assets.observe import collection_files
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.sensors import build_collection_sensor
 from resources.gpu_lease import GpuLeaseResource
@@ -26,10 +28,12 @@ EMBED_JOB_NAME = "embed_collection"
 
 
 
-def build_assets(registry_path: str | None = None) -> list:
+def build_assets(registry_path: str | None = None, *, automation: bool | None = None) -> list:
+    """The asset graph; `automation` (default: $RAG_CLEAN_AUTOMATION) puts the refresh condition on it."""
     registry = load_registry(registry_path)
-    return [chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
-            build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry)]
+    assets = [collection_files, chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
+              build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry)]
+    return with_automation(assets) if (automation_enabled() if automation is None else automation) else assets
 
 
 def build_resources(*, data_root: str = "", storage_root: str = "", registry_path: str = "",
@@ -67,9 +71,12 @@ def default_executor():
     return dg.in_process_executor
 
 
-def build_definitions(registry_path: str | None = None, **resource_kwargs) -> dg.Definitions:
+def build_definitions(registry_path: str | None = None, *, automation: bool | None = None,
+                      loggers: dict | None = None, **resource_kwargs) -> dg.Definitions:
+    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars."""
     registry = load_registry(registry_path)
-    assets = build_assets(registry_path)
+    automation = automation_enabled() if automation is None else automation
+    assets = build_assets(registry_path, automation=automation)
     job = dg.define_asset_job(EMBED_JOB_NAME, selection=dg.AssetSelection.all(),
                               partitions_def=collections_partitions,
                               description="Materialize every asset of one collection.")
@@ -77,9 +84,10 @@ def build_definitions(registry_path: str | None = None, **resource_kwargs) -> dg
         assets=assets,
         asset_checks=build_checks(registry),
         jobs=[job],
-        sensors=[build_collection_sensor(job)],
+        sensors=[build_collection_sensor(job), *([automation_sensor()] if automation else [])],
         resources=build_resources(registry_path=registry_path or "", **resource_kwargs),
         executor=default_executor(),
+        loggers=loggers,
     )
 
 

@@ -14,7 +14,7 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.registry import ModelSpec
-from rag_clean.stages.common import StageOutput, model_fingerprint
+from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint
 
 CHUNKS = "1"
 DENSE = "1"
@@ -34,8 +34,9 @@ STATUS_TAG = "rag_clean/status"
 
 def dense_code_version(spec: ModelSpec) -> str:
     """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
-    code change of that asset (its vectors change), so it and its downstream become unsynced."""
-    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec).encode()).hexdigest()[:12]}"
+    code change of that asset (its vectors change), so it and its downstream become unsynced. The
+    fingerprint covers the weights too (digests cached under the configured storage root's state dir)."""
+    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec, default_digest_cache()).encode()).hexdigest()[:12]}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

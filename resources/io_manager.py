@@ -62,6 +62,18 @@ def stored_table_metadata(path: Path) -> dict[str, Any]:
     return {}
 
 
+def _collection(context: dg.OutputContext | dg.InputContext) -> str:
+    """The one collection of this step. A run launched by a backfill with a backfill policy carries a
+    partition range (start == end here: multi_run(max_partitions_per_run=1)), not a partition key."""
+    if context.has_partition_key:
+        return context.partition_key
+    keys = list(context.asset_partition_keys) if context.has_asset_partitions else []
+    if len(keys) != 1:
+        raise StorageError(f"asset {context.asset_key.to_user_string()} must be materialized for one collection "
+                           f"partition, got {len(keys)}")
+    return keys[0]
+
+
 class TelemetryIOManager(dg.ConfigurableIOManager):
     paths: dg.ResourceDependency[PathsResource]
 
@@ -69,9 +81,7 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
         PROBE.start()  # sample from the start of the step process
 
     def _file(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        if not context.has_partition_key:
-            raise StorageError(f"asset {context.asset_key.to_user_string()} must be materialized for one collection partition")
-        return self.paths.layout().asset_file(list(context.asset_key.path), context.partition_key)
+        return self.paths.layout().asset_file(list(context.asset_key.path), _collection(context))
 
     def handle_output(self, context: dg.OutputContext, obj: StageOutput) -> None:
         if not isinstance(obj, StageOutput):
@@ -79,7 +89,7 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
         path = self._file(context)
         record = obj.record
         record.asset_key, record.run_id = context.asset_key.to_user_string(), context.run_id
-        record.partition, record.materialized_at = context.partition_key, utc_now()
+        record.partition, record.materialized_at = _collection(context), utc_now()
         if obj.disabled:
             record.status, record.path, record.bytes = "disabled", None, 0
         elif isinstance(obj.value, (EmbeddingWriter, TableWriter, ColumnSpool)):
@@ -107,7 +117,7 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
             if context.asset_key.path[0] in OPTIONAL_INPUT_ROOTS:
                 return None  # absent when the stage was disabled; consumers that need it say so
             raise StorageError(
-                f"{path} does not exist: materialize {context.asset_key.to_user_string()} for {context.partition_key!r} first"
+                f"{path} does not exist: materialize {context.asset_key.to_user_string()} for {_collection(context)!r} first"
             )
         if path.suffix == ".arrow":
             # Memory-mapped: the loaded value's buffers are file pages (zero-copy, no anonymous memory).

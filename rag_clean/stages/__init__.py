@@ -6,10 +6,10 @@ One module per stage: dense, joint (bge-m3 one-pass outputs), fusion, sparse, re
 """
 
 from rag_clean.plan import RetrievalConfig
-from rag_clean.stages.common import ROW_BLOCK, StageOutput, StageTimer, model_fingerprint
+from rag_clean.stages.common import ROW_BLOCK, StageOutput, StageTimer, model_fingerprint, sparse_fingerprint
 from rag_clean.stages.dense import run_dense_stage
 from rag_clean.stages.fusion import run_fusion_stage
-from rag_clean.stages.joint import JOINT_SPARSE_SCHEMA, JointOutputs, colbert_schema, joint_outputs, sparse_fingerprint
+from rag_clean.stages.joint import JOINT_SPARSE_SCHEMA, JointOutputs, colbert_schema, joint_outputs
 from rag_clean.stages.retrieval import run_retrieval_stage
 from rag_clean.stages.sparse import (
     SPARSE_SCHEMA,

@@ -15,6 +15,7 @@ from rag_clean.progress import ProgressLog, track
 from rag_clean.records import DenseRecord, truncation_warning
 from rag_clean.registry import ModelSpec
 from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
+from rag_clean.reuse import ArrowTexts, complement, match_rows
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
 from rag_clean.stages.joint import JointOutputs, JointSideFiles, load_joint_encoder
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], staging_path: Path, *,
                     previous: EmbeddingSet | None = None, budget_store=None, token_budget: int | None = None,
                     joint: JointOutputs | None = None, ray: RayPlan | None = None,
-                    progress: Callable[[str], None] | None = None) -> tuple[EmbeddingWriter, DenseRecord]:
+                    progress: Callable[[str], None] | None = None,
+                    digest_cache: Path | None = None) -> tuple[EmbeddingWriter, DenseRecord]:
     """Embed every chunk with one model (reusing vectors of unchanged chunks), streaming to a staged file.
 
     The model is loaded, used and released inside this call: one model resident at a time.
@@ -33,29 +35,31 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     With `ray` (RunPlan.ray) the rows to compute are encoded data-parallel on a Ray actor pool
     (rag_clean.distributed) and written into the same writer; a joint pass still runs in-process.
     `progress` gets a done/total, rate and ETA line at most every 10 s while the model encodes.
+    `digest_cache` (StorageLayout.weights_digest_file) keeps the model files' digests across runs.
     """
     from rag_clean.encoders.factory import load_dense_encoder
 
-    chunk_ids = chunks.column("chunk_id").to_pylist()
-    hashes = chunks.column("content_hash").to_pylist()
+    chunk_ids = chunks.column("chunk_id")
+    hashes = chunks.column("content_hash")
     texts = chunks.column("text")
-    fingerprint = model_fingerprint(spec)
+    n = len(chunks)
+    fingerprint = model_fingerprint(spec, digest_cache)
     out_dim = spec.output_dim
 
-    reuse_rows: dict[int, int] = {}
+    # Reuse keyed by (model fingerprint, content hash); no dict of every row (rag_clean.reuse).
+    reuse_dst = reuse_src = np.zeros(0, dtype=np.int64)
     if previous is not None and previous.metadata.get("fingerprint") == fingerprint and (out_dim is None or previous.dim == out_dim):
-        by_hash = {h: i for i, h in enumerate(previous.content_hashes)}
-        reuse_rows = {i: by_hash[h] for i, h in enumerate(hashes) if h in by_hash}
-    to_compute = np.array([i for i in range(len(chunk_ids)) if i not in reuse_rows], dtype=np.int64)
+        reuse_dst, reuse_src = match_rows(hashes, previous.hashes)
+    to_compute = complement(reuse_dst, n)
 
-    side = JointSideFiles(spec, joint, chunk_ids, hashes) if joint is not None and joint.active else None
+    side = JointSideFiles(spec, joint, chunk_ids, hashes, digest_cache) if joint is not None and joint.active else None
     # Rows the forward pass runs over: the dense rows to compute, plus unchanged chunks whose side rows
     # (lexical / ColBERT) the previous side files lack. Dense vectors of the latter stay the reused ones.
     pass_rows = to_compute
     if side is not None:
-        side.load_previous([i for i in reuse_rows])
-        pass_rows = np.union1d(to_compute, np.fromiter(side.missing, dtype=np.int64, count=len(side.missing)))
-    computes_dense = np.zeros(len(chunk_ids), dtype=bool)
+        side.load_previous(reuse_dst)
+        pass_rows = np.union1d(to_compute, side.missing)
+    computes_dense = np.zeros(n, dtype=bool)
     computes_dense[to_compute] = True
 
     writer: EmbeddingWriter | None = None
@@ -79,7 +83,7 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
                 out_dim = spec.truncate_dim or encoder.dim
                 writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
                                          {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
-                subset = texts.take(pa.array(pass_rows)).to_pylist()
+                subset = ArrowTexts(texts, pass_rows)  # taken window by window as the encoder tokenizes
                 meter = ProgressLog(f"{spec.name}", len(subset), progress)
                 if side is None:
                     for local_idx, vectors in track(encoder.encode(subset), meter, encoder.stats):
@@ -101,11 +105,8 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
             out_dim = previous.dim
             writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
                                      {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
-        if reuse_rows:
-            dst = np.fromiter(reuse_rows.keys(), dtype=np.int64)
-            src = np.fromiter(reuse_rows.values(), dtype=np.int64)
-            for start in range(0, len(dst), ROW_BLOCK):
-                writer.write(dst[start:start + ROW_BLOCK], np.asarray(previous.vectors[src[start:start + ROW_BLOCK]]))
+        for start in range(0, len(reuse_dst), ROW_BLOCK):
+            writer.write(reuse_dst[start:start + ROW_BLOCK], np.asarray(previous.vectors[reuse_src[start:start + ROW_BLOCK]]))
         writer.finish()
         if side is not None:
             # Published now, not with the dense file (the IO manager publishes that after this returns). If
@@ -119,8 +120,8 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
             side.abort()
         raise
 
-    record = DenseRecord(model=spec.name, rows=len(chunk_ids), dim=out_dim, native_dim=native_dim, weight=spec.weight,
-                         reused=len(reuse_rows), computed=int(len(to_compute)), encode=stats,
+    record = DenseRecord(model=spec.name, rows=n, dim=out_dim, native_dim=native_dim, weight=spec.weight,
+                         reused=len(reuse_dst), computed=int(len(to_compute)), encode=stats,
                          device=stats.device if stats is not None else None)
     warning = truncation_warning(stats, len(pass_rows))
     if warning:

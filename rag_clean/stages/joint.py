@@ -17,7 +17,9 @@ from rag_clean.layout import StorageLayout
 from rag_clean.plan import JointPlan
 from rag_clean.registry import ModelSpec
 from rag_clean.storage import StorageError, publish, temp_path_for
-from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
+from rag_clean.reuse import complement, match_parquet, match_rows
+from rag_clean.stages.common import ROW_BLOCK, model_fingerprint, sparse_fingerprint
+from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,6 @@ def colbert_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Sc
         ("content_hash", pa.string()),
         ("token_vectors", pa.list_(pa.list_(pa.float32(), dim))),
     ], metadata={k: str(v) for k, v in (metadata or {}).items()})
-
-
-def sparse_fingerprint(spec: ModelSpec) -> str:
-    """What must match for stored lexical rows to stand for `spec`'s output (weights, tokens, pruning)."""
-    return json.dumps({"backend": spec.backend, "source": spec.source, "fallbacks": list(spec.fallbacks),
-                       "flag_class": spec.flag_class, "max_length": spec.max_length, "dtype": spec.dtype,
-                       "top_k": spec.top_k}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -104,79 +99,84 @@ def _colbert_array(rows: Sequence[np.ndarray], dim: int) -> pa.ListArray:
 class JointSideFiles:
     """The staged side files of one joint pass: lexical rows for the sparse partner, ColBERT vectors.
 
-    Rows stream to temp files in the order batches finish (readers look rows up by chunk_id /
-    content_hash); rows of unchanged chunks are copied from the previous files when those match the
-    model fingerprint, so the published files cover every current chunk.
+    Lexical rows are gathered in scratch files (stages.sparse_rows) and written in chunk order, so an
+    incremental file equals a full one; ColBERT rows stream to their file in the order batches finish
+    (readers look rows up by chunk_id / content_hash). Rows of unchanged chunks are copied from the
+    previous files when those match the fingerprint, so the published files cover every current chunk.
     """
 
-    def __init__(self, spec: ModelSpec, joint: JointOutputs, chunk_ids: list[str], hashes: list[str]):
+    def __init__(self, spec: ModelSpec, joint: JointOutputs, chunk_ids: pa.ChunkedArray, hashes: pa.ChunkedArray,
+                 digest_cache: Path | None = None):
         self.spec, self.joint = spec, joint
         self.chunk_ids, self.hashes = chunk_ids, hashes
-        self.sparse_fp = sparse_fingerprint(joint.sparse_spec) if joint.sparse_spec is not None else None
-        self.colbert_fp = model_fingerprint(spec)
+        self.n = len(chunk_ids)
+        self.sparse_fp = sparse_fingerprint(joint.sparse_spec, digest_cache) if joint.sparse_spec is not None else None
+        self.colbert_fp = model_fingerprint(spec, digest_cache)
         self.loaded_source: str | None = None
-        self.missing: set[int] = set()
+        self.missing = np.zeros(0, dtype=np.int64)
         self.warnings: list[str] = []
-        self._prev_sparse: pa.Table | None = None
-        self._prev_sparse_pos: dict[str, int] = {}
+        self._prev_sparse: tuple[np.ndarray, np.ndarray] | None = None   # (current rows, file rows)
         self._prev_colbert: pa.Table | None = None
-        self._prev_colbert_pos: dict[str, int] = {}
+        self._prev_colbert_rows: tuple[np.ndarray, np.ndarray] | None = None
         self._sparse_tmp = temp_path_for(joint.sparse_path) if joint.sparse_path else None
         self._colbert_tmp = temp_path_for(joint.colbert_path) if joint.colbert_path else None
-        self._sparse_writer = None
+        self._scratch = (SparseScratch(joint.sparse_path, self.n, joint.sparse_spec.top_k, "joint")
+                         if joint.sparse_path is not None else None)
         self._colbert_sink = self._colbert_writer = self._colbert_schema = None
         self.colbert_dim: int | None = None
         self.counts = {"sparse_rows": 0, "sparse_reused": 0, "colbert_rows": 0, "colbert_reused": 0}
 
     # ---- previous files
 
-    def _read_previous(self, path: Path, fingerprint: str, what: str, reader) -> pa.Table | None:
+    def _read_previous_schema(self, path: Path, fingerprint: str, what: str, read_schema) -> bool:
         if not path.exists():
-            return None
+            return False
         try:
-            table = reader(path)
+            schema = read_schema(path)
         except (OSError, pa.ArrowException) as exc:
             self.warnings.append(f"previous {what} {path} unreadable, recomputing its rows: {exc}")
-            return None
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+            return False
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
         if meta.get("fingerprint") != fingerprint:
             self.warnings.append(f"previous {what} {path} is from another model configuration; recomputing its rows")
-            return None
-        return table
+            return False
+        return True
 
-    def load_previous(self, reused: Sequence[int]) -> None:
+    def _covered(self, reused: np.ndarray, current: np.ndarray) -> np.ndarray:
+        """Of the `reused` chunk rows, those `current` (matched rows) lacks."""
+        return np.setdiff1d(reused, current, assume_unique=True)
+
+    def load_previous(self, reused: np.ndarray) -> None:
         """Find each reused chunk's previous side rows; chunks without them join the forward pass."""
-        if not reused:
+        reused = np.asarray(reused, dtype=np.int64)
+        if not len(reused):
             return
+        missing = []
         if self.joint.sparse_path is not None:
-            self._prev_sparse = self._read_previous(self.joint.sparse_path, self.sparse_fp, "lexical rows",
-                                                    lambda p: pq.read_table(p, memory_map=True))
-            if self._prev_sparse is not None:
-                self._prev_sparse_pos = {h: i for i, h in enumerate(self._prev_sparse.column("content_hash").to_pylist())}
-            self.missing.update(i for i in reused if self.hashes[i] not in self._prev_sparse_pos)
+            path = self.joint.sparse_path
+            if self._read_previous_schema(path, self.sparse_fp, "lexical rows", pq.read_schema):
+                try:
+                    self._prev_sparse = match_parquet(self.hashes, path)
+                except (OSError, pa.ArrowException) as exc:
+                    self.warnings.append(f"previous lexical rows {path} unreadable, recomputing its rows: {exc}")
+            current = self._prev_sparse[0] if self._prev_sparse is not None else np.zeros(0, dtype=np.int64)
+            missing.append(self._covered(reused, current))
         if self.joint.colbert_path is not None:
-            self._prev_colbert = self._read_previous(self.joint.colbert_path, self.colbert_fp, "ColBERT vectors",
-                                                     lambda p: ipc.open_file(pa.memory_map(str(p), "r")).read_all())
-            if self._prev_colbert is not None:
-                self._prev_colbert_pos = {h: i for i, h in enumerate(self._prev_colbert.column("content_hash").to_pylist())}
+            path = self.joint.colbert_path
+            if self._read_previous_schema(path, self.colbert_fp, "ColBERT vectors",
+                                          lambda p: ipc.open_file(pa.memory_map(str(p), "r")).schema):
+                self._prev_colbert = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+                self._prev_colbert_rows = match_rows(self.hashes, self._prev_colbert.column("content_hash"))
                 self.colbert_dim = self._prev_colbert.schema.field("token_vectors").type.value_type.list_size
-            self.missing.update(i for i in reused if self.hashes[i] not in self._prev_colbert_pos)
+            current = self._prev_colbert_rows[0] if self._prev_colbert_rows is not None else np.zeros(0, dtype=np.int64)
+            missing.append(self._covered(reused, current))
+        self.missing = np.unique(np.concatenate(missing)) if missing else self.missing
 
     # ---- writing
 
     def _ids(self, rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
-        return (pa.array([self.chunk_ids[i] for i in rows], pa.string()),
-                pa.array([self.hashes[i] for i in rows], pa.string()))
-
-    def _write_sparse(self, table: pa.Table) -> None:
-        if self._sparse_writer is None:
-            self.joint.sparse_path.parent.mkdir(parents=True, exist_ok=True)
-            schema = JOINT_SPARSE_SCHEMA.with_metadata({
-                "fingerprint": self.sparse_fp, "model": self.joint.sparse_spec.name, "dense_model": self.spec.name,
-                "loaded_source": self.loaded_source or self.spec.source})
-            self._sparse_writer = pq.ParquetWriter(self._sparse_tmp, schema, compression="zstd")
-        self._sparse_writer.write_table(table.cast(self._sparse_writer.schema))
-        self.counts["sparse_rows"] += len(table)
+        index = pa.array(np.asarray(rows, dtype=np.int64))
+        return self.chunk_ids.take(index), self.hashes.take(index)
 
     def _write_colbert(self, table: pa.Table) -> None:
         if self._colbert_writer is None:
@@ -191,59 +191,72 @@ class JointSideFiles:
 
     def write(self, rows: np.ndarray, sparse_rows, colbert_rows) -> None:
         """One batch of the pass: `rows` are chunk indices."""
-        ids, hashes = self._ids(rows)
-        if self.joint.sparse_path is not None:
-            self._write_sparse(pa.table([ids, hashes, _list_array([r[0] for r in sparse_rows], pa.int32()),
-                                         _list_array([r[1] for r in sparse_rows], pa.float32())],
-                                        names=JOINT_SPARSE_SCHEMA.names))
+        if self._scratch is not None:
+            self._scratch.write(rows, [r[0] for r in sparse_rows], [r[1] for r in sparse_rows])
         if self.joint.colbert_path is not None:
             if self.colbert_dim is None:
                 self.colbert_dim = int(colbert_rows[0].shape[1])
+            ids, hashes = self._ids(rows)
             self._write_colbert(pa.table([ids, hashes, _colbert_array(colbert_rows, self.colbert_dim)],
                                          names=["chunk_id", "content_hash", "token_vectors"]))
 
-    def _copy_previous(self, previous: pa.Table, pos: dict[str, int], rows: np.ndarray, columns: list[str], write) -> int:
+    def _copy_previous_colbert(self, rows: np.ndarray) -> int:
+        cur, src = self._prev_colbert_rows
+        pos = np.searchsorted(cur, rows)  # cur is ascending; every row in `rows` is in it (load_previous)
         copied = 0
         for start in range(0, len(rows), ROW_BLOCK):
             block = rows[start:start + ROW_BLOCK]
-            taken = previous.select(columns).take(pa.array([pos[self.hashes[i]] for i in block], pa.int64()))
+            taken = self._prev_colbert.select(["token_vectors"]).take(pa.array(src[pos[start:start + ROW_BLOCK]]))
             ids, hashes = self._ids(block)
-            write(pa.table([ids, hashes, *taken.columns], names=["chunk_id", "content_hash", *columns]))
+            self._write_colbert(pa.table([ids, hashes, *taken.columns], names=["chunk_id", "content_hash", "token_vectors"]))
             copied += len(block)
         return copied
 
     def finish(self, exclude: np.ndarray) -> None:
         """Copy previous rows of chunks the pass skipped, then publish both files atomically."""
-        skipped = np.setdiff1d(np.arange(len(self.chunk_ids), dtype=np.int64), exclude)
-        if self.joint.sparse_path is not None:
+        skipped = complement(exclude, self.n)
+        if self._scratch is not None:
             if len(skipped):
-                self.counts["sparse_reused"] = self._copy_previous(self._prev_sparse, self._prev_sparse_pos, skipped,
-                                                                   ["term_ids", "weights"], self._write_sparse)
-            if self._sparse_writer is None:  # no chunks at all: still publish an empty, valid file
-                self._write_sparse(JOINT_SPARSE_SCHEMA.empty_table())
-            self._sparse_writer.close()
+                cur, src = self._prev_sparse
+                pos = np.searchsorted(cur, skipped)
+                scatter_previous(self._scratch, self.joint.sparse_path, skipped, src[pos])
+                self.counts["sparse_reused"] = int(len(skipped))
+            self.joint.sparse_path.parent.mkdir(parents=True, exist_ok=True)
+            schema = JOINT_SPARSE_SCHEMA.with_metadata({
+                "fingerprint": self.sparse_fp, "model": self.joint.sparse_spec.name, "dense_model": self.spec.name,
+                "loaded_source": self.loaded_source or self.spec.source})
+            with pq.ParquetWriter(self._sparse_tmp, schema, compression="zstd") as writer:
+                for start, stop, term_ids, weights in self._scratch.blocks():
+                    writer.write_table(pa.table([self.chunk_ids.slice(start, stop - start),
+                                                 self.hashes.slice(start, stop - start), term_ids, weights],
+                                                schema=schema))
+            self.counts["sparse_rows"] = self.n
+            self._scratch.close()
+            self._scratch = None
         if self.joint.colbert_path is not None:
             if len(skipped):
-                self.counts["colbert_reused"] = self._copy_previous(self._prev_colbert, self._prev_colbert_pos, skipped,
-                                                                    ["token_vectors"], self._write_colbert)
+                self.counts["colbert_reused"] = self._copy_previous_colbert(skipped)
             if self._colbert_writer is None:
                 self.colbert_dim = self.colbert_dim or self.spec.dim or 0
                 self._write_colbert(colbert_schema(self.colbert_dim).empty_table())
             self._colbert_writer.close()
             self._colbert_sink.close()
-        self._prev_sparse = self._prev_colbert = None  # drop memory maps of the files about to be replaced
+        self._prev_colbert = None  # drop the memory map of the file about to be replaced
         if self._sparse_tmp is not None:
             publish(self._sparse_tmp, self.joint.sparse_path)
         if self._colbert_tmp is not None:
             publish(self._colbert_tmp, self.joint.colbert_path)
 
     def abort(self) -> None:
-        for closer in (self._sparse_writer, self._colbert_writer, self._colbert_sink):
+        for closer in (self._colbert_writer, self._colbert_sink):
             if closer is not None:
                 try:
                     closer.close()
                 except Exception:  # already closed or half written: the temp file is removed below anyway
                     pass
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
         for tmp in (self._sparse_tmp, self._colbert_tmp):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)

@@ -1,4 +1,10 @@
-"""Sparse stage: term weights per chunk, streamed; metadata fallback; rows shared from a bge-m3 pass."""
+"""Sparse stage: term weights per chunk, streamed; metadata fallback; rows shared from a bge-m3 pass.
+
+Reuse is keyed by (sparse fingerprint, content hash): a model's rows of unchanged chunks are copied from
+the previous sparse_vectors file (or its bge-m3 partner's side file) when that file's fingerprint for
+the model matches; only the rest are encoded. Each model's rows are written in chunk order (through
+scratch files, see stages.sparse_rows), so an incremental file equals a full one.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +16,34 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.layout import StorageLayout
 from rag_clean.plan import RayPlan
 from rag_clean.progress import ProgressLog, track
-from rag_clean.records import SparseRecord, truncation_warning
+from rag_clean.records import ReuseCount, SparseRecord, truncation_warning
 from rag_clean.registry import ModelSpec, Registry
+from rag_clean.reuse import ArrowTexts, complement, match_parquet
 from rag_clean.storage import TableWriter
-from rag_clean.stages.joint import sparse_fingerprint
+from rag_clean.stages.common import ROW_BLOCK, sparse_fingerprint
+from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
 
 log = logging.getLogger(__name__)
 
 
+# Rows: model by model (registry order), each model's rows in chunk order. Schema metadata:
+# "fingerprint.<model>" per model (what its rows were computed with; a fallback model's rows are marked
+# fallback=True and are never reused as model rows).
 SPARSE_SCHEMA = pa.schema([
     ("chunk_id", pa.string()),
+    ("content_hash", pa.string()),
     ("model", pa.string()),
     ("term_ids", pa.list_(pa.int32())),
     ("weights", pa.list_(pa.float32())),
     ("fallback", pa.bool_()),     # rebuilt from metadata term weights because inference failed
 ])
+FINGERPRINT_KEY = "fingerprint.{}"
 
 
 def _metadata_term_weights(metadata_json: str) -> dict[str, float]:
@@ -41,20 +55,28 @@ def _metadata_term_weights(metadata_json: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in weights.items()} if isinstance(weights, dict) else {}
 
 
-def sparse_from_metadata(spec: ModelSpec, chunks: pa.Table) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Fallback: rows from the chunk files' sparse_features.term_weights, mapped through the model's vocab."""
+def _metadata_vocab(spec: ModelSpec) -> dict[str, int]:
     from transformers import AutoTokenizer
 
     from rag_clean.encoders.factory import resolve_local_source
 
-    vocab = AutoTokenizer.from_pretrained(resolve_local_source(spec, spec.source)).get_vocab()
+    return AutoTokenizer.from_pretrained(resolve_local_source(spec, spec.source)).get_vocab()
+
+
+def _metadata_rows(spec: ModelSpec, vocab: Mapping[str, int], metadata_json: Sequence[str]
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     ids_rows, weight_rows = [], []
-    for meta in chunks.column("metadata_json").to_pylist():
+    for meta in metadata_json:
         pairs = sorted(((vocab[t], w) for t, w in _metadata_term_weights(meta).items() if t in vocab and w > 0),
                        key=lambda p: -p[1])[: spec.top_k]
         ids_rows.append(np.array([p[0] for p in pairs], dtype=np.int32))
         weight_rows.append(np.array([p[1] for p in pairs], dtype=np.float32))
     return ids_rows, weight_rows
+
+
+def sparse_from_metadata(spec: ModelSpec, chunks: pa.Table) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Fallback: rows from the chunk files' sparse_features.term_weights, mapped through the model's vocab."""
+    return _metadata_rows(spec, _metadata_vocab(spec), chunks.column("metadata_json").to_pylist())
 
 
 @dataclass(frozen=True)
@@ -76,9 +98,24 @@ def shared_sparse_sources(registry: Registry, specs: Sequence[ModelSpec], layout
     return out
 
 
+@dataclass
+class StoredRows:
+    """Rows of one model that a stored file holds for current chunks: chunk `current[i]` is row `rows[i]`."""
+
+    path: Path
+    current: np.ndarray
+    rows: np.ndarray
+
+
+def _file_fingerprint(schema: pa.Schema, key: str) -> str | None:
+    meta = schema.metadata or {}
+    value = meta.get(key.encode())
+    return value.decode() if value is not None else None
+
+
 def load_shared_sparse_rows(spec: ModelSpec, source: SharedSparseSource, chunks: pa.Table,
-                            ) -> tuple[tuple[list, list] | None, str | None]:
-    """((term_ids per chunk, weights per chunk), None) from the side file, or (None, why it cannot be used).
+                            digest_cache: Path | None = None) -> tuple[StoredRows | None, str | None]:
+    """(where each chunk's row lies in the side file, None), or (None, why it cannot be used).
 
     Usable only when the file was written for this exact sparse configuration (fingerprint) and holds a
     row for every current chunk's content hash: rows are looked up by hash, so they are never stale.
@@ -89,127 +126,136 @@ def load_shared_sparse_rows(spec: ModelSpec, source: SharedSparseSource, chunks:
         return None, (f"{prefix} {path} does not exist (dense_embeddings for {source.dense_model} has not run "
                       "with this sparse model enabled)")
     try:
-        table = pq.read_table(path, memory_map=True)
+        schema = pq.read_schema(path)
+        missing_cols = {"content_hash", "term_ids", "weights"} - set(schema.names)
+        if missing_cols:
+            return None, f"{prefix} {path} lacks columns {sorted(missing_cols)}"
+        if _file_fingerprint(schema, "fingerprint") != sparse_fingerprint(spec, digest_cache):
+            return None, f"{prefix} {path} was written for another model configuration (fingerprint differs)"
+        current, rows = match_parquet(chunks.column("content_hash"), path)
     except (OSError, pa.ArrowException) as exc:
         return None, f"{prefix} {path} is unreadable ({type(exc).__name__}: {exc})"
-    missing_cols = {"content_hash", "term_ids", "weights"} - set(table.schema.names)
-    if missing_cols:
-        return None, f"{prefix} {path} lacks columns {sorted(missing_cols)}"
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    if meta.get("fingerprint") != sparse_fingerprint(spec):
-        return None, f"{prefix} {path} was written for another model configuration (fingerprint differs)"
-    pos = {h: i for i, h in enumerate(table.column("content_hash").to_pylist())}
-    hashes = chunks.column("content_hash").to_pylist()
-    absent = [i for i, h in enumerate(hashes) if h not in pos]
-    if absent:
-        first = chunks.column("chunk_id")[absent[0]].as_py()
-        return None, f"{prefix} {path} lacks {len(absent)} of {len(hashes)} chunks (first: {first})"
-    rows = table.select(["term_ids", "weights"]).take(pa.array([pos[h] for h in hashes], pa.int64()))
-    return (rows.column("term_ids").to_pylist(), rows.column("weights").to_pylist()), None
+    if len(current) < len(chunks):
+        absent = complement(current, len(chunks))
+        first = chunks.column("chunk_id")[int(absent[0])].as_py()
+        return None, f"{prefix} {path} lacks {len(absent)} of {len(chunks)} chunks (first: {first})"
+    return StoredRows(path, current, rows), None
 
 
-def _sparse_table(spec: ModelSpec, chunk_ids: Sequence[str], rows: Sequence[int], term_ids: Sequence, weights: Sequence,
-                  fallback: bool) -> pa.Table:
-    return pa.table({
-        "chunk_id": [chunk_ids[i] for i in rows],
-        "model": [spec.name] * len(rows),
-        "term_ids": [np.asarray(t, np.int32).tolist() for t in term_ids],
-        "weights": [np.asarray(w, np.float32).tolist() for w in weights],
-        "fallback": [fallback] * len(rows),
-    }, schema=SPARSE_SCHEMA)
+def previous_model_rows(spec: ModelSpec, previous: Path | None, chunks: pa.Table, fingerprint: str
+                        ) -> tuple[StoredRows | None, str | None]:
+    """Rows of `spec` in the previous sparse_vectors file that current chunks may reuse (same fingerprint,
+    same content hash, not fallback rows), or (None, why none)."""
+    if previous is None or not previous.exists():
+        return None, None
+    try:
+        schema = pq.read_schema(previous)
+        if "content_hash" not in schema.names:
+            return None, f"{spec.name}: previous {previous} predates content hashes; encoding every chunk"
+        if _file_fingerprint(schema, FINGERPRINT_KEY.format(spec.name)) != fingerprint:
+            return None, None  # another model configuration (or none stored): nothing to reuse
+        current, rows = match_parquet(
+            chunks.column("content_hash"), previous, columns=["model", "fallback"],
+            keep=lambda b: pc.and_(pc.equal(b.column("model"), spec.name),
+                                   pc.invert(b.column("fallback"))).to_numpy(zero_copy_only=False))
+    except (OSError, pa.ArrowException) as exc:
+        return None, f"{spec.name}: previous {previous} unreadable, encoding every chunk ({type(exc).__name__}: {exc})"
+    return (StoredRows(previous, current, rows), None) if len(current) else (None, None)
+
+
+def _model_table(spec: ModelSpec, chunks: pa.Table, start: int, stop: int, term_ids: pa.Array, weights: pa.Array,
+                 fallback: bool) -> pa.Table:
+    n = stop - start
+    return pa.table([chunks.column("chunk_id").slice(start, n), chunks.column("content_hash").slice(start, n),
+                     pa.repeat(pa.scalar(spec.name), n), term_ids, weights, pa.repeat(pa.scalar(fallback), n)],
+                    schema=pa.schema(SPARSE_SCHEMA, metadata=None))
+
+
+def sparse_schema(fingerprints: Mapping[str, str]) -> pa.Schema:
+    return SPARSE_SCHEMA.with_metadata({FINGERPRINT_KEY.format(m): fp for m, fp in fingerprints.items()})
 
 
 def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str | list[str], *,
                      budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
-                     sink: TableWriter | None = None, ray: RayPlan | None = None,
-                     progress: Callable[[str], None] | None = None) -> tuple[pa.Table | TableWriter, SparseRecord]:
-    """Term weights per chunk from each spec, streamed batch by batch into `sink` (a staged Parquet file).
+                     sink_path: Path | None = None, previous: Path | None = None, ray: RayPlan | None = None,
+                     progress: Callable[[str], None] | None = None, digest_cache: Path | None = None,
+                     ) -> tuple[pa.Table | TableWriter, SparseRecord]:
+    """Term weights per chunk from each spec, into a staged Parquet file at `sink_path` (published by the caller).
 
-    Rows are written in encode order (length-sorted), not chunk order: readers join on chunk_id.
-    Each model writes to a part file first, so a model whose inference fails midway is replaced whole by
-    the metadata fallback. A spec listed in `shared` (see shared_sparse_sources) takes its rows from its
-    bge-m3 dense partner's pass when that file covers every chunk: no encoder, no forward pass.
-    Without `sink`, the rows are returned as an in-memory table (small inputs, tests).
+    Each model's rows are gathered in scratch files in any order (encoded rows, rows reused from
+    `previous` -- the stored sparse_vectors file -- or from a bge-m3 partner's side file) and then streamed
+    to the file in chunk order. A model whose inference fails is replaced whole by the metadata fallback.
+    A spec listed in `shared` (see shared_sparse_sources) takes its rows from its bge-m3 dense partner's
+    pass when that file covers every chunk: no encoder, no forward pass.
+    Without `sink_path`, the rows are returned as an in-memory table (small inputs, tests).
     With `ray` (RunPlan.ray) each model encodes on a Ray actor pool (rag_clean.distributed); a failure
     there takes the same metadata fallback as a local one.
     """
-    from rag_clean.encoders.factory import load_sparse_encoder
-
     scratch_dir = None
-    if sink is None:
+    if sink_path is None:
         import tempfile
 
         scratch_dir = Path(tempfile.mkdtemp(prefix="rag_clean_sparse_"))
-        out = TableWriter(scratch_dir / "sparse.parquet", SPARSE_SCHEMA)
-    else:
-        out = sink
+        sink_path = scratch_dir / "sparse.parquet"
     if ray is not None:
         from rag_clean.distributed.ray_encode import connect
 
         connect(ray)  # a missing extra or an unreachable cluster fails the run here, never as a metadata fallback
-    texts = chunks.column("text").to_pylist()
-    chunk_ids = chunks.column("chunk_id").to_pylist()
-    everything = range(len(chunk_ids))
+    n = len(chunks)
+    texts = chunks.column("text")
+    fingerprints = {spec.name: sparse_fingerprint(spec, digest_cache) for spec in specs}
+    out = TableWriter(sink_path, sparse_schema(fingerprints))
     record = SparseRecord(model_names=[s.name for s in specs], top_k={s.name: s.top_k for s in specs})
     available = 0
     try:
         for spec in specs:
-            part = TableWriter(out.final_path.with_name(f"{out.final_path.stem}.{spec.asset_name}.part"), SPARSE_SCHEMA)
-            part_available = 0
+            scratch = SparseScratch(out.final_path, n, spec.top_k, spec.asset_name)
             try:
+                fallback, reused = False, 0
                 source = (shared or {}).get(spec.name)
-                rows = None
+                stored = None
                 if source is not None:
-                    rows, reason = load_shared_sparse_rows(spec, source, chunks)
+                    stored, reason = load_shared_sparse_rows(spec, source, chunks, digest_cache)
                     record.shared_pass[spec.name] = {"dense_model": source.dense_model, "file": str(source.path),
-                                                        "used": rows is not None, "reason": reason}
-                    if rows is None:
+                                                     "used": stored is not None, "reason": reason}
+                    if stored is None:
                         log.info(reason)
-                if rows is not None:
+                if stored is not None:
                     record.shared_pass_with_dense.append(source.dense_model)
-                    record.per_model[spec.name] = {"model": spec.name, "items": len(texts),
-                                                      "shared_pass_with_dense": source.dense_model}
-                    part.write(_sparse_table(spec, chunk_ids, everything, *rows, fallback=False))
-                    part_available = sum(1 for t in rows[0] if len(t))
+                    record.per_model[spec.name] = {"model": spec.name, "items": n,
+                                                   "shared_pass_with_dense": source.dense_model}
+                    scatter_previous(scratch, stored.path, stored.current, stored.rows)
+                    reused = n
                 else:
+                    prior, why = previous_model_rows(spec, previous, chunks, fingerprints[spec.name])
+                    if why:
+                        log.info(why)
+                        record.warnings.append(why)
+                    reuse_rows = prior.current if prior is not None else np.zeros(0, dtype=np.int64)
+                    to_compute = complement(reuse_rows, n)
                     try:
-                        if ray is not None:
-                            from rag_clean.distributed import ray_sparse_encoder
-
-                            encoder = ray_sparse_encoder(spec, ray, budget_store=budget_store)
-                        else:
-                            encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
-                        try:
-                            meter = ProgressLog(spec.name, len(texts), progress)
-                            for idx, batch in track(encoder.encode(texts), meter, encoder.stats):
-                                part.write(_sparse_table(spec, chunk_ids, idx, [t for t, _ in batch],
-                                                         [w for _, w in batch], fallback=False))
-                                part_available += sum(1 for t, _ in batch if len(t))
-                            record.per_model[spec.name] = encoder.stats.to_dict()
-                            record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
-                            record.devices.append(encoder.stats.device)
-                            warning = truncation_warning(encoder.stats, len(texts))
-                            if warning:
-                                record.warnings.append(warning)
-                        finally:
-                            encoder.close()
+                        if len(to_compute):
+                            _encode_into(scratch, spec, texts, to_compute, device, budget_store, ray, progress, record)
+                        if prior is not None:
+                            scatter_previous(scratch, prior.path, prior.current, prior.rows)
+                            reused = len(prior.current)
                     except Exception as exc:  # inference failed: the old embedder's metadata fallback, recorded
                         reason = (f"{spec.name}: sparse inference failed ({type(exc).__name__}: {exc}); "
                                   "rebuilt from metadata term weights")
                         log.warning(reason)
-                        part.abort()
-                        part = TableWriter(part.final_path, SPARSE_SCHEMA)
-                        ids_rows, weight_rows = sparse_from_metadata(spec, chunks)
-                        part.write(_sparse_table(spec, chunk_ids, everything, ids_rows, weight_rows, fallback=True))
-                        part_available = sum(1 for t in ids_rows if len(t))
+                        scratch.reset()
+                        _fallback_into(scratch, spec, chunks)
+                        fallback, reused = True, 0
                         record.fallback_used = True
                         record.fallback_reason = reason
                         record.warnings.append(reason)
-                out.append_file(part)
-                available += part_available
-            except BaseException:
-                part.abort()
-                raise
+                # Fallback rows are rebuilt every run (no model, a JSON parse per chunk), never reused.
+                record.reuse_counts[spec.name] = ReuseCount(reused, n - reused, "chunks")
+                for start, stop, term_ids, weights in scratch.blocks():
+                    out.write(_model_table(spec, chunks, start, stop, term_ids, weights, fallback))
+                available += scratch.rows_with_terms
+            finally:
+                scratch.close()
     except BaseException:
         out.abort()
         if scratch_dir is not None:
@@ -223,3 +269,36 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
         scratch_dir.rmdir()
         return table, record
     return out, record
+
+
+def _encode_into(scratch: SparseScratch, spec: ModelSpec, texts: pa.ChunkedArray, rows: np.ndarray, device,
+                 budget_store, ray: RayPlan | None, progress, record: SparseRecord) -> None:
+    from rag_clean.encoders.factory import load_sparse_encoder
+
+    if ray is not None:
+        from rag_clean.distributed import ray_sparse_encoder
+
+        encoder = ray_sparse_encoder(spec, ray, budget_store=budget_store)
+    else:
+        encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
+    try:
+        meter = ProgressLog(spec.name, len(rows), progress)
+        for idx, batch in track(encoder.encode(ArrowTexts(texts, rows)), meter, encoder.stats):
+            scratch.write(rows[idx], [t for t, _ in batch], [w for _, w in batch])
+        record.per_model[spec.name] = encoder.stats.to_dict()
+        record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
+        record.devices.append(encoder.stats.device)
+        warning = truncation_warning(encoder.stats, len(rows))
+        if warning:
+            record.warnings.append(warning)
+    finally:
+        encoder.close()
+
+
+def _fallback_into(scratch: SparseScratch, spec: ModelSpec, chunks: pa.Table) -> None:
+    vocab = _metadata_vocab(spec)
+    column = chunks.column("metadata_json")
+    for start in range(0, len(chunks), ROW_BLOCK):
+        block = column.slice(start, ROW_BLOCK).to_pylist()
+        ids_rows, weight_rows = _metadata_rows(spec, vocab, block)
+        scratch.write(np.arange(start, start + len(block)), ids_rows, weight_rows)

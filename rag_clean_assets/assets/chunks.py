@@ -8,6 +8,7 @@ from rag_clean.stages.chunks import run_chunks_stage
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean_assets.assets.common import log_warnings, run_plan, staged_file, stage_asset, start_record
 from rag_clean_assets import versions
+from rag_clean_assets.observe import COLLECTION_FILES, record_read_version
 from rag_clean_assets.versions import versioned
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -22,6 +23,7 @@ class ChunksConfig(dg.Config):
 @dg.asset(
     **stage_asset(group="ingest", kinds={"python", "arrow"}, code_version=versions.CHUNKS,
                   gpu=False),
+    deps=[COLLECTION_FILES],
     description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
                 "heading-aware within a token budget. Stable chunk_id and a content hash per chunk. Only new or "
                 "changed files are parsed; unchanged files' rows are copied from the previous file.",
@@ -31,6 +33,8 @@ def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: Paths
     timer = StageTimer()
     plan = run_plan(context, registry, settings)
     folder = paths.collection_dir(context.partition_key)
+    # Before reading: the provenance then names the folder version read, so Dagster sees later edits.
+    record_read_version(context, paths)
     # The engine's model-independent token estimate: chunk ids (and the gold ids of queries.jsonl)
     # stay the same when the registry's models change.
     spool, result, record = run_chunks_stage(

@@ -1,6 +1,7 @@
 """Pieces every asset uses: the run plan, staged-file locations, the lease on a record."""
 
 
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,11 @@ from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 IO_MANAGER_KEY = "telemetry_io_manager"
+# One collection per run: the bodies read context.partition_key and the IO manager writes one file per
+# partition, so a run over a range has nothing to batch; a failed collection fails alone and is retried
+# alone (docs/architecture.md, "Backfills").
+warnings.filterwarnings("ignore", message=".*`backfill_policy` of function `asset` is currently in beta.*")
+BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
 
 # Plans of recent runs: every asset of a run reads the same plan, built by the first step that asks.
 # Keyed by run id and the resources' config, so a test that reruns with other settings gets a new plan.
@@ -29,7 +35,8 @@ def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool) ->
     """The decorator arguments every stage asset shares: one partition per collection, stored by the
     telemetry IO manager, a code version, and its pod: GPU steps also sit in the `gpu` pool."""
     kwargs = dict(partitions_def=collections_partitions, io_manager_key=IO_MANAGER_KEY, group_name=group,
-                  kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags())
+                  kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags(),
+                  backfill_policy=BACKFILL_POLICY)
     return kwargs | ({"pool": "gpu"} if gpu else {})
 
 

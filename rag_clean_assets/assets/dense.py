@@ -69,7 +69,8 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         with encode_lease(gpu_lease, context, plan, remote=plan.ray is not None and joint is None) as lease:
             writer, record = run_dense_stage(current, chunks, lease_target(lease), target, previous=previous,
                                              budget_store=BudgetStore(layout.budget_store_file()), joint=joint,
-                                             ray=plan.ray, progress=context.log.info)
+                                             ray=plan.ray, progress=context.log.info,
+                                             digest_cache=layout.weights_digest_file())
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         if record.joint is not None:

@@ -74,7 +74,8 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
         table, record = write_exports(
             layout.export_root(plan.export_dir), collection, chunks, {s.name: dense_sets[s.asset_name] for s in plan.dense},
             fused_embeddings, fusion=fusion, sparse=sparse_vectors if plan.sparse else None,
-            sparse_models=[s.name for s in plan.sparse], summary=summary_with_this_stage)
+            sparse_models=[s.name for s in plan.sparse], summary=summary_with_this_stage,
+            line_index=lambda kind: layout.export_line_index(collection, kind))
         context.log.info(f"exported {len(record.files)} files to {record.export_dir}")
         record.device = "cpu"
         return versioned(context, StageOutput(table, timer.stamp(start_record(record, plan))))

@@ -6,6 +6,7 @@ from typing import Optional
 import dagster as dg
 import pyarrow as pa
 
+from rag_clean.privacy import query_key
 from rag_clean.records import QueriesRecord
 from rag_clean.registry import Registry
 from rag_clean.retrieval import check_queries_match, load_queries, queries_table
@@ -22,6 +23,7 @@ from rag_clean_assets.assets.common import (
     start_record,
 )
 from rag_clean_assets import versions
+from rag_clean_assets.observe import COLLECTION_FILES
 from rag_clean_assets.versions import versioned
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
@@ -32,6 +34,7 @@ from resources.settings import EmbedderSettingsResource
 @dg.asset(
     **stage_asset(group="retrieval", kinds={"python", "parquet"}, code_version=versions.QUERIES,
                   gpu=False),
+    deps=[COLLECTION_FILES],  # it reads the folder's queries.jsonl, which chunks does not
     description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
                 "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
                 "(hash by default, or the first 100 characters); never the whole raw query.",
@@ -72,11 +75,14 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
             raise ValueError("sparse is enabled but sparse_vectors has no stored file for this collection: "
                              "materialize it first")
         per_model = {s.name: dense_sets.get(s.asset_name) for s in plan.dense}
+        layout, collection = paths.layout(), context.partition_key
         with gpu_lease.lease(context) as lease:
             table, record = run_retrieval_stage(
                 found, chunks, fused_embeddings, plan.dense, plan.fusion_method, plan.fusion_weights,
                 sparse_vectors if plan.sparse_enabled else None, plan.sparse, plan.rerank, plan.retrieval,
-                lease_target(lease), dense_sets=per_model if all(per_model.values()) else None)
+                lease_target(lease), dense_sets=per_model if all(per_model.values()) else None,
+                cache_path=lambda kind, model: layout.retrieval_cache_file(kind, model, collection),
+                hash_key=query_key(layout.root))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         return versioned(context, StageOutput(table, timer.stamp(record)))

@@ -12,9 +12,8 @@ import pyarrow as pa
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.records import SparseRecord
 from rag_clean.registry import Registry
-from rag_clean.stages import SPARSE_SCHEMA, run_sparse_stage, shared_sparse_sources
+from rag_clean.stages import run_sparse_stage, shared_sparse_sources
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean.storage import TableWriter
 from rag_clean_assets.assets.common import (
     add_lease,
     encode_lease,
@@ -65,12 +64,13 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
             return versioned(context, StageOutput(None, timer.stamp(start_record(record, plan))))
         layout = paths.layout()
         shared = shared_sparse_sources(plan.registry, plan.sparse, layout, context.partition_key)
-        sink = TableWriter(staged_file(paths, SPARSE_KEY, context.partition_key), SPARSE_SCHEMA)
+        target = staged_file(paths, SPARSE_KEY, context.partition_key)
         with encode_lease(gpu_lease, context, plan, remote=plan.ray is not None) as lease:
             staged, record = run_sparse_stage(plan.sparse, chunks, lease_target(lease),
                                               budget_store=BudgetStore(layout.budget_store_file()),
-                                              shared=shared, sink=sink, progress=context.log.info,
-                                              ray=plan.ray)
+                                              shared=shared, sink_path=target, progress=context.log.info,
+                                              previous=target if plan.reuse_unchanged else None,
+                                              ray=plan.ray, digest_cache=layout.weights_digest_file())
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         for name, info in record.shared_pass.items():

@@ -314,6 +314,16 @@ def test_side_file_missing_a_chunk_makes_sparse_encode_itself(make_pipeline, mon
     side = pq.read_table(side_path)
     pq.write_table(side.slice(1), side_path)  # same fingerprint, one chunk short
 
+    # With its own stored rows (same fingerprint), sparse_vectors reuses them: nothing is encoded again.
+    spy = M3Spy(monkeypatch)
+    result = pipeline.materialize(selection=dg.AssetSelection.assets(SPARSE_KEY))
+    assert result.success and spy.sparse_loads == [] and spy.forwards == 0
+    n = chunk_table(pipeline).num_rows
+    assert pipeline.summary()["stages"]["sparse_vectors"]["reuse_counts"][LEXICAL] == {
+        "unit": "chunks", "reused": n, "computed": 0}
+    assert_rows_match_reference(pipeline, bgem3_reference)
+
+    pipeline.file("sparse_vectors", "demo.parquet").unlink()  # without them, it encodes itself
     spy = M3Spy(monkeypatch)
     result = pipeline.materialize(selection=dg.AssetSelection.assets(SPARSE_KEY))
     assert result.success

@@ -26,8 +26,13 @@ def test_quality_check_compares_with_the_previous_materialization(tmp_path, tiny
     assert check.passed and "nothing to compare" in check.description
     recall10 = check.metadata["current/recall@10"].value
 
-    same = _check(pipeline.materialize(), "quality_vs_previous")
+    second = pipeline.materialize()
+    same = _check(second, "quality_vs_previous")
     assert same.passed and same.metadata["previous/recall@10"].value == recall10
+    # Nothing changed: every query vector, masked gold text and rerank pair came from the caches.
+    reranked = second.asset_materializations_for_node("reranked")[0].metadata
+    assert reranked["rows_computed"].value == 0 and reranked["rows_reused"].value > 0
+    assert "rerank_pairs" in reranked["reuse"].value
 
     # One candidate per query: recall@10 can only be what recall@1 was, far below the previous run.
     worse = pipeline.materialize(top_k_candidates=1, raise_on_error=False)

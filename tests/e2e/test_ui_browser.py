@@ -69,8 +69,10 @@ def test_ui_graph_partition_launch_and_metadata(ui_server, page, tmp_path, tiny_
     from rag_clean_assets.definitions import build_assets
 
     assets = build_assets(str(tiny_registry_path))
-    keys = {key.to_user_string() for a in assets for key in a.keys}
-    groups = sorted({spec.group_name or "default" for a in assets for spec in a.specs})
+    # collection_files is a SourceAsset (one key and group), the rest AssetsDefinitions
+    keys = {key.to_user_string() for a in assets for key in (a.keys if hasattr(a, "keys") else [a.key])}
+    groups = sorted({group or "default" for a in assets
+                     for group in ([s.group_name for s in a.specs] if hasattr(a, "specs") else [a.group_name])})
     wait_for_asset_nodes(ui_server.base, "query { assetNodes { id } }")
 
     # 1. The global asset graph, every group expanded (the UI collapses groups): every asset is there.

@@ -177,3 +177,71 @@ def test_collection_name_cannot_leave_the_export_dir(tmp_path, stored):
 
 def test_point_ids_are_stable_and_per_collection():
     assert point_id("docs", "a") == point_id("docs", "a") != point_id("other", "a")
+
+
+def test_npy_files_are_what_numpy_saves(tmp_path, stored):
+    chunks, dense, fused, _ = stored
+    write_exports(tmp_path / "out", "docs", chunks, dense, fused, block_rows=2)
+    np.save(tmp_path / "want.npy", np.asarray(fused.vectors, np.float32))
+    assert export_files(tmp_path / "out", "docs").fused.read_bytes() == (tmp_path / "want.npy").read_bytes()
+
+
+def _changed(tmp_path, stored):
+    """The stored assets after an edit (row 2: new text and vectors), a removal (row 0) and an addition."""
+    from rag_clean.storage import read_embeddings as read, write_embeddings as write
+
+    chunks, dense, fused, sparse = stored
+    rows = chunks.to_pylist()
+    rows[2] = dict(rows[2], text=rows[2]["text"] + " edited", content_hash="edited-hash")
+    rows = rows[1:] + [dict(rows[3], chunk_id="docs-new", chunk_index=9, content_hash="new-hash", text="a new chunk")]
+    new_chunks = pa.Table.from_pylist(rows, schema=chunks.schema)
+    ids, hashes = [r["chunk_id"] for r in rows], [r["content_hash"] for r in rows]
+    rng = np.random.default_rng(1)
+
+    def moved(name, emb):
+        vecs = np.concatenate([emb.vectors[1:], rng.normal(size=(1, emb.dim))]).astype(np.float32)
+        vecs[1] = rng.normal(size=emb.dim)  # the edited chunk (old row 2)
+        return read(write(tmp_path / "store2" / f"{model_file_part(name)}.arrow", ids, hashes, vecs, emb.metadata))
+
+    new_dense = {name: moved(name, emb) for name, emb in dense.items()}
+    new_fused = moved("fused", fused)
+    srows = sparse.to_pylist()
+    by_id = {r["chunk_id"]: r for r in srows}
+    new_sparse = pa.Table.from_pylist(
+        [dict(by_id.get(c, by_id["docs-1"]), chunk_id=c, weights=[2.0, 0.5] if c in ("docs-2", "docs-new") else
+              by_id[c]["weights"]) for c in ids], schema=sparse.schema)
+    return new_chunks, new_dense, new_fused, new_sparse
+
+
+def test_unchanged_lines_are_copied_and_the_export_equals_a_full_one(tmp_path, stored):
+    from rag_clean.layout import StorageLayout
+
+    layout = StorageLayout(tmp_path / "storage")
+    index = lambda kind: layout.export_line_index("docs", kind)  # noqa: E731
+    chunks, dense, fused, sparse = stored
+    _, first = write_exports(tmp_path / "inc", "docs", chunks, dense, fused, sparse=sparse, sparse_models=["splade"],
+                             block_rows=2, line_index=index)
+    assert first.reuse_counts["qdrant_lines"].to_dict() == {"unit": "lines", "reused": 0, "computed": 5}
+
+    new = _changed(tmp_path, stored)
+    inc, record = write_exports(tmp_path / "inc", "docs", *new[:3], sparse=new[3], sparse_models=["splade"],
+                                block_rows=2, line_index=index)
+    full, _ = write_exports(tmp_path / "full", "docs", *new[:3], sparse=new[3], sparse_models=["splade"], block_rows=3)
+    assert inc.to_pylist() == full.to_pylist()  # every file: same name, size and sha256
+    # 5 rows: docs-1, 3, 4 unchanged; docs-2 edited, docs-new added (docs-0 removed).
+    assert record.reuse_counts["qdrant_lines"].to_dict() == {"unit": "lines", "reused": 3, "computed": 2}
+    assert record.reuse_counts["sparse_lines"].to_dict() == {"unit": "lines", "reused": 3, "computed": 2}
+    assert record.to_summary()["reuse_counts"]["qdrant_lines"]["reused"] == 3
+
+    # Unchanged again: everything copied.
+    _, again = write_exports(tmp_path / "inc", "docs", *new[:3], sparse=new[3], sparse_models=["splade"],
+                             line_index=index)
+    assert again.reuse_counts["qdrant_lines"].computed == 0
+
+    # A file changed behind the index's back: the index is not trusted, the lines are formatted again.
+    qdrant = export_files(tmp_path / "inc", "docs").qdrant
+    qdrant.write_bytes(qdrant.read_bytes().replace(b'"fused"', b'"fused-by-hand"'))
+    table, after_edit = write_exports(tmp_path / "inc", "docs", *new[:3], sparse=new[3], sparse_models=["splade"],
+                                      line_index=index)
+    assert after_edit.reuse_counts["qdrant_lines"].reused == 0
+    assert table.to_pylist() == full.to_pylist()

@@ -20,7 +20,7 @@ class FakeClock:
 
 def test_lines_come_at_most_once_per_interval_with_rate_and_eta():
     clock, lines = FakeClock(), []
-    meter = ProgressLog("model-a", 1000, lines.append, interval_s=10, clock=clock)
+    meter = ProgressLog("model-a", 1000, lines.append, interval_s=10, step_fraction=None, clock=clock)
     clock.now = 5
     meter.update(100, tokens=2000)
     assert lines == []  # under the interval: silent
@@ -34,6 +34,30 @@ def test_lines_come_at_most_once_per_interval_with_rate_and_eta():
     meter.update(700)
     meter.finish()
     assert lines[-1] == "model-a: 1000/1000 chunks (100.0%), 20 chunks/s, 80 tokens/s, took 50s"
+
+
+def test_a_line_every_5_percent_of_rows_even_within_the_interval():
+    clock, lines = FakeClock(), []
+    meter = ProgressLog("m", 2000, lines.append, interval_s=10, clock=clock)  # 5% = 100 rows
+    for _ in range(9):  # 9 x 40 rows in 0.9 s: marks 100, 200, 300 crossed once each
+        clock.now += 0.1
+        meter.update(40)
+    assert [progress.parse_line(line).done for line in lines] == [120, 200, 320]
+    meter.update(1000)  # one batch across ten marks: one line
+    assert [progress.parse_line(line).done for line in lines][-1] == 1360 and len(lines) == 4
+    clock.now += 20  # time rule still holds when rows are slow
+    meter.update(1)
+    assert len(lines) == 5 and lines[-1].startswith("m: 1361/2000 chunks (68.0%)")
+    meter.update(639)
+    meter.finish()
+    assert progress.parse_line(lines[-1]) == progress.ProgressUpdate("m", 2000, 2000, "chunks")
+    assert sum(1 for line in lines if progress.parse_line(line).done == 2000) == 1  # the end only once
+
+
+def test_parse_line_reads_only_progress_lines():
+    assert progress.parse_line("tiny-a: 3/60 chunks (5.0%), 20 chunks/s, ETA 3s") == ("tiny-a", 3, 60, "chunks")
+    assert progress.parse_line("dense stage skipped: model not in ensemble_models") is None
+    assert progress.parse_line("reused 10/12 chunks") is None
 
 
 def test_dense_stage_reports_progress(tiny_registry_path, tmp_path, monkeypatch):

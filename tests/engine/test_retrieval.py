@@ -151,3 +151,18 @@ def test_mrr_at_10_and_ndcg_at_10():
     metrics = ranking_metrics(ranked, gold)
     assert set(metrics) == {"recall@1", "recall@5", "recall@10", "recall@20", "mrr", "mrr@10", "ndcg@10"}
     assert metrics["mrr"] == pytest.approx((1 / 11 + 1 + 1) / 3, abs=1e-6)
+
+
+def test_dense_search_on_torch_equals_numpy():
+    """The GPU path (torch) run on the CPU: same top-k, ties to the lower index, across blocks."""
+    from rag_clean.retrieval import _dense_search_torch
+
+    rng = np.random.default_rng(5)
+    docs = rng.standard_normal((90, 16)).astype(np.float32)
+    docs[40] = docs[7]  # a tie across blocks
+    queries = np.concatenate([rng.standard_normal((4, 16)), docs[7:8]]).astype(np.float32)
+    want_idx, want_scores = dense_search(queries, docs, 10, block_rows=32)
+    idx, scores = _dense_search_torch(queries, docs, 10, 32, "cpu")
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert idx[4, :2].tolist() == [7, 40]

@@ -1,0 +1,143 @@
+"""Sparse rows of one model, written in any order, read back in chunk order, in flat memory.
+
+Encoders yield length-sorted batches and reused rows come from a previous file in its order, but
+an incremental file must equal a full one. Rows are appended to two scratch files beside the output
+(term ids, weights: only the terms a row has, however large top_k is), with each row's start and
+length in file-backed arrays; `blocks()` gathers them back in chunk order, block by block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rag_clean.storage import temp_path_for
+
+BLOCK = 65536
+
+
+def list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
+
+
+class SparseScratch:
+    def __init__(self, beside: Path, n: int, top_k: int, label: str):
+        self.n, self.top_k, self.label = int(n), int(top_k), label
+        base = Path(beside)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self._paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}"))
+                       for part in ("ids.bin", "w.bin", "start.npy", "len.npy")]
+        self._ids = open(self._paths[0], "wb+")
+        self._weights = open(self._paths[1], "wb+")
+        # Per row: where its terms start in the scratch files, and how many (-1: not written yet).
+        # File-backed, so a million rows cost page cache, not anonymous memory.
+        self.starts = np.lib.format.open_memmap(self._paths[2], mode="w+", dtype=np.int64, shape=(self.n,))
+        self.lengths = np.lib.format.open_memmap(self._paths[3], mode="w+", dtype=np.int32, shape=(self.n,))
+        self.lengths[:] = -1
+        self._count = 0
+
+    def reset(self) -> None:
+        """Forget every row (a model that failed midway is replaced whole)."""
+        for fh in (self._ids, self._weights):
+            fh.seek(0)
+            fh.truncate()
+        self.lengths[:] = -1
+        self._count = 0
+
+    def _append(self, rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        if len(lengths) and lengths.max() > self.top_k:
+            raise ValueError(f"{self.label}: a row has {lengths.max()} terms, more than top_k={self.top_k}")
+        if len(ids) != len(weights) or len(ids) != int(lengths.sum()):
+            raise ValueError(f"{self.label}: term ids and weights differ in length")
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._weights.write(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+        self.starts[rows] = starts + self._count
+        self.lengths[rows] = lengths
+        self._count += int(lengths.sum())
+
+    def write(self, rows: np.ndarray, term_ids: Sequence, weights: Sequence) -> None:
+        """Rows `rows` (chunk indices) get per-row term id / weight arrays."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        term_ids = [np.asarray(t, dtype=np.int32) for t in term_ids]
+        weights = [np.asarray(w, dtype=np.float32) for w in weights]
+        lengths = np.fromiter((len(t) for t in term_ids), dtype=np.int64, count=len(term_ids))
+        if any(len(t) != len(w) for t, w in zip(term_ids, weights)):
+            raise ValueError(f"{self.label}: term ids and weights differ in length")
+        self._append(rows, lengths, np.concatenate(term_ids), np.concatenate(weights))
+
+    def write_lists(self, rows: np.ndarray, term_ids: pa.Array, weights: pa.Array) -> None:
+        """Rows from Arrow list columns (a previous file's), vectorized: no Python object per row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        term_ids, weights = _flat_list(term_ids), _flat_list(weights)
+        offsets = term_ids.offsets.to_numpy().astype(np.int64)
+        w_offsets = weights.offsets.to_numpy().astype(np.int64)
+        ids = term_ids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        ws = weights.values.to_numpy(zero_copy_only=False)[w_offsets[0]:w_offsets[-1]]
+        self._append(rows, np.diff(offsets), ids, ws)
+
+    def blocks(self) -> Iterator[tuple[int, int, pa.ListArray, pa.ListArray]]:
+        """(start, stop, term_ids, weights) per block of rows, in chunk order."""
+        missing = np.flatnonzero(np.asarray(self.lengths) < 0)
+        if len(missing):
+            raise ValueError(f"{self.label}: {len(missing)} rows never written (first: row {missing[0]})")
+        for fh in (self._ids, self._weights):
+            fh.flush()
+        ids = np.memmap(self._paths[0], dtype=np.int32, mode="r") if self._count else np.zeros(0, np.int32)
+        ws = np.memmap(self._paths[1], dtype=np.float32, mode="r") if self._count else np.zeros(0, np.float32)
+        for start in range(0, self.n, BLOCK):
+            stop = min(start + BLOCK, self.n)
+            lengths = np.asarray(self.lengths[start:stop], dtype=np.int64)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            # Position of every term of the block in the scratch files, rows in chunk order.
+            gather = np.repeat(np.asarray(self.starts[start:stop]) - offsets[:-1], lengths) + np.arange(offsets[-1])
+            yield (start, stop, list_array(offsets, ids[gather], pa.int32()),
+                   list_array(offsets, ws[gather], pa.float32()))
+        del ids, ws
+
+    @property
+    def rows_with_terms(self) -> int:
+        return int(np.count_nonzero(np.asarray(self.lengths) > 0))
+
+    def close(self) -> None:
+        for fh in (self._ids, self._weights):
+            fh.close()
+        self.starts = self.lengths = None  # unmaps
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+
+
+def _flat_list(column) -> pa.ListArray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def scatter_previous(scratch: SparseScratch, path: Path, current_rows: np.ndarray, file_rows: np.ndarray) -> None:
+    """Copy rows `file_rows` of the Parquet file at `path` into `scratch` at `current_rows`, reading it
+    row group by row group (never the whole file)."""
+    if not len(current_rows):
+        return
+    order = np.argsort(file_rows, kind="stable")
+    file_rows, current_rows = np.asarray(file_rows)[order], np.asarray(current_rows)[order]
+    pf = pq.ParquetFile(str(path), memory_map=True)
+    base = 0
+    for g in range(pf.num_row_groups):
+        size = pf.metadata.row_group(g).num_rows
+        lo, hi = np.searchsorted(file_rows, [base, base + size])
+        if hi > lo:
+            group = pf.read_row_group(g, columns=["term_ids", "weights"])
+            local = pa.array(file_rows[lo:hi] - base)
+            scratch.write_lists(current_rows[lo:hi], group.column("term_ids").take(local),
+                                group.column("weights").take(local))
+        base += size

@@ -1,0 +1,67 @@
+"""Opt-in automation (RAG_CLEAN_AUTOMATION=1): the daemon rematerializes what changed, nothing else.
+
+Every asset gets one condition, `changed_inputs_or_code`: requested for a partition when
+
+- one of its inputs has a new data version (for `chunks`/`queries`: a new `collection_files` observation,
+  which the sensor records only when the folder's content changed), or its code version changed (a
+  dense model's registry entry is part of that asset's code version), or an input will be requested on
+  this same tick (so an edit becomes one run of the partition's affected assets, not one run per level);
+- and it is materialized already (new collections are the sensor's: it adds the partition and runs it),
+  no input is missing and nothing involved is in progress.
+
+An input updated by a run that also materialized this asset does not count again (the
+`executed_with_root_target` filter, as in Dagster's `eager()`), so one edit is one run. Other
+partitions are untouched: conditions are evaluated per partition.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping
+
+import dagster as dg
+
+AUTOMATION_ENV = "RAG_CLEAN_AUTOMATION"
+AUTOMATION_SENSOR = "rag_clean_automation"
+
+
+def automation_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    value = (os.environ if environ is None else environ).get(AUTOMATION_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{AUTOMATION_ENV}={value!r}: expected 1 or 0")
+
+
+def changed_inputs_or_code() -> dg.AutomationCondition:
+    AC = dg.AutomationCondition
+    input_changed = AC.any_deps_match(
+        (AC.data_version_changed() & ~AC.executed_with_root_target()).with_label("new data version")
+        | AC.will_be_requested()
+    ).with_label("an input changed")
+    return (
+        (input_changed | AC.code_version_changed()).since_last_handled()
+        & ~AC.missing()
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    ).with_label("changed_inputs_or_code")
+
+
+def with_automation(assets: Iterable) -> list:
+    """The assets with the condition on every materializable one (source assets unchanged)."""
+    condition = changed_inputs_or_code()
+    out = []
+    for asset in assets:
+        if isinstance(asset, dg.AssetsDefinition) and asset.is_executable:
+            asset = asset.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition))
+        out.append(asset)
+    return out
+
+
+def automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    return dg.AutomationConditionSensorDefinition(
+        AUTOMATION_SENSOR, target=dg.AssetSelection.all(), minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING, emit_backfills=False,  # plain runs, one per partition
+        description=f"{AUTOMATION_ENV}=1: requests runs for the partitions whose inputs or code changed.")

@@ -1,0 +1,89 @@
+"""A Dagster asset backfill over three collections, as the UI's partition range launches one: the backfill
+daemon's iteration runs in this process against a real instance (temp DAGSTER_HOME) and the project's
+Definitions loaded as a code location; runs launch synchronously, one partition per run."""
+
+from __future__ import annotations
+
+import logging
+
+import dagster as dg
+from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.utils import make_new_backfill_id
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+from dagster._daemon.backfill import execute_backfill_iteration
+from dagster._time import get_current_timestamp
+
+from pipeline_helpers import write_collection
+from rag_clean.layout import StorageLayout
+from rag_clean.storage import read_embeddings
+from rag_clean_assets import definitions
+from rag_clean_assets.assets.common import BACKFILL_POLICY
+from rag_clean_assets.partitions import COLLECTIONS_PARTITION
+
+COLLECTIONS = ["alpha", "beta", "gamma"]
+
+
+def test_asset_backfill_of_three_collections(tmp_path, tiny_registry_path, monkeypatch):
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    for name in COLLECTIONS:
+        write_collection(data, name)
+    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "RAG_CLEAN_AUTOMATION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAG_CLEAN_MODEL_REGISTRY", str(tiny_registry_path))
+    monkeypatch.setenv("RAG_CLEAN_DATA_ROOT", str(data))
+    monkeypatch.setenv("RAG_CLEAN_STORAGE_ROOT", str(storage))
+    monkeypatch.setenv("RAG_CLEAN_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent.json"))
+    monkeypatch.chdir(tmp_path)  # no ./.env or ./config of the repo
+
+    overrides = {
+        "run_launcher": {"module": "dagster._core.launcher.sync_in_memory_run_launcher",
+                         "class": "SyncInMemoryRunLauncher"},
+        "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"},
+    }
+    (tmp_path / "home").mkdir()
+    origin = LoadableTargetOrigin(python_file=definitions.__file__, attribute="defs")
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home"), overrides=overrides) as instance, \
+            WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(
+                [InProcessCodeLocationOrigin(origin)])) as workspace:
+        instance.add_dynamic_partitions(COLLECTIONS_PARTITION, COLLECTIONS)
+        request = workspace.create_request_context()
+        assert not request.code_location_errors(), request.code_location_errors()
+        graph = request.asset_graph
+        keys = [k for k in graph.materializable_asset_keys]
+        assert all(graph.get(k).backfill_policy == BACKFILL_POLICY for k in keys)
+        backfill_id = make_new_backfill_id()
+        instance.add_backfill(PartitionBackfill.from_asset_partitions(
+            backfill_id=backfill_id, asset_graph=graph, partition_names=COLLECTIONS, asset_selection=keys,
+            backfill_timestamp=get_current_timestamp(), tags={}, dynamic_partitions_store=instance,
+            all_partitions=False, title="three collections", description=None, run_config=None))
+
+        logger = logging.getLogger("test_backfill")
+        for _ in range(10):  # each iteration launches what is ready; runs finish synchronously
+            errors = [e for e in execute_backfill_iteration(workspace, logger) if e is not None]
+            assert not errors, errors
+            status = instance.get_backfill(backfill_id).status
+            if status != BulkActionStatus.REQUESTED:
+                break
+        assert status == BulkActionStatus.COMPLETED_SUCCESS
+
+        runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+        assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+        # multi_run(1): one run per collection, never two collections in one run
+        ranges = [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+                  for r in runs]
+        assert sorted(ranges) == [(c, c) for c in COLLECTIONS]
+        for key in keys:
+            assert set(instance.get_materialized_partitions(key)) == set(COLLECTIONS), key
+
+    layout = StorageLayout(storage)
+    for name in COLLECTIONS:
+        for key in keys:
+            path = layout.asset_file(list(key.path), name)
+            assert path.is_file() or key.path == ["exports"], path  # exports: off, materialized as "disabled"
+        assert layout.summary_file(name).is_file()
+        assert read_embeddings(layout.asset_file(["fused_embeddings"], name)).vectors.shape[0] > 0
