@@ -41,8 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.records import ExportsRecord, ReuseCount
-from rag_clean.storage import (EmbeddingSet, StorageError, atomic_path, check_name, file_digest, path_under,
-                               write_json, write_table)
+from rag_clean.storage import (EmbeddingSet, StorageError, atomic_path, check_name, duplicate_id_rows, file_digest,
+                               path_under, write_json, write_table)
 
 TEXT_PREVIEW_CHARS = 500
 EXPORT_BLOCK_ROWS = 4096
@@ -133,21 +133,75 @@ def _check_aligned(name: str, emb: EmbeddingSet, chunks: pa.Table) -> None:
                           f"({len(emb)} rows vs {chunks.num_rows}); rematerialize it before exporting")
 
 
+SPARSE_COLUMNS = ["chunk_id", "term_ids", "weights", "fallback"]
+
+
 @dataclass
 class _SparseModelRows:
+    """One model's sparse rows in chunk order, handed out in blocks: from an in-memory table, or streamed
+    from the Parquet file (row groups) when the file holds them in chunk order (what the sparse stage writes)."""
+
     model: str
-    table: pa.Table  # rows of this model, in chunk order
+    table: pa.Table | None = None
+    file: pq.ParquetFile | None = None
+    rows: int = 0
+
+    def blocks(self, block_rows: int) -> Iterator[pa.Table]:
+        if self.table is not None:
+            for start in range(0, self.table.num_rows, block_rows):
+                yield self.table.slice(start, block_rows)
+            return
+        pending: list[pa.Table] = []
+        count = 0
+        for sub in _model_batches(self.file, self.model, SPARSE_COLUMNS, block_rows):
+            pending.append(sub)
+            count += sub.num_rows
+            while count >= block_rows:
+                joined = pa.concat_tables(pending)
+                yield joined.slice(0, block_rows)
+                rest = joined.slice(block_rows)
+                pending, count = ([rest] if rest.num_rows else []), rest.num_rows
+        if count:
+            yield pa.concat_tables(pending)
 
 
-def _sparse_by_model(sparse: pa.Table, models: Sequence[str], chunks: pa.Table) -> list[_SparseModelRows]:
-    """Each model's rows in chunk order. Rows stored in chunk order are used as they are; others are put
-    in order by an Arrow join on chunk_id (no Python list of ids)."""
+def _model_batches(file: pq.ParquetFile, model: str, columns: list[str], block_rows: int) -> Iterator[pa.Table]:
+    for batch in file.iter_batches(batch_size=block_rows, columns=[*columns, "model"]):
+        same = pc.equal(batch.column("model"), model)
+        if not pc.any(same).as_py():
+            continue
+        sub = batch if pc.all(same).as_py() else batch.filter(same)
+        yield pa.Table.from_batches([sub]).select(columns)
+
+
+def _in_chunk_order(file: pq.ParquetFile, model: str, chunks: pa.Table, block_rows: int) -> bool:
+    """Whether the file holds exactly one row per chunk for `model`, in chunk order (ids only are read)."""
+    ids, cursor = chunks.column("chunk_id").cast(pa.string()), 0
+    for sub in _model_batches(file, model, ["chunk_id"], block_rows):
+        n = sub.num_rows
+        if cursor + n > len(ids) or not sub.column("chunk_id").cast(pa.string()).equals(ids.slice(cursor, n)):
+            return False
+        cursor += n
+    return cursor == len(ids)
+
+
+def _sparse_by_model(sparse: "pa.Table | pq.ParquetFile", models: Sequence[str], chunks: pa.Table,
+                     block_rows: int = EXPORT_BLOCK_ROWS) -> list[_SparseModelRows]:
+    """Each model's rows in chunk order. A Parquet file whose rows are in chunk order is streamed; rows
+    stored in another order are put in order by an Arrow join on chunk_id (that model's rows in memory)."""
     out = []
     ids = chunks.column("chunk_id").cast(pa.string())
     value_set = ids.combine_chunks()
     for model in models:
-        sub = sparse.filter(pc.equal(sparse.column("model"), model)).select(["chunk_id", "term_ids", "weights",
-                                                                            "fallback"])
+        if isinstance(sparse, pq.ParquetFile):
+            if _in_chunk_order(sparse, model, chunks, max(block_rows, 65536)):
+                out.append(_SparseModelRows(model, file=sparse, rows=len(ids)))
+                continue
+            parts = list(_model_batches(sparse, model, SPARSE_COLUMNS, 65536))
+            sub = pa.concat_tables(parts) if parts else pa.table(
+                {c: pa.array([], sparse.schema_arrow.field(c).type) for c in SPARSE_COLUMNS})
+        else:
+            sub = sparse.filter(pc.equal(sparse.column("model"), model)).select(SPARSE_COLUMNS)
         if not (sub.num_rows == len(ids) and sub.column("chunk_id").cast(pa.string()).equals(ids)):
             position = pc.index_in(sub.column("chunk_id").cast(pa.string()), value_set=value_set)
             pos = position.fill_null(-1).to_numpy(zero_copy_only=False)
@@ -158,7 +212,7 @@ def _sparse_by_model(sparse: pa.Table, models: Sequence[str], chunks: pa.Table) 
                 raise ExportError(f"sparse_vectors for model {model!r} does not cover the current chunks "
                                   f"(missing e.g. {missing}); rematerialize sparse_vectors before exporting")
             sub = sub.take(pa.array(np.argsort(pos, kind="stable")))
-        out.append(_SparseModelRows(model, sub))
+        out.append(_SparseModelRows(model, table=sub, rows=sub.num_rows))
     return out
 
 
@@ -357,7 +411,7 @@ def write_exports(
     fused: EmbeddingSet,
     *,
     fusion: Mapping | None = None,
-    sparse: pa.Table | None = None,
+    sparse: "pa.Table | pq.ParquetFile | None" = None,
     sparse_models: Sequence[str] = (),
     summary: Mapping | Callable[[dict], Mapping] | None = None,
     block_rows: int = EXPORT_BLOCK_ROWS,
@@ -376,14 +430,15 @@ def write_exports(
         raise ValueError("block_rows must be > 0")
     files = export_files(export_dir, collection)
     files.folder.mkdir(parents=True, exist_ok=True)
-    if pc.count_distinct(chunks.column("chunk_id")).as_py() != chunks.num_rows:
+    if duplicate_id_rows(chunks.column("chunk_id")):  # streaming check: no set of every id
         raise ExportError(f"collection {collection!r}: chunk ids are not unique; cannot export")
     if not dense:
         raise ExportError(f"collection {collection!r}: no dense model vectors to export")
     for name, emb in dense.items():
         _check_aligned(f"dense_embeddings/{name}", emb, chunks)
     _check_aligned("fused_embeddings", fused, chunks)
-    sparse_rows = _sparse_by_model(sparse, list(sparse_models), chunks) if sparse is not None and sparse_models else []
+    sparse_rows = _sparse_by_model(sparse, list(sparse_models), chunks, block_rows) \
+        if sparse is not None and sparse_models else []
     sparse_names = _sparse_names([s.model for s in sparse_rows]) if sparse_rows else {}
     collision = set(sparse_names.values()) & (set(dense) | {FUSED_VECTOR_NAME})
     if FUSED_VECTOR_NAME in dense or collision:
@@ -412,8 +467,7 @@ def write_exports(
             with atomic_path(files.sparse) as tmp, open(tmp, "wb") as fh:
                 for rows in sparse_rows:
                     nnz_total = nnz_max = available = fallback_rows = 0
-                    for start in range(0, rows.table.num_rows, block_rows):
-                        block = rows.table.slice(start, block_rows)
+                    for block in rows.blocks(block_rows):
                         terms, weights = _FlatLists(block.column("term_ids")), _FlatLists(block.column("weights"))
                         fallback = block.column("fallback").to_numpy(zero_copy_only=False).astype(bool)
                         ids = block.column("chunk_id").to_pylist()
@@ -433,7 +487,7 @@ def write_exports(
                         nnz_max = max(nnz_max, int(terms.lengths.max()) if len(terms.lengths) else 0)
                         available += int((terms.lengths > 0).sum())
                         fallback_rows += int(fallback.sum())
-                    n_rows = rows.table.num_rows
+                    n_rows = rows.rows
                     stats["sparse"][rows.model] = {
                         "rows": n_rows, "available": available,
                         "nnz_mean": float(nnz_total / n_rows) if n_rows else 0.0, "nnz_max": nnz_max,
@@ -451,12 +505,14 @@ def write_exports(
     names = [n.encode() for n in dense] + [FUSED_VECTOR_NAME.encode()]
     try:
         with atomic_path(files.qdrant) as tmp, open(tmp, "wb") as fh:
+            sparse_iters = [s.blocks(block_rows) for s in sparse_rows]  # one reader per model, in step
             for start, block in _row_blocks(chunks, block_rows):
+                sparse_blocks = [next(it) for it in sparse_iters]
                 stop = start + len(block)
                 vector_blocks = [np.ascontiguousarray(emb.vectors[start:stop], dtype="<f4") for emb in dense.values()]
                 vector_blocks.append(np.ascontiguousarray(fused.vectors[start:stop], dtype="<f4"))
-                sparse_flat = [(sparse_names[s.model].encode(), _FlatLists(s.table.column("term_ids").slice(start, len(block))),
-                                _FlatLists(s.table.column("weights").slice(start, len(block)))) for s in sparse_rows]
+                sparse_flat = [(sparse_names[s.model].encode(), _FlatLists(b.column("term_ids")), _FlatLists(b.column("weights")))
+                               for s, b in zip(sparse_rows, sparse_blocks)]
                 heads, keys = [], []
                 for i, row in enumerate(block):
                     payload = {"chunk_id": row["chunk_id"], "collection": collection,
@@ -472,12 +528,12 @@ def write_exports(
 
                 sparse_lists: dict = {}
 
-                def line(i, start=start, n=len(block), heads=heads, vector_blocks=vector_blocks, lists=sparse_lists):
+                def line(i, heads=heads, vector_blocks=vector_blocks, lists=sparse_lists, sblocks=sparse_blocks):
                     vectors = {name: vec[i].tolist() for name, vec in zip(dense, vector_blocks)}
                     vectors[FUSED_VECTOR_NAME] = vector_blocks[-1][i].tolist()
-                    for s in sparse_rows:
+                    for s, b in zip(sparse_rows, sblocks):
                         if s.model not in lists:  # read only when some line of the block is formatted
-                            lists[s.model] = s.table.slice(start, n).select(["term_ids", "weights"]).to_pylist()
+                            lists[s.model] = b.select(["term_ids", "weights"]).to_pylist()
                         r = lists[s.model][i]
                         vectors[sparse_names[s.model]] = _sparse_vector(r["term_ids"], r["weights"])
                     return heads[i] + ',"vectors":' + _dumps(vectors) + "}"

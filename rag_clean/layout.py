@@ -10,6 +10,7 @@
     <root>/reranked/_cache/<kind>/<model>/<c>.parquet      retrieval caches: query-side vectors, rerank scores
     <root>/state/export_lines/<c>/<file kind>.parquet      byte ranges of the previous export's JSONL lines
     <root>/state/folder_hashes/<c>.json                    file digests behind a collection folder's version
+    <root>/state/token_ids/<c>/<tokenizer fingerprint>.arrow  token ids of the chunks, shared by models of one tokenizer
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
@@ -106,6 +107,10 @@ class StorageLayout:
 
     def events_file(self, collection: str) -> Path:
         return self.telemetry_dir(collection) / "events.jsonl"
+
+    def token_cache_file(self, collection: str, fingerprint: str) -> Path:
+        """Token ids of a collection's chunks for one tokenizer (rag_clean.encoders.token_cache)."""
+        return path_under(self.root, "state", "token_ids", check_name(collection), check_name(fingerprint, "tokenizer") + ".arrow")
 
     def budget_store_file(self) -> Path:
         return path_under(self.root, "state", "token_budgets.json")

@@ -51,14 +51,22 @@ def load_queries(collection_dir: Path, chunks: pa.Table) -> tuple[list[Query], s
     return heading_queries(chunks), "headings"
 
 
-def chunk_rows(chunks: pa.Table, chunk_ids: Sequence[str]) -> np.ndarray:
-    """Row of each id in `chunks` (-1 where absent), by Arrow's hash lookup: no Python list of every id."""
+def chunk_rows(chunks: pa.Table, chunk_ids: Sequence[str], block_rows: int = 65536) -> np.ndarray:
+    """Row of each id in `chunks` (-1 where absent). The lookup table is built over the ids asked for (few),
+    and the chunk_id column is scanned block by block: memory follows the question, not the collection."""
     if not len(chunk_ids):
         return np.zeros(0, np.int64)
-    column = chunks.column("chunk_id")
-    value_set = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    found = pc.index_in(pa.array(list(chunk_ids), value_set.type), value_set=value_set)
-    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    wanted = pa.array(list(chunk_ids), pa.string())
+    unique = pc.unique(wanted)
+    row_of = np.full(len(unique), -1, np.int64)
+    offset = 0
+    for batch in chunks.select(["chunk_id"]).to_batches(max_chunksize=block_rows):
+        hit = pc.index_in(batch.column(0).cast(pa.string()), value_set=unique).fill_null(-1)
+        hit = hit.to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(hit >= 0)
+        row_of[hit[rows]] = offset + rows
+        offset += batch.num_rows
+    return row_of[pc.index_in(wanted, value_set=unique).to_numpy(zero_copy_only=False).astype(np.int64)]
 
 
 def take_column(chunks: pa.Table, name: str, rows: Sequence[int]) -> list:

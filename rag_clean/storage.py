@@ -713,6 +713,8 @@ def read_embeddings(path: Path) -> EmbeddingSet:
     column = table.column("embedding")
     if column.num_chunks == 1:
         values = column.chunk(0).values
+    elif column.num_chunks == 0:  # a file of no rows has no record batch
+        values = pa.array([], pa.float32())
     else:
         values = pa.concat_arrays([c.values for c in column.chunks])
     vectors = values.to_numpy(zero_copy_only=len(table) > 0 and column.num_chunks == 1).reshape(len(table), dim)

@@ -50,11 +50,11 @@ def changed_inputs_or_code() -> dg.AutomationCondition:
 
 
 def with_automation(assets: Iterable) -> list:
-    """The assets with the condition on every materializable one (source assets unchanged)."""
+    """The assets with the condition on every materializable one (the observable collection_files unchanged)."""
     condition = changed_inputs_or_code()
     out = []
     for asset in assets:
-        if isinstance(asset, dg.AssetsDefinition) and asset.is_executable:
+        if isinstance(asset, dg.AssetsDefinition) and asset.is_materializable:
             asset = asset.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition))
         out.append(asset)
     return out

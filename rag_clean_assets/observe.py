@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 
 import dagster as dg
+from dagster._core.definitions.external_asset import create_external_asset_from_source_asset
 
 from rag_clean.folder_version import FolderVersion, folder_version
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION, collections_partitions
@@ -101,7 +102,7 @@ def record_read_version(context: dg.AssetExecutionContext, paths: PathsResource)
                 "digest of the relative paths and sha256 of every file chunks reads (hidden entries skipped); "
                 "observed by the collection sensor, so an edit shows that collection's chunks as stale.",
 )
-def collection_files(context, paths: PathsResource) -> dg.DataVersionsByPartition:
+def _collection_files(context, paths: PathsResource) -> dg.DataVersionsByPartition:
     versions = {}
     for name in context.instance.get_dynamic_partitions(COLLECTIONS_PARTITION):
         try:
@@ -109,3 +110,8 @@ def collection_files(context, paths: PathsResource) -> dg.DataVersionsByPartitio
         except Exception as exc:
             context.log.warning(f"collection {name!r}: folder not observed: {exc}")
     return dg.DataVersionsByPartition(versions)
+
+
+# As an AssetsDefinition (what Definitions makes of a source asset anyway), so code that walks the asset
+# list (`.keys`, `.specs`, `is_materializable`) treats it like every other asset.
+collection_files: dg.AssetsDefinition = create_external_asset_from_source_asset(_collection_files)

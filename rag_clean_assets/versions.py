@@ -8,18 +8,19 @@ every rerun -- even a no-op -- would mark the whole downstream graph changed.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 
 import dagster as dg
 import pyarrow as pa
 
-from rag_clean.registry import ModelSpec
-from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint
+from rag_clean.registry import ModelSpec, Registry
+from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint, sparse_fingerprint
 
 CHUNKS = "1"
 DENSE = "1"
-FUSED = "1"
-SPARSE = "1"
+FUSED = "2"   # 2: schema metadata `inputs` (dense fingerprints), rows reused from the previous file
+SPARSE = "2"  # 2: content_hash column, each model's rows in chunk order, fingerprint.<model> metadata
 QUERIES = "1"
 RERANKED = "1"
 EXPORTS = "1"
@@ -32,11 +33,32 @@ DATA_VERSION_TAG = "dagster/data_version"
 STATUS_TAG = "rag_clean/status"
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def dense_code_version(spec: ModelSpec) -> str:
     """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
     code change of that asset (its vectors change), so it and its downstream become unsynced. The
     fingerprint covers the weights too (digests cached under the configured storage root's state dir)."""
     return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec, default_digest_cache()).encode()).hexdigest()[:12]}"
+
+
+# The other assets that read registry entries, likewise: an edit there is a code change of that asset.
+def sparse_code_version(registry: Registry) -> str:
+    cache = default_digest_cache()
+    return f"{SPARSE}-{_digest([sparse_fingerprint(s, cache) for s in registry.sparse])}"
+
+
+def fused_code_version(registry: Registry) -> str:
+    """Fusion method and the dense models' weights (the fused vectors are built with them)."""
+    return f"{FUSED}-{_digest([registry.fusion_method, [(s.name, float(s.weight)) for s in registry.dense]])}"
+
+
+def reranked_code_version(registry: Registry) -> str:
+    spec = registry.rerank
+    fingerprint = None if spec is None else [model_fingerprint(spec, default_digest_cache()), list(spec.fallbacks)]
+    return f"{RERANKED}-{_digest(fingerprint)}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

@@ -26,6 +26,8 @@ from resources.paths import PathsResource
 # Stages that can be switched off (sparse toggle, dense models outside ensemble_models): a missing
 # file loads as None so the consumer decides, instead of failing the whole downstream graph.
 OPTIONAL_INPUT_ROOTS = ("sparse_vectors", "dense_embeddings")
+# AssetIn metadata: hand the consumer an open pyarrow.parquet.ParquetFile instead of the whole table.
+LAZY_INPUT = "rag_clean/lazy"
 
 def to_dagster_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """Engine metadata -> Dagster metadata (path/JSON markers; numpy scalars become Python numbers)."""
@@ -119,6 +121,9 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
             raise StorageError(
                 f"{path} does not exist: materialize {context.asset_key.to_user_string()} for {_collection(context)!r} first"
             )
+        if path.suffix == ".parquet" and (context.definition_metadata or {}).get(LAZY_INPUT):
+            # The consumer reads it block by block (row groups): nothing is decoded up front.
+            return pq.ParquetFile(str(path), memory_map=True)
         if path.suffix == ".arrow":
             # Memory-mapped: the loaded value's buffers are file pages (zero-copy, no anonymous memory).
             return read_embeddings(path) if is_embedding_file(context.asset_key.path) else read_arrow_table(path)

@@ -50,6 +50,7 @@ class EncodeStats:
     token_budget_start: int | None = None
     token_budget_final: int | None = None
     fallback: dict | None = None  # {"applied": bool, "reason": str, "source": str} when a fallback path ran
+    token_cache: dict | None = None  # {"file", "hits", "misses"} when chunk token ids came through a TokenCache
 
     @property
     def items(self) -> int:

@@ -13,12 +13,18 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 
 from rag_clean.encoders.base import EncoderError
-from rag_clean.encoders.device import device_name
 from rag_clean.storage import atomic_path
+
+
+def device_name(device) -> str:
+    # torch loads only when a controller is made: every Dagster step process imports the assets, and
+    # most steps (checks, queries, fusion, exports) never encode, so they should not pay for torch.
+    from rag_clean.encoders.device import device_name as name
+
+    return name(device)
 
 DEFAULT_CPU_TOKEN_BUDGET = 8192
 DEFAULT_CUDA_TOKEN_BUDGET_CAP = 131072
@@ -68,6 +74,8 @@ class BudgetStore:
 def size_budget_to_memory(device: torch.device, bytes_per_token: int, cap: int = DEFAULT_CUDA_TOKEN_BUDGET_CAP,
                           fraction: float = 0.5) -> int:
     """Tokens whose activations fit in `fraction` of the device's free memory, at most `cap`."""
+    import torch
+
     free, _total = torch.cuda.mem_get_info(device)
     return int(max(1024, min(cap, free * fraction // max(bytes_per_token, 1))))
 

@@ -125,6 +125,20 @@ class Tokenizer:
             self.rust = RustTokenizer.from_str(core.to_str())
             self.rust.no_padding()
             self.rust.enable_truncation(self.max_length, strategy="longest_first")
+        self.cache_pass = None  # a token_cache.TokenCachePass while a stage encodes a collection's chunks
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Identity of what this tokenizer makes of a text (its max_length aside); None for slow tokenizers
+        or token-type models (pairs), which the token cache does not serve."""
+        if self.rust is None or self.with_type_ids:
+            return None
+        if self._fingerprint is None:
+            from rag_clean.encoders.token_cache import tokenizer_fingerprint
+
+            self._fingerprint = tokenizer_fingerprint(self.rust, self.lowercase)
+        return self._fingerprint
 
     def _encode_chunk(self, texts: list[str], pairs: list[str] | None):
         if self.lowercase:
@@ -136,7 +150,7 @@ class Tokenizer:
             encs = encode(inputs, add_special_tokens=True)
             ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
             types = [np.asarray(e.type_ids, dtype=np.int32) for e in encs] if self.with_type_ids else None
-            return ids, types, sum(1 for e in encs if e.overflowing)
+            return ids, types, [bool(e.overflowing) for e in encs]
         enc = self.hf(
             texts,
             pairs,
@@ -149,13 +163,19 @@ class Tokenizer:
         ids = [np.asarray(r, dtype=np.int32) for r in enc["input_ids"]]
         types = [np.asarray(r, dtype=np.int32) for r in enc["token_type_ids"]] if self.with_type_ids else None
         # Slow tokenizers do not say what they cut: a row that fills max_length counts as truncated.
-        return ids, types, sum(1 for r in ids if len(r) >= self.max_length)
+        return ids, types, [len(r) >= self.max_length for r in ids]
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, start: int = 0) -> TokenWindow:
         t0 = time.perf_counter()
         texts = list(texts)
         pairs = None if pairs is None else list(pairs)
         check_strings(texts, pairs, start)
+        if self.cache_pass is not None and pairs is None:
+            # Chunk texts under a TokenCache scope: ids shared with earlier models of the same tokenizer.
+            id_rows, truncated = self.cache_pass.encode(texts, lambda rows: self._encode_chunk(rows, None))
+            window = TokenWindow.from_rows(start, id_rows, None, seconds=time.perf_counter() - t0)
+            window.truncated = truncated
+            return window
         n = len(texts)
         if self.rust is not None:
             # One call: the Rust core spreads it over all cores without the GIL. (Several calls in
@@ -172,7 +192,7 @@ class Tokenizer:
         id_rows = [r for ids, _, _ in results for r in ids]
         type_rows = [r for _, ty, _ in results for r in ty] if self.with_type_ids else None
         window = TokenWindow.from_rows(start, id_rows, type_rows, seconds=time.perf_counter() - t0)
-        window.truncated = sum(cut for _, _, cut in results)
+        window.truncated = sum(sum(cut) for _, _, cut in results)
         return window
 
 

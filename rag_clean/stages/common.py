@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from rag_clean.records import StageRecord
 from rag_clean.registry import ModelSpec
-from rag_clean.storage import EmbeddingWriter, TableWriter, file_digest, write_json
+from rag_clean.digests import DigestCache
+from rag_clean.storage import EmbeddingWriter, TableWriter
 from rag_clean.telemetry import utc_now
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,7 @@ def _model_folder(spec: ModelSpec) -> Path | None:
     return None
 
 
-_DIGESTS: dict[str, list] = {}  # file path -> [size, mtime_ns, sha256], this process's cache
-
-
-def _load_digest_cache(cache_file: Path | None) -> dict[str, list]:
-    if cache_file is None or not cache_file.exists():
-        return {}
-    try:
-        data = json.loads(cache_file.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):  # a damaged cache is only a slower run
-        return {}
+_DIGESTS: dict[str, list] = {}  # file path -> [size, mtime_ns, sha256], this process's memo
 
 
 def weights_digest(spec: ModelSpec, cache_file: Path | None = None) -> str:
@@ -71,26 +62,16 @@ def weights_digest(spec: ModelSpec, cache_file: Path | None = None) -> str:
     folder = _model_folder(spec)
     if folder is None:
         return "unresolved"
-    stored = _load_digest_cache(cache_file)
-    changed = False
+    if cache_file is None:  # callers without a layout still share the configured storage root's cache
+        cache_file = default_digest_cache()
+    digests = DigestCache(cache_file, memo=_DIGESTS)
     overall = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if any(part.startswith(".") for part in path.relative_to(folder).parts) or rel.endswith(_NOT_MODEL_FILES):
             continue
-        st = path.stat()
-        key = str(path.resolve())
-        entry = _DIGESTS.get(key) or stored.get(key)
-        if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]):
-            entry = [st.st_size, st.st_mtime_ns, file_digest(path)]
-            changed = True
-        _DIGESTS[key] = stored[key] = entry
-        overall.update(f"{rel}\0{entry[2]}\n".encode())
-    if changed and cache_file is not None:
-        try:
-            write_json(cache_file, stored)
-        except OSError as exc:
-            log.warning(f"weights digest cache {cache_file} not written ({exc}); the next run hashes again")
+        overall.update(f"{rel}\0{digests.digest(str(path.resolve()), path)}\n".encode())
+    digests.save()
     return overall.hexdigest()
 
 

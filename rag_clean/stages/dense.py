@@ -26,7 +26,7 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
                     previous: EmbeddingSet | None = None, budget_store=None, token_budget: int | None = None,
                     joint: JointOutputs | None = None, ray: RayPlan | None = None,
                     progress: Callable[[str], None] | None = None,
-                    digest_cache: Path | None = None) -> tuple[EmbeddingWriter, DenseRecord]:
+                    digest_cache: Path | None = None, token_cache=None) -> tuple[EmbeddingWriter, DenseRecord]:
     """Embed every chunk with one model (reusing vectors of unchanged chunks), streaming to a staged file.
 
     The model is loaded, used and released inside this call: one model resident at a time.
@@ -36,7 +36,9 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     (rag_clean.distributed) and written into the same writer; a joint pass still runs in-process.
     `progress` gets a done/total, rate and ETA line at most every 10 s while the model encodes.
     `digest_cache` (StorageLayout.weights_digest_file) keeps the model files' digests across runs.
+    `token_cache` (encoders.token_cache.TokenCache) shares chunk token ids with other models of the same tokenizer.
     """
+    from rag_clean.encoders import token_cache as tc
     from rag_clean.encoders.factory import load_dense_encoder
 
     chunk_ids = chunks.column("chunk_id")
@@ -86,8 +88,10 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
                 subset = ArrowTexts(texts, pass_rows)  # taken window by window as the encoder tokenizes
                 meter = ProgressLog(f"{spec.name}", len(subset), progress)
                 if side is None:
-                    for local_idx, vectors in track(encoder.encode(subset), meter, encoder.stats):
-                        writer.write(pass_rows[local_idx], truncate_and_normalize(vectors, spec.truncate_dim, model=spec.name))
+                    with tc.scope(token_cache, encoder):
+                        for local_idx, vectors in track(encoder.encode(subset), meter, encoder.stats):
+                            writer.write(pass_rows[local_idx],
+                                         truncate_and_normalize(vectors, spec.truncate_dim, model=spec.name))
                 else:
                     side.loaded_source = encoder.source
                     for local_idx, vectors, sparse_rows, colbert_rows in track(encoder.encode_joint(subset), meter,
@@ -101,8 +105,8 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
                 stats = encoder.stats
             finally:
                 encoder.close()  # released before the next model of the ensemble hydrates
-        else:
-            out_dim = previous.dim
+        else:  # every row reused (or no chunks at all)
+            out_dim = previous.dim if len(reuse_dst) else (spec.output_dim or 0)
             writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
                                      {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
         for start in range(0, len(reuse_dst), ROW_BLOCK):

@@ -19,7 +19,7 @@ from rag_clean.registry import ModelSpec
 from rag_clean.storage import StorageError, publish, temp_path_for
 from rag_clean.reuse import complement, match_parquet, match_rows
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint, sparse_fingerprint
-from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
+from rag_clean.stages.sparse_rows import SparseScratch, VectorRowsScratch, scatter_previous
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +80,11 @@ def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[
                              budget_store=budget_store, token_budget=token_budget)
 
 
-def _list_array(rows: Sequence[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    """list<value_type> from per-row arrays without a Python list per element."""
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum([len(r) for r in rows], out=offsets[1:])
-    values = np.concatenate(rows) if rows else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
-
-
-def _colbert_array(rows: Sequence[np.ndarray], dim: int) -> pa.ListArray:
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum([len(r) for r in rows], out=offsets[1:])
-    flat = np.concatenate([np.asarray(r, np.float32).reshape(-1) for r in rows]) if rows else np.zeros(0, np.float32)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), dim)
-    return pa.ListArray.from_arrays(pa.array(offsets), inner)
-
-
 class JointSideFiles:
     """The staged side files of one joint pass: lexical rows for the sparse partner, ColBERT vectors.
 
-    Lexical rows are gathered in scratch files (stages.sparse_rows) and written in chunk order, so an
-    incremental file equals a full one; ColBERT rows stream to their file in the order batches finish
-    (readers look rows up by chunk_id / content_hash). Rows of unchanged chunks are copied from the
+    Lexical rows and ColBERT vectors are gathered in scratch files (stages.sparse_rows) in any order and
+    written in chunk order, so an incremental file equals a full one. Rows of unchanged chunks are copied from the
     previous files when those match the fingerprint, so the published files cover every current chunk.
     """
 
@@ -122,7 +105,7 @@ class JointSideFiles:
         self._colbert_tmp = temp_path_for(joint.colbert_path) if joint.colbert_path else None
         self._scratch = (SparseScratch(joint.sparse_path, self.n, joint.sparse_spec.top_k, "joint")
                          if joint.sparse_path is not None else None)
-        self._colbert_sink = self._colbert_writer = self._colbert_schema = None
+        self._colbert_scratch: VectorRowsScratch | None = None
         self.colbert_dim: int | None = None
         self.counts = {"sparse_rows": 0, "sparse_reused": 0, "colbert_rows": 0, "colbert_reused": 0}
 
@@ -174,20 +157,10 @@ class JointSideFiles:
 
     # ---- writing
 
-    def _ids(self, rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
-        index = pa.array(np.asarray(rows, dtype=np.int64))
-        return self.chunk_ids.take(index), self.hashes.take(index)
-
-    def _write_colbert(self, table: pa.Table) -> None:
-        if self._colbert_writer is None:
-            self.joint.colbert_path.parent.mkdir(parents=True, exist_ok=True)
-            schema = colbert_schema(self.colbert_dim, {"fingerprint": self.colbert_fp, "model": self.spec.name,
-                                                       "loaded_source": self.loaded_source or self.spec.source})
-            self._colbert_sink = pa.OSFile(str(self._colbert_tmp), "wb")
-            self._colbert_writer = ipc.new_file(self._colbert_sink, schema)
-            self._colbert_schema = schema
-        self._colbert_writer.write_table(table.cast(self._colbert_schema))
-        self.counts["colbert_rows"] += len(table)
+    def _colbert_rows(self) -> VectorRowsScratch:
+        if self._colbert_scratch is None:
+            self._colbert_scratch = VectorRowsScratch(self.joint.colbert_path, self.n, self.colbert_dim, "colbert")
+        return self._colbert_scratch
 
     def write(self, rows: np.ndarray, sparse_rows, colbert_rows) -> None:
         """One batch of the pass: `rows` are chunk indices."""
@@ -196,21 +169,16 @@ class JointSideFiles:
         if self.joint.colbert_path is not None:
             if self.colbert_dim is None:
                 self.colbert_dim = int(colbert_rows[0].shape[1])
-            ids, hashes = self._ids(rows)
-            self._write_colbert(pa.table([ids, hashes, _colbert_array(colbert_rows, self.colbert_dim)],
-                                         names=["chunk_id", "content_hash", "token_vectors"]))
+            self._colbert_rows().write(rows, colbert_rows)
 
     def _copy_previous_colbert(self, rows: np.ndarray) -> int:
         cur, src = self._prev_colbert_rows
         pos = np.searchsorted(cur, rows)  # cur is ascending; every row in `rows` is in it (load_previous)
-        copied = 0
+        column = self._prev_colbert.column("token_vectors")
         for start in range(0, len(rows), ROW_BLOCK):
-            block = rows[start:start + ROW_BLOCK]
-            taken = self._prev_colbert.select(["token_vectors"]).take(pa.array(src[pos[start:start + ROW_BLOCK]]))
-            ids, hashes = self._ids(block)
-            self._write_colbert(pa.table([ids, hashes, *taken.columns], names=["chunk_id", "content_hash", "token_vectors"]))
-            copied += len(block)
-        return copied
+            taken = column.take(pa.array(src[pos[start:start + ROW_BLOCK]]))
+            self._colbert_rows().write_lists(rows[start:start + ROW_BLOCK], taken)
+        return int(len(rows))
 
     def finish(self, exclude: np.ndarray) -> None:
         """Copy previous rows of chunks the pass skipped, then publish both files atomically."""
@@ -236,11 +204,19 @@ class JointSideFiles:
         if self.joint.colbert_path is not None:
             if len(skipped):
                 self.counts["colbert_reused"] = self._copy_previous_colbert(skipped)
-            if self._colbert_writer is None:
-                self.colbert_dim = self.colbert_dim or self.spec.dim or 0
-                self._write_colbert(colbert_schema(self.colbert_dim).empty_table())
-            self._colbert_writer.close()
-            self._colbert_sink.close()
+            if self.colbert_dim is None:  # no row at all
+                self.colbert_dim = self.spec.dim or 0
+            scratch = self._colbert_rows()
+            schema = colbert_schema(self.colbert_dim, {"fingerprint": self.colbert_fp, "model": self.spec.name,
+                                                       "loaded_source": self.loaded_source or self.spec.source})
+            # In chunk order, block by block: an incremental file equals a full one.
+            with pa.OSFile(str(self._colbert_tmp), "wb") as sink, ipc.new_file(sink, schema) as writer:
+                for start, stop, vectors in scratch.blocks():
+                    writer.write_table(pa.table([self.chunk_ids.slice(start, stop - start),
+                                                 self.hashes.slice(start, stop - start), vectors], schema=schema))
+            self.counts["colbert_rows"] = self.n
+            scratch.close()
+            self._colbert_scratch = None
         self._prev_colbert = None  # drop the memory map of the file about to be replaced
         if self._sparse_tmp is not None:
             publish(self._sparse_tmp, self.joint.sparse_path)
@@ -248,12 +224,9 @@ class JointSideFiles:
             publish(self._colbert_tmp, self.joint.colbert_path)
 
     def abort(self) -> None:
-        for closer in (self._colbert_writer, self._colbert_sink):
-            if closer is not None:
-                try:
-                    closer.close()
-                except Exception:  # already closed or half written: the temp file is removed below anyway
-                    pass
+        if self._colbert_scratch is not None:
+            self._colbert_scratch.close()
+            self._colbert_scratch = None
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None

@@ -128,20 +128,20 @@ def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: li
     first_q = {k: i for i, k in reversed(list(enumerate(q_keys)))}
     text_of_m = {m_keys[r]: masked[r] for r in rows}
     for spec in specs:
-        fp = fingerprint(model_fingerprint(spec), device, query_instruction=spec.query_instruction or "")
+        fp = fingerprint(model_fingerprint(spec, caches.digest_cache), device, query_instruction=spec.query_instruction or "")
         qc = caches.open("query_vectors", spec, "vector", fp)
         mc = caches.open("masked_gold", spec, "vector", fp)
         need_q, need_m = qc.missing(q_keys), mc.missing(m_keys[r] for r in rows)
         if need_q or need_m:
             encoder = load_dense_encoder(spec, device)
-            one_text_per_forward(encoder)
             try:
-                if need_q:
-                    for k, v in zip(need_q, encoder.encode_queries([q_texts[first_q[k]] for k in need_q])):
-                        qc.put(k, v)
-                if need_m:
-                    for k, v in zip(need_m, encoder.encode_all([text_of_m[k] for k in need_m])):
-                        mc.put(k, v)
+                with one_text_per_forward(encoder, device):
+                    if need_q:
+                        for k, v in zip(need_q, encoder.encode_queries([q_texts[first_q[k]] for k in need_q])):
+                            qc.put(k, v)
+                    if need_m:
+                        for k, v in zip(need_m, encoder.encode_all([text_of_m[k] for k in need_m])):
+                            mc.put(k, v)
             finally:
                 encoder.close()
         width = spec.truncate_dim or spec.dim
@@ -169,7 +169,7 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
     first_q = {k: i for i, k in reversed(list(enumerate(q_keys)))}
     text_of_m = {m_keys[r]: masked[r] for r in rows}
     for spec in specs:
-        fp = fingerprint(model_fingerprint(spec), device, top_k=getattr(spec, "top_k", None))
+        fp = fingerprint(model_fingerprint(spec, caches.digest_cache), device, top_k=getattr(spec, "top_k", None))
         qc = caches.open("sparse_queries", spec, "sparse", fp)
         mc = caches.open("sparse_masked", spec, "sparse", fp)
         need_q, need_m = qc.missing(q_keys), mc.missing(m_keys[r] for r in rows)
@@ -184,13 +184,13 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
                 log.debug(msg)  # surfaced once, by whoever runs the stage, from record.warnings
                 record.warnings.append(msg)
                 continue
-            one_text_per_forward(encoder)
             try:
-                for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
-                                           (mc, need_m, [text_of_m[k] for k in need_m])):
-                    for idx, batch in (encoder.encode(texts) if texts else ()):
-                        for i, row in zip(idx, batch):
-                            cache.put(keys[i], row)
+                with one_text_per_forward(encoder, device):
+                    for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
+                                               (mc, need_m, [text_of_m[k] for k in need_m])):
+                        for idx, batch in (encoder.encode(texts) if texts else ()):
+                            for i, row in zip(idx, batch):
+                                cache.put(keys[i], row)
             finally:
                 encoder.close()
         q_rows = [qc.get(k) for k in q_keys]
@@ -209,17 +209,19 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                         config: RetrievalConfig, device: str | list[str],
                         dense_sets: Mapping[str, EmbeddingSet] | None = None,
                         cache_path: Callable[[str, str], Path] | None = None,
-                        hash_key: bytes | None = None) -> tuple[pa.Table, RerankRecord]:
+                        hash_key: bytes | None = None,
+                        digest_cache: Path | None = None) -> tuple[pa.Table, RerankRecord]:
     """Hybrid candidates, cross-encoder rerank of the top K, metrics; see docs/retrieval.md.
 
     `sparse`: the stored sparse_vectors (a table, or its Parquet file, read block by block). `cache_path(kind,
     model asset name)`: where the retrieval caches live (StorageLayout.retrieval_cache_file); None: no cache.
-    `hash_key`: the query HMAC key (privacy.query_key), which keys the caches."""
+    `hash_key`: the query HMAC key (privacy.query_key), which keys the caches. `digest_cache`: the model weights
+    digest cache (StorageLayout.weights_digest_file) behind the fingerprints."""
     if not _same_chunks(fused, chunks):
         raise StorageError("fused_embeddings was computed for other chunks than the current `chunks`; rematerialize it")
     search_device = _first_device(device)
     key = query_key() if hash_key is None else hash_key
-    caches = RetrievalCaches(cache_path)
+    caches = RetrievalCaches(cache_path, digest_cache)
     q_texts = [q.text for q in queries]
     q_keys = [query_hash(t, key) for t in q_texts]
     gold_ids = [list(q.gold_chunk_ids) for q in queries]
@@ -375,7 +377,7 @@ def _rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str
     passage_key = {d: m_keys.get(d, hashes[d]) for d in rows.tolist()}
     pair_keys = [[f"{q_keys[qi]}|{passage_key[d]}" for d in h] for qi, h in enumerate(heads)]
     cache = caches.open("rerank_pairs", rerank_spec, "score",
-                        fingerprint(model_fingerprint(rerank_spec), device, sources=rerank_spec.candidate_sources()))
+                        fingerprint(model_fingerprint(rerank_spec, caches.digest_cache), device, sources=rerank_spec.candidate_sources()))
     need = cache.missing(k for ks in pair_keys for k in ks)
     # Every pair scored before by the registry's first choice: nothing to load (a fallback is re-resolved,
     # since the first choice may load now).

@@ -179,7 +179,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                      budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
                      sink_path: Path | None = None, previous: Path | None = None, ray: RayPlan | None = None,
                      progress: Callable[[str], None] | None = None, digest_cache: Path | None = None,
-                     ) -> tuple[pa.Table | TableWriter, SparseRecord]:
+                     token_cache=None) -> tuple[pa.Table | TableWriter, SparseRecord]:
     """Term weights per chunk from each spec, into a staged Parquet file at `sink_path` (published by the caller).
 
     Each model's rows are gathered in scratch files in any order (encoded rows, rows reused from
@@ -190,6 +190,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
     Without `sink_path`, the rows are returned as an in-memory table (small inputs, tests).
     With `ray` (RunPlan.ray) each model encodes on a Ray actor pool (rag_clean.distributed); a failure
     there takes the same metadata fallback as a local one.
+    `token_cache` (encoders.token_cache.TokenCache) shares chunk token ids with other models of the same tokenizer.
     """
     scratch_dir = None
     if sink_path is None:
@@ -235,7 +236,8 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                     to_compute = complement(reuse_rows, n)
                     try:
                         if len(to_compute):
-                            _encode_into(scratch, spec, texts, to_compute, device, budget_store, ray, progress, record)
+                            _encode_into(scratch, spec, texts, to_compute, device, budget_store, ray, progress, record,
+                                         token_cache)
                         if prior is not None:
                             scatter_previous(scratch, prior.path, prior.current, prior.rows)
                             reused = len(prior.current)
@@ -272,7 +274,8 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
 
 
 def _encode_into(scratch: SparseScratch, spec: ModelSpec, texts: pa.ChunkedArray, rows: np.ndarray, device,
-                 budget_store, ray: RayPlan | None, progress, record: SparseRecord) -> None:
+                 budget_store, ray: RayPlan | None, progress, record: SparseRecord, token_cache=None) -> None:
+    from rag_clean.encoders import token_cache as tc
     from rag_clean.encoders.factory import load_sparse_encoder
 
     if ray is not None:
@@ -283,8 +286,9 @@ def _encode_into(scratch: SparseScratch, spec: ModelSpec, texts: pa.ChunkedArray
         encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
     try:
         meter = ProgressLog(spec.name, len(rows), progress)
-        for idx, batch in track(encoder.encode(ArrowTexts(texts, rows)), meter, encoder.stats):
-            scratch.write(rows[idx], [t for t, _ in batch], [w for _, w in batch])
+        with tc.scope(token_cache, encoder):
+            for idx, batch in track(encoder.encode(ArrowTexts(texts, rows)), meter, encoder.stats):
+                scratch.write(rows[idx], [t for t, _ in batch], [w for _, w in batch])
         record.per_model[spec.name] = encoder.stats.to_dict()
         record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
         record.devices.append(encoder.stats.device)

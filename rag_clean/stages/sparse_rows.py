@@ -141,3 +141,71 @@ def scatter_previous(scratch: SparseScratch, path: Path, current_rows: np.ndarra
             scratch.write_lists(current_rows[lo:hi], group.column("term_ids").take(local),
                                 group.column("weights").take(local))
         base += size
+
+
+class VectorRowsScratch:
+    """Like SparseScratch, for rows of token vectors ([tokens, dim] float32 per row: ColBERT)."""
+
+    def __init__(self, beside: Path, n: int, dim: int, label: str):
+        self.n, self.dim, self.label = int(n), int(dim), label
+        base = Path(beside)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self._paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}"))
+                       for part in ("vec.bin", "start.npy", "len.npy")]
+        self._values = open(self._paths[0], "wb+")
+        self.starts = np.lib.format.open_memmap(self._paths[1], mode="w+", dtype=np.int64, shape=(self.n,))
+        self.lengths = np.lib.format.open_memmap(self._paths[2], mode="w+", dtype=np.int32, shape=(self.n,))
+        self.lengths[:] = -1
+        self._count = 0  # token vectors written
+
+    def _append(self, rows: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> None:
+        if flat.size != int(lengths.sum()) * self.dim:
+            raise ValueError(f"{self.label}: token vectors are not {self.dim}-d")
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        self._values.write(np.ascontiguousarray(flat, dtype=np.float32).tobytes())
+        self.starts[rows] = starts + self._count
+        self.lengths[rows] = lengths
+        self._count += int(lengths.sum())
+
+    def write(self, rows: np.ndarray, vectors: Sequence[np.ndarray]) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        vectors = [np.asarray(v, dtype=np.float32).reshape(-1, self.dim) for v in vectors]
+        lengths = np.fromiter((len(v) for v in vectors), dtype=np.int64, count=len(vectors))
+        self._append(rows, lengths, np.concatenate(vectors).reshape(-1))
+
+    def write_lists(self, rows: np.ndarray, column) -> None:
+        """Rows from a stored list<fixed_size_list<float32, dim>> column."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        column = _flat_list(column)
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        inner = column.values.values.to_numpy(zero_copy_only=False)
+        base = column.values.offset * self.dim
+        self._append(rows, np.diff(offsets), inner[base + offsets[0] * self.dim: base + offsets[-1] * self.dim])
+
+    def blocks(self) -> Iterator[tuple[int, int, pa.ListArray]]:
+        missing = np.flatnonzero(np.asarray(self.lengths) < 0)
+        if len(missing):
+            raise ValueError(f"{self.label}: {len(missing)} rows never written (first: row {missing[0]})")
+        self._values.flush()
+        values = (np.memmap(self._paths[0], dtype=np.float32, mode="r").reshape(-1, self.dim) if self._count
+                  else np.zeros((0, self.dim), np.float32))
+        for start in range(0, self.n, BLOCK):
+            stop = min(start + BLOCK, self.n)
+            lengths = np.asarray(self.lengths[start:stop], dtype=np.int64)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            gather = np.repeat(np.asarray(self.starts[start:stop]) - offsets[:-1], lengths) + np.arange(offsets[-1])
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(values[gather].reshape(-1), pa.float32()), self.dim)
+            yield start, stop, pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
+        del values
+
+    def close(self) -> None:
+        self._values.close()
+        self.starts = self.lengths = None
+        for path in self._paths:
+            path.unlink(missing_ok=True)

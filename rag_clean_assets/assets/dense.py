@@ -7,6 +7,7 @@ import pyarrow as pa
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.records import DenseRecord
 from rag_clean.registry import ModelSpec
+from rag_clean.encoders.token_cache import TokenCache
 from rag_clean.stages import joint_outputs, run_dense_stage
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.storage import StorageError, read_embeddings
@@ -70,7 +71,8 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
             writer, record = run_dense_stage(current, chunks, lease_target(lease), target, previous=previous,
                                              budget_store=BudgetStore(layout.budget_store_file()), joint=joint,
                                              ray=plan.ray, progress=context.log.info,
-                                             digest_cache=layout.weights_digest_file())
+                                             digest_cache=layout.weights_digest_file(),
+                                             token_cache=TokenCache.for_collection(layout, context.partition_key))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         if record.joint is not None:

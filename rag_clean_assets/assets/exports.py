@@ -6,6 +6,7 @@ from typing import Optional
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rag_clean.exports import write_exports
 from rag_clean.records import ExportsRecord
@@ -17,6 +18,7 @@ from rag_clean_assets.assets.common import run_plan, stage_asset, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
+from resources.io_manager import LAZY_INPUT
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -30,7 +32,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
     @dg.asset(
         key=EXPORTS_KEY,
         ins={"chunks": dg.AssetIn(key="chunks"), "fused_embeddings": dg.AssetIn(key="fused_embeddings"),
-             "sparse_vectors": dg.AssetIn(key="sparse_vectors"), **dense_ins},
+             "sparse_vectors": dg.AssetIn(key="sparse_vectors", metadata={LAZY_INPUT: True}), **dense_ins},
         # After reranked, so the summary copy covers every stage of the run.
         deps=[dg.AssetKey("reranked")],
         **stage_asset(group="exports", kinds={"numpy", "json"}, code_version=versions.EXPORTS,
@@ -42,7 +44,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
                     "EMBEDDER_ENABLE_EXPORTS=1 or run config). Value: the files written with bytes and sha256.",
     )
     def exports(context: dg.AssetExecutionContext, chunks: pa.Table, fused_embeddings: EmbeddingSet,
-                sparse_vectors: pa.Table | None, registry: ModelRegistryResource, settings: EmbedderSettingsResource,
+                sparse_vectors: pq.ParquetFile | None, registry: ModelRegistryResource, settings: EmbedderSettingsResource,
                 paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
         timer = StageTimer()
         plan = run_plan(context, registry, settings)

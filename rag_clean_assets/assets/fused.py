@@ -27,7 +27,7 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
     @dg.asset(
         key=FUSED_KEY,
         ins={"chunks": dg.AssetIn(key="chunks"), **ins},
-        **stage_asset(group="embeddings", kinds={"numpy", "arrow"}, code_version=versions.FUSED,
+        **stage_asset(group="embeddings", kinds={"numpy", "arrow"}, code_version=versions.fused_code_version(registry),
                       gpu=False),
         description="Weighted fusion of the dense models. concat (default): each unit vector scaled by sqrt(weight), "
                     "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",

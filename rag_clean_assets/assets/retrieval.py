@@ -5,6 +5,7 @@ from typing import Optional
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rag_clean.privacy import query_key
 from rag_clean.records import QueriesRecord
@@ -26,6 +27,7 @@ from rag_clean_assets import versions
 from rag_clean_assets.observe import COLLECTION_FILES
 from rag_clean_assets.versions import versioned
 from resources.gpu_lease import GpuLeaseResource
+from resources.io_manager import LAZY_INPUT
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -55,16 +57,16 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
 
     @dg.asset(
         ins={"chunks": dg.AssetIn(key="chunks"), "queries": dg.AssetIn(key="queries"),
-             "fused_embeddings": dg.AssetIn(key="fused_embeddings"), "sparse_vectors": dg.AssetIn(key="sparse_vectors"),
+             "fused_embeddings": dg.AssetIn(key="fused_embeddings"), "sparse_vectors": dg.AssetIn(key="sparse_vectors", metadata={LAZY_INPUT: True}),
              **dense_ins},
-        **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.RERANKED, gpu=True),
+        **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.reranked_code_version(registry), gpu=True),
         description="Per query: hybrid candidates (dense + sparse, a weighted sum of normalized scores tuned on a "
                     "held-out split, or RRF), the top K reranked by a cross-encoder (fallback chain from the "
                     "registry): ranked chunk ids with retrieval and rerank scores and the scorer. Metrics of every "
                     "candidate system and before/after rerank as metadata (docs/retrieval.md).",
     )
     def reranked(context: dg.AssetExecutionContext, chunks: pa.Table, queries: pa.Table,
-                 fused_embeddings: EmbeddingSet, sparse_vectors: pa.Table | None, gpu_lease: GpuLeaseResource,
+                 fused_embeddings: EmbeddingSet, sparse_vectors: pq.ParquetFile | None, gpu_lease: GpuLeaseResource,
                  registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource,
                  **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
         timer = StageTimer()
@@ -82,7 +84,7 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
                 sparse_vectors if plan.sparse_enabled else None, plan.sparse, plan.rerank, plan.retrieval,
                 lease_target(lease), dense_sets=per_model if all(per_model.values()) else None,
                 cache_path=lambda kind, model: layout.retrieval_cache_file(kind, model, collection),
-                hash_key=query_key(layout.root))
+                hash_key=query_key(layout.root), digest_cache=layout.weights_digest_file())
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         return versioned(context, StageOutput(table, timer.stamp(record)))

@@ -12,6 +12,7 @@ import pyarrow as pa
 from rag_clean.encoders.batching import BudgetStore
 from rag_clean.records import SparseRecord
 from rag_clean.registry import Registry
+from rag_clean.encoders.token_cache import TokenCache
 from rag_clean.stages import run_sparse_stage, shared_sparse_sources
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean_assets.assets.common import (
@@ -45,7 +46,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         key=SPARSE_KEY,
         ins={"chunks": dg.AssetIn(key="chunks")},
         deps=joint_dense_deps(registry),
-        **stage_asset(group="embeddings", kinds={"pytorch", "parquet"}, code_version=versions.SPARSE,
+        **stage_asset(group="embeddings", kinds={"pytorch", "parquet"}, code_version=versions.sparse_code_version(registry),
                       gpu=True),
         description="Sparse term weights per chunk from each selected sparse model. Opt out with "
                     "EMBEDDER_ENABLE_SPARSE=0 (then nothing is written and the previous file stays). A bge-m3 "
@@ -70,7 +71,8 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
                                               budget_store=BudgetStore(layout.budget_store_file()),
                                               shared=shared, sink_path=target, progress=context.log.info,
                                               previous=target if plan.reuse_unchanged else None,
-                                              ray=plan.ray, digest_cache=layout.weights_digest_file())
+                                              ray=plan.ray, digest_cache=layout.weights_digest_file(),
+                                              token_cache=TokenCache.for_collection(layout, context.partition_key))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         for name, info in record.shared_pass.items():

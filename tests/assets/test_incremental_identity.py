@@ -1,7 +1,7 @@
 """Incremental runs equal full runs: after editing, adding and removing a chunk, rematerializing over the
 previous files gives byte-identical dense, fused and sparse files (and the bge-m3 lexical side file) to a
 materialization of the same collection into an empty storage root, and the records count exactly what
-was reused and what was computed."""
+was reused and what was computed (bge-m3: the ColBERT side file too)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def _outputs(pipeline: Pipeline) -> dict[str, bytes]:
     files = sorted(root.glob("dense_embeddings/*/demo.arrow")) + [root / "fused_embeddings" / "demo.arrow",
                                                                   root / "sparse_vectors" / "demo.parquet"]
     files += sorted((root / "sparse_vectors" / "_joint").glob("*/demo.parquet"))
+    files += sorted((root / "colbert_vectors").glob("*/demo.arrow"))
     return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
@@ -59,7 +60,7 @@ def test_incremental_run_equals_full_run(registry, one_row_batches, tmp_path, ti
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
     registry_path = (tiny_registry_path if registry == "tiny"
-                     else write_bge_m3_registry(tmp_path / "models.toml", tiny_models_dir, with_splade=True))
+                     else write_bge_m3_registry(tmp_path / "models.toml", tiny_models_dir, with_splade=True, colbert=True))
     data_root = tmp_path / "data"
     folder = write_collection(data_root)
     incremental = Pipeline(data_root, tmp_path / "incremental", registry_path, tmp_path / "locks")
@@ -90,6 +91,7 @@ def test_incremental_run_equals_full_run(registry, one_row_batches, tmp_path, ti
     if registry == "bge-m3":
         joint = stages["dense_embeddings/tiny_bge_m3"]["joint"]
         assert joint["sparse_rows"] == n and joint["sparse_rows_reused"] == n - 2
+        assert joint["colbert_rows"] == n and joint["colbert_rows_reused"] == n - 2
         # The lexical model's rows came from the dense pass's side file (its 2 new rows were computed
         # there), so the sparse stage encoded none of them.
         assert stages["sparse_vectors"]["shared_pass"]["tiny-bge-m3-lexical"]["used"] is True

@@ -40,11 +40,6 @@ TABLE_ASSETS = ("chunks", "sparse_vectors", "queries", "reranked", "exports")
 EMBEDDING_ASSETS = ("dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings")
 
 
-def _defined(pipeline) -> list:
-    """The materializable assets (not the collection_files source asset, which has no keys/code versions)."""
-    return [a for a in pipeline.assets if isinstance(a, dg.AssetsDefinition)]
-
-
 def _clean_env(mp: pytest.MonkeyPatch, tmp) -> None:
     for var in TOGGLE_VARS:
         mp.delenv(var, raising=False)
@@ -57,7 +52,7 @@ def _events(result) -> dict[str, dg.AssetMaterialization]:
 
 def _statuses(pipeline: Pipeline) -> dict[str, StaleStatus]:
     resolver = get_stale_status_resolver(pipeline.instance, pipeline.assets)
-    return {k.to_user_string(): resolver.get_status(k, "demo") for a in _defined(pipeline) for k in a.keys}
+    return {k.to_user_string(): resolver.get_status(k, "demo") for a in pipeline.assets for k in a.keys}
 
 
 def _run_checks_only(pipeline: Pipeline, asset_key: dg.AssetKey):
@@ -182,10 +177,12 @@ def test_lease_metadata_drops_empty_fields_the_record_keeps():
 
 def test_every_asset_has_its_code_version(twice):
     registry = load_registry(twice.pipeline.registry_path)
-    expected = {"chunks": versions.CHUNKS, "fused_embeddings": versions.FUSED, "sparse_vectors": versions.SPARSE,
-                "queries": versions.QUERIES, "reranked": versions.RERANKED, "exports": versions.EXPORTS}
+    expected = {"chunks": versions.CHUNKS, "fused_embeddings": versions.fused_code_version(registry),
+                "sparse_vectors": versions.sparse_code_version(registry), "queries": versions.QUERIES,
+                "reranked": versions.reranked_code_version(registry), "exports": versions.EXPORTS}
     expected |= {f"dense_embeddings/{s.asset_name}": versions.dense_code_version(s) for s in registry.dense}
-    found = {k.to_user_string(): a.code_versions_by_key[k] for a in _defined(twice.pipeline) for k in a.keys}
+    found = {k.to_user_string(): a.code_versions_by_key[k] for a in twice.pipeline.assets if a.is_materializable
+             for k in a.keys}  # collection_files is observed, not materialized: it has no code version
     assert found == expected and all(found.values())
     assert len(set(expected[f"dense_embeddings/{s.asset_name}"] for s in registry.dense)) == len(registry.dense)
     for name, event in twice.events.items():
@@ -193,10 +190,10 @@ def test_every_asset_has_its_code_version(twice):
 
 
 def test_no_asset_description_holds_an_html_like_placeholder(twice):
-    for assets_def in _defined(twice.pipeline):
+    for assets_def in twice.pipeline.assets:
         for key, text in assets_def.descriptions_by_key.items():
             assert not re.search(r"<[A-Za-z_/][^>]*>", text or ""), (key, text)
-    exports = next(a for a in _defined(twice.pipeline) if dg.AssetKey("exports") in a.keys)
+    exports = next(a for a in twice.pipeline.assets if dg.AssetKey("exports") in a.keys)
     assert "{export_dir}/{collection}/" in exports.descriptions_by_key[dg.AssetKey("exports")]
 
 

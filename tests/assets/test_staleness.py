@@ -122,6 +122,17 @@ def test_folder_edit_and_registry_edit_mark_only_their_assets_stale(pipeline, tm
         assert status["queries"] == "fresh"
         assert status["fused_embeddings"] == status["reranked"] == "upstream stale"
 
+    # A sparse model's entry (top_k) is a new code version of sparse_vectors; the dense side stays in sync.
+    edited_sparse = tmp_path / "edited_sparse" / "models.toml"
+    edited_sparse.parent.mkdir()
+    assert "top_k = 32" in text
+    edited_sparse.write_text(text.replace("top_k = 32", "top_k = 16"), encoding="utf-8")
+    status = _statuses(pipeline, _defs(pipeline, edited_sparse), "demo")
+    assert status["sparse_vectors"] == "stale"
+    assert status["reranked"] == status["exports"] == "upstream stale"
+    assert all(status[k] == "fresh" for k in ("chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b",
+                                               "fused_embeddings", "queries"))
+
 
 def test_automation_requests_only_the_changed_partition(pipeline):
     write_collection(pipeline.data_root, OTHER)
@@ -130,7 +141,7 @@ def test_automation_requests_only_the_changed_partition(pipeline):
     pipeline.materialize(OTHER)
     defs = _defs(pipeline, automation=True)
     assert all(spec.automation_condition is not None for a in defs.assets if isinstance(a, dg.AssetsDefinition)
-               and a.is_executable for spec in a.specs)
+               and a.is_materializable for spec in a.specs)
     first = dg.evaluate_automation_conditions(defs=defs, instance=pipeline.instance)
     assert first.total_requested == 0  # everything materialized, nothing changed
     quiet = dg.evaluate_automation_conditions(defs=defs, instance=pipeline.instance, cursor=first.cursor)

@@ -245,3 +245,31 @@ def test_unchanged_lines_are_copied_and_the_export_equals_a_full_one(tmp_path, s
                                       line_index=index)
     assert after_edit.reuse_counts["qdrant_lines"].reused == 0
     assert table.to_pylist() == full.to_pylist()
+
+
+def test_sparse_from_the_parquet_file_streams_and_equals_the_table(tmp_path, stored):
+    import pyarrow.parquet as pq
+
+    from rag_clean.exports import _sparse_by_model
+
+    chunks, dense, fused, sparse = stored
+    want, _ = write_exports(tmp_path / "table", "docs", chunks, dense, fused, sparse=sparse, sparse_models=["splade"])
+    in_order = sparse.take(pa.array(list(range(sparse.num_rows))[::-1]))  # the fixture stores them reversed
+    other = in_order.set_column(in_order.schema.get_field_index("model"), "model", pa.array(["other"] * 5))
+    for name, table in (("ordered", pa.concat_tables([other, in_order])), ("reversed", sparse)):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table, path, row_group_size=2)
+        file = pq.ParquetFile(path)
+        rows = _sparse_by_model(file, ["splade"], chunks, block_rows=2)[0]
+        assert (rows.file is not None) == (name == "ordered")  # streamed only when stored in chunk order
+        got, _ = write_exports(tmp_path / name, "docs", chunks, dense, fused, sparse=file, sparse_models=["splade"],
+                               block_rows=2)
+        assert got.to_pylist() == want.to_pylist(), name
+
+
+def test_duplicate_chunk_ids_are_refused(tmp_path, stored):
+    chunks, dense, fused, _ = stored
+    ids = chunks.column("chunk_id").to_pylist()
+    dup = chunks.set_column(0, "chunk_id", pa.array([ids[0]] + ids[:-1]))
+    with pytest.raises(ExportError, match="chunk ids are not unique"):
+        write_exports(tmp_path, "docs", dup, dense, fused)

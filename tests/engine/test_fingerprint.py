@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import rag_clean.digests as digests
 import rag_clean.encoders.factory as factory
 import rag_clean.stages.common as common
 from rag_clean.registry import load_registry
@@ -77,8 +78,8 @@ def test_weight_digests_are_cached_by_size_and_mtime(model_copy, tmp_path, monke
     spec = model_copy["tiny-a"]
     cache = tmp_path / "state" / "weights_digests.json"
     hashed = []
-    real = common.file_digest
-    monkeypatch.setattr(common, "file_digest", lambda p: hashed.append(p) or real(p))
+    real = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda p: hashed.append(p) or real(p))
     monkeypatch.setattr(common, "_DIGESTS", {})
     first = model_fingerprint(spec, cache)
     assert hashed and cache.exists()
@@ -194,3 +195,10 @@ def test_fusion_reuses_rows_only_with_the_same_inputs(model_copy, tmp_path):
     writer, record = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "j.arrow", chunks, previous=previous)
     writer.abort()
     assert record.reuse_counts["fused"].reused == 0
+
+
+def test_dense_stage_on_no_chunks_without_a_previous_file(model_copy, tmp_path):
+    writer, record = run_dense_stage(model_copy["tiny-a"], _chunks([]), "cpu", tmp_path / "a.arrow")
+    writer.publish()
+    assert (record.rows, record.reused, record.computed) == (0, 0, 0)
+    assert len(read_embeddings(tmp_path / "a.arrow")) == 0

@@ -166,3 +166,12 @@ def test_dense_search_on_torch_equals_numpy():
     np.testing.assert_array_equal(idx, want_idx)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
     assert idx[4, :2].tolist() == [7, 40]
+
+
+def test_chunk_rows_scans_the_column_in_blocks():
+    from rag_clean.retrieval import chunk_rows, take_column
+
+    chunks = pa.table({"chunk_id": [f"c{i}" for i in range(10)], "text": [f"t{i}" for i in range(10)]})
+    rows = chunk_rows(chunks, ["c7", "zz", "c0", "c7", "c9"], block_rows=3)
+    assert rows.tolist() == [7, -1, 0, 7, 9]
+    assert take_column(chunks, "text", [9, 0]) == ["t9", "t0"] and chunk_rows(chunks, []).tolist() == []

@@ -1,0 +1,247 @@
+"""Tokenize once per tokenizer: token ids of a collection's chunks, shared by every model that tokenizes alike.
+
+The default MiniLM, sre-embedding-model and SPLADE-tiny all use the bert-base-uncased WordPiece: without
+this each stage tokenizes the whole collection again. The first stage that tokenizes writes the ids it
+made to `layout.token_cache_file(collection, fingerprint)` (Arrow IPC, one record batch per tokenize
+window, written atomically); later stages memory-map that file and read each chunk's ids by content hash.
+
+- Key: (tokenizer fingerprint, chunk content hash). The fingerprint is the sha256 of the tokenizer's
+  normalized definition (vocabulary, normalizer, pre-tokenizer, model, post-processor, decoder; its
+  truncation and padding settings dropped) plus the lowercase flag: two models whose tokenizers differ
+  in anything that changes ids never share a file.
+- Truncation happens after the lookup: rows are stored as tokenized at the writer's max_length (`cap`,
+  with a flag for rows it cut); a reader with a smaller max_length cuts them the way the tokenizer would
+  (content tail dropped, the end special tokens kept: checked on a probe at attach time, else the
+  cache is off for that tokenizer); a reader with a larger max_length re-tokenizes the rows that were cut.
+- A pass with any row the file lacked (new chunks, a longer max_length) rewrites the file with that
+  pass's rows; a pass that found every row writes nothing. Queries and (query, passage) pairs never
+  go through it.
+- `RAG_CLEAN_TOKEN_CACHE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from rag_clean.encoders.base import EncoderError
+
+SCHEMA = pa.schema([("content_hash", pa.string()), ("ids", pa.large_list(pa.int32())), ("cut", pa.bool_())])
+
+
+def enabled() -> bool:
+    return os.environ.get("RAG_CLEAN_TOKEN_CACHE", "1") != "0"
+
+
+def content_hash(text: str) -> str:
+    """The chunks asset's content_hash: sha256 of the UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(rust_tokenizer, lowercase: bool) -> str:
+    spec = json.loads(rust_tokenizer.to_str())
+    for key in ("truncation", "padding"):
+        spec.pop(key, None)
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":")) + f"|lowercase={bool(lowercase)}"
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def end_specials(tokenizer) -> int | None:
+    """How many special tokens the tokenizer appends after the content ([SEP]: 1), found by comparing a
+    truncated and an untruncated encoding of a probe; None if truncation is not 'cut the content tail'."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    full_tok = RustTokenizer.from_str(tokenizer.rust.to_str())
+    full_tok.no_truncation()
+    full_tok.no_padding()
+    probe = " ".join(f"probe{i % 7} word" for i in range(tokenizer.max_length + 8))
+    if tokenizer.lowercase:
+        probe = probe.lower()
+    full = full_tok.encode(probe).ids
+    cut = tokenizer.rust.encode(probe).ids
+    limit = tokenizer.max_length
+    if len(full) <= limit or len(cut) != limit:
+        return None
+    for n in (1, 0, 2, 3):
+        if full[:limit - n] + (full[len(full) - n:] if n else []) == cut:
+            return n
+    return None
+
+
+class CachedTokens:
+    """One open cache file: content hash -> (record batch, row); ids stay memory-mapped (zero-copy views)."""
+
+    def __init__(self, path: Path):
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            meta = reader.schema.metadata or {}
+            self.cap = int(meta.get(b"cap", b"0"))
+            self.values, self.offsets, self.cut, self.hashes = [], [], [], []
+            self.row_of: dict[str, tuple[int, int]] = {}
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                ids = batch.column(1)
+                self.offsets.append(np.asarray(ids.offsets, dtype=np.int64))
+                self.values.append(ids.values.to_numpy(zero_copy_only=True) if len(ids.values) else np.zeros(0, np.int32))
+                self.cut.append(batch.column(2).to_numpy(zero_copy_only=False))
+                hashes = batch.column(0).to_pylist()
+                self.hashes.append(hashes)
+                for i, h in enumerate(hashes):
+                    self.row_of[h] = (b, i)
+        except (OSError, pa.ArrowInvalid, IndexError, ValueError) as exc:
+            raise EncoderError(f"{path}: unreadable token cache ({exc})") from exc
+
+    def ids(self, where: tuple[int, int]) -> np.ndarray:
+        b, i = where
+        off = self.offsets[b]
+        return self.values[b][off[i]:off[i + 1]]
+
+    def was_cut(self, where: tuple[int, int]) -> bool:
+        return bool(self.cut[where[0]][where[1]])
+
+
+class TokenCachePass:
+    """The cache as one encode pass over a collection's chunks sees it: lookups, and the rows to write."""
+
+    def __init__(self, path: Path, tokenizer, n_end: int):
+        self.path = path
+        self.tokenizer = tokenizer
+        self.n_end = n_end
+        self.cached = CachedTokens(path) if path.exists() else None
+        self.hits = self.misses = 0
+        self._pending: list[list[tuple[int, int]]] = []  # cached rows of all-hit windows not yet written
+        self._writer = None
+        self._stack = contextlib.ExitStack()
+
+    def _from_cache(self, where: tuple[int, int], limit: int) -> tuple[np.ndarray, bool]:
+        """A cached row as a tokenizer with max_length `limit` would give it, and whether it was cut."""
+        ids = self.cached.ids(where)
+        if len(ids) > limit:
+            n = self.n_end
+            return (np.concatenate([ids[:limit - n], ids[len(ids) - n:]]) if n else ids[:limit]), True
+        return ids, self.cached.was_cut(where)
+
+    def encode(self, texts: list[str], direct: Callable):
+        """(id_rows, truncated count) for `texts`: cached rows where usable, `direct(texts)` for the rest.
+        `direct` returns (id rows, type rows, cut flags)."""
+        limit = self.tokenizer.max_length
+        hashes = [content_hash(t) for t in texts]
+        id_rows: list = [None] * len(texts)
+        cut_rows = np.zeros(len(texts), dtype=bool)
+        cached_rows: list[tuple[int, int]] = []
+        missing = []
+        c = self.cached
+        for i, h in enumerate(hashes):
+            where = c.row_of.get(h) if c is not None else None
+            if where is None or (limit > c.cap and c.was_cut(where)):
+                missing.append(i)
+                continue
+            id_rows[i], cut_rows[i] = self._from_cache(where, limit)
+            cached_rows.append(where)
+        if missing:
+            got, _, cuts = direct([texts[i] for i in missing])
+            for i, ids, was_cut in zip(missing, got, cuts):
+                id_rows[i] = ids
+                cut_rows[i] = was_cut
+        self.hits += len(texts) - len(missing)
+        self.misses += len(missing)
+        if self._writer is None and not missing:
+            # Every row found so far: nothing to write unless a later window misses; then these rows are
+            # re-read from the cached file, so only their row numbers are kept (memory stays flat).
+            self._pending.append(cached_rows)
+        else:
+            self._write(hashes, id_rows, cut_rows)
+        return id_rows, int(cut_rows.sum())
+
+    def _write(self, hashes, id_rows, cut_rows) -> None:
+        if self._writer is None:
+            from rag_clean.storage import atomic_path
+
+            tmp = self._stack.enter_context(atomic_path(self.path))
+            schema = SCHEMA.with_metadata({"cap": str(self.tokenizer.max_length),
+                                           "fingerprint": self.tokenizer.fingerprint})
+            self._schema = schema
+            self._writer = pa.ipc.new_file(str(tmp), schema)
+            limit = self.tokenizer.max_length
+            for rows in self._pending:
+                got = [self._from_cache(where, limit) for where in rows]
+                self._write_batch([self.cached.hashes[b][i] for b, i in rows], [g[0] for g in got],
+                                  np.array([g[1] for g in got], dtype=bool))
+            self._pending.clear()
+        self._write_batch(hashes, id_rows, cut_rows)
+
+    def _write_batch(self, hashes, id_rows, cut_rows) -> None:
+        lengths = np.fromiter((len(r) for r in id_rows), dtype=np.int64, count=len(id_rows))
+        offsets = np.zeros(len(id_rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.concatenate(id_rows).astype(np.int32) if id_rows else np.zeros(0, np.int32)
+        ids = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values, pa.int32()))
+        self._writer.write_batch(pa.RecordBatch.from_arrays(
+            [pa.array(hashes, pa.string()), ids, pa.array(cut_rows, pa.bool_())], schema=self._schema))
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._stack.close()  # publishes the rewrite, if there was one
+
+    def abort(self, exc: BaseException) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        self._stack.__exit__(type(exc), exc, exc.__traceback__)  # removes the temp file
+
+
+class TokenCache:
+    """Where a collection's token caches live; `attach(encoder)` scopes one encode pass over its chunks."""
+
+    def __init__(self, path_for: Callable[[str], Path]):
+        self.path_for = path_for  # fingerprint -> file (StorageLayout.token_cache_file, bound to a collection)
+        self.last: dict | None = None
+
+    @classmethod
+    def for_collection(cls, layout, collection: str) -> "TokenCache | None":
+        if not enabled():
+            return None
+        return cls(lambda fingerprint: layout.token_cache_file(collection, fingerprint))
+
+    @contextlib.contextmanager
+    def attach(self, encoder) -> Iterator[TokenCachePass | None]:
+        """While open, `encoder`'s chunk tokenization reads and fills the cache. Encoders whose tokenizer
+        has no fingerprint (slow tokenizers, other backends, Ray) run as before."""
+        from rag_clean.encoders.tokenize import Tokenizer
+
+        tokenizer = getattr(encoder, "tokenizer", None)
+        if not isinstance(tokenizer, Tokenizer) or tokenizer.fingerprint is None:
+            yield None
+            return
+        n_end = end_specials(tokenizer)
+        if n_end is None:
+            yield None
+            return
+        scope = TokenCachePass(self.path_for(tokenizer.fingerprint), tokenizer, n_end)
+        tokenizer.cache_pass = scope
+        try:
+            yield scope
+        except BaseException as exc:
+            scope.abort(exc)
+            raise
+        else:
+            scope.finish()
+        finally:
+            tokenizer.cache_pass = None
+            self.last = {"file": scope.path.name, "hits": scope.hits, "misses": scope.misses}
+            stats = getattr(encoder, "stats", None)
+            if stats is not None and hasattr(stats, "token_cache"):
+                stats.token_cache = dict(self.last)
+
+
+def scope(cache: "TokenCache | None", encoder):
+    """`cache.attach(encoder)`, or nothing to do without a cache."""
+    return cache.attach(encoder) if cache is not None else contextlib.nullcontext()
