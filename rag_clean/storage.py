@@ -517,6 +517,17 @@ def duplicate_id_rows(ids: "pa.Array | pa.ChunkedArray", block: int = 65536) -> 
     return sorted(groups, key=lambda g: int(g[1]))
 
 
+def ids_absent(wanted: set[str], ids: "pa.Array | pa.ChunkedArray") -> set[str]:
+    """Which of a few wanted ids (cited by queries, rankings) the ids column (maybe millions) lacks, without a
+    Python set of the column: Arrow matches the column against the small set."""
+    if not wanted:
+        return set()
+    import pyarrow.compute as pc
+
+    present = pc.unique(pc.filter(ids, pc.is_in(ids, value_set=pa.array(sorted(wanted), pa.string()))))
+    return set(wanted) - set(present.to_pylist())
+
+
 # ---------------------------------------------------------------- embeddings
 
 Strings = "Sequence[str] | pa.Array | pa.ChunkedArray"

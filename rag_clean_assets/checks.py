@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from rag_clean.registry import Registry
 from rag_clean.stages.common import ROW_BLOCK
-from rag_clean.storage import EmbeddingSet, as_string_array, duplicate_id_rows, file_digest, read_table
+from rag_clean.storage import EmbeddingSet, as_string_array, duplicate_id_rows, file_digest, ids_absent, read_table
 from rag_clean.telemetry import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
@@ -148,13 +148,15 @@ def sparse_valid(chunks: pa.Table, sparse_vectors: pa.Table | None) -> dg.AssetC
                 additional_ins={"chunks": dg.AssetIn("chunks"), "queries": dg.AssetIn("queries")},
                 description="every query ranked, ranks contiguous, chunk ids known, scores finite")
 def reranked_valid(chunks: pa.Table, queries: pa.Table, reranked: pa.Table) -> dg.AssetCheckResult:
-    known = set(chunks.column("chunk_id").to_pylist())
     problems = []
     qids = reranked.column("query_id").to_pylist()
     missing = set(queries.column("query_id").to_pylist()) - set(qids)
     if missing:
         problems.append(f"{len(missing)} queries without results")
-    unknown = sum(1 for c in reranked.column("chunk_id").to_pylist() if c not in known)
+    # The ranked ids (queries x top-k) against the chunk_id column in Arrow: no set of every chunk id.
+    cited = reranked.column("chunk_id").to_pylist()
+    absent = ids_absent(set(cited), chunks.column("chunk_id"))
+    unknown = sum(1 for c in cited if c in absent)
     if unknown:
         problems.append(f"{unknown} unknown chunk ids")
     ranks: dict[str, list[int]] = {}
@@ -172,13 +174,13 @@ def reranked_valid(chunks: pa.Table, queries: pa.Table, reranked: pa.Table) -> d
                 additional_ins={"chunks": dg.AssetIn("chunks")},
                 description="unique query ids, every gold chunk id exists in chunks")
 def queries_valid(chunks: pa.Table, queries: pa.Table) -> dg.AssetCheckResult:
-    known = set(chunks.column("chunk_id").to_pylist())
     qids = queries.column("query_id").to_pylist()
     problems = []
     duplicates = sorted(q for q, n in Counter(qids).items() if n > 1)
     if duplicates:
         problems.append(f"{len(duplicates)} duplicate query ids: {', '.join(duplicates[:5])}")
-    unknown = sorted({g for gold in queries.column("gold_chunk_ids").to_pylist() for g in (gold or []) if g not in known})
+    gold = {g for ids in queries.column("gold_chunk_ids").to_pylist() for g in (ids or [])}
+    unknown = sorted(ids_absent(gold, chunks.column("chunk_id")))
     if unknown:
         problems.append(f"{len(unknown)} gold chunk ids not in chunks: {', '.join(unknown[:5])}")
     return _result(problems, {"queries": len(qids), "duplicate_ids": len(duplicates), "unknown_gold_ids": len(unknown)})

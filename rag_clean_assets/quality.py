@@ -15,10 +15,10 @@ cite the current chunks.
 
 import dagster as dg
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.layout import StorageLayout
+from rag_clean.storage import ids_absent
 from rag_clean.telemetry import read_summary
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
@@ -66,15 +66,6 @@ def _cited_ids(path, column: str) -> set[str]:
     return set(values.to_pylist())
 
 
-def _absent_from(cited: set[str], chunk_ids: pa.ChunkedArray) -> set[str]:
-    """The cited ids (a few thousand) that the chunks column (maybe millions) lacks, without a Python set
-    of every chunk id: Arrow matches the column against the small set."""
-    if not cited:
-        return set()
-    present = pc.unique(pc.filter(chunk_ids, pc.is_in(chunk_ids, value_set=pa.array(sorted(cited), pa.string()))))
-    return cited - set(present.to_pylist())
-
-
 @dg.asset_check(asset="chunks", name="outputs_cite_current_chunks", partitions_def=collections_partitions,
                 description="the stored queries / reranked of this collection cite only chunk ids the chunks have")
 def outputs_cite_current_chunks(context: dg.AssetCheckExecutionContext, chunks: pa.Table,
@@ -94,7 +85,7 @@ def outputs_cite_current_chunks(context: dg.AssetCheckExecutionContext, chunks: 
         if steps is None or asset in steps:  # an asset's step key is its key path joined by "__"
             deferred.append(asset)
             continue
-        missing = _absent_from(_cited_ids(path, column), chunks.column("chunk_id"))
+        missing = ids_absent(_cited_ids(path, column), chunks.column("chunk_id"))
         metadata[f"{asset}/unknown_chunk_ids"] = len(missing)
         if missing:
             run = (stages.get(asset) or {}).get("run_id") or "unknown"

@@ -218,3 +218,11 @@ def test_duplicate_id_rows_finds_every_repeat_across_blocks(tmp_path):
     groups = duplicate_id_rows(pa.array(ids), block=64)
     assert [g.tolist() for g in groups] == [[7, 1000, 1002], [999, 1001]]
     assert duplicate_id_rows(pa.chunked_array([pa.array(ids[:1000])]), block=64) == []
+
+
+def test_ids_absent_names_only_the_missing_wanted_ids():
+    from rag_clean.storage import ids_absent
+
+    column = pa.chunked_array([pa.array([f"c{i}" for i in range(5000)])])
+    assert ids_absent({"c3", "c4999", "gone", "x"}, column) == {"gone", "x"}
+    assert ids_absent(set(), column) == set()
