@@ -11,6 +11,7 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rag_clean.registry import Registry
 from rag_clean.stages.common import ROW_BLOCK
@@ -118,30 +119,50 @@ def _sparse_block_problems(batch: pa.RecordBatch) -> tuple[int, int]:
     return int(bad.sum()), int((lengths == 0).sum())
 
 
+def sparse_rows_result(chunks: pa.Table, batches) -> dg.AssetCheckResult:
+    """The sparse check over stored rows given as record batches, in file order."""
+    chunk_ids = chunks.column("chunk_id").cast(pa.string())
+    n = chunks.num_rows
+    next_row: dict[str, int] = {}   # model -> the chunk row its next stored row must be
+    out_of_order: set[str] = set()
+    rows = bad = empty = 0
+    for batch in batches:
+        rows += batch.num_rows
+        model_col = batch.column("model")
+        for model in pc.unique(model_col).to_pylist():
+            ids = batch.filter(pc.equal(model_col, model)).column("chunk_id").cast(pa.string())
+            start = next_row.get(model, 0)
+            if start + len(ids) > n or not pa.chunked_array([ids]).equals(chunk_ids.slice(start, len(ids))):
+                out_of_order.add(model)
+            next_row[model] = start + len(ids)
+        b, e = _sparse_block_problems(batch)
+        bad, empty = bad + b, empty + e
+    models = sorted(next_row)
+    problems = []
+    expected = n * len(models)
+    if rows != expected:
+        problems.append(f"{rows} rows, expected {expected} ({len(models)} models x {n} chunks)")
+    for model in models:
+        if model in out_of_order or next_row[model] != n:
+            problems.append(f"rows of {model} are not one per chunk in chunk order")
+    if bad:
+        problems.append(f"{bad} malformed rows")
+    return _result(problems, {"rows": rows, "models": ", ".join(models), "empty_rows": empty})
+
+
 @dg.asset_check(asset="sparse_vectors", partitions_def=collections_partitions,
                 additional_ins={"chunks": dg.AssetIn("chunks")},
                 description="each model: one row per chunk, in chunk order; finite positive weights, ids sorted by weight")
-def sparse_valid(chunks: pa.Table, sparse_vectors: pa.Table | None) -> dg.AssetCheckResult:
-    if sparse_vectors is None:
+def sparse_valid(context: dg.AssetCheckExecutionContext, chunks: pa.Table, paths: PathsResource) -> dg.AssetCheckResult:
+    # The stored file is read here row group by row group (not loaded as an input, which would decode it
+    # whole): memory stays flat in the collection size.
+    path = paths.layout().asset_file(["sparse_vectors"], context.partition_key)
+    if not path.exists():
         return dg.AssetCheckResult(passed=True, description="not applicable: the sparse stage is disabled and has no stored file",
                                    metadata={"status": "disabled"})
-    models = sorted(pc.unique(sparse_vectors.column("model")).to_pylist())
-    problems = []
-    expected = chunks.num_rows * len(models)
-    if sparse_vectors.num_rows != expected:
-        problems.append(f"{sparse_vectors.num_rows} rows, expected {expected} ({len(models)} models x {chunks.num_rows} chunks)")
-    chunk_ids = chunks.column("chunk_id")
-    for model in models:
-        ids = sparse_vectors.filter(pc.equal(sparse_vectors.column("model"), model)).column("chunk_id")
-        if not (len(ids) == len(chunk_ids) and ids.cast(pa.string()).equals(chunk_ids.cast(pa.string()))):
-            problems.append(f"rows of {model} are not one per chunk in chunk order")
-    bad = empty = 0
-    for batch in sparse_vectors.select(["term_ids", "weights"]).to_batches(max_chunksize=ROW_BLOCK):
-        b, e = _sparse_block_problems(batch)
-        bad, empty = bad + b, empty + e
-    if bad:
-        problems.append(f"{bad} malformed rows")
-    return _result(problems, {"rows": sparse_vectors.num_rows, "models": ", ".join(models), "empty_rows": empty})
+    batches = pq.ParquetFile(str(path), memory_map=True).iter_batches(
+        batch_size=ROW_BLOCK, columns=["chunk_id", "model", "term_ids", "weights"])
+    return sparse_rows_result(chunks, batches)
 
 
 @dg.asset_check(asset="reranked", partitions_def=collections_partitions,

@@ -3,9 +3,13 @@
 import pyarrow as pa
 
 from rag_clean.stages.sparse import SPARSE_SCHEMA
-from rag_clean_assets.checks import sparse_valid
+from rag_clean_assets.checks import sparse_rows_result
 
 CHUNKS = pa.table({"chunk_id": ["a", "b", "c"]})
+
+
+def sparse_valid(chunks, sparse_vectors):
+    return sparse_rows_result(chunks, sparse_vectors.to_batches(max_chunksize=2))  # several batches, as a file gives
 
 
 def _sparse(ids, term_ids, weights, model="m"):
