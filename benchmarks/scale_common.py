@@ -22,6 +22,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from rag_clean.memory import rss_anon_bytes  # noqa: E402
+
 BIN = Path(sys.executable).parent
 WORDS_PER_CHUNK = int(os.environ.get("RAG_CLEAN_BENCH_WORDS", "30"))  # 30 words ~ 42 tokens, 12 ~ 20
 BLOCK = 50_000
@@ -96,14 +98,7 @@ def tiny_registry(root: Path) -> Path:
 
 
 def _rss_anon(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return rss_anon_bytes(pid)
 
 
 _WORKER_LINE = re.compile(r" - (?P<pid>\d+) - (?P<step>[^ ]+) - STEP_WORKER_STARTED - ")

@@ -18,10 +18,10 @@ import time
 INTERVAL_S = 0.01
 
 
-def rss_anon_bytes() -> int | None:
-    """This process's anonymous RSS now, or None where /proc is not available."""
+def rss_anon_bytes(pid: int | str = "self") -> int | None:
+    """A process's anonymous RSS now (this one by default), or None where /proc cannot tell."""
     try:
-        with open("/proc/self/status", "rb") as fh:
+        with open(f"/proc/{pid}/status", "rb") as fh:
             for line in fh:
                 if line.startswith(b"RssAnon:"):
                     return int(line.split()[1]) * 1024

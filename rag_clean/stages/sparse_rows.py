@@ -24,6 +24,15 @@ def list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
 
 
+
+def _block_gather(starts, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """A block's list offsets, and where each of its values lies in the scratch file (rows in chunk order)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, np.repeat(np.asarray(starts) - offsets[:-1], lengths) + np.arange(offsets[-1])
+
+
 class SparseScratch:
     def __init__(self, beside: Path, n: int, top_k: int, label: str):
         self.n, self.top_k, self.label = int(n), int(top_k), label
@@ -96,11 +105,7 @@ class SparseScratch:
         ws = np.memmap(self._paths[1], dtype=np.float32, mode="r") if self._count else np.zeros(0, np.float32)
         for start in range(0, self.n, BLOCK):
             stop = min(start + BLOCK, self.n)
-            lengths = np.asarray(self.lengths[start:stop], dtype=np.int64)
-            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            # Position of every term of the block in the scratch files, rows in chunk order.
-            gather = np.repeat(np.asarray(self.starts[start:stop]) - offsets[:-1], lengths) + np.arange(offsets[-1])
+            offsets, gather = _block_gather(self.starts[start:stop], self.lengths[start:stop])
             yield (start, stop, list_array(offsets, ids[gather], pa.int32()),
                    list_array(offsets, ws[gather], pa.float32()))
         del ids, ws
@@ -196,10 +201,7 @@ class VectorRowsScratch:
                   else np.zeros((0, self.dim), np.float32))
         for start in range(0, self.n, BLOCK):
             stop = min(start + BLOCK, self.n)
-            lengths = np.asarray(self.lengths[start:stop], dtype=np.int64)
-            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            gather = np.repeat(np.asarray(self.starts[start:stop]) - offsets[:-1], lengths) + np.arange(offsets[-1])
+            offsets, gather = _block_gather(self.starts[start:stop], self.lengths[start:stop])
             inner = pa.FixedSizeListArray.from_arrays(pa.array(values[gather].reshape(-1), pa.float32()), self.dim)
             yield start, stop, pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
         del values
