@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rag_clean.encoders.base import EncoderError
 
@@ -76,35 +77,62 @@ def end_specials(tokenizer) -> int | None:
 
 
 class CachedTokens:
-    """One open cache file: content hash -> (record batch, row); ids stay memory-mapped (zero-copy views)."""
+    """One open cache file, looked up by content hash in flat memory: ids, offsets and hashes stay
+    memory-mapped; the index is one sorted uint64 key per row (rag_clean.reuse.hash_keys), not a dict
+    of every hash (~200 MB at a million rows). Rows are addressed by their row number in the file."""
 
     def __init__(self, path: Path):
+        from rag_clean.reuse import hash_keys
+
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
             meta = reader.schema.metadata or {}
             self.cap = int(meta.get(b"cap", b"0"))
-            self.values, self.offsets, self.cut, self.hashes = [], [], [], []
-            self.row_of: dict[str, tuple[int, int]] = {}
-            for b in range(reader.num_record_batches):
-                batch = reader.get_batch(b)
+            batches = [reader.get_batch(b) for b in range(reader.num_record_batches)]
+            self.values, self.offsets, self.cut = [], [], []
+            for batch in batches:
                 ids = batch.column(1)
-                self.offsets.append(np.asarray(ids.offsets, dtype=np.int64))
+                self.offsets.append(np.frombuffer(ids.buffers()[1], dtype=np.int64, count=len(ids) + 1,
+                                                  offset=ids.offset * 8))
                 self.values.append(ids.values.to_numpy(zero_copy_only=True) if len(ids.values) else np.zeros(0, np.int32))
                 self.cut.append(batch.column(2).to_numpy(zero_copy_only=False))
-                hashes = batch.column(0).to_pylist()
-                self.hashes.append(hashes)
-                for i, h in enumerate(hashes):
-                    self.row_of[h] = (b, i)
+            self.hashes = pa.chunked_array([b.column(0) for b in batches], pa.string())
+            self.batch_starts = np.cumsum([0] + [len(b) for b in batches])
+            keys = hash_keys(self.hashes)
+            self._order = np.argsort(keys, kind="stable")
+            self._sorted = keys[self._order]
         except (OSError, pa.ArrowInvalid, IndexError, ValueError) as exc:
             raise EncoderError(f"{path}: unreadable token cache ({exc})") from exc
 
-    def ids(self, where: tuple[int, int]) -> np.ndarray:
-        b, i = where
+    def find(self, hashes: list[str]) -> np.ndarray:
+        """Row number of each hash in the file, -1 where absent (a 64-bit key match is confirmed on the
+        full string, so a collision is a miss, never a wrong row)."""
+        from rag_clean.reuse import hash_keys
+
+        rows = np.full(len(hashes), -1, dtype=np.int64)
+        if not len(self._sorted) or not hashes:
+            return rows
+        keys = hash_keys(hashes)
+        pos = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
+        hit = np.flatnonzero(self._sorted[pos] == keys)
+        if len(hit):
+            cand = self._order[pos[hit]]
+            same = np.asarray(pc.equal(self.hashes.take(pa.array(cand)), pa.array([hashes[i] for i in hit], pa.string())))
+            rows[hit[same]] = cand[same]
+        return rows
+
+    def _where(self, row: int) -> tuple[int, int]:
+        b = int(np.searchsorted(self.batch_starts, row, side="right") - 1)
+        return b, int(row - self.batch_starts[b])
+
+    def ids(self, row: int) -> np.ndarray:
+        b, i = self._where(row)
         off = self.offsets[b]
         return self.values[b][off[i]:off[i + 1]]
 
-    def was_cut(self, where: tuple[int, int]) -> bool:
-        return bool(self.cut[where[0]][where[1]])
+    def was_cut(self, row: int) -> bool:
+        b, i = self._where(row)
+        return bool(self.cut[b][i])
 
 
 class TokenCachePass:
@@ -116,11 +144,11 @@ class TokenCachePass:
         self.n_end = n_end
         self.cached = CachedTokens(path) if path.exists() else None
         self.hits = self.misses = 0
-        self._pending: list[list[tuple[int, int]]] = []  # cached rows of all-hit windows not yet written
+        self._pending: list[np.ndarray] = []  # file rows of all-hit windows not yet written
         self._writer = None
         self._stack = contextlib.ExitStack()
 
-    def _from_cache(self, where: tuple[int, int], limit: int) -> tuple[np.ndarray, bool]:
+    def _from_cache(self, where: int, limit: int) -> tuple[np.ndarray, bool]:
         """A cached row as a tokenizer with max_length `limit` would give it, and whether it was cut."""
         ids = self.cached.ids(where)
         if len(ids) > limit:
@@ -135,12 +163,12 @@ class TokenCachePass:
         hashes = [content_hash(t) for t in texts]
         id_rows: list = [None] * len(texts)
         cut_rows = np.zeros(len(texts), dtype=bool)
-        cached_rows: list[tuple[int, int]] = []
+        cached_rows: list[int] = []
         missing = []
         c = self.cached
-        for i, h in enumerate(hashes):
-            where = c.row_of.get(h) if c is not None else None
-            if where is None or (limit > c.cap and c.was_cut(where)):
+        found = c.find(hashes) if c is not None else np.full(len(hashes), -1, dtype=np.int64)
+        for i, where in enumerate(found.tolist()):
+            if where < 0 or (limit > c.cap and c.was_cut(where)):
                 missing.append(i)
                 continue
             id_rows[i], cut_rows[i] = self._from_cache(where, limit)
@@ -155,7 +183,7 @@ class TokenCachePass:
         if self._writer is None and not missing:
             # Every row found so far: nothing to write unless a later window misses; then these rows are
             # re-read from the cached file, so only their row numbers are kept (memory stays flat).
-            self._pending.append(cached_rows)
+            self._pending.append(np.asarray(cached_rows, dtype=np.int64))
         else:
             self._write(hashes, id_rows, cut_rows)
         return id_rows, int(cut_rows.sum())
@@ -171,8 +199,8 @@ class TokenCachePass:
             self._writer = pa.ipc.new_file(str(tmp), schema)
             limit = self.tokenizer.max_length
             for rows in self._pending:
-                got = [self._from_cache(where, limit) for where in rows]
-                self._write_batch([self.cached.hashes[b][i] for b, i in rows], [g[0] for g in got],
+                got = [self._from_cache(where, limit) for where in rows.tolist()]
+                self._write_batch(self.cached.hashes.take(pa.array(rows)).to_pylist(), [g[0] for g in got],
                                   np.array([g[1] for g in got], dtype=bool))
             self._pending.clear()
         self._write_batch(hashes, id_rows, cut_rows)
