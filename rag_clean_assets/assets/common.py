@@ -61,6 +61,20 @@ def start_record(record: StageRecord, plan: RunPlan) -> StageRecord:
     return record
 
 
+def previous_embeddings(context: dg.AssetExecutionContext, plan: RunPlan, target: Path, unreadable: str):
+    """The asset's stored matrix, memory-mapped, for reuse; None when reuse is off, there is none, or it is
+    unreadable (then one warning line: `unreadable` says what happens instead)."""
+    from rag_clean.storage import StorageError, read_embeddings
+
+    if not (plan.reuse_unchanged and target.exists()):
+        return None
+    try:
+        return read_embeddings(target)
+    except StorageError as exc:
+        context.log.warning(f"{unreadable}: {exc}")
+        return None
+
+
 def staged_file(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -> Path:
     """The asset's final file (folder created): streaming writers stage their temp files beside it, so the
     IO manager's publish is a rename on one filesystem."""

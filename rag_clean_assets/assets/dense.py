@@ -10,12 +10,12 @@ from rag_clean.registry import ModelSpec
 from rag_clean.encoders.token_cache import TokenCache
 from rag_clean.stages import joint_outputs, run_dense_stage
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean.storage import StorageError, read_embeddings
 from rag_clean_assets.assets.common import (
     add_lease,
     encode_lease,
     lease_target,
     log_warnings,
+    previous_embeddings,
     run_plan,
     stage_asset,
     staged_file,
@@ -60,12 +60,7 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         # bge-m3 serving the sparse stage too (or asked for ColBERT): one forward pass, side files beside.
         joint = joint_outputs(plan.joint(current), layout, current, context.partition_key)
         target = staged_file(paths, key, context.partition_key)
-        previous = None
-        if plan.reuse_unchanged and target.exists():
-            try:
-                previous = read_embeddings(target)
-            except StorageError as exc:
-                context.log.warning(f"previous vectors unreadable, recomputing all: {exc}")
+        previous = previous_embeddings(context, plan, target, "previous vectors unreadable, recomputing all")
         # A bge-m3 joint pass always runs here (rag_clean.distributed shards single-output encodes only).
         with encode_lease(gpu_lease, context, plan, remote=plan.ray is not None and joint is None) as lease:
             writer, record = run_dense_stage(current, chunks, lease_target(lease), target, previous=previous,

@@ -9,8 +9,8 @@ import pyarrow as pa
 from rag_clean.registry import Registry
 from rag_clean.stages import run_fusion_stage
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean.storage import EmbeddingSet, StorageError, read_embeddings
-from rag_clean_assets.assets.common import run_plan, stage_asset, staged_file, start_record
+from rag_clean.storage import EmbeddingSet
+from rag_clean_assets.assets.common import previous_embeddings, run_plan, stage_asset, staged_file, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
 from rag_clean_assets.versions import versioned
@@ -42,12 +42,7 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
                              "materialize them first (or leave them out of ensemble_models)")
         sets = {s.name: dense_sets[s.asset_name] for s in plan.dense}
         target = staged_file(paths, FUSED_KEY, context.partition_key)
-        previous = None
-        if plan.reuse_unchanged and target.exists():
-            try:
-                previous = read_embeddings(target)
-            except StorageError as exc:
-                context.log.warning(f"previous fused vectors unreadable, fusing every row: {exc}")
+        previous = previous_embeddings(context, plan, target, "previous fused vectors unreadable, fusing every row")
         writer, record = run_fusion_stage(sets, plan.fusion_weights, plan.fusion_method, target, chunks,
                                           previous=previous)
         return versioned(context, StageOutput(writer, timer.stamp(start_record(record, plan))))
