@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--registry", type=Path, help="a models.toml (default: tiny random models)")
     ap.add_argument("--executor", default="in_process", choices=["in_process", "multiprocess"])
     ap.add_argument("--words", type=int, default=30, help="words per chunk (30 ~ 42 tokens, 12 ~ 20)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per step process (1 keeps tiny-model runs honest on a shared box; real models want the cores)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -72,7 +74,7 @@ def main() -> int:
     try:
         registry = args.registry.resolve() if args.registry else sc.tiny_registry(tmp)
         files = sc.make_collection(tmp / "data" / "reuse", args.size, rows_per_file=args.rows_per_file)
-        env = sc.setup_instance(tmp, registry, ["reuse"])
+        env = sc.setup_instance(tmp, registry, ["reuse"], OMP_NUM_THREADS=str(args.threads))
         env["RAG_CLEAN_EXECUTOR"] = args.executor
         full = sc.materialize_all(env, tmp, "reuse", tmp / "full.log")
         full_records = sc.stage_records(tmp / "storage", "reuse")
@@ -102,7 +104,7 @@ def main() -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "benchmark": "reuse", "machine": sc.machine(), "date": dt.datetime.utcnow().isoformat() + "Z",
-            "command": " ".join(sys.argv), "registry": str(registry), "executor": args.executor,
+            "command": " ".join(sys.argv), "registry": str(registry), "executor": args.executor, "threads": args.threads,
             "words_per_chunk": sc.WORDS_PER_CHUNK, "chunks": chunks, "changed_chunks": changed, "full_wall_s": full["wall_s"], "again_wall_s": again["wall_s"],
             "wall_fraction": wall_fraction, "stages": stages, "stage_durations": durations, "full_steps": full["steps"], "again_steps": again["steps"],
             "targets": {"encoded_fraction": ENCODED_TARGET, "wall_fraction": WALL_TARGET}}, indent=2) + "\n")
