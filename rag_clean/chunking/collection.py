@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rag_clean.storage import ColumnSpool, duplicate_id_rows
+from rag_clean.storage import ColumnSpool, duplicate_id_rows, file_digest
 
 from .config import ChunkingConfig, ChunkingError, ChunkingResult, SkipRecord
 from .documents import chunk_markdown, chunk_plain_text
-from .readers import read_chunk_file, read_jsonl
+from .readers import iter_jsonl, jsonl_file_lines, read_chunk_file, read_jsonl
 from .rows import CHUNK_SCHEMA
 from .tokens import CountTokens, approx_token_count
 
@@ -165,10 +165,21 @@ def _parse(data: bytes, rel: str, kind: str, config: ChunkingConfig, count: Coun
         chunker = chunk_markdown if kind == "markdown" else chunk_plain_text
         kwargs = {"skipped": skipped} if kind == "markdown" else {}
         located = [(row, f"{rel} chunk {row['chunk_index']}") for row in chunker(raw, rel, config, count, **kwargs)]
-    if not located and not any(s.file == rel for s in skipped):
+    _report_if_empty(rel, len(located), skipped)
+    return located
+
+
+def _report_if_empty(rel: str, rows: int, skipped: list[SkipRecord]) -> None:
+    if not rows and not any(s.file == rel for s in skipped):
         # Whatever the cause, a file that was read and gave nothing is reported, not dropped.
         skipped.append(SkipRecord(rel, None, "no text to embed"))
-    return located
+
+
+def _digest(folder: Path, rel: str) -> str:
+    try:
+        return file_digest(folder / rel)
+    except OSError as exc:  # unreadable file, broken symlink
+        raise ChunkingError(f"{rel}: cannot be read: {exc.strerror or exc}") from exc
 
 
 def _check_unique_ids(table: pa.Table, folder: Path, config: ChunkingConfig, count: CountTokens) -> None:
@@ -234,8 +245,11 @@ def stream_collection(
 
     try:
         for rel, kind in _files_to_read(folder, boundary, config, skipped):
-            data = _read_bytes(folder, rel)
-            digest = hashlib.sha256(data).hexdigest()
+            # JSONL files can be any size (one file per collection is common): hashed and parsed in
+            # blocks, never held whole. Documents are chunked as a whole text, so they are read whole.
+            streamed = kind == "jsonl"
+            data = None if streamed else _read_bytes(folder, rel)
+            digest = _digest(folder, rel) if streamed else hashlib.sha256(data).hexdigest()
             files_read.append(rel)
             entry = old.get(rel)
             if entry is not None and entry["sha256"] == digest and entry["config"] == key:
@@ -246,6 +260,17 @@ def stream_collection(
                 file_skips = [SkipRecord(rel, index, reason) for index, reason in json.loads(entry["skips_json"])]
                 skipped += file_skips
                 reused += 1
+            elif streamed:
+                before = len(skipped)
+                n = 0
+                for row, _ in iter_jsonl(jsonl_file_lines(folder / rel, rel), rel, count, skipped):
+                    pending.append(row)
+                    n += 1
+                    if len(pending) >= _FLUSH_ROWS:
+                        flush()
+                _report_if_empty(rel, n, skipped)
+                file_skips = skipped[before:]
+                parsed += 1
             else:
                 before = len(skipped)
                 located = _parse(data, rel, kind, config, count, skipped)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .config import ChunkingError, SkipRecord
 from .rows import make_row
@@ -107,9 +107,34 @@ def read_chunk_file(
 
 
 def read_jsonl(raw: str, rel: str, count_tokens: CountTokens, skipped: list[SkipRecord]) -> list[tuple[dict, str]]:
-    rows = []
+    return list(iter_jsonl(enumerate(raw.split("\n"), start=1), rel, count_tokens, skipped))
+
+
+def jsonl_file_lines(path, rel: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a JSONL file read in blocks, never whole: the same lines as
+    `data.decode("utf-8-sig").split("\n")` (a leading BOM dropped, "\r" kept for json to ignore)."""
+    offset = 0
+    try:
+        with open(path, "rb", buffering=block_bytes) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                start = offset
+                offset += len(line)
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line, start = line[3:], start + 3
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ChunkingError(f"{rel}: not valid UTF-8 (byte offset {start + exc.start}: {exc.reason})") from exc
+                yield lineno, text[:-1] if text.endswith("\n") else text
+    except OSError as exc:
+        raise ChunkingError(f"{rel}: cannot be read: {exc.strerror or exc}") from exc
+
+
+def iter_jsonl(lines: Iterable[tuple[int, str]], rel: str, count_tokens: CountTokens,
+               skipped: list[SkipRecord]) -> Iterator[tuple[dict, str]]:
+    """Rows of numbered JSONL lines, one at a time (a file of any size streams through)."""
     ordinal = 0
-    for lineno, line in enumerate(raw.split("\n"), start=1):
+    for lineno, line in lines:
         if not line.strip():
             continue
         where = f"{rel} line {lineno}"
@@ -149,5 +174,4 @@ def read_jsonl(raw: str, rel: str, count_tokens: CountTokens, skipped: list[Skip
             mapped.get("token_count", count_tokens(text)),
             metadata,
         )
-        rows.append((row, where))
-    return rows
+        yield row, where

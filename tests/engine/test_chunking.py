@@ -516,3 +516,25 @@ def test_sample_queries_gold_ids_exist():
         assert query["gold_chunk_ids"], query["query_id"]
         missing = [g for g in query["gold_chunk_ids"] if g not in ids]
         assert not missing, f"{query['query_id']}: {missing}"
+
+
+def test_jsonl_file_lines_match_the_whole_file_split(tmp_path):
+    # The streamed reader must see the same numbered lines as decoding the file whole: BOM, CRLF,
+    # blank lines, non-ASCII, no final newline.
+    from rag_clean.chunking.readers import jsonl_file_lines
+
+    data = '\ufeff{"text": "caf\u00e9"}\r\n\n{"text": "b"}\n   \n{"text": "\u00fcber"}'.encode("utf-8")
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(data)
+    whole = [(i, line) for i, line in enumerate(data.decode("utf-8-sig").split("\n"), start=1)]
+    streamed = list(jsonl_file_lines(path, "a.jsonl", block_bytes=8))
+    assert streamed == whole[:len(streamed)] and len(streamed) == len(whole)
+
+
+def test_jsonl_invalid_utf8_names_the_file_and_the_byte_offset(tmp_path):
+    from rag_clean.chunking.readers import jsonl_file_lines
+
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ChunkingError, match=r"b\.jsonl: not valid UTF-8 \(byte offset 25: invalid start byte\)"):
+        list(jsonl_file_lines(path, "b.jsonl"))
