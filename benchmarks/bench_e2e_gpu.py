@@ -16,6 +16,9 @@ Prints whole-graph / sum(encode-only) (issue 13's target: <= 1.15) and writes JS
   python benchmarks/bench_e2e_gpu.py --chunks 300 --device cpu --small-models --out /tmp/e2e.json
   --token-cache off,on   runs the graph once per setting (fresh storage each), to measure what
                          tokenizing once per tokenizer saves (RAG_CLEAN_TOKEN_CACHE).
+  --phase first / rest   the same graph in two commands on one machine (chunks + dense, then the rest, in
+                         one instance and storage): for collections whose graph outlasts one device call.
+                         --encode-only-chunks N then times encode-only on N chunks, scaled by tokens.
 """
 
 from __future__ import annotations
@@ -144,10 +147,11 @@ def build_registry(work: Path, tokenizer_dir: Path, device: str, small: bool, ma
 # ---------------------------------------------------------------------------------------------
 
 
-def graph_env(work: Path, label: str, registry: Path, extra: dict[str, str]) -> dict[str, str]:
+def graph_env(work: Path, label: str, registry: Path, extra: dict[str, str], fresh: bool = True) -> dict[str, str]:
     home = work / f"home-{label}"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
+    if fresh:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
     env = dict(os.environ)
     env.update({"DAGSTER_HOME": str(home), "RAG_CLEAN_DATA_ROOT": str(work / "data"),
                 "RAG_CLEAN_STORAGE_ROOT": str(home / "rag_clean"), "RAG_CLEAN_MODEL_REGISTRY": str(registry),
@@ -256,20 +260,24 @@ def profile_stage(work: Path, registry: Path, storage: Path, name: str, device: 
             "text": out[:12000]}
 
 
-def run_graph(work: Path, label: str, registry: Path, extra_env: dict[str, str], log) -> dict:
-    env = graph_env(work, label, registry, extra_env)
+def run_graph(work: Path, label: str, registry: Path, extra_env: dict[str, str], log, select: str = "*",
+              fresh: bool = True) -> dict:
+    """One `dagster asset materialize` of `select`; `fresh=False` continues in the instance and storage of an
+    earlier phase (same label) instead of starting a new one."""
+    env = graph_env(work, label, registry, extra_env, fresh=fresh)
     py = sys.executable
-    for cmd in (["-m", "rag_clean_assets.collections", "init-home"], ["-m", "rag_clean_assets.collections", "add", COLLECTION]):
-        subprocess.run([py, *cmd], env=env, check=True, capture_output=True, text=True)
-    log_path = work / f"materialize-{label}.log"
+    if fresh:
+        for cmd in (["-m", "rag_clean_assets.collections", "init-home"], ["-m", "rag_clean_assets.collections", "add", COLLECTION]):
+            subprocess.run([py, *cmd], env=env, check=True, capture_output=True, text=True)
+    log_path = work / f"materialize-{label}{'' if select == '*' else '-' + ('first' if fresh else 'rest')}.log"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     with open(log_path, "w") as f:
         proc = subprocess.run([py, "-m", "dagster", "asset", "materialize", "-m", "rag_clean_assets.definitions",
-                               "--select", "*", "--partition", COLLECTION], env=env, stdout=f, stderr=subprocess.STDOUT)
+                               "--select", select, "--partition", COLLECTION], env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = {"label": label, "env": extra_env, "returncode": proc.returncode, "wall_seconds": round(wall, 3),
+    result = {"label": label, "select": select, "env": extra_env, "returncode": proc.returncode, "wall_seconds": round(wall, 3),
               "peak_child_rss_mb": round(peak_rss / 1024, 1) if peak_rss > before else None, "log": str(log_path)}
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
@@ -286,6 +294,31 @@ def run_graph(work: Path, label: str, registry: Path, extra_env: dict[str, str],
     return result
 
 
+# The two phases of a split run: what needs only the chunks and the dense models, then the rest.
+def first_select(registry_path: Path) -> str:
+    from rag_clean.registry import load_registry
+
+    dense = [spec.asset_name for spec in load_registry(registry_path).models if spec.role == "dense"]
+    return ",".join(["chunks"] + [f"dense_embeddings/{name}" for name in dense])
+
+
+REST_SELECT = "queries,sparse_vectors,fused_embeddings,reranked,exports"
+
+
+def merge_phases(first: dict, rest: dict, log) -> dict:
+    """One run record from the two phases: wall times add (each phase pays its own process start and
+    imports, so the sum overstates one process's wall by one start-up), steps are offset onto one timeline."""
+    offset = first.get("run", {}).get("event_span_seconds", 0.0)
+    steps = dict(first.get("steps", {}))
+    for key, step in rest.get("steps", {}).items():
+        steps[key] = {**step, "start": round(step["start"] + offset, 3)}
+    merged = {**rest, "select": "*", "phases": [first, rest], "steps": steps,
+              "wall_seconds": round(first["wall_seconds"] + rest["wall_seconds"], 3),
+              "returncode": first["returncode"] or rest["returncode"]}
+    log(f"  graph [two phases] wall {first['wall_seconds']:.1f}s + {rest['wall_seconds']:.1f}s = {merged['wall_seconds']:.1f}s")
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------
 # Encode-only: the same models on the same chunks, through the runner, no Dagster, no files
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +333,22 @@ def chunks_table(storage: Path):
     return read_arrow_table(path) if path.suffix == ".arrow" else read_table(path)
 
 
-def encode_only(registry_path: Path, storage: Path, device: str, n_pairs: int, log) -> dict:
+def encode_only(registry_path: Path, storage: Path, device: str, n_pairs: int, log, sample: int = 0) -> dict:
+    """Each model encode-only over the stored chunks. With `sample` (> 0, fewer than the chunks) it encodes
+    the first `sample` chunks and scales the time by the token ratio: `seconds` is then that estimate for
+    every chunk, `measured_seconds` what the sample took."""
     import torch
 
     from rag_clean.encoders.factory import load_dense_encoder, load_reranker, load_sparse_encoder
     from rag_clean.registry import load_registry
 
-    texts = chunks_table(storage).column("text").to_pylist()
+    table = chunks_table(storage)
+    all_rows = table.num_rows
+    texts = table.column("text").slice(0, sample or all_rows).to_pylist()
+    token_scale = 1.0
+    if sample and sample < all_rows:
+        counts = table.column("token_count").to_numpy()
+        token_scale = float(counts.sum()) / float(counts[:sample].sum())
     registry = load_registry(registry_path)
     out = {}
     rng = np.random.default_rng(0)
@@ -345,12 +387,16 @@ def encode_only(registry_path: Path, storage: Path, device: str, n_pairs: int, l
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         tokens = enc.stats.tokens
-        out[spec.name] = {"role": spec.role, "seconds": round(seconds, 3), "tokens": tokens,
+        scale = 1.0 if spec.role == "rerank" else token_scale
+        out[spec.name] = {"role": spec.role, "seconds": round(seconds * scale, 3), "tokens": int(tokens * scale),
                           "tokens_per_s": tokens / seconds if seconds else None, "load_seconds": round(load, 3),
                           "tokenize_seconds": round(enc.stats.tokenize_seconds, 3),
                           "items": len(pairs) if spec.role == "rerank" else len(texts)}
+        if scale != 1.0:
+            out[spec.name].update({"measured_seconds": round(seconds, 3), "measured_tokens": tokens,
+                                   "scaled_by_token_ratio": round(scale, 4)})
         log(f"  encode-only {spec.name:18s} {seconds:8.2f}s  {tokens / max(seconds, 1e-9) / 1e3:8.0f}k tok/s  "
-            f"(load {load:.1f}s)")
+            f"(load {load:.1f}s)" + (f"  -> {seconds * scale:.1f}s for every chunk" if scale != 1.0 else ""))
         enc.close()
         del enc
     return out
@@ -373,8 +419,14 @@ def main(argv=None) -> int:
     p.add_argument("--profile-stage", default="", help="registry name of a dense model: profile its stage alone")
     p.add_argument("--rerank-top-k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase", default="all", choices=["all", "first", "rest"],
+                   help="first: build, then chunks + dense only; rest: the other assets in the same instance and "
+                        "storage, then encode-only (two device calls when the whole graph outlasts one)")
+    p.add_argument("--encode-only-chunks", type=int, default=0,
+                   help="encode-only on this many chunks, scaled to all by tokens (default: every chunk)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    args.work = args.work.resolve()  # the instance and the collection add want absolute roots
     # A `timeout` kill still writes the JSON of what finished (the finally below).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import torch
@@ -390,26 +442,43 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d"), "device": device_label, "torch": torch.__version__,
               "python": platform.python_version(), "chunks": args.chunks, "queries": args.queries,
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "models": MODELS, "runs": []}
+    state_path = args.work / "phase-first.json"
     try:
-        shutil.rmtree(args.work, ignore_errors=True)
-        args.work.mkdir(parents=True)
-        tokenizer_dir = be.find_tokenizer_dir()
-        report["collection"] = build_collection(args.work / "data" / COLLECTION, tokenizer_dir, args.chunks,
-                                                args.queries, args.seed)
-        log(f"device {device_label}; collection of {args.chunks} chunks built in "
-            f"{report['collection']['seconds']:.1f}s ({report['collection']['bytes'] / 2**20:.0f} MiB JSONL)")
-        t0 = time.perf_counter()
-        registry = build_registry(args.work, tokenizer_dir, device, args.small_models, args.max_length)
-        log(f"random-init models built in {time.perf_counter() - t0:.1f}s")
-        settings = [s for s in args.token_cache.split(",") if s] or [""]
-        for setting in settings:
-            extra = {"RAG_CLEAN_TOKEN_CACHE": "1" if setting == "on" else "0"} if setting else {}
-            report["runs"].append(run_graph(args.work, setting or "default", registry, extra, log))
+        if args.phase == "rest":
+            # Continue the first phase's instance and storage (same machine, same --work).
+            first = json.loads(state_path.read_text())
+            registry = Path(first["registry"])
+            report.update({k: first[k] for k in ("collection", "chunks", "queries")})
+            log_lines.extend(first["log"])
+            rest = run_graph(args.work, "default", registry, {}, log, select=REST_SELECT, fresh=False)
+            report["runs"].append(merge_phases(first["run"], rest, log))
+        else:
+            shutil.rmtree(args.work, ignore_errors=True)
+            args.work.mkdir(parents=True)
+            tokenizer_dir = be.find_tokenizer_dir()
+            report["collection"] = build_collection(args.work / "data" / COLLECTION, tokenizer_dir, args.chunks,
+                                                    args.queries, args.seed)
+            log(f"device {device_label}; collection of {args.chunks} chunks built in "
+                f"{report['collection']['seconds']:.1f}s ({report['collection']['bytes'] / 2**20:.0f} MiB JSONL)")
+            t0 = time.perf_counter()
+            registry = build_registry(args.work, tokenizer_dir, device, args.small_models, args.max_length)
+            log(f"random-init models built in {time.perf_counter() - t0:.1f}s")
+            if args.phase == "first":
+                run = run_graph(args.work, "default", registry, {}, log, select=first_select(registry))
+                state_path.write_text(json.dumps({"registry": str(registry), "run": run, "log": log_lines,
+                                                  **{k: report[k] for k in ("collection", "chunks", "queries")}}))
+                report["runs"].append(run)
+                return 0 if run["returncode"] == 0 else 1
+            settings = [s for s in args.token_cache.split(",") if s] or [""]
+            for setting in settings:
+                extra = {"RAG_CLEAN_TOKEN_CACHE": "1" if setting == "on" else "0"} if setting else {}
+                report["runs"].append(run_graph(args.work, setting or "default", registry, extra, log))
         ok = [r for r in report["runs"] if r["returncode"] == 0]
         if ok and not args.skip_encode_only:
             storage = args.work / f"home-{ok[0]['label']}" / "rag_clean"
             os.environ["RAG_CLEAN_DATA_ROOT"] = str(args.work / "data")
-            report["encode_only"] = encode_only(registry, storage, device, args.queries * args.rerank_top_k, log)
+            report["encode_only"] = encode_only(registry, storage, device, args.queries * args.rerank_top_k, log,
+                                                sample=args.encode_only_chunks)
             total = sum(v["seconds"] for v in report["encode_only"].values())
             report["encode_only_total_seconds"] = round(total, 3)
             tokens = report["encode_only"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import shutil
 import sys
@@ -34,17 +33,18 @@ ENCODED_TARGET, WALL_TARGET = 0.02, 0.05
 
 
 def edit_files(files: dict, fraction: float, seed: int = 7) -> int:
-    """Rewrite the texts of `fraction` of each kind's files; returns how many chunks changed."""
+    """Rewrite the texts of `fraction` of all files (at least one; drawn across both kinds, so a small
+    collection is not edited twice as much as asked); returns how many chunks changed."""
     rng = np.random.default_rng(seed)
     vocab = sc.vocabulary()
+    every = [(kind, entry) for kind, entries in files.items() for entry in entries]
+    count = max(1, round(len(every) * fraction))
     changed = 0
-    for kind, entries in files.items():
-        count = max(1, math.ceil(len(entries) * fraction))
-        for i in sorted(rng.choice(len(entries), size=count, replace=False).tolist()):
-            path, first, n = entries[i]
-            writer = sc.jsonl_file_text if kind == "jsonl" else sc.markdown_file_text
-            path.write_text(writer(rng, first, n, vocab, salt="v2-"), encoding="utf-8")
-            changed += n
+    for i in sorted(rng.choice(len(every), size=count, replace=False).tolist()):
+        kind, (path, first, n) = every[i]
+        writer = sc.jsonl_file_text if kind == "jsonl" else sc.markdown_file_text
+        path.write_text(writer(rng, first, n, vocab, salt="v2-"), encoding="utf-8")
+        changed += n
     return changed
 
 
