@@ -538,3 +538,22 @@ def test_jsonl_invalid_utf8_names_the_file_and_the_byte_offset(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ChunkingError, match=r"b\.jsonl: not valid UTF-8 \(byte offset 25: invalid start byte\)"):
         list(jsonl_file_lines(path, "b.jsonl"))
+
+
+def test_ascii_token_estimate_equals_the_regex_definition():
+    # approx_token_count counts ASCII text with str methods; it must equal the regex definition exactly
+    # (token_count is stored, so any drift would change every chunks file).
+    import math
+    import random
+
+    from rag_clean.chunking.tokens import _TOKEN_PIECE, approx_token_count
+
+    def by_regex(text):
+        return sum(1 if m.end() - m.start() <= 6 else math.ceil((m.end() - m.start()) / 4) for m in _TOKEN_PIECE.finditer(text))
+
+    rng = random.Random(3)
+    ascii_chars = [chr(i) for i in range(128)]
+    texts = ["".join(rng.choice(ascii_chars) for _ in range(rng.randint(0, 300))) for _ in range(2000)]
+    texts += ["".join(rng.choice("ab_9 .-\t\n\x0b\x1c") for _ in range(rng.randint(0, 60))) for _ in range(2000)]
+    texts += ["kubernetes_deployment x1234567 a-b", "caf\u00e9 \u201cquoted\u201d \u4e2d\u6587"]  # the last one: non-ASCII path
+    assert [approx_token_count(t) for t in texts] == [by_regex(t) for t in texts]
