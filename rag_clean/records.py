@@ -316,6 +316,7 @@ class RerankRecord(StageRecord):
     ensemble: dict | None = None       # the same for the dense models' weights, when tune_ensemble_weights
     reranker_gain: dict[str, float] = field(default_factory=dict)   # after - before rerank, held-out
     masked_gold_chunks: int = 0        # gold chunks of generated queries scored with their heading masked
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part of the stage, in order
 
     def quality(self) -> dict[str, float | None]:
         """Held-out metrics of the final ranking: what the quality check compares between materializations."""
@@ -329,7 +330,7 @@ class RerankRecord(StageRecord):
                 "resolution": self.resolution, "candidate_sources": list(self.candidate_sources),
                 "metrics": dict(self.metrics), "scorer": self.scorer, "hybrid": self.hybrid, "ensemble": self.ensemble,
                 "reranker_gain": dict(self.reranker_gain), "masked_gold_chunks": self.masked_gold_chunks,
-                "quality": self.quality()} | encode_fields(self.encode)
+                "phase_seconds": dict(self.phase_seconds), "quality": self.quality()} | encode_fields(self.encode)
 
     def stage_metadata(self) -> dict:
         out: dict[str, Any] = {"scorer": self.scorer, "rerank_executed": self.rerank_executed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -220,6 +221,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     if not _same_chunks(fused, chunks):
         raise StorageError("fused_embeddings was computed for other chunks than the current `chunks`; rematerialize it")
     search_device = _first_device(device)
+    clock = _PhaseClock()
     key = query_key() if hash_key is None else hash_key
     caches = RetrievalCaches(cache_path, digest_cache)
     q_texts = [q.text for q in queries]
@@ -236,6 +238,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     masked = masked_gold_texts(queries, chunks)
     m_keys = {r: query_hash(t, key) for r, t in masked.items()}
     record.masked_gold_chunks = len(masked)
+    clock.lap("gold_rows")
 
     per_model_q, per_model_over = _dense_query_side(dense_specs, q_texts, q_keys, masked, m_keys, device, caches,
                                                     record)
@@ -244,17 +247,20 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     if q_fused.shape[1] != fused.dim:
         raise StorageError(f"query vectors are {q_fused.shape[1]}-d but fused_embeddings is {fused.dim}-d: "
                            "the ensemble changed; rematerialize fused_embeddings")
+    clock.lap("dense_queries")
     rows = sorted(masked)
     fused_over = {} if not rows else dict(zip(rows, fuse_queries(
         [np.stack([over[r] for r in rows]) for over in per_model_over], weights, fusion_method)))
     dense = DenseScorer(fused.vectors, q_fused, fused_over, device=search_device)
     dense_idx, dense_scores = dense.top_k(k)
+    clock.lap("dense_search")
 
     scorers, systems = [], ["dense"]
     if config.enable_sparse and sparse is not None and sparse_specs and _has_rows(sparse):
         scorers, names = _sparse_scorers(sparse_specs, sparse, chunks, q_texts, q_keys, masked, m_keys, device,
                                          caches, record)
         systems += names
+    clock.lap("sparse_queries_and_search")
     tune, heldout = split_queries([q.query_id for q in queries], config.tune_fraction)
     report = heldout if len(tune) and len(heldout) and sum(1 for g in gold if g) >= config.tune_min_queries \
         else np.arange(len(queries))
@@ -280,6 +286,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
         record.ensemble = ensemble.to_dict()
         w_tuned = list(ensemble.weights.values())
         dense_score = lambda qi, docs: sum(wi * m.scores(qi, docs) for wi, m in zip(w_tuned, per_model))  # noqa: E731
+        clock.lap("ensemble_tuning")
 
     pools, sparse_tops = build_pools(dense_idx, dense_score, scorers, k, config.score_normalization)
     rrf = [rrf_fuse([dense_idx[qi], *[t[qi] for t in sparse_tops]], k=config.rrf_k, top_k=k) for qi in range(len(queries))]
@@ -320,11 +327,13 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
         retrieval_scores = [dict(zip(map(int, i), map(float, s))) for i, s in zip(dense_idx, dense_scores)]
     record.candidate_sources = ["dense:fused", *systems[1:]]
 
+    clock.lap("hybrid_pools_and_tuning")
     before = [list(c) for c in candidates]
     record.metrics = {"before_rerank": ranking_metrics(before, gold)}
     candidates, rerank_scores, scorer = _rerank(candidates, q_texts, q_keys, chunks, masked, m_keys, rerank_spec,
                                                 config, device, record, caches)
     record.scorer = scorer
+    clock.lap("rerank")
     after = [list(c) for c in candidates]
     heldout_metrics = {"before_rerank": ranking_metrics([before[i] for i in report], [gold[i] for i in report])}
     if record.rerank_executed:
@@ -342,7 +351,22 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     record.rows = len(table)
     record.warnings += caches.notes()
     caches.save_all()
+    clock.lap("table_and_caches")
+    record.phase_seconds = clock.laps
     return table, record
+
+
+class _PhaseClock:
+    """Wall seconds of consecutive parts of the stage (telemetry `phase_seconds`): where a slow run went."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _first_device(device: str | list[str]) -> str:

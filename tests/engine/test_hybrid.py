@@ -125,6 +125,10 @@ def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_
     assert set(hybrid["heldout"]) == {"dense", "sparse:tiny-splade", "rrf", "weighted"}
     assert abs(sum(hybrid["weights"].values()) - 1) < 1e-6
     assert record.masked_gold_chunks == 40
+    # Where the stage's time went, in order (one dense model: no ensemble tuning).
+    assert list(record.phase_seconds) == ["gold_rows", "dense_queries", "dense_search", "sparse_queries_and_search",
+                                          "hybrid_pools_and_tuning", "rerank", "table_and_caches"]
+    assert all(seconds >= 0 for seconds in record.phase_seconds.values())
     assert {"mrr@10", "ndcg@10", "recall@20"} <= set(record.metrics["before_rerank"])
     assert set(record.metrics["heldout"]) == {"before_rerank"}
     assert record.quality()["recall@10"] == record.metrics["heldout"]["before_rerank"]["recall@10"]
