@@ -92,6 +92,11 @@ class SparseScorer:
                 scores = index.score_all(q_terms, q_weights)
                 if k is not None:
                     hits = np.flatnonzero(scores > 0)
+                    if len(hits) > k:
+                        # Only scores >= the block's k-th largest can reach the top k (ties kept, so the
+                        # lexsort below breaks them by row exactly as over every hit).
+                        kth = np.partition(scores[hits], len(hits) - k)[len(hits) - k]
+                        hits = hits[scores[hits] >= kth]
                     docs = np.concatenate([best_idx[qi], rows[hits]])
                     vals = np.concatenate([best_val[qi], scores[hits]])
                     keep = np.lexsort((docs, -vals))[:k]

@@ -167,3 +167,29 @@ def test_sparse_rows_missing_a_chunk_are_refused():
     scorer = SparseScorer(_sparse_blocks(table, "m", chunks), 2, [(np.array([1]), np.array([1.0], np.float32))])
     with pytest.raises(Exception, match="sparse_vectors lacks 1 of the current chunks"):
         scorer.prepare(5, [np.array([0])])
+
+
+def test_blockwise_top_k_smaller_than_a_block_keeps_ties_by_row(monkeypatch):
+    # k below a block's hit count: only scores >= the block's k-th largest are merged; with many equal
+    # scores the winners must still be the lowest rows, as over one whole index.
+    n = 40
+    chunks = pa.table({"chunk_id": [f"d{i}" for i in range(n)]})
+    rows_t = [np.array([1, 2], np.int32) if i % 3 else np.array([1], np.int32) for i in range(n)]
+    rows_w = [np.ones(len(t), np.float32) for t in rows_t]
+    table = pa.table({"chunk_id": [f"d{i}" for i in range(n)], "model": ["m"] * n,
+                      "term_ids": [t.tolist() for t in rows_t], "weights": [w.tolist() for w in rows_w]})
+    monkeypatch.setattr(retrieval_stage, "SPARSE_BLOCK_ROWS", 16)
+    queries = [(np.array([1, 2]), np.array([1.0, 1.0], np.float32)), (np.array([1]), np.array([0.5], np.float32))]
+    scorer = SparseScorer(_sparse_blocks(table, "m", chunks), n, queries)
+    scorer.prepare(3, [np.array([], np.int64)] * 2)
+    index = SparseIndex(rows_t, rows_w)
+    for qi, (t, w) in enumerate(queries):
+        want = index.score_all(t, w)
+        hits = np.flatnonzero(want > 0)
+        assert scorer.top_k(qi, 3).tolist() == hits[np.lexsort((hits, -want[hits]))][:3].tolist()
+    assert scorer.top_k(0, 3).tolist() == [1, 2, 4]  # score 2 (two shared terms), lowest rows first
+
+
+def test_sparse_index_with_a_repeated_term_in_a_row_sums_both_postings():
+    index = SparseIndex([np.array([4, 4]), np.array([4])], [np.array([1.0, 2.0]), np.array([1.0])])
+    np.testing.assert_allclose(index.score_all(np.array([4]), np.array([1.0])), [3.0, 1.0])
