@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.storage import temp_path_for
 
-BLOCK = 65536
+BLOCK = 16384  # rows per Parquet row group: the write of a block (Arrow lists + Parquet encoding) is the stage's largest transient
 
 
 def list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
