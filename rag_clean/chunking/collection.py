@@ -165,14 +165,7 @@ def _parse(data: bytes, rel: str, kind: str, config: ChunkingConfig, count: Coun
         chunker = chunk_markdown if kind == "markdown" else chunk_plain_text
         kwargs = {"skipped": skipped} if kind == "markdown" else {}
         located = [(row, f"{rel} chunk {row['chunk_index']}") for row in chunker(raw, rel, config, count, **kwargs)]
-    _report_if_empty(rel, len(located), skipped)
     return located
-
-
-def _report_if_empty(rel: str, rows: int, skipped: list[SkipRecord]) -> None:
-    if not rows and not any(s.file == rel for s in skipped):
-        # Whatever the cause, a file that was read and gave nothing is reported, not dropped.
-        skipped.append(SkipRecord(rel, None, "no text to embed"))
 
 
 def _digest(folder: Path, rel: str) -> str:
@@ -260,28 +253,23 @@ def stream_collection(
                 file_skips = [SkipRecord(rel, index, reason) for index, reason in json.loads(entry["skips_json"])]
                 skipped += file_skips
                 reused += 1
-            elif streamed:
+            else:
                 before = len(skipped)
+                located = (iter_jsonl(jsonl_file_lines(folder / rel, rel), rel, count, skipped) if streamed
+                           else _parse(data, rel, kind, config, count, skipped))
+                del data
                 n = 0
-                for row, _ in iter_jsonl(jsonl_file_lines(folder / rel, rel), rel, count, skipped):
+                for row, _ in located:
                     pending.append(row)
                     n += 1
                     if len(pending) >= _FLUSH_ROWS:
                         flush()
-                _report_if_empty(rel, n, skipped)
-                file_skips = skipped[before:]
-                parsed += 1
-            else:
-                before = len(skipped)
-                located = _parse(data, rel, kind, config, count, skipped)
-                del data
-                file_skips = skipped[before:]
-                pending.extend(row for row, _ in located)
-                n = len(located)
                 del located
+                if not n and not any(s.file == rel for s in skipped):
+                    # Whatever the cause, a file that was read and gave nothing is reported, not dropped.
+                    skipped.append(SkipRecord(rel, None, "no text to embed"))
+                file_skips = skipped[before:]
                 parsed += 1
-                if len(pending) >= _FLUSH_ROWS:
-                    flush()
             for name, value in (("path", rel), ("sha256", digest), ("size", (folder / rel).stat().st_size),
                                 ("config", key), ("first_row", rows), ("rows", n),
                                 ("skips_json", json.dumps([[s.index, s.reason] for s in file_skips]))):
