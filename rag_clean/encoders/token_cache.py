@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rag_clean.chunking.rows import content_hash  # the chunks asset's key: the cache must use the same one
 from rag_clean.encoders.base import EncoderError
 
 SCHEMA = pa.schema([("content_hash", pa.string()), ("ids", pa.large_list(pa.int32())), ("cut", pa.bool_())])
@@ -39,11 +40,6 @@ SCHEMA = pa.schema([("content_hash", pa.string()), ("ids", pa.large_list(pa.int3
 
 def enabled() -> bool:
     return os.environ.get("RAG_CLEAN_TOKEN_CACHE", "1") != "0"
-
-
-def content_hash(text: str) -> str:
-    """The chunks asset's content_hash: sha256 of the UTF-8 text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def tokenizer_fingerprint(rust_tokenizer, lowercase: bool) -> str:
