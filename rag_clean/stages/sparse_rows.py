@@ -33,20 +33,26 @@ def _block_gather(starts, lengths) -> tuple[np.ndarray, np.ndarray]:
     return offsets, np.repeat(np.asarray(starts) - offsets[:-1], lengths) + np.arange(offsets[-1])
 
 
+def _scratch_files(beside: Path, label: str, value_parts: tuple[str, ...], n: int):
+    """Temp paths beside the output for a scratch's value files, plus its per-row index: where each row's
+    values start and how many (-1: not written yet). File-backed, so a million rows cost page cache, not
+    anonymous memory. Returns (every path, open value files, starts, lengths)."""
+    base = Path(beside)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}"))
+             for part in (*value_parts, "start.npy", "len.npy")]
+    files = [open(path, "wb+") for path in paths[:len(value_parts)]]
+    starts = np.lib.format.open_memmap(paths[-2], mode="w+", dtype=np.int64, shape=(n,))
+    lengths = np.lib.format.open_memmap(paths[-1], mode="w+", dtype=np.int32, shape=(n,))
+    lengths[:] = -1
+    return paths, files, starts, lengths
+
+
 class SparseScratch:
     def __init__(self, beside: Path, n: int, top_k: int, label: str):
         self.n, self.top_k, self.label = int(n), int(top_k), label
-        base = Path(beside)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        self._paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}"))
-                       for part in ("ids.bin", "w.bin", "start.npy", "len.npy")]
-        self._ids = open(self._paths[0], "wb+")
-        self._weights = open(self._paths[1], "wb+")
-        # Per row: where its terms start in the scratch files, and how many (-1: not written yet).
-        # File-backed, so a million rows cost page cache, not anonymous memory.
-        self.starts = np.lib.format.open_memmap(self._paths[2], mode="w+", dtype=np.int64, shape=(self.n,))
-        self.lengths = np.lib.format.open_memmap(self._paths[3], mode="w+", dtype=np.int32, shape=(self.n,))
-        self.lengths[:] = -1
+        self._paths, (self._ids, self._weights), self.starts, self.lengths = _scratch_files(
+            beside, label, ("ids.bin", "w.bin"), self.n)
         self._count = 0
 
     def reset(self) -> None:
@@ -153,14 +159,7 @@ class VectorRowsScratch:
 
     def __init__(self, beside: Path, n: int, dim: int, label: str):
         self.n, self.dim, self.label = int(n), int(dim), label
-        base = Path(beside)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        self._paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}"))
-                       for part in ("vec.bin", "start.npy", "len.npy")]
-        self._values = open(self._paths[0], "wb+")
-        self.starts = np.lib.format.open_memmap(self._paths[1], mode="w+", dtype=np.int64, shape=(self.n,))
-        self.lengths = np.lib.format.open_memmap(self._paths[2], mode="w+", dtype=np.int32, shape=(self.n,))
-        self.lengths[:] = -1
+        self._paths, (self._values,), self.starts, self.lengths = _scratch_files(beside, label, ("vec.bin",), self.n)
         self._count = 0  # token vectors written
 
     def _append(self, rows: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> None:
