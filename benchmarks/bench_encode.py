@@ -256,6 +256,22 @@ def spec_for(kind: str, shape: str, path: Path, max_length: int) -> ModelSpec:
 # ---------------------------------------------------------------------------------------------
 
 
+def time_st_best(load, run, tokens: int, args, log, label: str):
+    """sentence-transformers' best documented configuration reachable on the card: bf16 weights and SDPA
+    attention (Flash Attention 2 needs the flash-attn package: no wheel for torch 2.11/cu130 on PyPI).
+    `load(model_kwargs)` builds the model, `run(model, limit)` encodes the first `limit` items (None: all).
+    Returns (outputs, the result entry)."""
+    model = load({"dtype": torch.bfloat16, "attn_implementation": "sdpa"})
+    run(model, 256)
+    out, s, rss, vram = timed(lambda: run(model, None), args.device)
+    entry = {"batch_size": args.st_best_batch, "tokens_per_s": tokens / s, "seconds": s, "peak_rss_mb": rss,
+             "peak_vram_mb": vram}
+    log(f"  {label} {'st_bf16_sdpa':28s} {tokens / s / 1e3:9.0f}k tok/s")
+    del model
+    cuda_reset(args.device)
+    return out, entry
+
+
 def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
     from sentence_transformers import SentenceTransformer
 
@@ -293,20 +309,16 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         del st16, base_vecs
         cuda_reset(device)
         if args.st_best:
-            # sentence-transformers' best documented configuration reachable on the card: bf16 weights and
-            # SDPA attention (Flash Attention 2 needs the flash-attn package: no wheel for torch 2.11/cu130 on PyPI).
-            stb = SentenceTransformer(str(path), device=device,
-                                      model_kwargs={"dtype": torch.bfloat16, "attn_implementation": "sdpa"})
-            stb.max_seq_length = args.max_length
-            stb.encode(texts[:256], batch_size=args.st_best_batch)
-            best_vecs, s, rss, vram = timed(lambda: stb.encode(texts, batch_size=args.st_best_batch,
-                                                               normalize_embeddings=True, convert_to_numpy=True), device)
-            res["st_bf16_sdpa"] = {"batch_size": args.st_best_batch, "tokens_per_s": tokens / s, "seconds": s,
-                                   "peak_rss_mb": rss, "peak_vram_mb": vram,
-                                   "worst_cos_vs_fp32": float((best_vecs[:ref_n].astype(np.float32) * ref).sum(1).min())}
-            log(f"  dense {shape:10s} {'st_bf16_sdpa':28s} {tokens / s / 1e3:9.0f}k tok/s")
-            del stb, best_vecs
-            cuda_reset(device)
+            def load(kwargs):
+                model = SentenceTransformer(str(path), device=device, model_kwargs=kwargs)
+                model.max_seq_length = args.max_length
+                return model
+            best_vecs, res["st_bf16_sdpa"] = time_st_best(
+                load, lambda m, limit: m.encode(texts[:limit], batch_size=args.st_best_batch, normalize_embeddings=True,
+                                                convert_to_numpy=True),
+                tokens, args, log, f"dense {shape:10s}")
+            res["st_bf16_sdpa"]["worst_cos_vs_fp32"] = float((best_vecs[:ref_n].astype(np.float32) * ref).sum(1).min())
+            del best_vecs
     else:
         # CPU: the baseline is encode() as users call it (fp32, default batch 32) on the same texts.
         st = SentenceTransformer(str(path), device=device)
@@ -413,15 +425,12 @@ def bench_sparse(shape, path, texts, lengths, args, log) -> dict:
     del st16, _
     cuda_reset(device)
     if args.st_best and device.startswith("cuda"):
-        stb = SparseEncoder(str(path), device=device, model_kwargs={"dtype": torch.bfloat16, "attn_implementation": "sdpa"})
-        stb.max_seq_length = args.max_length
-        stb.encode(texts[:256], batch_size=args.st_best_batch)
-        _, s, rss, vram = timed(lambda: stb.encode(texts, batch_size=args.st_best_batch), device)
-        res["st_bf16_sdpa"] = {"batch_size": args.st_best_batch, "tokens_per_s": tokens / s, "seconds": s,
-                               "peak_vram_mb": vram}
-        log(f"  sparse {shape:10s} {'st_bf16_sdpa':28s} {tokens / s / 1e3:9.0f}k tok/s")
-        del stb, _
-        cuda_reset(device)
+        def load(kwargs):
+            model = SparseEncoder(str(path), device=device, model_kwargs=kwargs)
+            model.max_seq_length = args.max_length
+            return model
+        _, res["st_bf16_sdpa"] = time_st_best(load, lambda m, limit: m.encode(texts[:limit], batch_size=args.st_best_batch),
+                                              tokens, args, log, f"sparse {shape:10s}")
 
     variants = [("ours", "1")] + ([("scatter_max_index_reduce", "0")] if args.levers or args.sparse_levers else [])
     for name, segment_max in variants:
@@ -485,15 +494,10 @@ def bench_rerank(shape, path, pairs, lengths, args, log) -> dict:
     del ce16
     cuda_reset(device)
     if args.st_best and device.startswith("cuda"):
-        ceb = CrossEncoder(str(path), device=device, max_length=args.max_length,
-                           model_kwargs={"dtype": torch.bfloat16, "attn_implementation": "sdpa"})
-        ceb.predict(pairs[:256], batch_size=args.st_best_batch)
-        _, s, rss, vram = timed(lambda: ceb.predict(pairs, batch_size=args.st_best_batch), device)
-        res["st_bf16_sdpa"] = {"batch_size": args.st_best_batch, "tokens_per_s": tokens / s, "seconds": s,
-                               "peak_vram_mb": vram}
-        log(f"  rerank {shape:10s} {'st_bf16_sdpa':28s} {tokens / s / 1e3:9.0f}k tok/s")
-        del ceb, _
-        cuda_reset(device)
+        _, res["st_bf16_sdpa"] = time_st_best(
+            lambda kwargs: CrossEncoder(str(path), device=device, max_length=args.max_length, model_kwargs=kwargs),
+            lambda m, limit: m.predict(pairs[:limit], batch_size=args.st_best_batch), tokens, args, log,
+            f"rerank {shape:10s}")
     rr = STCrossEncoderReranker(spec, device, source=str(path), token_budget=args.token_budget)
     rr.score(pairs[:256])
     scores, s, rss, vram = timed(lambda: rr.score(pairs), device)
