@@ -221,9 +221,9 @@ import cProfile, io, pstats, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
 from rag_clean.encoders.budget import BudgetStore
-from rag_clean.layout import StorageLayout
-from rag_clean.storage import read_arrow_table, read_table
-from rag_clean.registry import load_registry
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.storage.files import read_arrow_table, read_table
+from rag_clean.config.registry import load_registry
 from rag_clean.stages import run_dense_stage
 registry, name, storage, collection, device, out = sys.argv[1:7]
 path = StorageLayout(Path(storage)).asset_file(["chunks"], collection)
@@ -296,7 +296,7 @@ def run_graph(work: Path, label: str, registry: Path, extra_env: dict[str, str],
 
 # The two phases of a split run: what needs only the chunks and the dense models, then the rest.
 def first_select(registry_path: Path) -> str:
-    from rag_clean.registry import load_registry
+    from rag_clean.config.registry import load_registry
 
     dense = [spec.asset_name for spec in load_registry(registry_path).models if spec.role == "dense"]
     return ",".join(["chunks"] + [f"dense_embeddings/{name}" for name in dense])
@@ -326,8 +326,8 @@ def merge_phases(first: dict, rest: dict, log) -> dict:
 
 def chunks_table(storage: Path):
     """The chunks the graph stored (Arrow IPC since the storage contract of issue 9; Parquet before)."""
-    from rag_clean.layout import StorageLayout
-    from rag_clean.storage import read_arrow_table, read_table
+    from rag_clean.storage.layout import StorageLayout
+    from rag_clean.storage.files import read_arrow_table, read_table
 
     path = StorageLayout(storage).asset_file(["chunks"], COLLECTION)
     return read_arrow_table(path) if path.suffix == ".arrow" else read_table(path)
@@ -340,7 +340,7 @@ def encode_only(registry_path: Path, storage: Path, device: str, n_pairs: int, l
     import torch
 
     from rag_clean.encoders.factory import load_dense_encoder, load_reranker, load_sparse_encoder
-    from rag_clean.registry import load_registry
+    from rag_clean.config.registry import load_registry
 
     table = chunks_table(storage)
     all_rows = table.num_rows

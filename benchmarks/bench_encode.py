@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from rag_clean.encoders.st_dense import STDenseEncoder  # noqa: E402
 from rag_clean.encoders.st_rerank import STCrossEncoderReranker  # noqa: E402
 from rag_clean.encoders.st_sparse import STSparseEncoder  # noqa: E402
-from rag_clean.registry import ModelSpec  # noqa: E402
+from rag_clean.config.registry import ModelSpec  # noqa: E402
 
 PEAK_TFLOPS_BF16 = 797.0  # measured bf16 matmul peak on an H100 (issue 4)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")

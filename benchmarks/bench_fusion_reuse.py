@@ -6,7 +6,7 @@ whether fusing a row costs more than copying it. Builds two 384-d dense files (t
 shape) and a previous fused file for N synthetic chunks, changes 1% of the hashes, then times:
 
   full         rag_clean.stages.run_fusion_stage without a previous file: every row fused
-  incremental  the same with previous=: rows matched by hash (rag_clean.reuse), unchanged rows copied,
+  incremental  the same with previous=: rows matched by hash (rag_clean.storage.reuse), unchanged rows copied,
                the changed 1% fused (what the asset runs)
 
     python benchmarks/bench_fusion_reuse.py --rows 100000 1000000 [--out benchmarks/results/...json]
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.stages import ROW_BLOCK, run_fusion_stage
-from rag_clean.storage import EmbeddingWriter, read_embeddings
+from rag_clean.storage.files import EmbeddingWriter, read_embeddings
 
 DIMS = (384, 384)
 WEIGHTS = (0.8, 0.2)

@@ -1,4 +1,4 @@
-"""What the collection sensor pays per tick to observe a collection folder (rag_clean.folder_version):
+"""What the collection sensor pays per tick to observe a collection folder (rag_clean.chunking.folder_version):
 cold (no digest cache: every file read and hashed), warm (cache hit: stat only), and after editing one file.
 
     python benchmarks/bench_observe.py [--files 10000] [--kib 4] [--out benchmarks/results/x.json]
@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rag_clean.folder_version import folder_version  # noqa: E402
+from rag_clean.chunking.folder_version import folder_version  # noqa: E402
 
 
 def main() -> int:

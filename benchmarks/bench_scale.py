@@ -8,7 +8,7 @@ Each size: a fresh DAGSTER_HOME and storage root in a temp folder, a synthetic c
 queries, then `dagster asset materialize --select '*'` with RAG_CLEAN_EXECUTOR=multiprocess, so every step
 (asset or check) is its own process. Memory is measured two ways:
 - `poll`: this script reads RssAnon of every step process from /proc every 50 ms (checks included);
-- `probe`: the step's own `peak_rss_anon_bytes` from the processing summary (rag_clean/memory.py).
+- `probe`: the step's own `peak_rss_anon_bytes` from the processing summary (rag_clean/telemetry/memory.py).
 RssAnon excludes memory-mapped file pages (the chunks and embedding files), which is the issue's measure.
 Wall time per step is how long its process was seen. Prints a table and writes JSON.
 """

@@ -22,7 +22,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from rag_clean.memory import rss_anon_bytes  # noqa: E402
+from rag_clean.telemetry.memory import rss_anon_bytes  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WORDS_PER_CHUNK = int(os.environ.get("RAG_CLEAN_BENCH_WORDS", "30"))  # 30 words ~ 42 tokens, 12 ~ 20

@@ -1,4 +1,4 @@
-"""rag_clean engine: chunking, encoders, fusion, retrieval, GPU lease, storage, telemetry.
+"""rag_clean engine: config/, chunking/, encoders/, gpu/, stages/, storage/, retrieval/, telemetry/, exports/, distributed/.
 
 Never imports Dagster: the engine runs and is benchmarked on machines without it.
 """

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ensure_dagster_home() -> Path:
-    from rag_clean.paths import PROJECT_ROOT
+    from rag_clean.config.paths import PROJECT_ROOT
     from rag_clean_assets.collections import init_home
 
     if not os.environ.get("DAGSTER_HOME"):
@@ -101,8 +101,8 @@ def _ensure_dagster_home() -> Path:
 
 def _select_collections(requested: list[str] | None, chunked_dir: str | None) -> tuple[Path, list[str]]:
     """(data root, collection names); a requested path to a folder sets the data root to its parent."""
-    from rag_clean import paths as default_paths
-    from rag_clean.storage import StorageError, check_name
+    from rag_clean.config import paths as default_paths
+    from rag_clean.storage.files import StorageError, check_name
 
     root = Path(chunked_dir).expanduser().resolve() if chunked_dir else None
     names: list[str] = []
@@ -153,8 +153,8 @@ def _step_errors(result) -> list[str]:
 
 
 def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: float) -> None:
-    from rag_clean.layout import StorageLayout
-    from rag_clean.telemetry import read_summary
+    from rag_clean.storage.layout import StorageLayout
+    from rag_clean.telemetry.summary import read_summary
 
     path = StorageLayout(storage_root).summary_file(collection)
     s = read_summary(path)
@@ -194,9 +194,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import dagster as dg
 
-    from rag_clean.plan import PlanError, build_run_plan
-    from rag_clean.registry import RegistryError, load_registry
-    from rag_clean.settings import SettingsError
+    from rag_clean.config.plan import PlanError, build_run_plan
+    from rag_clean.config.registry import RegistryError, load_registry
+    from rag_clean.config.settings import SettingsError
     from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
     from rag_clean_assets.partitions import COLLECTIONS_PARTITION
     from rag_clean_assets.run_progress import LOGGER_KEY as PROGRESS_LOGGER

@@ -6,7 +6,7 @@ import os
 
 import dagster as dg
 
-from rag_clean.registry import load_registry
+from rag_clean.config.registry import load_registry
 from rag_clean_assets.assets.chunks import chunks
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset

@@ -2,7 +2,7 @@
 
 `chunks` reads files Dagster does not manage. Without this asset Dagster learns that a folder changed
 only when `chunks` reruns; with it, an observation records each partition's folder version
-(rag_clean.folder_version: sha256 over relative paths and file digests) and Dagster's staleness
+(rag_clean.chunking.folder_version: sha256 over relative paths and file digests) and Dagster's staleness
 does the rest: a changed version makes that partition's `chunks` (and `queries`, which reads the
 folder's queries.jsonl) stale, and, once `chunks` reruns with new content, everything below it.
 
@@ -21,7 +21,7 @@ import warnings
 import dagster as dg
 from dagster._core.definitions.external_asset import create_external_asset_from_source_asset
 
-from rag_clean.folder_version import FolderVersion, folder_version
+from rag_clean.chunking.folder_version import FolderVersion, folder_version
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION, collections_partitions
 from rag_clean_assets.versions import DATA_VERSION_TAG
 from resources.paths import PathsResource

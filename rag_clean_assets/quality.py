@@ -17,9 +17,9 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.layout import StorageLayout
-from rag_clean.storage import ids_absent
-from rag_clean.telemetry import read_summary
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.storage.files import ids_absent
+from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
 from resources.settings import EmbedderSettingsResource

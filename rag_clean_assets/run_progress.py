@@ -1,6 +1,6 @@
 """`rag-clean`'s progress display: per collection, one bar per asset step, fed by the run's Dagster events.
 
-A step's bar starts at STEP_START, follows the encode progress lines of that step (rag_clean.progress:
+A step's bar starts at STEP_START, follows the encode progress lines of that step (rag_clean.telemetry.progress:
 "<model>: done/total chunks ...", at least every 10 s or 5% of the rows) and is set to 100% at
 STEP_SUCCESS. A step without progress lines counts as one unit. On a terminal it is a `rich` live
 display; when stdout is not a TTY (CI, a pipe) it prints plain lines instead, one per step start,
@@ -30,7 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from rag_clean.progress import parse_line
+from rag_clean.telemetry.progress import parse_line
 
 LOGGER_KEY = "rag_clean_progress"
 

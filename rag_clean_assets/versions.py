@@ -14,7 +14,7 @@ import warnings
 import dagster as dg
 import pyarrow as pa
 
-from rag_clean.registry import ModelSpec, Registry
+from rag_clean.config.registry import ModelSpec, Registry
 from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint, sparse_fingerprint
 
 CHUNKS = "1"

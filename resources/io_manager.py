@@ -1,7 +1,7 @@
 """Telemetry IO manager: stores each asset value, then hands its stage record to telemetry.
 
 A thin adapter: the file goes where the storage layout says (Parquet tables; Arrow IPC files --
-chunks and embedding matrices -- published from their staged file by rename and loaded memory-mapped); `rag_clean.telemetry.record_materialization` merges
+chunks and embedding matrices -- published from their staged file by rename and loaded memory-mapped); `rag_clean.telemetry.summary.record_materialization` merges
 the record into processing_summary.json and the events log and returns the metadata, which is
 converted to Dagster metadata here. A disabled stage writes no file: the previous one stays.
 """
@@ -14,13 +14,13 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.memory import PROBE
-from rag_clean.records import MetaJson, MetaMarkdown, MetaPath
+from rag_clean.telemetry.memory import PROBE
+from rag_clean.telemetry.records import MetaJson, MetaMarkdown, MetaPath
 from rag_clean.stages.common import StageOutput
-from rag_clean.layout import is_embedding_file
-from rag_clean.storage import (ColumnSpool, EmbeddingWriter, StorageError, TableWriter, read_arrow_table,
+from rag_clean.storage.layout import is_embedding_file
+from rag_clean.storage.files import (ColumnSpool, EmbeddingWriter, StorageError, TableWriter, read_arrow_table,
                                read_embeddings, read_table, write_arrow_table, write_table)
-from rag_clean.telemetry import record_materialization, utc_now
+from rag_clean.telemetry.summary import record_materialization, utc_now
 from resources.paths import PathsResource
 
 # Stages that can be switched off (sparse toggle, dense models outside ensemble_models): a missing

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from rag_clean import paths
-from rag_clean.layout import StorageLayout
-from rag_clean.storage import StorageError, check_name
+from rag_clean.config import paths
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.storage.files import StorageError, check_name
 
 
 class PathsResource(dg.ConfigurableResource):
-    """Empty strings mean the environment defaults (see rag_clean.paths)."""
+    """Empty strings mean the environment defaults (see rag_clean.config.paths)."""
 
     data_root: str = ""
     storage_root: str = ""

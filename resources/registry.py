@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from rag_clean.registry import Registry, load_registry
+from rag_clean.config.registry import Registry, load_registry
 
 
 class ModelRegistryResource(dg.ConfigurableResource):

@@ -6,11 +6,11 @@ from typing import Optional
 
 import dagster as dg
 
-from rag_clean.settings import RETIRED_SETTINGS, EmbedderSettings, resolve_settings
+from rag_clean.config.settings import RETIRED_SETTINGS, EmbedderSettings, resolve_settings
 
 
 class EmbedderSettingsResource(dg.ConfigurableResource):
-    """One field per setting of rag_clean.settings.EmbedderSettings (a test keeps the two in step)."""
+    """One field per setting of rag_clean.config.settings.EmbedderSettings (a test keeps the two in step)."""
 
     config_file: str = ""
     dotenv_file: str = ""

@@ -9,7 +9,7 @@ import dagster as dg
 
 from rag_clean_assets.definitions import build_assets, build_resources
 from rag_clean_assets.checks import build_checks
-from rag_clean.registry import load_registry
+from rag_clean.config.registry import load_registry
 from resources.gpu_lease import GpuLeaseResource
 from resources.settings import EmbedderSettingsResource
 

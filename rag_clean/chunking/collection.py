@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rag_clean.storage import ColumnSpool, duplicate_id_rows, file_digest
+from rag_clean.storage.files import ColumnSpool, duplicate_id_rows, file_digest
 
 from .config import ChunkingConfig, ChunkingError, ChunkingResult, SkipRecord
 from .documents import chunk_markdown, chunk_plain_text

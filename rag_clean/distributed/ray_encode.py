@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from rag_clean.plan import RayPlan
-from rag_clean.registry import ModelSpec
+from rag_clean.config.plan import RayPlan
+from rag_clean.config.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 
 class EncoderError(RuntimeError):
@@ -94,7 +94,7 @@ class DenseEncoder(abc.ABC):
         """Yield (row_indices int64 [b], vectors float32 [b, dim]) in any order, every index once.
 
         Rows are L2-normalized. Matryoshka truncation (spec.truncate_dim) is applied by the
-        caller (rag_clean.fusion.truncate_and_normalize), so `dim` is the model's native width.
+        caller (rag_clean.retrieval.fusion.truncate_and_normalize), so `dim` is the model's native width.
         """
 
     def encode_all(self, texts: Sequence[str]) -> np.ndarray:

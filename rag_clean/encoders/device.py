@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rag_clean.encoders.base import EncoderError
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert")

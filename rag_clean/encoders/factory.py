@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rag_clean.encoders.base import DenseEncoder, EncoderError, Reranker, SparseEncoder
 from rag_clean.encoders.budget import BudgetStore
-from rag_clean.registry import ModelSpec, RegistryError
+from rag_clean.config.registry import ModelSpec, RegistryError
 
 # Models are never fetched at run time; set before huggingface_hub is imported where possible.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

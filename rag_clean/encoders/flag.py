@@ -23,7 +23,7 @@ from rag_clean.encoders.flag_base import FlagBackend, check_dim, load_first
 from rag_clean.encoders.flag_rerank import FlagRerankerAdapter  # noqa: F401  (the factory's import site)
 from rag_clean.encoders.runner import Batch, Replica
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS, Tokenizer
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 FLAG_POOLINGS = ("cls", "mean")
 

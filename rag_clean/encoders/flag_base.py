@@ -19,7 +19,7 @@ from rag_clean.encoders.base import EncodeStats, EncoderError
 from rag_clean.encoders.budget import BudgetStore
 from rag_clean.encoders.device import bytes_per_token, check_max_length, dtype_name, parse_devices, place, resolve_dtype
 from rag_clean.encoders.runner import Replica, Runner, RunnerEncoder
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 BACKEND = "flagembedding"
 

@@ -20,7 +20,7 @@ from rag_clean.encoders.device import flag_precision
 from rag_clean.encoders.flag_base import FlagBackend
 from rag_clean.encoders.runner import Batch, Replica
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS, TokenWindow, check_strings
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 
 class FlagPairTokenizer:

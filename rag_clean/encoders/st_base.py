@@ -25,7 +25,7 @@ from rag_clean.encoders.device import (
 from rag_clean.encoders.fast_bert import FastBert
 from rag_clean.encoders.runner import Batch, Replica, Runner, RunnerEncoder
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS, Tokenizer
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 
 def transformer_module(st_model):

@@ -13,7 +13,7 @@ from rag_clean.encoders.fast_bert import pool_unpadded
 from rag_clean.encoders.runner import Batch, Replica
 from rag_clean.encoders.st_base import STBackend
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 _SIMPLE_POOLING = ("mean", "cls", "max", "lasttoken")
 

@@ -11,7 +11,7 @@ from rag_clean.encoders.base import EncoderError, Reranker, check_pairs
 from rag_clean.encoders.runner import Batch, Replica
 from rag_clean.encoders.st_base import STBackend
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 
 def _classifier_on_cls(hf):

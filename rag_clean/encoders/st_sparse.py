@@ -15,7 +15,7 @@ from rag_clean.encoders.fast_bert import segment_ids
 from rag_clean.encoders.runner import Batch, Replica
 from rag_clean.encoders.st_base import STBackend
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 # Bytes of vocab-wide activations computed at once: no [tokens, vocab] tensor is ever larger.
 SPLADE_CHUNK_BYTES = 256 * 1024 * 1024

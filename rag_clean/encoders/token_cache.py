@@ -74,11 +74,11 @@ def end_specials(tokenizer) -> int | None:
 
 class CachedTokens:
     """One open cache file, looked up by content hash in flat memory: ids, offsets and hashes stay
-    memory-mapped; the index is one sorted uint64 key per row (rag_clean.reuse.hash_keys), not a dict
+    memory-mapped; the index is one sorted uint64 key per row (rag_clean.storage.reuse.hash_keys), not a dict
     of every hash (~200 MB at a million rows). Rows are addressed by their row number in the file."""
 
     def __init__(self, path: Path):
-        from rag_clean.reuse import hash_keys
+        from rag_clean.storage.reuse import hash_keys
 
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
@@ -103,7 +103,7 @@ class CachedTokens:
     def find(self, hashes: list[str]) -> np.ndarray:
         """Row number of each hash in the file, -1 where absent (a 64-bit key match is confirmed on the
         full string, so a collision is a miss, never a wrong row)."""
-        from rag_clean.reuse import hash_keys
+        from rag_clean.storage.reuse import hash_keys
 
         rows = np.full(len(hashes), -1, dtype=np.int64)
         if not len(self._sorted) or not hashes:
@@ -186,7 +186,7 @@ class TokenCachePass:
 
     def _write(self, hashes, id_rows, cut_rows) -> None:
         if self._writer is None:
-            from rag_clean.storage import atomic_path
+            from rag_clean.storage.files import atomic_path
 
             tmp = self._stack.enter_context(atomic_path(self.path))
             schema = SCHEMA.with_metadata({"cap": str(self.tokenizer.max_length),

@@ -1,11 +1,11 @@
 """Each pipeline stage as a plain function: inputs in, (value, typed stage record) out.
 
 The Dagster assets are thin wrappers over these, and the same functions run on a GPU box with
-no Dagster. Records (rag_clean.records) hold measured values only; telemetry renders them.
+no Dagster. Records (rag_clean.telemetry.records) hold measured values only; telemetry renders them.
 One module per stage: dense, joint (bge-m3 one-pass outputs), fusion, sparse, retrieval.
 """
 
-from rag_clean.plan import RetrievalConfig
+from rag_clean.config.plan import RetrievalConfig
 from rag_clean.stages.common import ROW_BLOCK, StageOutput, StageTimer, model_fingerprint, sparse_fingerprint
 from rag_clean.stages.dense import run_dense_stage
 from rag_clean.stages.fusion import run_fusion_stage

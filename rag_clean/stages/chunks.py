@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
 from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, StreamedChunks, stream_collection
-from rag_clean.records import ChunksRecord, ReuseCount
-from rag_clean.storage import ColumnSpool, StorageError, read_arrow_table, temp_path_for
+from rag_clean.telemetry.records import ChunksRecord, ReuseCount
+from rag_clean.storage.files import ColumnSpool, StorageError, read_arrow_table, temp_path_for
 
 _SIZE, _MTIME = b"chunks_file_size", b"chunks_file_mtime_ns"
 

@@ -12,11 +12,11 @@ from typing import TypeVar
 
 import pyarrow as pa
 
-from rag_clean.records import StageRecord
-from rag_clean.registry import ModelSpec
-from rag_clean.digests import DigestCache
-from rag_clean.storage import EmbeddingWriter, TableWriter
-from rag_clean.telemetry import utc_now
+from rag_clean.telemetry.records import StageRecord
+from rag_clean.config.registry import ModelSpec
+from rag_clean.storage.digests import DigestCache
+from rag_clean.storage.files import EmbeddingWriter, TableWriter
+from rag_clean.telemetry.summary import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def default_digest_cache() -> Path | None:
     (then digests are cached in this process only, and nothing is written under the project)."""
     import os
 
-    from rag_clean.layout import StorageLayout
-    from rag_clean.paths import storage_root
+    from rag_clean.storage.layout import StorageLayout
+    from rag_clean.config.paths import storage_root
 
     if not (os.environ.get("RAG_CLEAN_STORAGE_ROOT") or os.environ.get("DAGSTER_HOME")):
         return None

@@ -9,13 +9,13 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from rag_clean.fusion import truncate_and_normalize
-from rag_clean.plan import RayPlan
-from rag_clean.progress import ProgressLog, track
-from rag_clean.records import DenseRecord, truncation_warning
-from rag_clean.registry import ModelSpec
-from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
-from rag_clean.reuse import ArrowTexts, complement, match_rows
+from rag_clean.retrieval.fusion import truncate_and_normalize
+from rag_clean.config.plan import RayPlan
+from rag_clean.telemetry.progress import ProgressLog, track
+from rag_clean.telemetry.records import DenseRecord, truncation_warning
+from rag_clean.config.registry import ModelSpec
+from rag_clean.storage.files import EmbeddingSet, EmbeddingWriter, StorageError
+from rag_clean.storage.reuse import ArrowTexts, complement, match_rows
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
 from rag_clean.stages.joint import JointOutputs, JointSideFiles, load_joint_encoder
 
@@ -48,7 +48,7 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     fingerprint = model_fingerprint(spec, digest_cache)
     out_dim = spec.output_dim
 
-    # Reuse keyed by (model fingerprint, content hash); no dict of every row (rag_clean.reuse).
+    # Reuse keyed by (model fingerprint, content hash); no dict of every row (rag_clean.storage.reuse).
     reuse_dst = reuse_src = np.zeros(0, dtype=np.int64)
     if previous is not None and previous.metadata.get("fingerprint") == fingerprint and (out_dim is None or previous.dim == out_dim):
         reuse_dst, reuse_src = match_rows(hashes, previous.hashes)

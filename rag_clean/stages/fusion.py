@@ -11,10 +11,10 @@ from typing import Mapping
 import numpy as np
 import pyarrow as pa
 
-from rag_clean.fusion import fuse_block, fused_dim
-from rag_clean.records import FusedRecord, ReuseCount
-from rag_clean.storage import EmbeddingSet, EmbeddingWriter, StorageError
-from rag_clean.reuse import complement, match_rows
+from rag_clean.retrieval.fusion import fuse_block, fused_dim
+from rag_clean.telemetry.records import FusedRecord, ReuseCount
+from rag_clean.storage.files import EmbeddingSet, EmbeddingWriter, StorageError
+from rag_clean.storage.reuse import complement, match_rows
 from rag_clean.stages.common import ROW_BLOCK
 
 log = logging.getLogger(__name__)

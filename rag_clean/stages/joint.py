@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from rag_clean.layout import StorageLayout
-from rag_clean.plan import JointPlan
-from rag_clean.registry import ModelSpec
-from rag_clean.storage import StorageError, publish, temp_path_for
-from rag_clean.reuse import complement, match_parquet, match_rows
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.config.plan import JointPlan
+from rag_clean.config.registry import ModelSpec
+from rag_clean.storage.files import StorageError, publish, temp_path_for
+from rag_clean.storage.reuse import complement, match_parquet, match_rows
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint, sparse_fingerprint
 from rag_clean.stages.sparse_rows import SparseScratch, VectorRowsScratch, scatter_previous
 

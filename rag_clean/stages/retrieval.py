@@ -4,7 +4,7 @@ rerank of the top K, metrics per candidate system before and after the rerank.
 Flat in collection size: dense candidates scan the memory-mapped fused matrix in row blocks (on the leased
 GPU when there is one), sparse candidates scan the stored sparse rows block by block, and only candidate
 rows of `chunks` are read (ids, texts, hashes). Query-side encodings and cross-encoder scores are cached
-(rag_clean/retrieval_cache.py), so a rerun encodes only what it has not encoded before.
+(rag_clean/retrieval/cache.py), so a rerun encodes only what it has not encoded before.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rag_clean.candidates import DenseScorer, SparseBlock, SparseScorer, build_pools
-from rag_clean.fusion import fuse_queries, truncate_and_normalize
-from rag_clean.hybrid import QueryPool, choose_weights, default_weights, evaluate, split_queries
-from rag_clean.metrics import ranking_metrics
-from rag_clean.plan import RetrievalConfig
-from rag_clean.privacy import query_hash, query_key
-from rag_clean.records import RerankRecord
-from rag_clean.registry import ModelSpec
-from rag_clean.retrieval import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, take_column
-from rag_clean.retrieval_cache import KeyedCache, RetrievalCaches, fingerprint, one_text_per_forward
+from rag_clean.retrieval.candidates import DenseScorer, SparseBlock, SparseScorer, build_pools
+from rag_clean.retrieval.fusion import fuse_queries, truncate_and_normalize
+from rag_clean.retrieval.hybrid import QueryPool, choose_weights, default_weights, evaluate, split_queries
+from rag_clean.retrieval.metrics import ranking_metrics
+from rag_clean.config.plan import RetrievalConfig
+from rag_clean.telemetry.privacy import query_hash, query_key
+from rag_clean.telemetry.records import RerankRecord
+from rag_clean.config.registry import ModelSpec
+from rag_clean.retrieval.flat import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, take_column
+from rag_clean.retrieval.cache import KeyedCache, RetrievalCaches, fingerprint, one_text_per_forward
 from rag_clean.stages.common import model_fingerprint
-from rag_clean.storage import EmbeddingSet, StorageError
+from rag_clean.storage.files import EmbeddingSet, StorageError
 
 log = logging.getLogger(__name__)
 

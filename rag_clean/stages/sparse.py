@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rag_clean.layout import StorageLayout
-from rag_clean.plan import RayPlan
-from rag_clean.progress import ProgressLog, track
-from rag_clean.records import ReuseCount, SparseRecord, truncation_warning
-from rag_clean.registry import ModelSpec, Registry
-from rag_clean.reuse import ArrowTexts, complement, match_parquet
-from rag_clean.storage import TableWriter
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.config.plan import RayPlan
+from rag_clean.telemetry.progress import ProgressLog, track
+from rag_clean.telemetry.records import ReuseCount, SparseRecord, truncation_warning
+from rag_clean.config.registry import ModelSpec, Registry
+from rag_clean.storage.reuse import ArrowTexts, complement, match_parquet
+from rag_clean.storage.files import TableWriter
 from rag_clean.stages.common import ROW_BLOCK, sparse_fingerprint
 from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
 

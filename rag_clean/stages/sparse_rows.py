@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.storage import temp_path_for
+from rag_clean.storage.files import temp_path_for
 
 BLOCK = 16384  # rows per Parquet row group: the write of a block (Arrow lists + Parquet encoding) is the stage's largest transient
 

@@ -10,8 +10,8 @@ from typing import Iterator
 
 import dagster as dg
 
-from rag_clean.plan import RunPlan, build_run_plan
-from rag_clean.records import StageRecord
+from rag_clean.config.plan import RunPlan, build_run_plan
+from rag_clean.telemetry.records import StageRecord
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.pods import cpu_pod_tags, gpu_pod_tags
 from resources.paths import PathsResource
@@ -64,7 +64,7 @@ def start_record(record: StageRecord, plan: RunPlan) -> StageRecord:
 def previous_embeddings(context: dg.AssetExecutionContext, plan: RunPlan, target: Path, unreadable: str):
     """The asset's stored matrix, memory-mapped, for reuse; None when reuse is off, there is none, or it is
     unreadable (then one warning line: `unreadable` says what happens instead)."""
-    from rag_clean.storage import StorageError, read_embeddings
+    from rag_clean.storage.files import StorageError, read_embeddings
 
     if not (plan.reuse_unchanged and target.exists()):
         return None

@@ -5,8 +5,8 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.encoders.batching import BudgetStore
-from rag_clean.records import DenseRecord
-from rag_clean.registry import ModelSpec
+from rag_clean.telemetry.records import DenseRecord
+from rag_clean.config.registry import ModelSpec
 from rag_clean.encoders.token_cache import TokenCache
 from rag_clean.stages import joint_outputs, run_dense_stage
 from rag_clean.stages.common import StageOutput, StageTimer

@@ -10,8 +10,8 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.encoders.batching import BudgetStore
-from rag_clean.records import SparseRecord
-from rag_clean.registry import Registry
+from rag_clean.telemetry.records import SparseRecord
+from rag_clean.config.registry import Registry
 from rag_clean.encoders.token_cache import TokenCache
 from rag_clean.stages import run_sparse_stage, shared_sparse_sources
 from rag_clean.stages.common import StageOutput, StageTimer

@@ -20,11 +20,11 @@ import pytest
 
 import rag_clean.encoders.factory as factory
 import rag_clean.encoders.flag as flag
-from rag_clean.registry import RegistryError, load_registry
-from rag_clean.layout import StorageLayout
-from rag_clean.storage import read_arrow_table
-from rag_clean.plan import build_run_plan
-from rag_clean.settings import EmbedderSettings
+from rag_clean.config.registry import RegistryError, load_registry
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.storage.files import read_arrow_table
+from rag_clean.config.plan import build_run_plan
+from rag_clean.config.settings import EmbedderSettings
 from rag_clean.stages import joint_outputs
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.sparse import SPARSE_KEY, build_sparse_asset

@@ -24,7 +24,7 @@ from dagster_k8s.job import (  # noqa: E402
     get_user_defined_k8s_config,
 )
 
-from rag_clean.registry import load_registry  # noqa: E402
+from rag_clean.config.registry import load_registry  # noqa: E402
 from rag_clean_assets import pods  # noqa: E402
 from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions, default_executor  # noqa: E402
 

@@ -17,13 +17,13 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.storage import read_arrow_table
+from rag_clean.storage.files import read_arrow_table
 import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from rag_clean.records import DenseRecord, MetaJson, compact, human_bytes, human_duration, human_rate
-from rag_clean.registry import load_registry
+from rag_clean.telemetry.records import DenseRecord, MetaJson, compact, human_bytes, human_duration, human_rate
+from rag_clean.config.registry import load_registry
 from rag_clean_assets import versions
 from rag_clean_assets.partitions import collections_partitions
 from tiny_models import write_tiny_registry

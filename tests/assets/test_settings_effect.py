@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from rag_clean.privacy import query_hash
+from rag_clean.telemetry.privacy import query_hash
 
 from pipeline_helpers import Pipeline, write_collection
 

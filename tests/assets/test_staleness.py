@@ -10,7 +10,7 @@ import dagster as dg
 from dagster._core.definitions.data_version import StaleStatus
 
 from pipeline_helpers import MD_DOC, write_collection
-from rag_clean.folder_version import folder_version
+from rag_clean.chunking.folder_version import folder_version
 from rag_clean_assets.definitions import build_assets
 from rag_clean_assets.observe import COLLECTION_FILES, observe_collections, recorded_version
 from rag_clean_assets.staleness import partition_status, resolver

@@ -16,8 +16,8 @@ import pytest
 
 from project_env import project_env
 
-from rag_clean.storage import read_arrow_table, read_embeddings
-from rag_clean.telemetry import read_summary
+from rag_clean.storage.files import read_arrow_table, read_embeddings
+from rag_clean.telemetry.summary import read_summary
 
 pytestmark = pytest.mark.e2e
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from v41_spec import V41_NESTED
-from rag_clean.exports import TEXT_PREVIEW_CHARS, export_files, point_id
-from rag_clean.telemetry import V41_KEYS, read_summary
+from rag_clean.exports.files import TEXT_PREVIEW_CHARS, export_files, point_id
+from rag_clean.telemetry.summary import V41_KEYS, read_summary
 from rag_clean_assets.cli import build_parser, main
 
 pytestmark = pytest.mark.e2e

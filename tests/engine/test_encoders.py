@@ -15,7 +15,7 @@ import torch
 from rag_clean.encoders.base import EncoderError
 from rag_clean.encoders.budget import BudgetStore
 from rag_clean.encoders.factory import ModelLoadError, load_dense_encoder, load_reranker, load_sparse_encoder
-from rag_clean.registry import load_registry
+from rag_clean.config.registry import load_registry
 
 TEXTS = [
     "how to install the cuda driver on linux",

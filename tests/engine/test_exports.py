@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from rag_clean.chunking import read_collection
-from rag_clean.exports import (
+from rag_clean.exports.files import (
     POINT_ID_NAMESPACE,
     TEXT_PREVIEW_CHARS,
     ExportError,
@@ -20,9 +20,9 @@ from rag_clean.exports import (
     point_id,
     write_exports,
 )
-from rag_clean.fusion import fuse_block
+from rag_clean.retrieval.fusion import fuse_block
 from rag_clean.stages import SPARSE_SCHEMA
-from rag_clean.storage import file_digest, read_embeddings, write_embeddings
+from rag_clean.storage.files import file_digest, read_embeddings, write_embeddings
 
 LONG_TEXT = "install the gpu driver " * 40  # > 500 chars: the preview must cut it
 
@@ -188,7 +188,7 @@ def test_npy_files_are_what_numpy_saves(tmp_path, stored):
 
 def _changed(tmp_path, stored):
     """The stored assets after an edit (row 2: new text and vectors), a removal (row 0) and an addition."""
-    from rag_clean.storage import read_embeddings as read, write_embeddings as write
+    from rag_clean.storage.files import read_embeddings as read, write_embeddings as write
 
     chunks, dense, fused, sparse = stored
     rows = chunks.to_pylist()
@@ -214,7 +214,7 @@ def _changed(tmp_path, stored):
 
 
 def test_unchanged_lines_are_copied_and_the_export_equals_a_full_one(tmp_path, stored):
-    from rag_clean.layout import StorageLayout
+    from rag_clean.storage.layout import StorageLayout
 
     layout = StorageLayout(tmp_path / "storage")
     index = lambda kind: layout.export_line_index("docs", kind)  # noqa: E731
@@ -250,7 +250,7 @@ def test_unchanged_lines_are_copied_and_the_export_equals_a_full_one(tmp_path, s
 def test_sparse_from_the_parquet_file_streams_and_equals_the_table(tmp_path, stored):
     import pyarrow.parquet as pq
 
-    from rag_clean.exports import _sparse_by_model
+    from rag_clean.exports.files import _sparse_by_model
 
     chunks, dense, fused, sparse = stored
     want, _ = write_exports(tmp_path / "table", "docs", chunks, dense, fused, sparse=sparse, sparse_models=["splade"])

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import rag_clean.digests as digests
+import rag_clean.storage.digests as digests
 import rag_clean.encoders.factory as factory
 import rag_clean.stages.common as common
-from rag_clean.registry import load_registry
+from rag_clean.config.registry import load_registry
 from rag_clean.stages import run_dense_stage, run_sparse_stage
 from rag_clean.stages.common import model_fingerprint, sparse_fingerprint
-from rag_clean.storage import read_embeddings
+from rag_clean.storage.files import read_embeddings
 
 TEXTS = ["install the gpu driver", "rerank the results", "query the index", "the embedding model"]
 

@@ -16,7 +16,7 @@ from rag_clean.encoders.flag import (
     FlagSparseEncoder,
     lexical_top_k,
 )
-from rag_clean.registry import ModelSpec
+from rag_clean.config.registry import ModelSpec
 
 MAX_LEN = 48
 TEXTS = [

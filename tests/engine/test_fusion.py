@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rag_clean.fusion import fuse_block, fused_dim, l2_normalize, normalized_weights, truncate_and_normalize
+from rag_clean.retrieval.fusion import fuse_block, fused_dim, l2_normalize, normalized_weights, truncate_and_normalize
 
 
 def _unit(rng, n, d):

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from rag_clean.chunking import ChunkingError, read_collection
-from rag_clean.retrieval import QueryFileError, load_queries
-from rag_clean.storage import StorageError, read_embeddings, read_table, write_embeddings, write_table
+from rag_clean.retrieval.flat import QueryFileError, load_queries
+from rag_clean.storage.files import StorageError, read_embeddings, read_table, write_embeddings, write_table
 from file_helpers import write
 
 GOOD_MD = "# Guide\n\nGuide text that is embedded.\n"

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from rag_clean.memory import PeakRssAnon, rss_anon_bytes
+from rag_clean.telemetry.memory import PeakRssAnon, rss_anon_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from rag_clean.plan import PlanError, build_run_plan
-from rag_clean.registry import load_registry
-from rag_clean.settings import RETIRED_SETTINGS, EmbedderSettings, resolve_settings
+from rag_clean.config.plan import PlanError, build_run_plan
+from rag_clean.config.registry import load_registry
+from rag_clean.config.settings import RETIRED_SETTINGS, EmbedderSettings, resolve_settings
 from resources.settings import EmbedderSettingsResource
 
 

@@ -11,9 +11,9 @@ import stat
 import pyarrow as pa
 import pytest
 
-from rag_clean import privacy
-from rag_clean.privacy import PrivacyError, query_hash, query_key, redact_query
-from rag_clean.retrieval import QueryFileError, check_queries_match, load_queries, queries_table
+from rag_clean.telemetry import privacy
+from rag_clean.telemetry.privacy import PrivacyError, query_hash, query_key, redact_query
+from rag_clean.retrieval.flat import QueryFileError, check_queries_match, load_queries, queries_table
 
 TEXT = "how do I install the driver"
 
@@ -54,7 +54,7 @@ def test_key_file_created_once_0600_in_user_config_outside_storage(key_env, tmp_
     assert stat.S_IMODE(expected.stat().st_mode) == 0o600
     assert stat.S_IMODE(expected.parent.stat().st_mode) == 0o700
     assert query_key() == key  # reused, not regenerated
-    from rag_clean.paths import storage_root
+    from rag_clean.config.paths import storage_root
     assert storage_root() not in expected.parents  # default storage root is $DAGSTER_HOME/rag_clean
     assert list((tmp_path / "config" / "rag_clean").iterdir()) == [expected]  # no temp file left behind
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-import rag_clean.progress as progress
-from rag_clean.progress import ProgressLog
-from rag_clean.registry import load_registry
+import rag_clean.telemetry.progress as progress
+from rag_clean.telemetry.progress import ProgressLog
+from rag_clean.config.registry import load_registry
 from rag_clean.stages import run_dense_stage
 
 

@@ -20,10 +20,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from rag_clean.distributed import ray_encode  # noqa: E402
-from rag_clean.plan import RayPlan  # noqa: E402
-from rag_clean.registry import load_registry  # noqa: E402
+from rag_clean.config.plan import RayPlan  # noqa: E402
+from rag_clean.config.registry import load_registry  # noqa: E402
 from rag_clean.stages import run_dense_stage, run_sparse_stage  # noqa: E402
-from rag_clean.storage import EmbeddingWriter, file_digest, read_embeddings  # noqa: E402
+from rag_clean.storage.files import EmbeddingWriter, file_digest, read_embeddings  # noqa: E402
 from tiny_models import TEST_WORDS  # noqa: E402
 
 ATOL = 1e-5

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 
 from rag_clean.distributed.ray_encode import RayUnavailableError, connect
-from rag_clean.plan import RayPlan, build_run_plan
-from rag_clean.registry import load_registry
-from rag_clean.settings import EmbedderSettings, SettingsError, resolve_settings
+from rag_clean.config.plan import RayPlan, build_run_plan
+from rag_clean.config.registry import load_registry
+from rag_clean.config.settings import EmbedderSettings, SettingsError, resolve_settings
 from rag_clean.stages import run_dense_stage, run_sparse_stage
 from resources.settings import EmbedderSettingsResource
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_clean.registry import DEFAULT_REGISTRY_PATH, ModelSpec, Registry, RegistryError, load_registry
+from rag_clean.config.registry import DEFAULT_REGISTRY_PATH, ModelSpec, Registry, RegistryError, load_registry
 
 GOOD = """
 [fusion]

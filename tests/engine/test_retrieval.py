@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rag_clean.privacy import query_hash
-from rag_clean.retrieval import (
+from rag_clean.telemetry.privacy import query_hash
+from rag_clean.retrieval.flat import (
     QueryFileError,
     SparseIndex,
     check_queries_match,
@@ -19,7 +19,7 @@ from rag_clean.retrieval import (
     queries_table,
     reciprocal_rank_fusion,
 )
-from rag_clean.metrics import mean_reciprocal_rank, ndcg_at_k, ranking_metrics, recall_at_k
+from rag_clean.retrieval.metrics import mean_reciprocal_rank, ndcg_at_k, ranking_metrics, recall_at_k
 
 
 def _brute_force(q, d, k):
@@ -155,7 +155,7 @@ def test_mrr_at_10_and_ndcg_at_10():
 
 def test_dense_search_on_torch_equals_numpy():
     """The GPU path (torch) run on the CPU: same top-k, ties to the lower index, across blocks."""
-    from rag_clean.retrieval import _dense_search_torch
+    from rag_clean.retrieval.flat import _dense_search_torch
 
     rng = np.random.default_rng(5)
     docs = rng.standard_normal((90, 16)).astype(np.float32)
@@ -169,7 +169,7 @@ def test_dense_search_on_torch_equals_numpy():
 
 
 def test_chunk_rows_scans_the_column_in_blocks():
-    from rag_clean.retrieval import chunk_rows, take_column
+    from rag_clean.retrieval.flat import chunk_rows, take_column
 
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(10)], "text": [f"t{i}" for i in range(10)]})
     rows = chunk_rows(chunks, ["c7", "zz", "c0", "c7", "c9"], block_rows=3)

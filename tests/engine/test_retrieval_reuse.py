@@ -8,17 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rag_clean.candidates import SparseScorer
-from rag_clean.layout import StorageLayout
-from rag_clean.plan import RetrievalConfig
-from rag_clean.registry import load_registry
-from rag_clean.retrieval import SparseIndex, heading_queries
+from rag_clean.retrieval.candidates import SparseScorer
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.config.plan import RetrievalConfig
+from rag_clean.config.registry import load_registry
+from rag_clean.retrieval.flat import SparseIndex, heading_queries
 from rag_clean.stages import retrieval as retrieval_stage
 from rag_clean.stages.dense import run_dense_stage
 from rag_clean.stages.fusion import run_fusion_stage
 from rag_clean.stages.retrieval import _sparse_blocks, run_retrieval_stage
 from rag_clean.stages.sparse import run_sparse_stage
-from rag_clean.storage import read_embeddings
+from rag_clean.storage.files import read_embeddings
 
 WORDS = ["install", "rerank", "query", "vector", "chunk", "model", "config", "server"]
 

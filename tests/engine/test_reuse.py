@@ -1,4 +1,4 @@
-"""rag_clean.reuse: matching rows by content hash without a dict of every row."""
+"""rag_clean.storage.reuse: matching rows by content hash without a dict of every row."""
 
 import hashlib
 
@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rag_clean import reuse
-from rag_clean.reuse import ArrowTexts, complement, hash_keys, match_rows
+from rag_clean.storage import reuse
+from rag_clean.storage.reuse import ArrowTexts, complement, hash_keys, match_rows
 
 
 def sha(text: str) -> str:
@@ -74,7 +74,7 @@ def test_a_block_with_odd_strings_keeps_the_keys_of_its_hex_rows(monkeypatch):
 def test_match_parquet_reads_row_groups_and_filters_rows(tmp_path):
     import pyarrow.parquet as pq
 
-    from rag_clean.reuse import match_parquet
+    from rag_clean.storage.reuse import match_parquet
 
     hashes = [sha(str(i)) for i in range(6)]
     a = "0123456789abcdef" + "0" * 48

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rag_clean.settings import EmbedderSettings, SettingsError, resolve_settings
+from rag_clean.config.settings import EmbedderSettings, SettingsError, resolve_settings
 
 
 @pytest.fixture

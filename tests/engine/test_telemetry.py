@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rag_clean.layout import StorageLayout
-from rag_clean.telemetry import (
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.telemetry.summary import (
     SCHEMA_VERSION,
     V41_KEYS,
     TelemetryError,

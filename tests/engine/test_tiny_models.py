@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rag_clean.registry import load_registry
+from rag_clean.config.registry import load_registry
 from tiny_models import TEST_WORDS, TINY_MAX_LENGTH, build_bert_tokenizer, build_bge_m3, build_sentence_transformer
 
 TEXTS = ["how to install the gpu driver", "configure embedding retrieval for each chunk", "query"]

@@ -14,8 +14,8 @@ from rag_clean.encoders.base import EncoderError
 from rag_clean.encoders.factory import load_dense_encoder, load_sparse_encoder
 from rag_clean.encoders.token_cache import TokenCache, content_hash
 from rag_clean.encoders.tokenize import Tokenizer, tokenize_windows
-from rag_clean.layout import StorageLayout
-from rag_clean.registry import load_registry
+from rag_clean.storage.layout import StorageLayout
+from rag_clean.config.registry import load_registry
 
 TEXTS = [
     "how to install the cuda driver on linux",
@@ -151,7 +151,7 @@ def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
     import pyarrow as pa
 
     from rag_clean.stages import run_dense_stage, run_sparse_stage
-    from rag_clean.storage import read_embeddings
+    from rag_clean.storage.files import read_embeddings
 
     texts = TEXTS * 2
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))],

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from rag_clean.registry import load_registry
+from rag_clean.config.registry import load_registry
 from rag_clean.stages import run_dense_stage, run_sparse_stage
-from rag_clean.telemetry import build_summary
+from rag_clean.telemetry.summary import build_summary
 
 
 def _chunks(texts):

@@ -71,7 +71,7 @@ def query_key(storage_root: Path | None = None) -> bytes:
         if not direct.strip():
             raise PrivacyError(f"{QUERY_KEY_ENV} is set but empty")
         return direct.strip().encode("utf-8")
-    from rag_clean.paths import storage_root as default_storage_root  # lazy: paths reads env per call
+    from rag_clean.config.paths import storage_root as default_storage_root  # lazy: paths reads env per call
 
     path = query_key_file()
     _refuse_under(path, [default_storage_root(), *([storage_root] if storage_root else [])])

@@ -5,7 +5,7 @@
     data root), sorted by path.
 
 Hashing every byte of a big collection on every sensor tick would be wasteful, so file digests are
-cached per collection under the storage layout's state folder (rag_clean.digests, keyed by relative path,
+cached per collection under the storage layout's state folder (rag_clean.storage.digests, keyed by relative path,
 checked against size and mtime_ns): an unchanged file is stat'ed, not read.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag_clean.chunking.collection import _walk as walk_collection_files
-from rag_clean.digests import DigestCache
+from rag_clean.storage.digests import DigestCache
 
 
 @dataclass(frozen=True)

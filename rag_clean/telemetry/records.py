@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rag_clean.encoders.base import EncodeStats
-from rag_clean.readable import compact, human_bytes, human_duration, human_rate, metrics_markdown
+from rag_clean.telemetry.readable import compact, human_bytes, human_duration, human_rate, metrics_markdown
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class StageRecord:
     bytes: int = 0
     # Reused vs computed work, per model or unit (see ReuseCount). Every stage that can reuse fills it.
     reuse_counts: dict[str, ReuseCount] = field(default_factory=dict)
-    # Peak anonymous RSS of the step (rag_clean.memory: file-backed mmap pages excluded), set at storage.
+    # Peak anonymous RSS of the step (rag_clean.telemetry.memory: file-backed mmap pages excluded), set at storage.
     peak_rss_anon_bytes: int | None = None
 
     @property

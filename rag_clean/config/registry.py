@@ -15,7 +15,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 FUSION_METHODS = ("concat", "mean")
 
 REGISTRY_ENV = "RAG_CLEAN_MODEL_REGISTRY"
-DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models.toml")
+DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parents[1] / "models.toml"
 
 
 
@@ -155,7 +155,7 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
     # engine runs on a GPU box that has torch but no pydantic (the benchmarks).
     from pydantic import ValidationError
 
-    from rag_clean.registry_schema import RegistryFile, render_errors
+    from rag_clean.config.registry_schema import RegistryFile, render_errors
 
     path = Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY_PATH).expanduser()
     try:

@@ -13,8 +13,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from rag_clean.hybrid import QueryPool, normalize
-from rag_clean.retrieval import SparseIndex, dense_search
+from rag_clean.retrieval.hybrid import QueryPool, normalize
+from rag_clean.retrieval.flat import SparseIndex, dense_search
 
 
 class DenseScorer:
@@ -111,7 +111,7 @@ class SparseScorer:
                         known[d] = s
         missing = np.flatnonzero(~seen)
         if len(missing):
-            from rag_clean.storage import StorageError
+            from rag_clean.storage.files import StorageError
 
             raise StorageError(f"sparse_vectors lacks {len(missing)} of the current chunks (first: row "
                                f"{int(missing[0])}): rematerialize sparse_vectors")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from rag_clean.storage import check_name, path_under
+from rag_clean.storage.files import check_name, path_under
 
 # Assets whose value is an embedding matrix (Arrow IPC, memory-mapped).
 EMBEDDING_ROOTS = ("dense_embeddings", "fused_embeddings")
@@ -36,7 +36,7 @@ FILES_DIR = "_files"
 JOINT_DIR = "_joint"
 # Same reason: "_cache" can never be a collection, so reranked/_cache/ never clashes with reranked/<c>.parquet.
 CACHE_DIR = "_cache"
-# What the reranked stage caches (rag_clean/retrieval_cache.py): query-side encodings and cross-encoder scores.
+# What the reranked stage caches (rag_clean/retrieval/cache.py): query-side encodings and cross-encoder scores.
 RETRIEVAL_CACHE_KINDS = ("query_vectors", "masked_gold", "sparse_queries", "sparse_masked", "rerank_pairs")
 
 
@@ -120,7 +120,7 @@ class StorageLayout:
         return path_under(self.root, "state", "weights_digests.json")
 
     def folder_hash_cache_file(self, collection: str) -> Path:
-        """(path, size, mtime_ns) -> sha256 of a collection's files, for its folder version (rag_clean.folder_version)."""
+        """(path, size, mtime_ns) -> sha256 of a collection's files, for its folder version (rag_clean.chunking.folder_version)."""
         return path_under(self.root, "state", "folder_hashes", check_name(collection) + ".json")
 
     # -- exports -------------------------------------------------------------------------------

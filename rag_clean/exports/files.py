@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rag_clean.records import ExportsRecord, ReuseCount
-from rag_clean.storage import (EmbeddingSet, StorageError, atomic_path, check_name, duplicate_id_rows, file_digest,
+from rag_clean.telemetry.records import ExportsRecord, ReuseCount
+from rag_clean.storage.files import (EmbeddingSet, StorageError, atomic_path, check_name, duplicate_id_rows, file_digest,
                                path_under, write_json, write_table)
 
 TEXT_PREVIEW_CHARS = 500

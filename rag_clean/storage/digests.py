@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from rag_clean.storage import file_digest, write_json
+from rag_clean.storage.files import file_digest, write_json
 
 CACHE_FORMAT = 3  # {"format": 3, "files": {key: [size, mtime_ns, sha256]}}
 

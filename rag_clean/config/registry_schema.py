@@ -1,6 +1,6 @@
 """Pydantic schema of models.toml: every section, key and type, validated as a whole.
 
-`rag_clean.registry` turns the validated tables into its frozen dataclasses; this module only says
+`rag_clean.config.registry` turns the validated tables into its frozen dataclasses; this module only says
 what a valid file looks like and renders pydantic's error list as one line per problem.
 """
 
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rag_clean.registry import BACKENDS, DTYPES, FUSION_METHODS, ROLES  # one list of the allowed values
+from rag_clean.config.registry import BACKENDS, DTYPES, FUSION_METHODS, ROLES  # one list of the allowed values
 
 FLAG_CLASSES = ("bge-m3",)
 

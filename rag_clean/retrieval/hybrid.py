@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rag_clean.metrics import ranking_metrics
+from rag_clean.retrieval.metrics import ranking_metrics
 
 # On chunked documentation with heading queries (738 chunks, 557 queries, default offline models) the
 # best dense share was 0.3 (MRR 0.756 vs 0.691 for RRF); used when a collection has too few queries to tune.

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rag_clean.privacy import query_hash, query_key, redact_query
+from rag_clean.telemetry.privacy import query_hash, query_key, redact_query
 
 QUERIES_FILE = "queries.jsonl"
 MAX_GENERATED_QUERIES = 500

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from rag_clean.registry import ModelSpec, Registry, RegistryError
-from rag_clean.settings import EmbedderSettings
+from rag_clean.config.registry import ModelSpec, Registry, RegistryError
+from rag_clean.config.settings import EmbedderSettings
 
 
 class PlanError(ValueError):

@@ -14,7 +14,7 @@ encodings behind it are kept, keyed by content:
 One Parquet file per kind, model and collection (paths: `StorageLayout.retrieval_cache_file`), valid for one
 fingerprint (schema metadata; `fingerprint()` below): another model, max length, instruction, device kind or
 encode version and the file is ignored. Keys are the HMAC hashes the queries asset already stores
-(rag_clean/privacy.py), never text. A cache is rewritten atomically with the rows this run used, so removed
+(rag_clean/telemetry/privacy.py), never text. A cache is rewritten atomically with the rows this run used, so removed
 queries and chunks drop out. An unreadable cache is ignored (it is only a cache) and the stage says so.
 """
 
@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.records import ReuseCount
-from rag_clean.registry import ModelSpec
-from rag_clean.storage import write_table
+from rag_clean.telemetry.records import ReuseCount
+from rag_clean.config.registry import ModelSpec
+from rag_clean.storage.files import write_table
 
 # Bump when how a cached value is computed changes (e.g. the one-text-per-forward rule below).
 CACHE_VERSION = "retrieval-cache/1"

@@ -1,0 +1,1 @@
+"""The old embedder's export files, written from stored assets."""
