@@ -28,7 +28,8 @@ from rag_clean.config.plan import RetrievalConfig
 from rag_clean.telemetry.privacy import query_hash, query_key
 from rag_clean.telemetry.records import RerankRecord
 from rag_clean.config.registry import ModelSpec
-from rag_clean.retrieval.flat import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, take_column
+from rag_clean.retrieval.flat import (RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, scoring_gold,
+                                      take_column)
 from rag_clean.retrieval.cache import KeyedCache, RetrievalCaches, fingerprint, one_text_per_forward
 from rag_clean.stages.common import model_fingerprint
 from rag_clean.storage.files import EmbeddingSet, StorageError
@@ -161,7 +162,7 @@ def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: li
 
 
 def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_keys, masked: dict[int, str],
-                    m_keys: dict[int, str], device, caches: RetrievalCaches, record):
+                    m_keys: dict[int, str], device, caches: RetrievalCaches, record, emptied: Sequence[int] = ()):
     """One scorer per sparse model that can encode the queries (with the masked gold rows swapped in)."""
     from rag_clean.encoders.factory import load_sparse_encoder
 
@@ -196,6 +197,7 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
                 encoder.close()
         q_rows = [qc.get(k) for k in q_keys]
         overrides = {r: mc.get(m_keys[r]) for r in rows}
+        overrides |= {r: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for r in emptied}  # no terms left
         record.reuse_counts[f"sparse_queries/{spec.name}"] = qc.count("queries")
         if rows:
             record.reuse_counts[f"sparse_masked/{spec.name}"] = mc.count("chunks")
@@ -235,9 +237,16 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     k = config.top_k_candidates
     record = RerankRecord(queries=len(queries), top_k_candidates=k, rerank_top_k=config.rerank_top_k,
                           rerank_enabled=config.enable_rerank)
-    masked = masked_gold_texts(queries, chunks)
-    m_keys = {r: query_hash(t, key) for r, t in masked.items()}
-    record.masked_gold_chunks = len(masked)
+    masked_all = masked_gold_texts(queries, chunks)
+    m_keys = {r: query_hash(t, key) for r, t in masked_all.items()}
+    record.masked_gold_chunks = len(masked_all)
+    scored = scoring_gold(gold, masked_all)
+    gold = scored.rows
+    record.gold = scored.to_dict()
+    if scored.warning(len(queries)):
+        record.warnings.append(scored.warning(len(queries)))
+    # Chunks left empty by the mask are encoded as nothing (see empty_overrides): they cannot be found.
+    masked = {r: t for r, t in masked_all.items() if t}
     clock.lap("gold_rows")
 
     per_model_q, per_model_over = _dense_query_side(dense_specs, q_texts, q_keys, masked, m_keys, device, caches,
@@ -251,6 +260,10 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     rows = sorted(masked)
     fused_over = {} if not rows else dict(zip(rows, fuse_queries(
         [np.stack([over[r] for r in rows]) for over in per_model_over], weights, fusion_method)))
+    emptied = sorted(set(masked_all) - set(masked))
+    fused_over |= {r: np.zeros(q_fused.shape[1], np.float32) for r in emptied}
+    for over, q in zip(per_model_over, per_model_q):
+        over |= {r: np.zeros(q.shape[1], np.float32) for r in emptied}
     dense = DenseScorer(fused.vectors, q_fused, fused_over, device=search_device)
     dense_idx, dense_scores = dense.top_k(k)
     clock.lap("dense_search")
@@ -258,7 +271,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     scorers, systems = [], ["dense"]
     if config.enable_sparse and sparse is not None and sparse_specs and _has_rows(sparse):
         scorers, names = _sparse_scorers(sparse_specs, sparse, chunks, q_texts, q_keys, masked, m_keys, device,
-                                         caches, record)
+                                         caches, record, emptied)
         systems += names
     clock.lap("sparse_queries_and_search")
     tune, heldout = split_queries([q.query_id for q in queries], config.tune_fraction)
@@ -330,7 +343,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     clock.lap("hybrid_pools_and_tuning")
     before = [list(c) for c in candidates]
     record.metrics = {"before_rerank": ranking_metrics(before, gold)}
-    candidates, rerank_scores, scorer = _rerank(candidates, q_texts, q_keys, chunks, masked, m_keys, rerank_spec,
+    candidates, rerank_scores, scorer = _rerank(candidates, q_texts, q_keys, chunks, masked_all, m_keys, rerank_spec,
                                                 config, device, record, caches)
     record.scorer = scorer
     clock.lap("rerank")

@@ -316,6 +316,7 @@ class RerankRecord(StageRecord):
     ensemble: dict | None = None       # the same for the dense models' weights, when tune_ensemble_weights
     reranker_gain: dict[str, float] = field(default_factory=dict)   # after - before rerank, held-out
     masked_gold_chunks: int = 0        # gold chunks of generated queries scored with their heading masked
+    gold: dict = field(default_factory=dict)  # flat.ScoringGold.to_dict(): queries scored / dropped (empty gold)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part of the stage, in order
 
     def quality(self) -> dict[str, float | None]:
@@ -330,7 +331,7 @@ class RerankRecord(StageRecord):
                 "resolution": self.resolution, "candidate_sources": list(self.candidate_sources),
                 "metrics": dict(self.metrics), "scorer": self.scorer, "hybrid": self.hybrid, "ensemble": self.ensemble,
                 "reranker_gain": dict(self.reranker_gain), "masked_gold_chunks": self.masked_gold_chunks,
-                "phase_seconds": dict(self.phase_seconds), "quality": self.quality()} | encode_fields(self.encode)
+                "gold": dict(self.gold), "phase_seconds": dict(self.phase_seconds), "quality": self.quality()} | encode_fields(self.encode)
 
     def stage_metadata(self) -> dict:
         out: dict[str, Any] = {"scorer": self.scorer, "rerank_executed": self.rerank_executed,
@@ -347,6 +348,9 @@ class RerankRecord(StageRecord):
         if self.hybrid is not None:
             out["hybrid_weights"] = ", ".join(f"{k} {v:.2f}" for k, v in self.hybrid["weights"].items())
             out["hybrid_candidates"] = MetaMarkdown(candidates_table(self.hybrid, self.ensemble))
+        if self.gold:
+            out["queries_scored"] = int(self.gold["scored_queries"])
+            out["queries_dropped_empty_gold"] = int(self.gold["dropped_queries"])
         out["rerank_fallback_applied"] = bool((self.resolution or {}).get("fallback_applied", False))
         out["metrics_table"] = MetaMarkdown(metrics_markdown(self.metrics, self.candidate_sources, self.scorer))
         return out | _encode_metadata(self.encode)

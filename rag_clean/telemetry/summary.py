@@ -168,6 +168,7 @@ def _rerank_run(stage: dict | None, toggles: Mapping) -> dict:
         "reranker_gain": stage.get("reranker_gain", {}),
         "quality": stage.get("quality", {}),
         "masked_gold_chunks": stage.get("masked_gold_chunks", 0),
+        "gold": stage.get("gold", {}),
         "phase_seconds": stage.get("phase_seconds", {}),
         "latency_ms": percentiles(1000.0 * s for s in stage.get("batch_seconds", [])),
         "oom_mitigations": (stage.get("encode") or {}).get("oom_mitigations", []),
