@@ -97,16 +97,20 @@ class DenseEncoder(abc.ABC):
         caller (rag_clean.retrieval.fusion.truncate_and_normalize), so `dim` is the model's native width.
         """
 
-    def encode_all(self, texts: Sequence[str]) -> np.ndarray:
-        """Convenience for small inputs (queries, tests): the whole matrix in input order."""
+    def encode_all(self, texts: Sequence[str], progress=None) -> np.ndarray:
+        """Convenience for small inputs (queries, tests): the whole matrix in input order. `progress`: a
+        telemetry.progress.ProgressLog counting the rows done."""
+        from rag_clean.telemetry.progress import track
+
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for idx, vecs in self.encode(texts):
+        batches = self.encode(texts)
+        for idx, vecs in (batches if progress is None else track(batches, progress)):
             out[idx] = vecs
         return out
 
-    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_queries(self, texts: Sequence[str], progress=None) -> np.ndarray:
         prefix = self.spec.query_instruction or ""
-        return self.encode_all([prefix + t for t in texts])
+        return self.encode_all([prefix + t for t in texts], progress)
 
     @abc.abstractmethod
     def close(self) -> None:

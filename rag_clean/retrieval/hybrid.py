@@ -155,6 +155,7 @@ class Tuning:
     heldout_queries: int
     grid: int = 0
     heldout: dict[str, dict] = field(default_factory=dict)   # candidate name -> metrics on held-out
+    all_queries: dict[str, dict] = field(default_factory=dict)  # candidate name -> metrics on every query
     default: dict[str, float] = field(default_factory=dict)  # the weights kept unless tuning beats them
     tune_scored: int = 0       # queries of each split with gold chunks: the ones that are scored
     heldout_scored: int = 0
@@ -171,7 +172,7 @@ class Tuning:
                 "split": {"tune": self.tune_queries, "heldout": self.heldout_queries,
                           "tune_scored": self.tune_scored, "heldout_scored": self.heldout_scored},
                 "grid_size": self.grid, "objective": OBJECTIVE, "cv": self.cv, "heldout_gain": self.heldout_gain,
-                "heldout": self.heldout}
+                "heldout": self.heldout, "all_queries": self.all_queries}
 
 
 def _fmt(weights: Sequence[float], systems: Sequence[str]) -> str:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
 from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, StreamedChunks, stream_collection
-from rag_clean.telemetry.records import ChunksRecord, ReuseCount
+from rag_clean.telemetry.records import ChunksRecord, ReuseCount, skips_warning
 from rag_clean.storage.files import ColumnSpool, StorageError, read_arrow_table, temp_path_for
 
 _SIZE, _MTIME = b"chunks_file_size", b"chunks_file_mtime_ns"
@@ -70,4 +70,6 @@ def run_chunks_stage(folder: Path, chunks_path: Path, manifest_path: Path, confi
     record = ChunksRecord(rows=result.rows, files_read=len(result.files_read), device="cpu",
                           skips=[{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped])
     record.reuse_counts["files"] = ReuseCount(result.files_reused, result.files_parsed, "files")
+    if skips_warning(record.skips):
+        record.warnings.append(skips_warning(record.skips))
     return spool, result, record

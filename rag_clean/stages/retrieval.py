@@ -26,6 +26,7 @@ from rag_clean.retrieval.hybrid import QueryPool, choose_weights, default_weight
 from rag_clean.retrieval.metrics import ranking_metrics
 from rag_clean.config.plan import RetrievalConfig
 from rag_clean.telemetry.privacy import query_hash, query_key
+from rag_clean.telemetry.progress import ProgressLog, track
 from rag_clean.telemetry.records import RerankRecord
 from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.flat import (RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, scoring_gold,
@@ -40,6 +41,7 @@ SparseSource = pa.Table | pq.ParquetFile | Path | str
 # Sparse rows per block: each block becomes a small inverted index (~50 bytes per posting while built), so
 # smaller blocks keep the peak low; more blocks cost more per-query index lookups (linear, cheap).
 SPARSE_BLOCK_ROWS = 16384
+RERANK_STEP = 2048  # (query, passage) pairs scored per call: a progress line can follow each
 
 
 def _ids_column(emb: EmbeddingSet) -> pa.ChunkedArray:
@@ -120,7 +122,7 @@ def _rerank_unavailable_warning(resolution: dict) -> str:
 
 
 def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: list[str], masked: dict[int, str],
-                      m_keys: dict[int, str], device, caches: RetrievalCaches, record: RerankRecord):
+                      m_keys: dict[int, str], device, caches: RetrievalCaches, record: RerankRecord, progress=None):
     """Per model: query vectors and the masked gold chunks' vectors, from the cache where it has them; the
     rest encoded one text per forward (one model on the device at a time, and only if something is missing)."""
     from rag_clean.encoders.factory import load_dense_encoder
@@ -139,10 +141,12 @@ def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: li
             try:
                 with one_text_per_forward(encoder, device):
                     if need_q:
-                        for k, v in zip(need_q, encoder.encode_queries([q_texts[first_q[k]] for k in need_q])):
+                        meter = ProgressLog(f"{spec.name} queries", len(need_q), progress, unit="queries")
+                        for k, v in zip(need_q, encoder.encode_queries([q_texts[first_q[k]] for k in need_q], meter)):
                             qc.put(k, v)
                     if need_m:
-                        for k, v in zip(need_m, encoder.encode_all([text_of_m[k] for k in need_m])):
+                        meter = ProgressLog(f"{spec.name} masked gold", len(need_m), progress)
+                        for k, v in zip(need_m, encoder.encode_all([text_of_m[k] for k in need_m], meter)):
                             mc.put(k, v)
             finally:
                 encoder.close()
@@ -162,7 +166,8 @@ def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: li
 
 
 def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_keys, masked: dict[int, str],
-                    m_keys: dict[int, str], device, caches: RetrievalCaches, record, emptied: Sequence[int] = ()):
+                    m_keys: dict[int, str], device, caches: RetrievalCaches, record, emptied: Sequence[int] = (),
+                    progress=None):
     """One scorer per sparse model that can encode the queries (with the masked gold rows swapped in)."""
     from rag_clean.encoders.factory import load_sparse_encoder
 
@@ -188,9 +193,11 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
                 continue
             try:
                 with one_text_per_forward(encoder, device):
-                    for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
-                                               (mc, need_m, [text_of_m[k] for k in need_m])):
-                        for idx, batch in (encoder.encode(texts) if texts else ()):
+                    for cache, keys, texts, what, unit in (
+                            (qc, need_q, [q_texts[first_q[k]] for k in need_q], "queries", "queries"),
+                            (mc, need_m, [text_of_m[k] for k in need_m], "masked gold", "chunks")):
+                        meter = ProgressLog(f"{spec.name} {what}", len(texts), progress, unit=unit)
+                        for idx, batch in (track(encoder.encode(texts), meter) if texts else ()):
                             for i, row in zip(idx, batch):
                                 cache.put(keys[i], row)
             finally:
@@ -213,13 +220,15 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                         dense_sets: Mapping[str, EmbeddingSet] | None = None,
                         cache_path: Callable[[str, str], Path] | None = None,
                         hash_key: bytes | None = None,
-                        digest_cache: Path | None = None) -> tuple[pa.Table, RerankRecord]:
+                        digest_cache: Path | None = None,
+                        progress: Callable[[str], None] | None = None) -> tuple[pa.Table, RerankRecord]:
     """Hybrid candidates, cross-encoder rerank of the top K, metrics; see docs/retrieval.md.
 
     `sparse`: the stored sparse_vectors (a table, or its Parquet file, read block by block). `cache_path(kind,
     model asset name)`: where the retrieval caches live (StorageLayout.retrieval_cache_file); None: no cache.
     `hash_key`: the query HMAC key (privacy.query_key), which keys the caches. `digest_cache`: the model weights
-    digest cache (StorageLayout.weights_digest_file) behind the fingerprints."""
+    digest cache (StorageLayout.weights_digest_file) behind the fingerprints. `progress` gets done/total, rate and
+    ETA lines while queries and masked gold chunks are encoded (and pairs reranked)."""
     if not _same_chunks(fused, chunks):
         raise StorageError("fused_embeddings was computed for other chunks than the current `chunks`; rematerialize it")
     search_device = _first_device(device)
@@ -250,7 +259,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     clock.lap("gold_rows")
 
     per_model_q, per_model_over = _dense_query_side(dense_specs, q_texts, q_keys, masked, m_keys, device, caches,
-                                                    record)
+                                                    record, progress)
     weights = [fusion_weights[s.name] for s in dense_specs]
     q_fused = fuse_queries(per_model_q, weights, fusion_method)
     if q_fused.shape[1] != fused.dim:
@@ -271,7 +280,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     scorers, systems = [], ["dense"]
     if config.enable_sparse and sparse is not None and sparse_specs and _has_rows(sparse):
         scorers, names = _sparse_scorers(sparse_specs, sparse, chunks, q_texts, q_keys, masked, m_keys, device,
-                                         caches, record, emptied)
+                                         caches, record, emptied, progress)
         systems += names
     clock.lap("sparse_queries_and_search")
     tune, heldout = split_queries([q.query_id for q in queries], config.tune_fraction)
@@ -316,12 +325,12 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                                 fallback=default_weights(systems, config.hybrid_dense_weight),
                                 min_queries=config.tune_min_queries, what="hybrid weights")
     chosen = [tuning.weights[s] for s in systems]
-    tuning.heldout = {"dense": evaluate([list(r) for r in dense_idx], gold, None, report)}
-    for name, tops in zip(systems[1:], sparse_tops):
-        tuning.heldout[name] = evaluate(tops, gold, None, report)
+    rankings = {"dense": [list(r) for r in dense_idx], **dict(zip(systems[1:], sparse_tops))}
     if len(systems) > 1:
-        tuning.heldout["rrf"] = evaluate([r for r, _ in rrf], gold, None, report)
-        tuning.heldout["weighted"] = evaluate(weighted(chosen), gold, None, report)
+        rankings |= {"rrf": [r for r, _ in rrf], "weighted": weighted(chosen)}
+    # Every system on the reported split (held-out when tuned) and on all queries, each labelled.
+    tuning.heldout = {name: evaluate(r, gold, None, report) for name, r in rankings.items()}
+    tuning.all_queries = {name: evaluate(r, gold, None, np.arange(len(queries))) for name, r in rankings.items()}
     record.hybrid = tuning.to_dict() | {"method": config.hybrid_fusion if len(systems) > 1 else "dense",
                                         "normalization": config.score_normalization,
                                         "report_split": "heldout" if report is heldout else "all queries"}
@@ -344,7 +353,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     before = [list(c) for c in candidates]
     record.metrics = {"before_rerank": ranking_metrics(before, gold)}
     candidates, rerank_scores, scorer = _rerank(candidates, q_texts, q_keys, chunks, masked_all, m_keys, rerank_spec,
-                                                config, device, record, caches)
+                                                config, device, record, caches, progress)
     record.scorer = scorer
     clock.lap("rerank")
     after = [list(c) for c in candidates]
@@ -395,7 +404,7 @@ def _has_rows(sparse: SparseSource) -> bool:
 
 
 def _rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str], m_keys: dict[int, str],
-            rerank_spec, config: RetrievalConfig, device, record: RerankRecord, caches: RetrievalCaches):
+            rerank_spec, config: RetrievalConfig, device, record: RerankRecord, caches: RetrievalCaches, progress=None):
     """Cross-encoder scores of each query's top `rerank_top_k`, reordered; retrieval order otherwise. Scores
     of (query, passage) pairs scored before (same reranker, same query hash, same passage hash) are reused."""
     from rag_clean.encoders.factory import load_reranker
@@ -440,7 +449,12 @@ def _rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str
                     if d in texts:
                         first.setdefault(pk, (q_texts[qi], texts[d]))
             pairs = [first[pk] for pk in need]
-            scores = reranker.score(pairs) if pairs else np.zeros(0, np.float32)
+            meter = ProgressLog(f"{rerank_spec.name} pairs", len(pairs), progress, unit="pairs")
+            scores = np.zeros(0, np.float32)
+            for start in range(0, len(pairs), RERANK_STEP):  # in steps, so the run log shows progress
+                scores = np.concatenate([scores, reranker.score(pairs[start:start + RERANK_STEP])])
+                meter.update(min(RERANK_STEP, len(pairs) - start))
+            meter.finish()
             for pk, s in zip(need, scores):
                 cache.put(pk, np.float32(s))
             record.encode = reranker.stats

@@ -174,6 +174,16 @@ class StageRecord:
         return out
 
 
+def skips_warning(skips: list[dict], shown: int = 3) -> str | None:
+    """One line for the summary's warnings when inputs were skipped: how many, the first few and why."""
+    if not skips:
+        return None
+    first = "; ".join(f"{s['file']}" + (f" #{s['index']}" if s.get("index") is not None else "") + f": {s['reason']}"
+                      for s in skips[:shown])
+    more = f"; and {len(skips) - shown} more" if len(skips) > shown else ""
+    return f"chunks: {len(skips)} inputs skipped ({first}{more}); every skip is in stages.chunks.skips"
+
+
 @dataclass
 class ChunksRecord(StageRecord):
     stage: ClassVar[str] = "chunks"
