@@ -7,7 +7,7 @@ import os
 import dagster as dg
 
 from rag_clean.config.registry import load_registry
-from rag_clean_assets.assets.chunks import chunks
+from rag_clean_assets.assets.chunks import build_chunks_asset
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
@@ -31,7 +31,7 @@ EMBED_JOB_NAME = "embed_collection"
 def build_assets(registry_path: str | None = None, *, automation: bool | None = None) -> list:
     """The asset graph; `automation` (default: $RAG_CLEAN_AUTOMATION) puts the refresh condition on it."""
     registry = load_registry(registry_path)
-    assets = [collection_files, chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
+    assets = [collection_files, build_chunks_asset(registry), *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
               build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry)]
     return with_automation(assets) if (automation_enabled() if automation is None else automation) else assets
 

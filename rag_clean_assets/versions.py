@@ -17,7 +17,7 @@ import pyarrow as pa
 from rag_clean.config.registry import ModelSpec, Registry
 from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint, sparse_fingerprint
 
-CHUNKS = "1"
+CHUNKS = "2"  # 2: documents packed by the strictest model's real tokenizer (chunks_code_version)
 DENSE = "1"
 FUSED = "2"   # 2: schema metadata `inputs` (dense fingerprints), rows reused from the previous file
 SPARSE = "2"  # 2: content_hash column, each model's rows in chunk order, fingerprint.<model> metadata
@@ -42,6 +42,14 @@ def dense_code_version(spec: ModelSpec) -> str:
     code change of that asset (its vectors change), so it and its downstream become unsynced. The
     fingerprint covers the weights too (digests cached under the configured storage root's state dir)."""
     return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec, default_digest_cache()).encode()).hexdigest()[:12]}"
+
+
+def chunks_code_version(registry: Registry) -> str:
+    """The chunks asset's version plus the tokenizer and max length documents are packed by: a registry edit
+    that changes the strictest tokenizer changes chunk boundaries (and the ids `<file>#<index>` after them)."""
+    from rag_clean.encoders.chunk_tokens import packing_identity
+
+    return f"{CHUNKS}-{_digest(packing_identity(registry))}"
 
 
 # The other assets that read registry entries, likewise: an edit there is a code change of that asset.

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
+from rag_clean.encoders.chunk_tokens import PackingTokenizer
 from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, StreamedChunks, stream_collection
 from rag_clean.telemetry.records import ChunksRecord, ReuseCount, skips_warning
 from rag_clean.storage.files import ColumnSpool, StorageError, read_arrow_table, temp_path_for
@@ -45,15 +47,30 @@ def load_previous_chunks(chunks_path: Path, manifest_path: Path) -> PreviousChun
     return PreviousChunks(table=table, entries=entries)
 
 
+def packing_config(config: ChunkingConfig, packing: PackingTokenizer | None) -> ChunkingConfig:
+    """The chunking config with its budget at most the packing model's max length (special tokens included)."""
+    if packing is None or config.max_tokens <= packing.max_length:
+        return config
+    budget = packing.max_length
+    return replace(config, max_tokens=budget, overlap_tokens=min(config.overlap_tokens, budget // 2),
+                   min_chunk_tokens=min(config.min_chunk_tokens, budget // 2))
+
+
 def run_chunks_stage(folder: Path, chunks_path: Path, manifest_path: Path, config: ChunkingConfig,
-                     reuse: bool = True) -> tuple[ColumnSpool, StreamedChunks, ChunksRecord]:
+                     reuse: bool = True, packing: PackingTokenizer | None = None,
+                     ) -> tuple[ColumnSpool, StreamedChunks, ChunksRecord]:
     """Stream the collection into a staged chunks file; its manifest is staged too and published with it.
 
+    `packing` (encoders.chunk_tokens.strictest_tokenizer): Markdown / text documents are packed by that
+    model's real token count, within its max length; None: by the tokenizer-free estimate. Given chunk files
+    and JSONL rows are kept as they are (the dense and sparse stages report any they truncate).
     Returns the spool (the IO manager publishes it), what was read, and the stage record with reused vs
     parsed files."""
     previous = load_previous_chunks(chunks_path, manifest_path) if reuse else None
     spool = ColumnSpool(chunks_path, CHUNK_SCHEMA)
-    result = stream_collection(folder, spool, config, previous=previous)
+    config = packing_config(config, packing)
+    result = stream_collection(folder, spool, config, packing.counter() if packing is not None else None,
+                               previous=previous)
     try:
         stat = os.stat(spool.staged_path)
         manifest = result.manifest.replace_schema_metadata(
@@ -70,6 +87,9 @@ def run_chunks_stage(folder: Path, chunks_path: Path, manifest_path: Path, confi
     record = ChunksRecord(rows=result.rows, files_read=len(result.files_read), device="cpu",
                           skips=[{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped])
     record.reuse_counts["files"] = ReuseCount(result.files_reused, result.files_parsed, "files")
+    record.packing = ({"model": packing.model, "max_length": packing.max_length, "identity": packing.identity,
+                       "max_tokens": config.max_tokens} if packing is not None
+                      else {"model": None, "identity": "estimate", "max_tokens": config.max_tokens})
     if skips_warning(record.skips):
         record.warnings.append(skips_warning(record.skips))
     return spool, result, record

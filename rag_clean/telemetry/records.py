@@ -189,12 +189,18 @@ class ChunksRecord(StageRecord):
     stage: ClassVar[str] = "chunks"
     files_read: int = 0
     skips: list[dict] = field(default_factory=list)   # {"file", "index", "reason"}
+    packing: dict = field(default_factory=dict)       # the tokenizer documents were packed by, and the budget
 
     def stage_fields(self) -> dict:
-        return {"files_read": self.files_read, "skipped": len(self.skips), "skips": list(self.skips)}
+        return {"files_read": self.files_read, "skipped": len(self.skips), "skips": list(self.skips),
+                "packing": dict(self.packing)}
 
     def stage_metadata(self) -> dict:
-        return {"files_read": self.files_read, "chunks_skipped": len(self.skips)}
+        out = {"files_read": self.files_read, "chunks_skipped": len(self.skips)}
+        if self.packing:
+            out["packed_by"] = (f"{self.packing['model']} tokenizer, {self.packing['max_tokens']} tokens"
+                                if self.packing.get("model") else f"token estimate, {self.packing['max_tokens']} tokens")
+        return out
 
 
 @dataclass

@@ -177,7 +177,7 @@ def test_lease_metadata_drops_empty_fields_the_record_keeps():
 
 def test_every_asset_has_its_code_version(twice):
     registry = load_registry(twice.pipeline.registry_path)
-    expected = {"chunks": versions.CHUNKS, "fused_embeddings": versions.fused_code_version(registry),
+    expected = {"chunks": versions.chunks_code_version(registry), "fused_embeddings": versions.fused_code_version(registry),
                 "sparse_vectors": versions.sparse_code_version(registry), "queries": versions.QUERIES,
                 "reranked": versions.reranked_code_version(registry), "exports": versions.EXPORTS}
     expected |= {f"dense_embeddings/{s.asset_name}": versions.dense_code_version(s) for s in registry.dense}
