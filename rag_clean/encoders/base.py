@@ -42,6 +42,7 @@ class EncodeStats:
     load_seconds: float = 0.0
     tokenize_seconds: float = 0.0
     truncated_inputs: int = 0      # inputs longer than the model's max length, encoded from their first tokens
+    truncated_rows: list[int] = field(default_factory=list)  # which (input positions): carried with reused rows
     max_length: int | None = None
     wall_seconds: float = 0.0
     batches: list[BatchRecord] = field(default_factory=list)
@@ -72,6 +73,7 @@ class EncodeStats:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("batches")
+        out.pop("truncated_rows")  # per row: the stage keeps what it needs (content hashes), not the summary
         out.update(
             items=self.items,
             tokens=self.tokens,

@@ -153,7 +153,7 @@ class TokenCachePass:
         return ids, self.cached.was_cut(where)
 
     def encode(self, texts: list[str], direct: Callable):
-        """(id_rows, truncated count) for `texts`: cached rows where usable, `direct(texts)` for the rest.
+        """(id_rows, cut flags bool [rows]) for `texts`: cached rows where usable, `direct(texts)` for the rest.
         `direct` returns (id rows, type rows, cut flags)."""
         limit = self.tokenizer.max_length
         hashes = [content_hash(t) for t in texts]
@@ -182,7 +182,7 @@ class TokenCachePass:
             self._pending.append(np.asarray(cached_rows, dtype=np.int64))
         else:
             self._write(hashes, id_rows, cut_rows)
-        return id_rows, int(cut_rows.sum())
+        return id_rows, cut_rows
 
     def _write(self, hashes, id_rows, cut_rows) -> None:
         if self._writer is None:

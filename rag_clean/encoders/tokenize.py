@@ -37,6 +37,7 @@ class TokenWindow:
     type_ids: np.ndarray | None   # int32 [total_tokens], only for models with token types (pairs)
     seconds: float = 0.0
     truncated: int = 0            # rows cut to the tokenizer's max_length
+    cut: np.ndarray | None = None  # bool [rows]: which rows were cut (the count above, per row)
 
     @classmethod
     def from_rows(cls, start: int, id_rows: list[np.ndarray], type_rows: list[np.ndarray] | None,
@@ -172,9 +173,9 @@ class Tokenizer:
         check_strings(texts, pairs, start)
         if self.cache_pass is not None and pairs is None:
             # Chunk texts under a TokenCache scope: ids shared with earlier models of the same tokenizer.
-            id_rows, truncated = self.cache_pass.encode(texts, lambda rows: self._encode_chunk(rows, None))
+            id_rows, cut = self.cache_pass.encode(texts, lambda rows: self._encode_chunk(rows, None))
             window = TokenWindow.from_rows(start, id_rows, None, seconds=time.perf_counter() - t0)
-            window.truncated = truncated
+            window.cut, window.truncated = cut, int(cut.sum())
             return window
         n = len(texts)
         if self.rust is not None:
@@ -192,7 +193,8 @@ class Tokenizer:
         id_rows = [r for ids, _, _ in results for r in ids]
         type_rows = [r for _, ty, _ in results for r in ty] if self.with_type_ids else None
         window = TokenWindow.from_rows(start, id_rows, type_rows, seconds=time.perf_counter() - t0)
-        window.truncated = sum(sum(cut) for _, _, cut in results)
+        window.cut = np.fromiter((c for _, _, cut in results for c in cut), dtype=bool, count=n)
+        window.truncated = int(window.cut.sum())
         return window
 
 

@@ -214,6 +214,8 @@ class DenseRecord(StageRecord):
     computed: int = 0
     encode: EncodeStats | None = None
     joint: dict | None = None          # see stages.joint.JointSideFiles.record
+    truncated: int = 0                 # stored vectors embedded from a truncated text, reused ones included
+    truncated_reused: int = 0
 
     def counts(self) -> dict[str, ReuseCount]:
         return {self.model: ReuseCount(self.reused, self.computed, "chunks")} if self.model else {}
@@ -223,7 +225,8 @@ class DenseRecord(StageRecord):
         if self.disabled:
             return out
         out |= {"dim": self.dim, "native_dim": self.native_dim, "weight": self.weight,
-                "reuse": {"reused": self.reused, "computed": self.computed}, "exclusive": True}
+                "reuse": {"reused": self.reused, "computed": self.computed}, "exclusive": True,
+                "truncated_chunks": {"total": self.truncated, "reused": self.truncated_reused}}
         if self.joint is not None:
             out["joint"] = self.joint
         return out | encode_fields(self.encode)
@@ -236,6 +239,7 @@ class DenseRecord(StageRecord):
             out["dim"] = int(self.dim)
         out |= {"chunks_reused": int(self.reused), "chunks_computed": int(self.computed)}
         out |= _encode_metadata(self.encode)
+        out["chunks_truncated"] = int(self.truncated)  # of the stored vectors, reused ones included
         if self.joint is not None:
             info = self.joint
             if info["sparse_partner"]:

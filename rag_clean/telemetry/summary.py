@@ -85,7 +85,7 @@ def _dense_run(stages: Mapping[str, dict]) -> dict:
             "dtype": enc.get("dtype"),
             "tokens": enc.get("tokens"),
             "tokens_per_second": enc.get("tokens_per_second"),
-            "truncated_chunks": enc.get("truncated_inputs", 0),
+            "truncated_chunks": (rec.get("truncated_chunks") or {}).get("total", enc.get("truncated_inputs", 0)),
             "max_length": enc.get("max_length"),
             "load_seconds": enc.get("load_seconds"),
             "token_budget": {"start": enc.get("token_budget_start"), "final": enc.get("token_budget_final")},
@@ -179,7 +179,9 @@ def _truncated_per_model(stages: Mapping[str, dict]) -> dict[str, int]:
     """Chunks each model encoded from their first max_length tokens (dense stages and each sparse model)."""
     out = {}
     for rec in stages.values():
-        if rec.get("stage") == "dense" and rec.get("encode"):
+        if rec.get("stage") == "dense" and "truncated_chunks" in rec:  # the stored vectors, reused ones included
+            out[rec["model"]] = int(rec["truncated_chunks"]["total"])
+        elif rec.get("stage") == "dense" and rec.get("encode"):
             out[rec["model"]] = int(rec["encode"].get("truncated_inputs", 0) or 0)
         elif rec.get("stage") == "sparse":
             for name, enc in (rec.get("per_model") or {}).items():
