@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rag_clean.config.paths import storage_root as default_storage_root
 from rag_clean.config.registry import ModelSpec, Registry, RegistryError, load_registry
 from rag_clean.config.settings import EmbedderSettings, resolve_settings
 from rag_clean.retrieval.ranking import (encode_dense_texts, encode_sparse_texts, fused_query_vectors,
@@ -61,9 +62,7 @@ class Searcher:
             self.collection = check_name(collection)
         except StorageError as exc:
             raise SearchError(str(exc)) from None
-        from rag_clean.config.paths import storage_root as default_storage_root
-
-        self.layout = StorageLayout(Path(storage_root) if storage_root else default_storage_root())
+        self.layout = _layout(storage_root)
         self.registry = registry if isinstance(registry, Registry) else _load_registry(registry)
         self.settings = settings if settings is not None else resolve_settings()
         self.device = device
@@ -170,6 +169,19 @@ class Searcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def searchable_collections(storage_root: str | Path | None = None) -> tuple[Path, list[str]]:
+    """(storage root, the collections with a `reranked` ranking state under it, sorted)."""
+    layout = _layout(storage_root)
+    folder = layout.ranking_state_dir()
+    names = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+    return layout.root, names
+
+
+def _layout(storage_root: str | Path | None) -> StorageLayout:
+    """The given storage root, else the configured one (RAG_CLEAN_STORAGE_ROOT, $DAGSTER_HOME/rag_clean, ...)."""
+    return StorageLayout(Path(storage_root) if storage_root else default_storage_root())
 
 
 def _result(point: dict, score: float, rerank_score: float | None) -> SearchResult:

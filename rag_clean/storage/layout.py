@@ -95,9 +95,12 @@ class StorageLayout:
         return path_under(self.root, "reranked", CACHE_DIR, kind, check_name(model_asset_name, "model"),
                           check_name(collection) + ".parquet")
 
+    def ranking_state_dir(self) -> Path:
+        return path_under(self.root, "state", "ranking")
+
     def ranking_state_file(self, collection: str) -> Path:
         """What the reranked stage chose for a collection (rag_clean.retrieval.ranking_state): search ranks with it."""
-        return path_under(self.root, "state", "ranking", check_name(collection) + ".json")
+        return self.ranking_state_dir() / (check_name(collection) + ".json")
 
     def export_line_index(self, collection: str, file_kind: str) -> Path:
         """Where the previous export's JSONL lines start and end (exports reuse them); under the storage
