@@ -34,12 +34,16 @@ import numpy as np
 import pyarrow as pa
 
 FUSED = "fused"
-# Fixed namespace, shared with the JSONL export (rag_clean.exports.files.point_id uses the same one).
+# Fixed namespace: the same (collection, chunk_id) always gets the same point id, across runs and machines
+# (the JSONL export imports point_id from here).
 POINT_ID_NAMESPACE = uuid.UUID("5b0d7f3e-8f1c-4c55-9a57-3f1f4d2e6a10")
 # Payload fields every point carries (besides `fingerprints`).
 PAYLOAD_FIELDS = ("chunk_id", "source_file", "heading", "section_path", "chunk_index", "content_hash", "text",
                   "metadata")
 FINGERPRINTS = "fingerprints"
+# The fingerprint of the payload fields besides the text; vector names never start with "_" (vector_name
+# strips it), so it cannot clash with one.
+PAYLOAD_KEY = "_payload"
 SINKS = ("qdrant-edge", "qdrant", "off")
 
 _PLAIN = re.compile(r"[^A-Za-z0-9._-]+")
@@ -120,19 +124,20 @@ class Hit:
 
 
 def existing_schema(names: Sequence[str]) -> pa.Schema:
-    """What existing() yields: chunk_id, content_hash, then one fingerprint column per vector name (null
-    where the point has no fingerprint for it)."""
+    """What existing() yields: chunk_id, content_hash, then one fingerprint column per vector name and one
+    for the payload ("fingerprints.<name>", null where the point has none)."""
     return pa.schema([("chunk_id", pa.string()), ("content_hash", pa.string()),
-                      *((f"{FINGERPRINTS}.{n}", pa.string()) for n in names)])
+                      *((f"{FINGERPRINTS}.{n}", pa.string()) for n in [*names, PAYLOAD_KEY])])
 
 
 def existing_batch(payloads: Sequence[Mapping], names: Sequence[str]) -> pa.RecordBatch:
     """existing()'s record batch from point payloads (both sinks build it here)."""
+    names = [*names, PAYLOAD_KEY]
     fps = [p.get(FINGERPRINTS) or {} for p in payloads]
     columns = [pa.array([p.get("chunk_id") for p in payloads], pa.string()),
                pa.array([p.get("content_hash") for p in payloads], pa.string()),
                *(pa.array([f.get(n) for f in fps], pa.string()) for n in names)]
-    return pa.RecordBatch.from_arrays(columns, schema=existing_schema(names))
+    return pa.RecordBatch.from_arrays(columns, schema=existing_schema(names[:-1]))
 
 
 @runtime_checkable

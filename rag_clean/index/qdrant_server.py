@@ -152,22 +152,31 @@ class ServerIndex:
             return 0
         return int(self.client.count(self.collection, exact=True).count)
 
+    def _known(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self._names]
+        if unknown:
+            raise VectorIndexError(f"index {self.collection!r} at {self.location} has no vector {unknown[0]!r}; "
+                                   f"it has {self._names}")
+
     def _hits(self, response) -> list[Hit]:
         return [Hit(p.payload["chunk_id"], float(p.score)) for p in response.points]
 
     def dense_search(self, vector_name: str, query: np.ndarray, k: int, exact: bool = True) -> list[Hit]:
+        self._known([vector_name])
         q = np.asarray(query, dtype=np.float32).reshape(-1).tolist()
         return self._hits(self.client.query_points(self.collection, query=q, using=vector_name, limit=int(k),
                                                    with_payload=["chunk_id"],
                                                    search_params=None if self._local else models.SearchParams(exact=bool(exact))))
 
     def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
+        self._known([vector_name])
         vector = models.SparseVector(indices=np.asarray(indices, dtype=np.int64).tolist(),
                                      values=np.asarray(values, dtype=np.float32).tolist())
         return self._hits(self.client.query_points(self.collection, query=vector, using=vector_name, limit=int(k),
                                                    with_payload=["chunk_id"]))
 
     def retrieve(self, chunk_ids: Sequence[str], with_vectors: Sequence[str] | None = None) -> list[dict]:
+        self._known(with_vectors or [])
         ids = [point_id(self.collection, c) for c in chunk_ids]
         records = self.client.retrieve(self.collection, ids, with_payload=True,
                                        with_vectors=list(with_vectors) if with_vectors else False)
