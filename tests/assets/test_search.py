@@ -139,11 +139,13 @@ def test_tuned_hybrid_and_ensemble_weights_are_the_ones_search_uses(searchable_s
     root = tmp_path / "storage"
     shutil.copytree(searchable_sample.storage_root, root)
     pipeline = Pipeline(searchable_sample.data_root, root, searchable_sample.registry_path, tmp_path / "locks")
+    # The tuning breaks ties toward hybrid_dense_weight: 0.9 here, while the Searcher's settings say 0.3, so
+    # equal rankings below mean the Searcher ranked with the stored weights, not with its settings.
     pipeline.materialize(COLLECTION, selection=dg.AssetSelection.assets("reranked"), tune_min_queries=4,
-                         tune_fraction=0.5, tune_ensemble_weights=True)
+                         tune_fraction=0.5, tune_ensemble_weights=True, hybrid_dense_weight=0.9)
     state = read_ranking_state(root / "state" / "ranking" / f"{COLLECTION}.json", COLLECTION)
     assert state.tuned and state.ensemble_weights is not None
-    assert state.weights != {"dense": 0.3, "sparse:tiny-splade": 0.7}  # not the documented default
+    assert state.weights["dense"] != EmbedderSettings().hybrid_dense_weight
     reranked = _reranked(pipeline)
     with Searcher(COLLECTION, storage_root=root, registry=str(pipeline.registry_path),
                   settings=EmbedderSettings()) as s:
