@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TypedDict
+
+from typing_extensions import TypedDict  # pydantic (the SDK's output schemas) refuses typing.TypedDict before 3.12
 
 from rag_clean.config.settings import EmbedderSettings
 from rag_clean.search.engine import Searcher, searchable_collections
