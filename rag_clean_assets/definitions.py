@@ -11,6 +11,7 @@ from rag_clean_assets.assets.chunks import chunks
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
+from rag_clean_assets.assets.index import build_index_asset
 from rag_clean_assets.assets.retrieval import build_reranked_asset, queries
 from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.automation import automation_enabled, automation_sensor, with_automation
@@ -32,7 +33,8 @@ def build_assets(registry_path: str | None = None, *, automation: bool | None = 
     """The asset graph; `automation` (default: $RAG_CLEAN_AUTOMATION) puts the refresh condition on it."""
     registry = load_registry(registry_path)
     assets = [collection_files, chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
-              build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry)]
+              build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry),
+              build_index_asset(registry)]
     return with_automation(assets) if (automation_enabled() if automation is None else automation) else assets
 
 

@@ -38,6 +38,9 @@ class EmbedderSettingsResource(dg.ConfigurableResource):
     ray_address: Optional[str] = None
     ray_shard_rows: Optional[int] = None
     ray_actors: Optional[int] = None
+    index_sink: Optional[str] = None
+    qdrant_url: Optional[str] = None
+    qdrant_api_key_env: Optional[str] = None
     # Retired (accepted so old run configs keep working; reported in the run's warnings).
     exclusive_ensemble: Optional[bool] = None
     override_source: str = "run config"

@@ -68,6 +68,11 @@ class EmbedderSettings:
     ray_address: str = ""
     ray_shard_rows: int = 4096         # rows per shard sent to one actor (the unit of work and of retry)
     ray_actors: int = 2                # actors, each loading the model once (1 GPU each when the cluster has GPUs)
+    # The vector_index sink (rag_clean.index): "qdrant-edge" (embedded, under the storage root), "qdrant"
+    # (a server at qdrant_url, API key from the environment variable named by qdrant_api_key_env) or "off".
+    index_sink: str = "qdrant-edge"
+    qdrant_url: str = ""
+    qdrant_api_key_env: str = "QDRANT_API_KEY"
     provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)  # retired settings that were given
 
@@ -100,7 +105,7 @@ _TYPES = {f.name: f.type for f in fields(EmbedderSettings)}
 _FLOAT_RANGES = {"hybrid_dense_weight": (0.0, 1.0, True), "tune_fraction": (0.0, 1.0, False),
                  "quality_margin": (0.0, 1.0, True)}
 _CHOICES = {"hybrid_fusion": ("weighted", "rrf"), "score_normalization": ("minmax", "zscore"),
-            "quality_severity": ("warn", "error")}
+            "quality_severity": ("warn", "error"), "index_sink": ("qdrant-edge", "qdrant", "off")}
 
 
 def _coerce(key: str, raw: Any, source: str) -> Any:

@@ -117,41 +117,72 @@ class _Plan:
     delete: list[str]
 
 
-def _plan(index: VectorIndex, chunks: pa.Table, fps: Mapping[str, str], names: Sequence[str]) -> _Plan:
-    n = chunks.num_rows
+@dataclass
+class _Scan:
+    """The index's points joined to the chunk rows: chunk row i is point `pos[i]` of the scan (-1: absent)."""
+
+    pos: np.ndarray
+    ids: pa.Array
+    same_hash: np.ndarray              # bool per chunk row: present with the same content_hash
+    payload: np.ndarray                # uint64 per scanned point: its payload fingerprint
+    fp_ok: dict[str, np.ndarray]       # vector name -> bool per scanned point: fingerprint is the current one
+
+    def removed(self) -> list[str]:
+        referenced = np.zeros(len(self.ids), bool)
+        referenced[self.pos[self.pos >= 0]] = True
+        return self.ids.filter(pa.array(~referenced)).to_pylist()
+
+
+def _scan(index: VectorIndex, chunks: pa.Table, fps: Mapping[str, str] | None = None) -> _Scan:
+    fps = fps or {}
     ids, hashes, payload_keys = [], [], []
-    fp_ok: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    fp_ok: dict[str, list[np.ndarray]] = {name: [] for name in fps}
     for batch in index.existing(BLOCK):
-        keep = pc.is_valid(batch.column("chunk_id"))  # a point not written by this sync has no chunk_id: left alone
-        batch = batch.filter(keep)
+        batch = batch.filter(pc.is_valid(batch.column("chunk_id")))  # a point this sync did not write: left alone
         ids.append(batch.column("chunk_id"))
         hashes.append(batch.column("content_hash").fill_null(""))
         payload_keys.append(hash_keys(batch.column(f"{FINGERPRINTS}.{PAYLOAD_KEY}").fill_null("")))
-        for name in names:
+        for name in fps:
             col = batch.column(f"{FINGERPRINTS}.{name}")
             fp_ok[name].append(pc.fill_null(pc.equal(col, fps[name]), False).to_numpy(zero_copy_only=False))
     ex_ids = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
-    ex_hashes = pa.chunked_array(hashes, pa.string()) if hashes else pa.chunked_array([], pa.string())
-    ex_payload = np.concatenate(payload_keys) if payload_keys else np.zeros(0, np.uint64)
-    ok = {name: (np.concatenate(v) if v else np.zeros(0, bool)) for name, v in fp_ok.items()}
-
     pos = pc.index_in(chunks.column("chunk_id").cast(pa.string()), value_set=ex_ids).fill_null(-1)
     pos = pos.to_numpy(zero_copy_only=False).astype(np.int64)
-    present = pos >= 0
-    safe = np.where(present, pos, 0)
+    same = np.zeros(chunks.num_rows, bool)
+    if len(ex_ids):
+        taken = pa.chunked_array(hashes, pa.string()).take(pa.array(np.where(pos >= 0, pos, 0)))
+        same = pc.fill_null(pc.equal(taken, chunks.column("content_hash").cast(pa.string())), False)
+        same = same.to_numpy(zero_copy_only=False) & (pos >= 0)
+    return _Scan(pos, ex_ids, same, np.concatenate(payload_keys) if payload_keys else np.zeros(0, np.uint64),
+                 {name: (np.concatenate(v) if v else np.zeros(0, bool)) for name, v in fp_ok.items()})
+
+
+def index_drift(index: VectorIndex, chunks: pa.Table) -> dict[str, int | list[str]]:
+    """How the index's ids and content hashes differ from the chunks table: chunks without a point
+    (missing), points without a chunk (extra), points with another content_hash (changed); first ids of each."""
+    scan = _scan(index, chunks)
+    ids = chunks.column("chunk_id")
+    missing = np.flatnonzero(scan.pos < 0)
+    changed = np.flatnonzero((scan.pos >= 0) & ~scan.same_hash)
+    extra = scan.removed()
+    return {"missing": len(missing), "extra": len(extra), "changed": len(changed), "points": len(scan.ids),
+            "examples": [*ids.take(pa.array(missing[:3])).to_pylist(), *extra[:3],
+                         *ids.take(pa.array(changed[:3])).to_pylist()]}
+
+
+def _plan(index: VectorIndex, chunks: pa.Table, fps: Mapping[str, str], names: Sequence[str]) -> _Plan:
+    n = chunks.num_rows
+    scan = _scan(index, chunks, {name: fps[name] for name in names})
+    safe = np.where(scan.pos >= 0, scan.pos, 0)
     payload = np.zeros(n, np.uint64)
-    full = ~present
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
         payload[start:stop] = payload_digests(chunks.slice(start, stop - start))
-    if len(ex_ids):
-        same_hash = pc.equal(ex_hashes.take(pa.array(safe)), chunks.column("content_hash").cast(pa.string()))
-        same_hash = pc.fill_null(same_hash, False).to_numpy(zero_copy_only=False)
-        full |= ~(same_hash & (ex_payload[safe] == payload))
-    stale = {name: (~full & ~ok[name][safe]) if len(ex_ids) else np.zeros(n, bool) for name in names}
-    referenced = np.zeros(len(ex_ids), bool)
-    referenced[pos[present]] = True
-    return _Plan(full, stale, payload, ex_ids.filter(pa.array(~referenced)).to_pylist())
+    full = ~scan.same_hash
+    if len(scan.ids):
+        full |= scan.payload[safe] != payload
+    stale = {name: (~full & ~scan.fp_ok[name][safe]) if len(scan.ids) else np.zeros(n, bool) for name in names}
+    return _Plan(full, stale, payload, scan.removed())
 
 
 def _payloads(chunks: pa.Table, rows: np.ndarray) -> list[dict]:
