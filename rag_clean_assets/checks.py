@@ -14,13 +14,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
+from rag_clean.index import open_collection_index
 from rag_clean.stages.common import ROW_BLOCK
 from rag_clean.storage.files import EmbeddingSet, as_string_array, duplicate_id_rows, file_digest, ids_absent, read_table
 from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.assets.fused import FUSED_KEY
-from rag_clean_assets.assets.index import INDEX_KEY, open_collection_index
+from rag_clean_assets.assets.index import INDEX_KEY
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.quality import QUALITY_CHECKS
 from resources.paths import PathsResource

@@ -87,31 +87,7 @@ def materialize_sample(root: Path, registry_path: Path) -> Pipeline:
     data_root = root / "data"
     shutil.copytree(BUNDLED_SAMPLE, data_root / "sample")
     pipeline = Pipeline(data_root, root / "storage", registry_path, root / "locks")
-    pipeline.materialize("sample")
-    sync_sample_index(pipeline)
+    result = pipeline.materialize("sample")
+    # The index search reads is the one the graph's vector_index asset built.
+    assert dg.AssetKey("vector_index") in {e.asset_key for e in result.get_asset_materialization_events()}
     return pipeline
-
-
-def sync_sample_index(pipeline: Pipeline, collection: str = "sample"):
-    """The collection's embedded index brought to its stored assets by the index package's own sync."""
-    import pyarrow.parquet as pq
-
-    from rag_clean.config.registry import load_registry
-    from rag_clean.index import open_index
-    from rag_clean.index.sync import SyncSources, sync_index
-    from rag_clean.storage.files import read_arrow_table, read_embeddings
-    from rag_clean.storage.layout import StorageLayout
-
-    layout, registry = StorageLayout(pipeline.storage_root), load_registry(pipeline.registry_path)
-    sources = SyncSources(
-        chunks=read_arrow_table(layout.asset_file(["chunks"], collection)),
-        fused=read_embeddings(layout.asset_file(["fused_embeddings"], collection)),
-        dense={s.name: read_embeddings(layout.asset_file(["dense_embeddings", s.asset_name], collection))
-               for s in registry.dense},
-        sparse=pq.ParquetFile(layout.asset_file(["sparse_vectors"], collection)),
-        sparse_models=[s.name for s in registry.sparse])
-    index = open_index("qdrant-edge", layout, collection)
-    try:
-        return sync_index(index, sources)
-    finally:
-        index.close()

@@ -72,7 +72,7 @@ class Searcher:
         self.sparse_specs = [self._spec(n) for n in self.state.sparse_models]
         self.rerank_spec = self._spec(self.state.rerank_model) if self.state.rerank_source else None
         self._check_fingerprints()
-        self.index = index if index is not None else _open_index(self.settings, self.layout, self.collection)
+        self.index = index if index is not None else self._open_index()
         self._chunks = _chunks_table(self.layout, self.collection)
         self._dense, self._sparse, self._reranker, self._rerank_loaded = [], [], None, False
         try:
@@ -89,6 +89,14 @@ class Searcher:
         except RegistryError:
             raise SearchError(f"collection {self.collection!r}: `reranked` ranked with model {name!r}, which the "
                               f"registry {self.registry.path} no longer names: rematerialize `reranked`") from None
+
+    def _open_index(self):
+        from rag_clean.index import open_collection_index
+
+        if self.settings.index_sink == "off":
+            raise SearchError(f"collection {self.collection!r}: index_sink is off "
+                              f"({self.settings.provenance.get('index_sink', 'default')}): there is no index to search")
+        return open_collection_index(self.settings, self.layout, self.collection)
 
     def _check_fingerprints(self) -> None:
         digests = self.layout.weights_digest_file()
@@ -195,13 +203,6 @@ def _load_registry(path) -> Registry:
         return load_registry(str(path) if path else None)
     except RegistryError as exc:
         raise SearchError(str(exc)) from None
-
-
-def _open_index(settings: EmbedderSettings, layout: StorageLayout, collection: str):
-    from rag_clean.index import open_index
-
-    return open_index(getattr(settings, "index_sink", "qdrant-edge"), layout, collection,
-                      url=getattr(settings, "qdrant_url", ""))
 
 
 def _chunks_table(layout: StorageLayout, collection: str) -> pa.Table | None:
