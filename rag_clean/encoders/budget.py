@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from rag_clean.encoders.base import EncoderError
-from rag_clean.storage.files import atomic_path
+from rag_clean.storage.atomic import atomic_path
 
 
 def device_name(device) -> str:

@@ -186,7 +186,7 @@ class TokenCachePass:
 
     def _write(self, hashes, id_rows, cut_rows) -> None:
         if self._writer is None:
-            from rag_clean.storage.files import atomic_path
+            from rag_clean.storage.atomic import atomic_path
 
             tmp = self._stack.enter_context(atomic_path(self.path))
             schema = SCHEMA.with_metadata({"cap": str(self.tokenizer.max_length),

@@ -41,8 +41,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.telemetry.records import ExportsRecord, ReuseCount
-from rag_clean.storage.files import (EmbeddingSet, StorageError, atomic_path, check_name, duplicate_id_rows, file_digest,
-                               path_under, write_json, write_table)
+from rag_clean.chunking.duplicates import duplicate_id_rows
+from rag_clean.storage.atomic import atomic_path, write_json
+from rag_clean.storage.digests import file_digest
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.names import check_name, path_under
+from rag_clean.storage.parquet import write_table
 
 TEXT_PREVIEW_CHARS = 500
 EXPORT_BLOCK_ROWS = 4096

@@ -9,11 +9,20 @@ file (JSON, atomic writes) is only an accelerator: missing or unreadable, every 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from rag_clean.storage.files import file_digest, write_json
+from rag_clean.storage.atomic import write_json
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 CACHE_FORMAT = 3  # {"format": 3, "files": {key: [size, mtime_ns, sha256]}}
 

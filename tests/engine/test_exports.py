@@ -22,7 +22,8 @@ from rag_clean.exports.files import (
 )
 from rag_clean.retrieval.fusion import fuse_block
 from rag_clean.stages import SPARSE_SCHEMA
-from rag_clean.storage.files import file_digest, read_embeddings, write_embeddings
+from rag_clean.storage.digests import file_digest
+from rag_clean.storage.embeddings import read_embeddings, write_embeddings
 
 LONG_TEXT = "install the gpu driver " * 40  # > 500 chars: the preview must cut it
 
@@ -188,7 +189,7 @@ def test_npy_files_are_what_numpy_saves(tmp_path, stored):
 
 def _changed(tmp_path, stored):
     """The stored assets after an edit (row 2: new text and vectors), a removal (row 0) and an addition."""
-    from rag_clean.storage.files import read_embeddings as read, write_embeddings as write
+    from rag_clean.storage.embeddings import read_embeddings as read, write_embeddings as write
 
     chunks, dense, fused, sparse = stored
     rows = chunks.to_pylist()

@@ -151,7 +151,7 @@ def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
     import pyarrow as pa
 
     from rag_clean.stages import run_dense_stage, run_sparse_stage
-    from rag_clean.storage.files import read_embeddings
+    from rag_clean.storage.embeddings import read_embeddings
 
     texts = TEXTS * 2
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))],
