@@ -77,7 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     import numpy as np
 
-    from rag_clean.exports.files import write_exports
+    from rag_clean.exports.write import write_exports
     from rag_clean.storage.layout import StorageLayout
 
     dims = [int(d) for d in args.dims.split(",")]

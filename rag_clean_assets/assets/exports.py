@@ -8,7 +8,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.exports.files import write_exports
+from rag_clean.exports.write import write_exports
 from rag_clean.telemetry.records import ExportsRecord
 from rag_clean.config.registry import Registry
 from rag_clean.stages.common import StageOutput, StageTimer
