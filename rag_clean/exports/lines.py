@@ -4,7 +4,8 @@ Formatting floats is what JSONL lines cost. Each qdrant/sparse line gets a key, 
 line is made of (point id, payload, the bytes of every vector in it); a line index side file
 (`StorageLayout.export_line_index`) keeps each key's byte range in the file written last. A line whose
 key is there is copied from the previous file instead of formatted: the output is byte for byte what a
-full export writes. The index is trusted only while that file has the size and mtime it recorded.
+full export writes. The index is trusted only while that file has the size and mtime it recorded; it is
+a cache: unreadable or of the wrong shape, it is discarded with one warning and every line is formatted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rag_clean.storage.caches import CACHE_ERRORS, describe, discard_cache
 from rag_clean.storage.parquet import write_table
 
 LINE_KEY_BYTES = 16
@@ -38,19 +40,28 @@ class _PreviousLines:
             return
         try:
             table = pq.read_table(index_path)
-        except (pa.ArrowException, OSError):
-            return  # only a cache: the lines are formatted again
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        st = file.stat()
-        if meta.get("version") != LINE_INDEX_VERSION or meta.get("file") != file.name or \
-                meta.get("size") != str(st.st_size) or meta.get("mtime_ns") != str(st.st_mtime_ns) or not st.st_size:
+            meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+            st = file.stat()
+            if meta.get("version") != LINE_INDEX_VERSION or meta.get("file") != file.name or \
+                    meta.get("size") != str(st.st_size) or meta.get("mtime_ns") != str(st.st_mtime_ns) or not st.st_size:
+                return  # describes another file (or another state of it): the lines are formatted again
+            keys = table.column("key").combine_chunks()
+            if keys.type != pa.binary(LINE_KEY_BYTES):
+                raise TypeError(f"key column is {keys.type}, not binary({LINE_KEY_BYTES})")
+            raw = np.frombuffer(keys.buffers()[1], dtype=f"S{LINE_KEY_BYTES}", count=len(keys),
+                                offset=keys.offset * LINE_KEY_BYTES)
+            offsets = table.column("offset").to_numpy()
+            lengths = table.column("length").to_numpy()
+            if len(offsets) != len(raw) or len(lengths) != len(raw) or \
+                    (len(raw) and (offsets.min() < 0 or lengths.min() < 0 or (offsets + lengths).max() > st.st_size)):
+                raise ValueError("byte ranges outside the export file")
+        except (pa.ArrowException, *CACHE_ERRORS) as exc:
+            discard_cache(index_path, f"unreadable export line index ({describe(exc)})")
             return
-        keys = table.column("key").combine_chunks()
-        raw = np.frombuffer(keys.buffers()[1], dtype=f"S{LINE_KEY_BYTES}", count=len(keys), offset=keys.offset * LINE_KEY_BYTES)
         order = np.argsort(raw, kind="stable")
         self.keys = raw[order]
-        self.offsets = table.column("offset").to_numpy()[order]
-        self.lengths = table.column("length").to_numpy()[order]
+        self.offsets = offsets[order]
+        self.lengths = lengths[order]
         self._fh = open(file, "rb")
         self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
 
