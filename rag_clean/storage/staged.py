@@ -67,7 +67,11 @@ class Scratch:
         full disk is a SIGBUS that kills the process, a failed reservation an OSError the writer reports."""
         path = self.path(part)
         array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        _reserve(path)
+        try:
+            _reserve(path)
+        except BaseException:
+            del array  # unmapped now, not when the traceback is dropped
+            raise
         return array
 
     def drop(self) -> None:
