@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from rag_clean.config.registry import ModelSpec
-
-if TYPE_CHECKING:
-    from rag_clean.encoders.tokens import TokenSource
 
 # What a forward pass can give per row. A backend computes a fixed subset (`Encoder.heads`); bge-m3
 # computes any subset of dense / lexical / colbert in one pass.
@@ -120,8 +117,9 @@ class Encoder(abc.ABC):
     heads: tuple[str, ...]
 
     @abc.abstractmethod
-    def encode(self, rows: "TokenSource | Sequence[str]") -> Iterator[Encoded]:
-        """Yield one Encoded per finished batch, in any order, every row once, with the heads of `self.heads`."""
+    def encode(self, rows) -> Iterator[Encoded]:
+        """Yield one Encoded per finished batch, in any order, every row once, with the heads of `self.heads`.
+        `rows`: a TokenSource (rag_clean.encoders.tokens; not imported here, it imports this module) or texts."""
 
     @abc.abstractmethod
     def close(self) -> None:
