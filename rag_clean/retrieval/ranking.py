@@ -40,8 +40,8 @@ def encode_sparse_texts(encoder, texts: Sequence[str], device) -> list[SparseRow
     if not texts:
         return out
     with one_text_per_forward(encoder, device):
-        for idx, batch in encoder.encode(list(texts)):
-            for i, row in zip(idx, batch):
+        for batch in encoder.encode(list(texts)):
+            for i, row in zip(batch.rows, batch.lexical):
                 out[int(i)] = row
     return out
 

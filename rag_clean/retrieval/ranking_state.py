@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from rag_clean.storage.files import write_json
+from rag_clean.storage.atomic import write_json
 
 STATE_VERSION = 1
 

@@ -29,7 +29,9 @@ from rag_clean.retrieval.ranking import (encode_dense_texts, encode_sparse_texts
 from rag_clean.retrieval.ranking_state import RankingState, read_ranking_state
 from rag_clean.search.pool import QueryVectors, rank_pool
 from rag_clean.stages.common import model_fingerprint, sparse_fingerprint
-from rag_clean.storage.files import StorageError, check_name, read_arrow_table
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.names import check_name
 from rag_clean.storage.layout import StorageLayout
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.flat import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, take_column
 from rag_clean.retrieval.cache import RetrievalCaches, fingerprint
 from rag_clean.stages.common import model_fingerprint, sparse_fingerprint
-from rag_clean.storage.files import EmbeddingSet, StorageError
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
