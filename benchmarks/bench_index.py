@@ -41,7 +41,7 @@ def write_sources(folder: Path, n: int, dims: list[int], terms: int, changed, ta
     from rag_clean.index.sync import SyncSources
     from rag_clean.retrieval.fusion import fuse_block
     from rag_clean.stages.sparse import sparse_schema
-    from rag_clean.storage.files import EmbeddingWriter, read_embeddings
+    from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings
 
     edited = np.zeros(n, bool)
     edited[changed] = True

@@ -14,7 +14,7 @@ from rag_clean.chunking.rows import CHUNK_SCHEMA, make_row
 from rag_clean.index.sync import SyncSources
 from rag_clean.retrieval.fusion import fuse_block
 from rag_clean.stages.sparse import SPARSE_SCHEMA, sparse_schema
-from rag_clean.storage.files import read_embeddings, write_embeddings
+from rag_clean.storage.embeddings import read_embeddings, write_embeddings
 
 DENSE = {"model-a": 8, "org/model-b": 12}
 SPARSE = ["splade"]

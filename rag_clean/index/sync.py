@@ -33,7 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.index.base import FINGERPRINTS, FUSED, PAYLOAD_KEY, IndexPoint, IndexSchema, VectorIndex, vector_name
-from rag_clean.storage.files import EmbeddingSet, StorageError, as_string_array
+from rag_clean.storage.arrow_io import as_string_array
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.errors import StorageError
 from rag_clean.storage.reuse import hash_keys
 from rag_clean.storage.sparse_blocks import sparse_rows_by_model
 

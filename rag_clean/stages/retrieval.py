@@ -31,7 +31,8 @@ from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.flat import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, take_column
 from rag_clean.retrieval.cache import KeyedCache, RetrievalCaches, fingerprint, one_text_per_forward
 from rag_clean.stages.common import model_fingerprint
-from rag_clean.storage.files import EmbeddingSet, StorageError
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,8 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
                 with one_text_per_forward(encoder, device):
                     for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
                                                (mc, need_m, [text_of_m[k] for k in need_m])):
-                        for idx, batch in (encoder.encode(texts) if texts else ()):
-                            for i, row in zip(idx, batch):
+                        for batch in (encoder.encode(texts) if texts else ()):
+                            for i, row in zip(batch.rows, batch.lexical):
                                 cache.put(keys[i], row)
             finally:
                 encoder.close()

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rag_clean.storage.files import StorageError
+from rag_clean.storage.errors import StorageError
 
 SPARSE_COLUMNS = ["chunk_id", "term_ids", "weights", "fallback"]
 

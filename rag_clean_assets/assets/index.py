@@ -14,7 +14,8 @@ from rag_clean.index import open_index
 from rag_clean.index.sync import SyncSources
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages.index import run_index_stage
-from rag_clean.storage.files import EmbeddingSet, StorageError
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.errors import StorageError
 from rag_clean.storage.layout import StorageLayout
 from rag_clean_assets import versions
 from rag_clean_assets.assets.common import run_plan, stage_asset, start_record

@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from rag_clean.index import open_index
 from rag_clean.index.base import FUSED
-from rag_clean.storage.files import read_arrow_table, read_embeddings
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.embeddings import read_embeddings
 from rag_clean.storage.layout import StorageLayout
 
 SELECTION = None
