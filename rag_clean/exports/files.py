@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-# Point ids are the vector index's decision: the export's JSONL points and the synced index's points are the same.
-from rag_clean.index.base import POINT_ID_NAMESPACE, point_id  # noqa: F401 (re-exported)
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.names import check_name, path_under
+# Point ids are the vector index's decision: the export's JSONL points and the synced index's points are the same.
+from rag_clean.index.base import POINT_ID_NAMESPACE, point_id  # noqa: F401 (re-exported)
 
 TEXT_PREVIEW_CHARS = 500
 EXPORT_BLOCK_ROWS = 4096

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.exports.files import EXPORT_BLOCK_ROWS, ExportError
 from rag_clean.storage.embeddings import EmbeddingSet
-from rag_clean.storage.sparse_blocks import SparseModelRows, sparse_rows_by_model
+from rag_clean.storage.sparse_blocks import SPARSE_COLUMNS, SparseModelRows, sparse_rows_by_model, take_ids  # noqa: F401 (re-exported)
 
 
 def _ids(emb: EmbeddingSet, column: str) -> pa.ChunkedArray:
@@ -31,5 +31,5 @@ def check_aligned(name: str, emb: EmbeddingSet, chunks: pa.Table) -> None:
 
 def sparse_by_model(sparse: "pa.Table | pq.ParquetFile", models: Sequence[str], chunks: pa.Table,
                     block_rows: int = EXPORT_BLOCK_ROWS) -> list[SparseModelRows]:
-    """Each model's rows in chunk order (storage/sparse_blocks.py, shared with the vector index sync)."""
+    """Each model's rows in chunk order (rag_clean.storage.sparse_blocks, shared with the vector index)."""
     return sparse_rows_by_model(sparse, models, chunks, block_rows, error=ExportError, purpose="before exporting")

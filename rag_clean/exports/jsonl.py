@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from rag_clean.exports.files import (FUSED_VECTOR_NAME, SPARSE_VECTOR_NAME, TEXT_PREVIEW_CHARS, ExportFiles,
                                      model_file_part, point_id)
-from rag_clean.storage.sparse_blocks import SparseModelRows
+from rag_clean.exports.inputs import SparseModelRows
 from rag_clean.exports.lines import LineFile, line_key
 from rag_clean.exports.metadata import chunk_metadata, row_blocks
 from rag_clean.storage.atomic import atomic_path

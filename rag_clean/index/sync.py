@@ -80,6 +80,7 @@ class SyncResult:
     points: int = 0                    # the index's point count after the sync
     blocks: int = 0
     seconds: float = 0.0
+    commit_seconds: float = 0.0        # of which commit(): Edge builds its HNSW index there
 
     @property
     def wrote(self) -> bool:
@@ -266,7 +267,9 @@ def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[
         if progress is not None:
             progress(result)
     if result.wrote:
+        t_commit = time.perf_counter()
         index.commit()
+        result.commit_seconds = round(time.perf_counter() - t_commit, 6)
     result.unchanged = int(n - (work.sum()))
     result.points = index.count()
     result.seconds = round(time.perf_counter() - t0, 6)
