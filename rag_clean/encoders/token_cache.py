@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rag_clean.config.settings import process_setting
 from rag_clean.chunking.rows import content_hash  # the chunks asset's key: the cache must use the same one
 from rag_clean.encoders.base import EncoderError
 
@@ -39,7 +39,7 @@ SCHEMA = pa.schema([("content_hash", pa.string()), ("ids", pa.large_list(pa.int3
 
 
 def enabled() -> bool:
-    return os.environ.get("RAG_CLEAN_TOKEN_CACHE", "1") != "0"
+    return process_setting("token_cache")
 
 
 def tokenizer_fingerprint(rust_tokenizer, lowercase: bool) -> str:
