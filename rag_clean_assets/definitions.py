@@ -13,11 +13,11 @@ import dagster as dg
 from rag_clean.config.declaration import BY_KEY
 from rag_clean.config.registry import load_registry
 from rag_clean.config.settings import process_setting
-from rag_clean_assets.assets.chunks import chunks
+from rag_clean_assets.assets.chunks import build_chunks_asset
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
-from rag_clean_assets.assets.retrieval import build_reranked_asset, queries
+from rag_clean_assets.assets.retrieval import build_queries_asset, build_reranked_asset
 from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.automation import automation_enabled, automation_sensor, with_automation
 from rag_clean_assets.checks import build_checks
@@ -40,8 +40,9 @@ def build_assets(registry_path: str | None = None, *, automation: bool | None = 
 
 
 def _assets(registry, automation: bool) -> list:
-    assets = [collection_files, chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
-              build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry)]
+    assets = [collection_files, build_chunks_asset(), *(build_dense_asset(s) for s in registry.dense),
+              build_fused_asset(registry), build_sparse_asset(registry), build_queries_asset(),
+              build_reranked_asset(registry), build_exports_asset(registry)]
     return with_automation(assets) if automation else assets
 
 

@@ -75,17 +75,20 @@ SETTINGS: tuple[Setting, ...] = (
             "also bounded by the token budget)", **_POSITIVE),
     Setting("rrf_k", "int", 60, "the reciprocal-rank-fusion constant", **_POSITIVE),
     Setting("query_text_mode", "choice", "hash", "what the `queries` asset keeps of each query: `hash` (keyed "
-            "HMAC-SHA256, see `query_key`) or `truncate` (the first 100 chars); raw text is never stored",
+            "HMAC-SHA256, see `query_key` and [docs/telemetry.md](docs/telemetry.md#privacy)) or `truncate` (the "
+            "first 100 chars); raw text is never stored",
             choices=("hash", "truncate")),
     Setting("enable_exports", "bool", False, "write the old embedder's export files"),
-    Setting("export_dir", "str", "", "where exports go", shown_default="<storage root>/exports"),
+    Setting("export_dir", "str", "", "where exports go", shown_default="`<storage root>/exports`"),
     Setting("reuse_unchanged", "bool", True, "reuse stored dense, sparse and fused rows of chunks whose content "
-            "hash and model fingerprint are unchanged"),
+            "hash and model fingerprint (weights digest, pooling, max_length, dtype, truncate_dim, encoder code "
+            "version) are unchanged"),
     Setting("hybrid_fusion", "choice", "weighted", "candidates: weighted sum of per-query normalized dense and "
             "sparse scores, or `rrf` (reciprocal rank)", choices=("weighted", "rrf")),
     Setting("score_normalization", "choice", "minmax", "per-query score normalization before the weighted sum",
             choices=("minmax", "zscore")),
-    Setting("hybrid_dense_weight", "float", 0.3, "dense weight when a collection has too few queries to tune",
+    Setting("hybrid_dense_weight", "float", 0.3, "dense weight when a collection has too few queries to tune "
+            "([docs/retrieval.md](docs/retrieval.md))",
             **_SHARE),
     Setting("tune_min_queries", "int", 30, "queries with gold chunks needed to tune the hybrid weights", **_POSITIVE),
     Setting("tune_fraction", "float", 0.5, "share of queries in the tuning split; the rest is held out",
@@ -97,28 +100,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quality_severity", "choice", "warn", "`warn` or `error` when the quality check fails",
             choices=("warn", "error")),
     Setting("ray_address", "str", "", "encode dense and sparse data-parallel on Ray: `local` starts a cluster, "
-            "`auto` / `ray://host:port` / `host:port` joins one; needs the `ray` extra", check=_ray_address,
-            shown_default="\"\" (off)"),
+            "`auto` / `ray://host:port` / `host:port` joins one; needs the `ray` extra "
+            "([docs/scaling.md](docs/scaling.md#one-huge-collection-on-ray))", check=_ray_address,
+            shown_default="`\"\"` (off)"),
     Setting("ray_shard_rows", "int", 4096, "rows per Ray shard (the unit of work and of retry)", **_POSITIVE),
     Setting("ray_actors", "int", 2, "Ray workers, each loading the model once", **_POSITIVE),
     Setting("exclusive_ensemble", "bool", None, "retired: accepted from every source, ignored, reported once",
+            shown_default="-",
             retired="exclusive_ensemble is retired and ignored: every run keeps one dense model resident per "
                     "device at a time (one asset per model, GPU steps in the `gpu` pool)"),
     # ---------------------------------------------------------------- process settings (RAG_CLEAN_*)
     Setting("config_file", "str", "config/embedder.json", "the config file of the run settings (JSON or TOML)",
             scope=PROCESS, env_name="EMBEDDER_CONFIG_FILE"),
     Setting("data_root", "str", "", "folder whose sub-folders are collections", scope=PROCESS,
-            shown_default="the bundled data/collections"),
+            shown_default="the bundled `data/collections`"),
     Setting("storage_root", "str", "", "asset files, state, telemetry (never inside the data root)", scope=PROCESS,
-            shown_default="$DAGSTER_HOME/rag_clean, else .rag_clean/storage"),
+            shown_default="`$DAGSTER_HOME/rag_clean`, else `.rag_clean/storage`"),
     Setting("model_registry", "str", "", "the model registry TOML", scope=PROCESS,
-            shown_default="rag_clean/models.toml"),
+            shown_default="`rag_clean/models.toml`"),
     Setting("executor", "choice", "in_process", "Dagster executor: `in_process`, `multiprocess` (CPU steps side "
             "by side) or `k8s` (one pod per step)", scope=PROCESS, choices=("in_process", "multiprocess", "k8s")),
-    Setting("automation", "bool", False, "rematerialize changed collections and code versions with the daemon "
-            "(read when the code location loads)", scope=PROCESS),
+    Setting("automation", "bool", False, "with the daemon, rematerialize a collection whose files changed or an "
+            "asset whose code version changed (a registry entry), with what depends on it; read when the code "
+            "location loads", scope=PROCESS),
     Setting("pod_config", "str", "", "pod requirements per step for the k8s executor", scope=PROCESS,
-            shown_default="deploy/pods.toml"),
+            shown_default="`deploy/pods.toml`"),
     Setting("gpu_pool_limit", "int", None, "GPU steps at once (the `gpu` pool); 0 = no limit", scope=PROCESS,
             low=0, optional=True, shown_default="one per visible GPU"),
     Setting("gpu_devices", "int_list", None, "CUDA device indices the lease may grant, e.g. `0,1`", scope=PROCESS,
@@ -129,7 +135,7 @@ SETTINGS: tuple[Setting, ...] = (
             scope=PROCESS, optional=True, shown_default="none", **_POSITIVE),
     Setting("gpu_lease_timeout_s", "float", 3600.0, "how long a step waits for a GPU lease", scope=PROCESS, low=0),
     Setting("gpu_lock_dir", "str", "", "lease lock files (machine-wide: every checkout shares the GPUs)",
-            scope=PROCESS, shown_default="<temp dir>/rag_clean-gpu-locks"),
+            scope=PROCESS, shown_default="`<temp dir>/rag_clean-gpu-locks`"),
     Setting("force_cpu", "bool", False, "grant the CPU even where CUDA is present", scope=PROCESS),
     Setting("token_cache", "bool", True, "models sharing a tokenizer tokenize the chunks once (ids stored under "
             "`state/token_ids/`)", scope=PROCESS),
@@ -144,7 +150,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("query_key", "str", "", "the HMAC key of hashed query text", scope=PROCESS, optional=True, secret=True,
             shown_default="read from `query_key_file`"),
     Setting("query_key_file", "str", "", "file holding the HMAC key (never under the storage root)", scope=PROCESS,
-            shown_default="~/.config/rag_clean/query_key"),
+            shown_default="`~/.config/rag_clean/query_key`"),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}

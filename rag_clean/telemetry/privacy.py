@@ -69,9 +69,11 @@ def _create(path: Path) -> None:
 
 def query_key(storage_root: Path | None = None) -> bytes:
     """The HMAC key; creates the key file on first use. `storage_root`: also refuse a key file under it."""
-    direct = process_setting("query_key")  # unset or empty: the key file
+    direct = process_setting("query_key")
     if direct:
         return direct.encode("utf-8")
+    if os.environ.get(QUERY_KEY_ENV) is not None:  # set to blanks: a mistake, not "use the key file"
+        raise PrivacyError(f"{QUERY_KEY_ENV} is set but empty")
     from rag_clean.config.paths import storage_root as default_storage_root  # lazy: paths reads env per call
 
     path = query_key_file()
