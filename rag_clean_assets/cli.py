@@ -87,15 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ensure_dagster_home() -> Path:
+def _default_dagster_home() -> Path:
+    """$DAGSTER_HOME, set to <project>/.dagster_home when unset (the default storage root lives in it)."""
     from rag_clean.config.paths import PROJECT_ROOT
-    from rag_clean_assets.collections import init_home
 
     if not os.environ.get("DAGSTER_HOME"):
         home = PROJECT_ROOT / ".dagster_home"
         os.environ["DAGSTER_HOME"] = str(home)
         print(f"DAGSTER_HOME was not set: using {home} (start the UI with the same DAGSTER_HOME to see these runs)")
-    init_home()
     return Path(os.environ["DAGSTER_HOME"])
 
 
@@ -212,6 +211,7 @@ def _run(args: argparse.Namespace) -> int:
     from rag_clean.config.plan import build_run_plan
     from rag_clean.config.registry import load_registry
     from rag_clean.config.settings import process_provenance_lines
+    from rag_clean_assets.collections import init_home
     from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
     from rag_clean_assets.partitions import COLLECTIONS_PARTITION
     from rag_clean_assets.run_progress import LOGGER_KEY as PROGRESS_LOGGER
@@ -249,10 +249,11 @@ def _run(args: argparse.Namespace) -> int:
     for note in resolved.notes:
         print(f"note: {note}", file=sys.stderr)
 
-    _ensure_dagster_home()
+    _default_dagster_home()
     storage_root = (Path(args.storage_root).expanduser().resolve() if args.storage_root
                     else PathsResource(data_root=str(data_root)).storage_dir())
-    check_roots(data_root, storage_root)
+    check_roots(data_root, storage_root)  # before anything is written: the instance folder included
+    init_home()
     print(f"data root: {data_root}\nstorage root: {storage_root}\nDagster instance: {os.environ['DAGSTER_HOME']}\n"
           f"registry: {registry.path}")
     for line in [*resolved.provenance_lines(), *environment]:
