@@ -19,7 +19,8 @@ precedence (lowest to highest), recorded per setting in processing_summary.json:
   defaults < config file (--config, else $EMBEDDER_CONFIG_FILE, else ./config/embedder.json: keys such as
   enable_rerank, enable_sparse, sparse_models) < .env (--env-file, else ./.env) < environment
   (EMBEDDER_ENABLE_RERANK, EMBEDDER_ENABLE_SPARSE, EMBEDDER_SPARSE_MODELS, EMBEDDER_ENABLE_EXPORTS, ...)
-  < command-line flags.
+  < command-line flags. RAG_CLEAN_* (roots, registry, executor, GPU lease, engine switches) are read from
+  the environment only. Every setting: python -m rag_clean.config.settings --markdown
 
 runs are recorded in the Dagster instance at $DAGSTER_HOME (default: <project>/.dagster_home), so the UI
 (dagster-webserver -m rag_clean_assets.definitions) shows them.

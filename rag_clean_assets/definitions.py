@@ -12,7 +12,7 @@ import dagster as dg
 
 from rag_clean.config.declaration import BY_KEY
 from rag_clean.config.registry import load_registry
-from rag_clean.config.settings import process_setting
+from rag_clean.config.settings import given_process_settings, process_setting
 from rag_clean_assets.assets.chunks import build_chunks_asset
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
@@ -81,7 +81,9 @@ def default_executor():
 
 def build_definitions(registry_path: str | None = None, *, automation: bool | None = None,
                       loggers: dict | None = None, **resource_kwargs) -> dg.Definitions:
-    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars."""
+    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars.
+    A bad RAG_CLEAN_* value fails here (loading the code location), not in the step that reads it."""
+    given_process_settings()
     registry = load_registry(registry_path)
     automation = automation_enabled() if automation is None else automation
     assets = _assets(registry, automation)

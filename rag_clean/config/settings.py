@@ -21,8 +21,8 @@ from typing import Any, Mapping
 from rag_clean.config.declaration import BY_ENV, BY_KEY, PROCESS, RUN, Setting, markdown_table, process_settings, run_settings
 from rag_clean.config.values import SettingsError, did_you_mean, parse_value
 
-__all__ = ["EmbedderSettings", "SettingsError", "resolve_settings", "process_setting", "process_provenance_lines",
-           "RETIRED_SETTINGS", "CONFIG_FILE_ENV"]
+__all__ = ["EmbedderSettings", "SettingsError", "resolve_settings", "process_setting", "given_process_settings",
+           "process_provenance_lines", "RETIRED_SETTINGS", "CONFIG_FILE_ENV"]
 
 CONFIG_FILE_ENV = BY_KEY["config_file"].env
 DEFAULT_CONFIG_FILE = Path(BY_KEY["config_file"].default)
@@ -176,15 +176,17 @@ def process_setting(key: str, environ: Mapping[str, str] | None = None) -> Any:
     return setting.default if not raw.strip() else parse_value(setting, raw, setting.env)
 
 
-def process_provenance_lines(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Each process setting given in the environment, as `KEY=value (override via env)`; secrets hidden."""
+def given_process_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """{key: value} of every process setting set in the environment, each parsed now: a caller that starts
+    work (rag-clean, the definitions) learns of a bad value before any step runs, not when a step reads it."""
     env = os.environ if environ is None else environ
-    lines = []
-    for s in process_settings():
-        if env.get(s.env, "").strip():
-            value = "<set>" if s.secret else json.dumps(process_setting(s.key, env))
-            lines.append(f"{s.env}={value} ({PROVENANCE_ENV})")
-    return lines
+    return {s.key: process_setting(s.key, env) for s in process_settings() if env.get(s.env, "").strip()}
+
+
+def process_provenance_lines(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Each process setting given in the environment, as `VAR=value (override via env)`; secrets hidden."""
+    return [f"{BY_KEY[k].env}={'<set>' if BY_KEY[k].secret else json.dumps(v)} ({PROVENANCE_ENV})"
+            for k, v in given_process_settings(environ).items()]
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ def test_importing_the_definitions_reads_no_setting():
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == ("RegistryError model registry /nonexistent/models.toml (from "
-                                  "RAG_CLEAN_MODEL_REGISTRY) does not exist")
+    # Building checks every RAG_CLEAN_* value first: the load fails naming the variable, before any step.
+    assert out.stdout.strip() == ("SettingsError RAG_CLEAN_EXECUTOR='bogus': not one of 'in_process', "
+                                  "'multiprocess', 'k8s'")
 
 
 def test_building_the_definitions_hashes_no_weights(tiny_registry_path, monkeypatch):
