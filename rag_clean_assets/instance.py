@@ -35,7 +35,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatu
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from rag_clean.config.settings import process_setting
-from rag_clean.storage.files import process_alive
+from rag_clean.processes import process_alive
 
 GPU_POOL = "gpu"
 CONFIG_MARKER = "# Written by rag_clean"
