@@ -17,6 +17,7 @@ from rag_clean_assets.assets.chunks import build_chunks_asset
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
+from rag_clean_assets.assets.index import build_index_asset
 from rag_clean_assets.assets.retrieval import build_queries_asset, build_reranked_asset
 from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.automation import automation_enabled, automation_sensor, with_automation
@@ -42,7 +43,8 @@ def build_assets(registry_path: str | None = None, *, automation: bool | None = 
 def _assets(registry, automation: bool) -> list:
     assets = [collection_files, build_chunks_asset(), *(build_dense_asset(s) for s in registry.dense),
               build_fused_asset(registry), build_sparse_asset(registry), build_queries_asset(),
-              build_reranked_asset(registry), build_exports_asset(registry)]
+              build_reranked_asset(registry), build_exports_asset(registry),
+              build_index_asset(registry)]
     return with_automation(assets) if automation else assets
 
 

@@ -25,6 +25,7 @@ SPARSE = "2"  # 2: content_hash column, each model's rows in chunk order, finger
 QUERIES = "1"
 RERANKED = "1"
 EXPORTS = "1"
+INDEX = "1"
 
 # Output(data_version=) is "beta" in Dagster 1.13; it is what the staleness of the graph is built on.
 warnings.filterwarnings("ignore", message=".*Parameter `data_version` of initializer `Output.__init__`.*")

@@ -105,6 +105,12 @@ SETTINGS: tuple[Setting, ...] = (
             shown_default="`\"\"` (off)"),
     Setting("ray_shard_rows", "int", 4096, "rows per Ray shard (the unit of work and of retry)", **_POSITIVE),
     Setting("ray_actors", "int", 2, "Ray workers, each loading the model once", **_POSITIVE),
+    Setting("index_sink", "choice", "qdrant-edge", "where `vector_index` syncs each collection: `qdrant-edge` "
+            "(embedded Qdrant, under the storage root), `qdrant` (a server at `qdrant_url`) or `off` (skipped)",
+            choices=("qdrant-edge", "qdrant", "off")),
+    Setting("qdrant_url", "str", "", "the Qdrant server's URL when `index_sink = qdrant`", shown_default='`""`'),
+    Setting("qdrant_api_key_env", "str", "QDRANT_API_KEY", "the environment variable holding the Qdrant "
+            "server's API key (the key itself is never a setting, so it never lands in telemetry)"),
     Setting("exclusive_ensemble", "bool", None, "retired: accepted from every source, ignored, reported once",
             shown_default="-",
             retired="exclusive_ensemble is retired and ignored: every run keeps one dense model resident per "

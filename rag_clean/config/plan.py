@@ -105,6 +105,11 @@ class RunPlan:
             return None
         return f"exports disabled: enable_exports=false ({self.provenance('enable_exports')})"
 
+    def index_disabled_reason(self) -> str | None:
+        if self.settings.index_sink != "off":
+            return None
+        return f"vector index disabled: index_sink=off ({self.provenance('index_sink')})"
+
     def joint(self, dense_spec: ModelSpec) -> JointPlan:
         """Side outputs of `dense_spec`'s pass: lexical rows when its bge-m3 sparse partner runs in this
         plan, ColBERT vectors when the entry says `colbert = true`."""

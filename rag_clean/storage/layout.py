@@ -12,6 +12,7 @@
     <root>/state/folder_hashes/<c>.json                    file digests behind a collection folder's version
     <root>/state/token_ids/<c>/<tokenizer fingerprint>.arrow  token ids of the chunks, shared by models of one tokenizer
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
+    <root>/vector_index/_edge/<c>/                          the Qdrant Edge shard of a collection (the vector_index sink)
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
 collection or model name can point a write outside the storage root.
@@ -36,6 +37,8 @@ FILES_DIR = "_files"
 JOINT_DIR = "_joint"
 # Same reason: "_cache" can never be a collection, so reranked/_cache/ never clashes with reranked/<c>.parquet.
 CACHE_DIR = "_cache"
+# Same reason: "_edge" is never a collection, so vector_index/_edge/ never clashes with vector_index/<c>.parquet.
+EDGE_DIR = "_edge"
 # What the reranked stage caches (rag_clean/retrieval/cache.py): query-side encodings and cross-encoder scores.
 RETRIEVAL_CACHE_KINDS = ("query_vectors", "masked_gold", "sparse_queries", "sparse_masked", "rerank_pairs")
 
@@ -96,6 +99,12 @@ class StorageLayout:
         root, not the export folder, so a shared export holds only the old embedder's files."""
         return path_under(self.root, "state", "export_lines", check_name(collection),
                           check_name(file_kind, "export file kind") + ".parquet")
+
+    # -- the vector index sink -----------------------------------------------------------------
+
+    def index_dir(self, collection: str) -> Path:
+        """The embedded (Qdrant Edge) index of a collection: one shard folder."""
+        return path_under(self.root, "vector_index", EDGE_DIR, check_name(collection))
 
     # -- telemetry and state -------------------------------------------------------------------
 
