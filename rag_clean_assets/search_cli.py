@@ -63,8 +63,10 @@ def _settings(args):
 def _storage_root(args) -> Path | None:
     if args.storage_root:
         return Path(args.storage_root).expanduser().resolve()
-    if not os.environ.get("RAG_CLEAN_STORAGE_ROOT") and not os.environ.get("DAGSTER_HOME"):
-        from rag_clean.config.paths import DEFAULT_DAGSTER_HOME
+    from rag_clean.config.paths import DEFAULT_DAGSTER_HOME
+    from rag_clean.config.settings import process_setting
+
+    if not process_setting("storage_root") and not os.environ.get("DAGSTER_HOME"):
 
         # What `rag-clean` itself uses when DAGSTER_HOME is unset, so search finds what it embedded.
         os.environ["DAGSTER_HOME"] = str(DEFAULT_DAGSTER_HOME)
