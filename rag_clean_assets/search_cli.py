@@ -67,7 +67,6 @@ def _storage_root(args) -> Path | None:
     from rag_clean.config.settings import process_setting
 
     if not process_setting("storage_root") and not os.environ.get("DAGSTER_HOME"):
-
         # What `rag-clean` itself uses when DAGSTER_HOME is unset, so search finds what it embedded.
         os.environ["DAGSTER_HOME"] = str(DEFAULT_DAGSTER_HOME)
     return None
