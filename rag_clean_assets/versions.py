@@ -14,8 +14,9 @@ import warnings
 import dagster as dg
 import pyarrow as pa
 
+from rag_clean.config.models import declared_identity
 from rag_clean.config.registry import ModelSpec, Registry
-from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint, sparse_fingerprint
+from rag_clean.stages.context import StageOutput
 
 CHUNKS = "1"
 DENSE = "1"
@@ -38,16 +39,17 @@ def _digest(value) -> str:
 
 
 def dense_code_version(spec: ModelSpec) -> str:
-    """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
-    code change of that asset (its vectors change), so it and its downstream become unsynced. The
-    fingerprint covers the weights too (digests cached under the configured storage root's state dir)."""
-    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec, default_digest_cache()).encode()).hexdigest()[:12]}"
+    """The dense asset's version plus what the registry declares about its model (source, fallbacks,
+    pooling, max length, dtype, dims, encoder code version): editing the entry is a code change of that
+    asset (its vectors change), so it and its downstream become unsynced. Declared configuration only:
+    building the graph reads no weight file. New weights under an unchanged source are caught where rows
+    are reused (the model fingerprint hashes the folder: rag_clean.config.models)."""
+    return f"{DENSE}-{_digest(declared_identity(spec))}"
 
 
 # The other assets that read registry entries, likewise: an edit there is a code change of that asset.
 def sparse_code_version(registry: Registry) -> str:
-    cache = default_digest_cache()
-    return f"{SPARSE}-{_digest([sparse_fingerprint(s, cache) for s in registry.sparse])}"
+    return f"{SPARSE}-{_digest([declared_identity(s) for s in registry.sparse])}"
 
 
 def fused_code_version(registry: Registry) -> str:
@@ -57,8 +59,7 @@ def fused_code_version(registry: Registry) -> str:
 
 def reranked_code_version(registry: Registry) -> str:
     spec = registry.rerank
-    fingerprint = None if spec is None else [model_fingerprint(spec, default_digest_cache()), list(spec.fallbacks)]
-    return f"{RERANKED}-{_digest(fingerprint)}"
+    return f"{RERANKED}-{_digest(None if spec is None else declared_identity(spec))}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

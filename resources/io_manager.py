@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.telemetry.memory import PROBE
 from rag_clean.telemetry.records import MetaJson, MetaMarkdown, MetaPath
-from rag_clean.stages.common import StageOutput
+from rag_clean.stages.context import StageOutput
 from rag_clean.storage.layout import is_embedding_file
 from rag_clean.storage.files import (ColumnSpool, EmbeddingWriter, StorageError, TableWriter, read_arrow_table,
                                read_embeddings, read_table, write_arrow_table, write_table)

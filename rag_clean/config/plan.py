@@ -8,8 +8,10 @@ or wrong-role model names fail here, with the setting's provenance, before any s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
+from rag_clean.config.models import ModelResolver
 from rag_clean.config.registry import ModelSpec, Registry, RegistryError
 from rag_clean.config.settings import EmbedderSettings
 
@@ -70,6 +72,11 @@ class RunPlan:
     export_dir: str
     fusion_weights: Mapping[str, float] = field(default_factory=dict)
     ray: RayPlan | None = None                    # None: encode in-process (the default)
+    # Each model's source, folder and fingerprint, resolved on first use and kept for the run.
+    models: ModelResolver = field(default_factory=ModelResolver, compare=False)
+    # bge-m3 partners, decided once (Registry.joint_sparse_partner): sparse model name -> the dense entry
+    # whose forward pass also yields its rows.
+    sparse_partners: Mapping[str, ModelSpec] = field(default_factory=dict)
 
     # -- per-stage questions -------------------------------------------------------------------
 
@@ -98,15 +105,14 @@ class RunPlan:
         return f"exports disabled: enable_exports=false ({self.provenance('enable_exports')})"
 
     def joint(self, dense_spec: ModelSpec) -> JointPlan:
-        """Side outputs of `dense_spec`'s pass: lexical rows when its bge-m3 sparse partner runs in this
-        plan, ColBERT vectors when the entry says `colbert = true`."""
-        partner = self.registry.joint_sparse_partner(dense_spec)
-        if partner is not None and partner not in self.sparse:
-            partner = None
+        """Side outputs of `dense_spec`'s pass: lexical rows when it is the bge-m3 partner of a sparse model
+        that runs in this plan, ColBERT vectors when the entry says `colbert = true`."""
+        partner = next((s for s in self.sparse if self.sparse_partners.get(s.name) == dense_spec), None)
         return JointPlan(sparse_spec=partner, colbert=bool(dense_spec.colbert))
 
     def joint_dense_partner(self, sparse_spec: ModelSpec) -> ModelSpec | None:
-        return self.registry.joint_dense_partner(sparse_spec)
+        """The dense entry whose forward pass may already have written `sparse_spec`'s rows (its side file)."""
+        return self.sparse_partners.get(sparse_spec.name)
 
     def provenance(self, key: str) -> str:
         return self.settings.provenance.get(key, "default")
@@ -135,7 +141,18 @@ def _select(registry: Registry, names: Sequence[str], role: str, key: str, setti
     return tuple(dict.fromkeys(chosen))
 
 
-def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
+def _sparse_partners(registry: Registry) -> dict[str, ModelSpec]:
+    partners: dict[str, ModelSpec] = {}
+    for dense in registry.dense:
+        sparse = registry.joint_sparse_partner(dense)
+        if sparse is not None:
+            partners.setdefault(sparse.name, dense)  # the first dense partner in registry order
+    return partners
+
+
+def build_run_plan(registry: Registry, settings: EmbedderSettings, digest_cache: Path | None = None) -> RunPlan:
+    """`digest_cache`: where model file digests are kept across runs (StorageLayout.weights_digest_file);
+    None: the configured storage root's, if any."""
     dense = _select(registry, settings.ensemble_models, "dense", "ensemble_models", settings)
     if not dense:
         raise PlanError(f"the registry {registry.path} names no dense model")
@@ -157,4 +174,5 @@ def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
         fusion_weights={s.name: s.weight for s in dense},
         ray=RayPlan(address=settings.ray_address, shard_rows=settings.ray_shard_rows, actors=settings.ray_actors)
         if settings.ray_address else None,
+        models=ModelResolver(digest_cache), sparse_partners=_sparse_partners(registry),
     )

@@ -21,7 +21,7 @@ from rag_clean.exports.files import (
     write_exports,
 )
 from rag_clean.retrieval.fusion import fuse_block
-from rag_clean.stages import SPARSE_SCHEMA
+from rag_clean.stages.sparse import SPARSE_SCHEMA
 from rag_clean.storage.files import file_digest, read_embeddings, write_embeddings
 
 LONG_TEXT = "install the gpu driver " * 40  # > 500 chars: the preview must cut it
