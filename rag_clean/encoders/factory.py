@@ -1,8 +1,10 @@
 """Pick and load an encoder backend for a ModelSpec, offline.
 
-Every load resolves the registry `source` to a local folder first: a `package:` / `path:` source
-or an existing folder is used as is; a hub id must already be in the local Hugging Face cache
-(looked up with local_files_only, so a missing model fails at once with a clear error and never
+Every load resolves the registry entry to a local folder first: its first candidate source (primary,
+then fallbacks) that resolves offline, as rag_clean.config.models.ResolvedModel decides (the run plan's
+resolution when the caller passes it, so the load uses the folder the fingerprint hashed). A `package:` /
+`path:` source or an existing folder is used as is; a hub id must already be in the local Hugging Face
+cache (looked up with local_files_only, so a missing model fails at once with a clear error and never
 waits on the network).
 """
 
