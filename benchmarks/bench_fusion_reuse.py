@@ -35,7 +35,7 @@ from rag_clean.stages import ROW_BLOCK
 from rag_clean.stages.context import StageContext, StageIO
 from rag_clean.stages.fusion import fusion_stage
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import EmbeddingWriter, read_embeddings
+from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings
 
 DIMS = (384, 384)
 WEIGHTS = (0.8, 0.2)

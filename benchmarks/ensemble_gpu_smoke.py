@@ -35,7 +35,7 @@ from rag_clean.stages.context import StageContext, run_stage  # noqa: E402
 from rag_clean.stages.dense import DENSE  # noqa: E402
 from rag_clean.stages.fusion import FUSION  # noqa: E402
 from rag_clean.storage.layout import StorageLayout  # noqa: E402
-from rag_clean.storage.files import read_embeddings  # noqa: E402
+from rag_clean.storage.embeddings import read_embeddings  # noqa: E402
 
 REGISTRY = """
 [fusion]

@@ -102,7 +102,8 @@ def _ensure_dagster_home() -> Path:
 def _select_collections(requested: list[str] | None, chunked_dir: str | None) -> tuple[Path, list[str]]:
     """(data root, collection names); a requested path to a folder sets the data root to its parent."""
     from rag_clean.config import paths as default_paths
-    from rag_clean.storage.files import StorageError, check_name
+    from rag_clean.storage.errors import StorageError
+    from rag_clean.storage.names import check_name
 
     root = Path(chunked_dir).expanduser().resolve() if chunked_dir else None
     names: list[str] = []

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import ids_absent
+from rag_clean.storage.arrow_io import ids_absent
 from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource

@@ -88,7 +88,7 @@ def load_dense_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *, budg
     fingerprint hashed."""
     _check_role(spec, "dense")
     if spec.backend == "flagembedding":
-        return _flag_module(spec).FlagDenseEncoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+        return _flag_module(spec).flag_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_dense import STDenseEncoder
 
     path, source = _resolved(spec, model)
@@ -101,7 +101,7 @@ def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
                         model: ResolvedModel | None = None) -> SparseEncoder:
     _check_role(spec, "sparse")
     if spec.backend == "flagembedding":
-        return _flag_module(spec).FlagSparseEncoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+        return _flag_module(spec).flag_sparse_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_sparse import STSparseEncoder
 
     path, source = _resolved(spec, model)

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from rag_clean.telemetry.records import ReuseCount
 from rag_clean.config.registry import ModelSpec
-from rag_clean.storage.files import write_table
+from rag_clean.storage.parquet import write_table
 from rag_clean.storage.previous import read_previous
 
 # Bump when how a cached value is computed changes (e.g. the one-text-per-forward rule below).

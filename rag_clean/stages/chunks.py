@@ -18,7 +18,9 @@ from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
 from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, stream_collection
 from rag_clean.chunking.folder_version import FolderVersion
 from rag_clean.telemetry.records import ChunksRecord, ReuseCount
-from rag_clean.storage.files import ColumnSpool, StorageError, read_arrow_table, temp_path_for
+from rag_clean.storage.arrow_io import ColumnSpool, read_arrow_table
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.parquet import TableWriter
 from rag_clean.stages.context import Stage, StageContext, StageIO
 
 _SIZE, _MTIME = b"chunks_file_size", b"chunks_file_mtime_ns"
@@ -54,20 +56,15 @@ def chunks_stage(ctx: StageContext, io: StageIO, config: ChunkingConfig,
     the stage record with reused vs parsed files."""
     manifest_path = ctx.layout.chunks_manifest_file(ctx.collection)
     previous = load_previous_chunks(io.target, manifest_path) if ctx.plan.reuse_unchanged else None
-    spool = io.stage(ColumnSpool(io.target, CHUNK_SCHEMA))
+    spool = io.stage(ColumnSpool(io.target, CHUNK_SCHEMA))  # run_stage aborts it (and what it attached) on error
     result = stream_collection(ctx.folder, spool, config, previous=previous,
                                digests=version.file_digests if version is not None else None)
     stat = os.stat(spool.staged_path)
     manifest = result.manifest.replace_schema_metadata(
         {_SIZE: str(stat.st_size), _MTIME: str(stat.st_mtime_ns), b"chunks_sha256": spool.content_digest})
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    staged = temp_path_for(manifest_path)
-    try:
-        pq.write_table(manifest, staged, compression="zstd")
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    spool.add_side_file(staged, manifest_path)  # from here the spool's abort removes it too
+    side = TableWriter(manifest_path, manifest.schema)
+    spool.attach(side)  # published right after the chunks file, aborted with it
+    side.write(manifest)
     for skip in result.skipped:
         ctx.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
     record = ChunksRecord(rows=result.rows, files_read=len(result.files_read), device="cpu",

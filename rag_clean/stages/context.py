@@ -8,8 +8,10 @@ the GPU. `run_stage(ctx, stage, *inputs)` then owns, for every stage:
 
 - the timer (start and duration stamped on the record),
 - the disabled check (the plan says why a stage is off: nothing written, the previous file stays),
-- the staged output (`StageIO.target`, where writers stage their temp files) and its abort on error
-  (everything the stage registered with `StageIO.stage`),
+- the staged output (`StageIO.target`, where writers stage their temp files) and its abort on error:
+  everything the stage registered with `StageIO.stage` follows the staged-file protocol of
+  rag_clean.storage.staged (the writer the stage returns is published by the IO manager's one
+  `publish()`, its side files attached to it; on error `abort()` removes every temp and scratch file),
 - the previous file to reuse rows from (`StageIO.previous`: the stored output, unless reuse is off;
   stages read it with rag_clean.storage.previous.read_previous),
 - the GPU lease for GPU stages (none when the work goes to a Ray cluster),
@@ -25,17 +27,25 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence, TypeVar
 
 from rag_clean.config.models import ResolvedModel
 from rag_clean.config.plan import RunPlan
 from rag_clean.config.registry import ModelSpec
 from rag_clean.storage.layout import StorageLayout
+from rag_clean.storage.staged import abort_on_error
 from rag_clean.telemetry.records import StageRecord
 from rag_clean.telemetry.summary import utc_now
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=StageRecord)
+
+
+class Abortable(Protocol):
+    """What `StageIO.stage` takes: a staged writer (rag_clean.storage.staged.Staged) or a helper that
+    owns staged files and scratch (JointSideFiles)."""
+
+    def abort(self) -> None: ...
 
 
 class StageTimer:
@@ -86,16 +96,21 @@ class StageContext:
         return TokenCache.for_collection(self.layout, self.collection)
 
 
+S = TypeVar("S", bound=Abortable)
+
+
 @dataclass
 class StageIO:
     """The stage's output file and the file it may reuse rows from; what it stages is aborted on error."""
 
     target: Path | None            # where the IO manager publishes the output (None: an in-memory value)
     previous: Path | None = None   # the stored output, when reuse is on and it exists
-    staged: list = field(default_factory=list)
+    staged: list[Abortable] = field(default_factory=list)
 
-    def stage(self, obj):
-        """Register something with `.abort()` (a writer, a spool, side files): aborted if the stage fails."""
+    def stage(self, obj: S) -> S:
+        """Register a staged writer (rag_clean.storage.staged.Staged) or a helper that stages files for one
+        (JointSideFiles): its `abort()` runs if the stage fails. Publishing stays with the writer's own
+        `publish()` (the IO manager's one call), so there is one lifecycle."""
         self.staged.append(obj)
         return obj
 
@@ -142,8 +157,9 @@ class RemoteLease:
 @dataclass
 class StageOutput:
     """`value` is a table (written as Parquet, or Arrow IPC where the layout says .arrow), a staged writer
-    (EmbeddingWriter / ColumnSpool: Arrow IPC; TableWriter: Parquet) that the IO manager publishes by
-    rename, or None when the stage is disabled: then nothing is written and the previous file stays."""
+    (rag_clean.storage.staged.Staged: EmbeddingWriter / ColumnSpool, Arrow IPC; TableWriter, Parquet) that
+    the IO manager publishes with its `publish()` (side files attached to it follow), or None when the
+    stage is disabled: then nothing is written and the previous file stays."""
 
     value: Any
     record: StageRecord
@@ -205,11 +221,8 @@ def run_stage(ctx: StageContext, stage: Stage, *inputs) -> StageOutput:
     with _held(ctx, stage.lease(ctx.plan, *inputs)) as lease:
         if lease is not None:
             ctx.device = lease_target(lease)
-        try:
+        with abort_on_error(io):
             value, record = stage.compute(ctx, io, *inputs)
-        except BaseException:
-            io.abort()
-            raise
     record = start_record(record, ctx.plan)
     if lease is not None:
         add_lease(record, lease)

@@ -12,7 +12,8 @@ from rag_clean.config.plan import RunPlan
 from rag_clean.telemetry.progress import ProgressLog, track
 from rag_clean.telemetry.records import DenseRecord, truncation_warning
 from rag_clean.config.registry import ModelSpec
-from rag_clean.storage.files import EmbeddingWriter, StorageError
+from rag_clean.storage.embeddings import EmbeddingWriter
+from rag_clean.storage.errors import StorageError
 from rag_clean.storage.previous import read_previous
 from rag_clean.storage.reuse import ArrowTexts, complement
 from rag_clean.stages.common import ROW_BLOCK
@@ -42,12 +43,14 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
     The model is loaded, used and released inside this call: one model resident at a time.
     When the plan gives `spec`'s pass side outputs (RunPlan.joint: a bge-m3 entry) the same forward pass
     also yields the partner sparse model's lexical rows and/or ColBERT vectors, written to side files
-    published before returning. With `ctx.plan.ray` the rows to compute are encoded data-parallel on a Ray
-    actor pool (rag_clean.distributed) and written into the same writer; a joint pass still runs in-process.
-    `ctx.progress` gets a done/total, rate and ETA line at most every 10 s while the model encodes.
+    attached to the returned writer (published right after it). With `ctx.plan.ray` the rows to compute are
+    encoded data-parallel on a Ray actor pool (rag_clean.distributed) and written into the same writer; a
+    joint pass still runs in-process. `ctx.progress` gets a done/total, rate and ETA line at most every
+    10 s while the model encodes. The token cache (`ctx.token_cache()`) shares chunk token ids with other
+    models of the same tokenizer.
     """
-    from rag_clean.encoders import token_cache as tc
     from rag_clean.encoders.factory import load_dense_encoder
+    from rag_clean.encoders.token_cache import chunk_tokens
 
     spec = ctx.plan.dense_spec(spec.name)  # the run's registry entry (assets are defined from an earlier load)
     staging_path, device, ray = io.target, ctx.device, ctx.plan.ray
@@ -100,23 +103,22 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
             out_dim = spec.truncate_dim or encoder.dim
             writer = io.stage(EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
                                               {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"}))
-            subset = ArrowTexts(texts, pass_rows)  # taken window by window as the encoder tokenizes
+            # Taken window by window as the encoder tokenizes; the hashes key the token cache.
+            subset, subset_hashes = ArrowTexts(texts, pass_rows), ArrowTexts(hashes, pass_rows)
             meter = ProgressLog(f"{spec.name}", len(subset), ctx.progress)
-            if side is None:
-                with tc.scope(token_cache, encoder):
-                    for local_idx, vectors in track(encoder.encode(subset), meter, encoder.stats):
-                        writer.write(pass_rows[local_idx],
-                                     truncate_and_normalize(vectors, spec.truncate_dim, model=spec.name))
-            else:
+            if side is not None:
                 side.loaded_source = encoder.source
-                for local_idx, vectors, sparse_rows, colbert_rows in track(encoder.encode_joint(subset), meter,
-                                                                           encoder.stats):
-                    rows = pass_rows[local_idx]
-                    dense_mask = computes_dense[rows]
-                    if dense_mask.any():
-                        writer.write(rows[dense_mask], truncate_and_normalize(vectors[dense_mask], spec.truncate_dim,
-                                                                              model=spec.name))
-                    side.write(rows, sparse_rows, colbert_rows)
+            with chunk_tokens(token_cache, encoder, subset, subset_hashes) as tokens:
+                for batch in track(encoder.encode(tokens), meter, encoder.stats):
+                    rows = pass_rows[batch.rows]
+                    dense_mask = computes_dense[rows]  # all true unless a joint pass re-runs reused rows
+                    if dense_mask.all():
+                        writer.write(rows, truncate_and_normalize(batch.dense, spec.truncate_dim, model=spec.name))
+                    elif dense_mask.any():
+                        writer.write(rows[dense_mask], truncate_and_normalize(batch.dense[dense_mask],
+                                                                              spec.truncate_dim, model=spec.name))
+                    if side is not None:
+                        side.write(rows, batch.lexical, batch.colbert)
             stats = encoder.stats
         finally:
             encoder.close()  # released before the next model of the ensemble hydrates
@@ -128,10 +130,9 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
         writer.write(reuse_dst[start:start + ROW_BLOCK], np.asarray(previous.vectors[reuse_src[start:start + ROW_BLOCK]]))
     writer.finish()
     if side is not None:
-        # Published now, not with the dense file (the IO manager publishes that after this returns). If
-        # that later publish fails, this cache stays; the sparse stage checks it row by row against the
-        # current chunks' content hashes and the model fingerprint, so it can never serve stale rows.
-        side.finish(exclude=pass_rows)
+        # Published right after the dense file, with it (writer.publish: the IO manager's one call).
+        for staged in side.finish(exclude=pass_rows):
+            writer.attach(staged)
 
     record = DenseRecord(model=spec.name, rows=n, dim=out_dim, native_dim=native_dim, weight=spec.weight,
                          reused=len(reuse_dst), computed=int(len(to_compute)), encode=stats,

@@ -143,8 +143,8 @@ def sparse_scorers(specs, model_of: Callable[[ModelSpec], ResolvedModel], sparse
                 with one_text_per_forward(encoder, device):
                     for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
                                                (mc, need_m, [text_of_m[k] for k in need_m])):
-                        for idx, batch in (encoder.encode(texts) if texts else ()):
-                            for i, row in zip(idx, batch):
+                        for batch in (encoder.encode(texts) if texts else ()):
+                            for i, row in zip(batch.rows, batch.lexical):
                                 cache.put(keys[i], row)
             finally:
                 encoder.close()

@@ -36,7 +36,8 @@ from rag_clean.retrieval.metrics import ranking_metrics
 from rag_clean.stages.context import EmbeddedChunks, Stage, StageContext, StageIO
 from rag_clean.stages.query_side import SparseSource, dense_query_side, sparse_scorers
 from rag_clean.stages.rerank import first_device, rerank
-from rag_clean.storage.files import EmbeddingSet, StorageError
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.errors import StorageError
 from rag_clean.telemetry.privacy import query_hash, query_key
 from rag_clean.telemetry.records import QueriesRecord, RerankRecord
 

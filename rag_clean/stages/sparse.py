@@ -24,7 +24,7 @@ from rag_clean.telemetry.records import ReuseCount, SparseRecord, truncation_war
 from rag_clean.config.registry import ModelSpec
 from rag_clean.storage.previous import read_previous
 from rag_clean.storage.reuse import ArrowTexts, complement
-from rag_clean.storage.files import TableWriter
+from rag_clean.storage.parquet import TableWriter
 from rag_clean.stages.common import ROW_BLOCK
 from rag_clean.stages.context import Stage, StageContext, StageIO
 from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
@@ -192,14 +192,13 @@ def sparse_stage(ctx: StageContext, io: StageIO, chunks: pa.Table) -> tuple[pa.T
 
         connect(ray)  # a missing extra or an unreachable cluster fails the run here, never as a metadata fallback
     n = len(chunks)
-    texts = chunks.column("text")
     fingerprints = {spec.name: ctx.model(spec).sparse_fingerprint for spec in specs}
     out = io.stage(TableWriter(sink_path, sparse_schema(fingerprints)))
     record = SparseRecord(model_names=[s.name for s in specs], top_k={s.name: s.top_k for s in specs})
     available = 0
     try:
         for spec in specs:
-            scratch = SparseScratch(out.final_path, n, spec.top_k, spec.asset_name)
+            scratch = SparseScratch(out.path, n, spec.top_k, spec.asset_name)
             try:
                 fallback, reused = False, 0
                 source = shared_sparse_source(ctx, spec)
@@ -225,7 +224,7 @@ def sparse_stage(ctx: StageContext, io: StageIO, chunks: pa.Table) -> tuple[pa.T
                     to_compute = complement(reuse_rows, n)
                     try:
                         if len(to_compute):
-                            _encode_into(ctx, scratch, spec, texts, to_compute, record)
+                            _encode_into(ctx, scratch, spec, chunks, to_compute, record)
                         if prior is not None:
                             scatter_previous(scratch, prior.path, prior.current, prior.rows)
                             reused = len(prior.current)
@@ -263,10 +262,10 @@ def sparse_stage(ctx: StageContext, io: StageIO, chunks: pa.Table) -> tuple[pa.T
     return out, record
 
 
-def _encode_into(ctx: StageContext, scratch: SparseScratch, spec: ModelSpec, texts: pa.ChunkedArray,
+def _encode_into(ctx: StageContext, scratch: SparseScratch, spec: ModelSpec, chunks: pa.Table,
                  rows: np.ndarray, record: SparseRecord) -> None:
-    from rag_clean.encoders import token_cache as tc
     from rag_clean.encoders.factory import load_sparse_encoder
+    from rag_clean.encoders.token_cache import chunk_tokens
 
     budget_store = ctx.budget_store()
     if ctx.plan.ray is not None:
@@ -278,9 +277,10 @@ def _encode_into(ctx: StageContext, scratch: SparseScratch, spec: ModelSpec, tex
                                       model=ctx.model(spec))
     try:
         meter = ProgressLog(spec.name, len(rows), ctx.progress)
-        with tc.scope(ctx.token_cache(), encoder):
-            for idx, batch in track(encoder.encode(ArrowTexts(texts, rows)), meter, encoder.stats):
-                scratch.write(rows[idx], [t for t, _ in batch], [w for _, w in batch])
+        texts, hashes = ArrowTexts(chunks.column("text"), rows), ArrowTexts(chunks.column("content_hash"), rows)
+        with chunk_tokens(ctx.token_cache(), encoder, texts, hashes) as tokens:
+            for batch in track(encoder.encode(tokens), meter, encoder.stats):
+                scratch.write(rows[batch.rows], [t for t, _ in batch.lexical], [w for _, w in batch.lexical])
         record.per_model[spec.name] = encoder.stats.to_dict()
         record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
         record.devices.append(encoder.stats.device)

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from rag_clean.storage.files import EmbeddingSet, StorageError, read_embeddings
+from rag_clean.storage.embeddings import EmbeddingSet, read_embeddings
+from rag_clean.storage.errors import StorageError
 from rag_clean.storage.reuse import HashColumn, match_parquet, match_rows
 
 _EMPTY = np.zeros(0, dtype=np.int64)

@@ -3,8 +3,9 @@
 Every stage returns one record. `to_summary()` is the dict stored under `stages[<asset key>]` in
 processing_summary.json (the summary's v4.1 sections are built from those dicts, see telemetry);
 `to_metadata()` is the Dagster materialization metadata, as plain values plus the `MetaPath` /
-`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Nothing else reads a
-stage's fields by key.
+`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Where a stored
+stage dict is read back (the summary is rebuilt from every stage's stored dict, written by earlier processes), a typed
+reader does it (rag_clean.telemetry.stored): nothing else reads a stage's fields by key.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pyarrow as pa
 from rag_clean.config.registry import Registry
 from rag_clean.stages.context import StageOutput
 from rag_clean.stages.fusion import FUSION
-from rag_clean.storage.files import EmbeddingSet
+from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from rag_clean.config.registry import Registry
 from rag_clean.stages.context import EmbeddedChunks, StageOutput
 from rag_clean.stages.retrieval import QUERIES, RERANKED
-from rag_clean.storage.files import EmbeddingSet
+from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets import versions

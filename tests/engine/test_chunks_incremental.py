@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from rag_clean.stages.chunks import chunks_stage
 from rag_clean.stages.context import StageIO
 from stage_helpers import stage_ctx
-from rag_clean.storage.files import read_arrow_table
+from rag_clean.storage.arrow_io import read_arrow_table
 
 DOC = "# Guide\n\nInstall the driver first. Then restart the server and check the logs.\n\n## Notes\n\n{}\n"
 

@@ -17,7 +17,7 @@ import rag_clean.config.models as common
 from rag_clean.config.registry import load_registry
 from rag_clean.config.models import model_fingerprint, sparse_fingerprint
 from stage_helpers import dense as run_dense, fuse, sparse as run_sparse
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 
 TEXTS = ["install the gpu driver", "rerank the results", "query the index", "the embedding model"]
 

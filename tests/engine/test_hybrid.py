@@ -14,7 +14,7 @@ from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
 from rag_clean.retrieval.flat import heading_queries, mask_heading, masked_gold_texts
 from stage_helpers import dense as run_dense, fuse, retrieve, sparse as run_sparse
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "collections" / "sample"
 

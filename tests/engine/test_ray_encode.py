@@ -23,7 +23,8 @@ from rag_clean.distributed import ray_encode  # noqa: E402
 from rag_clean.config.plan import RayPlan  # noqa: E402
 from rag_clean.config.registry import load_registry  # noqa: E402
 from stage_helpers import dense as run_dense, sparse as run_sparse  # noqa: E402
-from rag_clean.storage.files import EmbeddingWriter, file_digest, read_embeddings  # noqa: E402
+from rag_clean.storage.digests import file_digest  # noqa: E402
+from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings  # noqa: E402
 from tiny_models import TEST_WORDS  # noqa: E402
 
 ATOL = 1e-5
@@ -158,8 +159,8 @@ def _crash_once_loader(marker: str):
 def _encode_into_writer(encoder, texts, like, path, on_shard=None):
     """What run_dense_stage does with an encoder, for an encoder built with a test loader."""
     writer = EmbeddingWriter(path, like.chunk_ids, like.content_hashes, encoder.dim, dict(like.metadata))
-    for n, (idx, vectors) in enumerate(encoder.encode(texts)):
-        writer.write(idx, vectors)                                   # raises on a row written twice
+    for n, batch in enumerate(encoder.encode(texts)):
+        writer.write(batch.rows, batch.dense)                        # raises on a row written twice
         if on_shard is not None:
             on_shard(n)
     return writer

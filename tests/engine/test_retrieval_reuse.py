@@ -16,7 +16,7 @@ from rag_clean.retrieval.flat import SparseIndex
 from rag_clean.stages import query_side as retrieval_stage
 from rag_clean.stages.query_side import sparse_blocks as _sparse_blocks
 from stage_helpers import dense as run_dense, fuse, retrieve, sparse as run_sparse
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 
 WORDS = ["install", "rerank", "query", "vector", "chunk", "model", "config", "server"]
 

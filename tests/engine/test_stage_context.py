@@ -23,7 +23,7 @@ from rag_clean.gpu.lease import GpuLeaseManager
 from rag_clean.stages.chunks import CHUNKS
 from rag_clean.stages.context import Stage, run_stage
 from rag_clean.stages.dense import DENSE
-from rag_clean.storage.files import EmbeddingWriter, write_embeddings
+from rag_clean.storage.embeddings import EmbeddingWriter, write_embeddings
 from rag_clean.storage.previous import read_previous
 from rag_clean.telemetry.records import DenseRecord
 from stage_helpers import stage_ctx

@@ -14,7 +14,7 @@ from v41_spec import V41_NESTED
 from rag_clean.chunking import read_collection
 from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 from rag_clean.telemetry.summary import SCHEMA_VERSION, V41_KEYS, TelemetryError, build_summary, read_summary
 from stage_helpers import dense, fuse, retrieve, sparse as run_sparse
 
