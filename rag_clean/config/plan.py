@@ -170,15 +170,16 @@ def source_problem(models: ModelResolver, spec: ModelSpec) -> str | None:
         models.get(spec).require_folder()
         return None
     except ModelSourceError as exc:
-        return f"{exc} ({spec.role})"
+        return f"model {spec.name} ({spec.role}): " + str(exc).removeprefix(f"model {spec.name}: ")
 
 
-def build_run_plan(registry: Registry, settings: EmbedderSettings, digest_cache: Path | None = None) -> RunPlan:
+def build_run_plan(registry: Registry, settings: EmbedderSettings, digest_cache: Path | None = None, *,
+                   check_sources: bool = True) -> RunPlan:
     """The plan of one run. Every dense and sparse model it runs must have a source that resolves locally,
     so a missing folder fails here, before the first step writes anything. The reranker is exempt: when
     none of its sources loads, `reranked` keeps retrieval order (documented). `digest_cache`: where model
     file digests are kept across runs (StorageLayout.weights_digest_file); None: the configured storage
-    root's, if any."""
+    root's, if any. `check_sources=False`: no source check (plans of stand-in specs that are never loaded)."""
     dense = _select(registry, settings.ensemble_models, "dense", "ensemble_models", settings)
     if not dense:
         raise PlanError(f"the registry {registry.path} names no dense model")
@@ -187,7 +188,7 @@ def build_run_plan(registry: Registry, settings: EmbedderSettings, digest_cache:
         raise PlanError("sparse is enabled but the registry names no sparse model; add one or set EMBEDDER_ENABLE_SPARSE=0")
     retrieval = RetrievalConfig(**{f.name: getattr(settings, f.name) for f in fields(RetrievalConfig)})
     models = ModelResolver(digest_cache)
-    problems = [p for p in (source_problem(models, spec) for spec in (*dense, *sparse)) if p]
+    problems = [p for p in (source_problem(models, spec) for spec in (*dense, *sparse)) if p] if check_sources else []
     if problems:
         raise PlanError("\n".join(problems))
     return RunPlan(
