@@ -105,7 +105,7 @@ def test_every_step_pod_gpu_steps_get_cards_cpu_steps_do_not(monkeypatch, tiny_r
             if pods.K8S_CONFIG_TAG in step.tags:
                 assert container.resources.requests["memory"] == pods.load_pod_config()["cpu_pod"]["memory"], key
             else:
-                assert key.endswith(("_valid", "_quality_vs_previous", "_outputs_cite_current_chunks")), key  # checks
+                assert key.endswith(("_valid", "_quality_vs_previous", "_outputs_cite_current_chunks", "_index_matches_chunks")), key  # checks
                 assert container.resources.requests == _launcher_defaults().container_config["resources"]["requests"]
 
 
