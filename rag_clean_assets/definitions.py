@@ -18,6 +18,7 @@ from rag_clean_assets.checks import build_checks
 from rag_clean_assets.observe import collection_files
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.sensors import build_collection_sensor
+from rag_clean_assets import staleness  # noqa: F401  (per-partition staleness in this process too)
 from resources.gpu_lease import GpuLeaseResource
 from resources.io_manager import TelemetryIOManager
 from resources.paths import PathsResource

@@ -35,6 +35,9 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatu
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from rag_clean.processes import process_alive
+# Imported for its effect: the webserver and the daemon load this module (the event log storage class of
+# the dagster.yaml written here), and their stale-status answers must include partitions (staleness.py).
+from rag_clean_assets import staleness  # noqa: F401
 
 GPU_POOL = "gpu"
 CONFIG_MARKER = "# Written by rag_clean"
