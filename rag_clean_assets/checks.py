@@ -24,6 +24,7 @@ from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.assets.fused import FUSED_KEY
+from rag_clean_assets.degraded import DEGRADED_CHECKS
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.quality import QUALITY_CHECKS
 from resources.paths import PathsResource
@@ -245,4 +246,4 @@ def exports_valid(context: dg.AssetCheckExecutionContext, paths: PathsResource) 
 
 def build_checks(registry: Registry) -> list:
     return [chunks_valid, fused_valid, sparse_valid, reranked_valid, queries_valid, exports_valid,
-            *(build_dense_check(s) for s in registry.dense), *QUALITY_CHECKS]
+            *(build_dense_check(s) for s in registry.dense), *QUALITY_CHECKS, *DEGRADED_CHECKS]

@@ -26,23 +26,25 @@ class ModelLoadError(EncoderError):
 
 def resolve_local_source(spec: ModelSpec, source: str) -> str:
     """Registry source -> local folder, without touching the network."""
+    # A fallback source is not the model the registry entry is named after: say whose fallback it is.
+    who = f"model {spec.name}" if source == spec.source else f"fallback of model {spec.name}"
     try:
         resolved = spec.resolve_source(source)
     except RegistryError as exc:
-        raise ModelLoadError(f"model {spec.name}: {exc}") from exc
+        raise ModelLoadError(f"{who}: {exc}") from exc
     if Path(resolved).is_dir():
         return resolved
     if Path(resolved).exists():
-        raise ModelLoadError(f"model {spec.name}: source {source!r} -> {resolved} is a file, expected a model folder")
+        raise ModelLoadError(f"{who}: source {source!r} -> {resolved} is a file, expected a model folder")
     if source.startswith(("path:", "package:")) or resolved.startswith(("/", ".", "~")):
-        raise ModelLoadError(f"model {spec.name}: source {source!r} -> {resolved} does not exist")
+        raise ModelLoadError(f"{who}: source {source!r} -> {resolved} does not exist")
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id=resolved, local_files_only=True)
     except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
         raise ModelLoadError(
-            f"model {spec.name}: source {source!r} is not a local folder and is not in the local Hugging Face "
+            f"{who}: source {source!r} is not a local folder and is not in the local Hugging Face "
             f"cache (loading is offline): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
 

@@ -64,14 +64,16 @@ METRIC_COLUMNS = (("recall@1", "recall@1"), ("recall@5", "recall@5"), ("recall@1
 
 
 def metrics_markdown(metrics: dict[str, dict], candidate_sources: list[str], scorer: str) -> str:
-    """One row per phase (before / after rerank), one column per metric; then what was ranked, and how."""
-    lines = ["| phase | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-             "|---|" + "---:|" * len(METRIC_COLUMNS)]
-    rows = [(phase, values) for phase, values in metrics.items() if phase != "heldout"]
-    rows += [(f"held-out {phase}", values) for phase, values in (metrics.get("heldout") or {}).items()]
-    for phase, values in rows:
-        cells = [("n/a" if values.get(key) is None else f"{values[key]:.3f}") for key, _ in METRIC_COLUMNS]
-        lines.append(f"| {phase.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    """One row per metric, one column per phase (before / after rerank, then held-out): few, narrow columns,
+    so the table fits the UI's metadata column; then what was ranked, and how."""
+    phases = [(phase, values) for phase, values in metrics.items() if phase != "heldout"]
+    phases += [(f"held-out {phase}", values) for phase, values in (metrics.get("heldout") or {}).items()]
+    short = {"before_rerank": "before", "after_rerank": "after"}
+    labels = [" ".join(short.get(w, w) for w in phase.split(" ")) for phase, _ in phases]
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(phases)]
+    for key, label in METRIC_COLUMNS:
+        cells = [("n/a" if values.get(key) is None else f"{values[key]:.3f}") for _, values in phases]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Candidate sources: " + (", ".join(f"`{s}`" for s in candidate_sources) or "none"),
               "", f"Final order by: `{scorer}`"]
     return "\n".join(lines)

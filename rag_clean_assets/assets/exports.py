@@ -2,7 +2,7 @@
 
 
 import json
-from typing import Optional
+from typing import Iterator, Optional
 
 import dagster as dg
 import pyarrow as pa
@@ -37,6 +37,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
         deps=[dg.AssetKey("reranked")],
         **stage_asset(group="exports", kinds={"numpy", "json"}, code_version=versions.EXPORTS,
                       gpu=False),
+        output_required=False,  # off by default: a disabled export yields nothing
         # Placeholders in braces: the UI renders descriptions as markdown and swallows <...> as HTML.
         description="The old embedder's export files under {export_dir}/{collection}/: fused and per-model .npy, "
                     "qdrant JSONL (named vectors per model + fused + sparse), sparse JSONL, metadata, stats, and a "
@@ -45,15 +46,14 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
     )
     def exports(context: dg.AssetExecutionContext, chunks: pa.Table, fused_embeddings: EmbeddingSet,
                 sparse_vectors: pq.ParquetFile | None, registry: ModelRegistryResource, settings: EmbedderSettingsResource,
-                paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
+                paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> Iterator[dg.Output[StageOutput]]:
         timer = StageTimer()
         plan = run_plan(context, registry, settings)
         collection = context.partition_key
         reason = plan.exports_disabled_reason()
-        if reason is not None:
-            context.log.info(reason)
-            record = ExportsRecord(status="disabled", reason=reason)
-            return versioned(context, StageOutput(None, timer.stamp(start_record(record, plan))))
+        if reason is not None:  # no output, no materialization: the UI shows exports as not run, not as green
+            context.log.info(f"exports skipped: {reason}")
+            return  # a generator (yield below): returning without a yield is how Dagster skips an output
         # A disabled sparse stage leaves its previous file in place: never export that stale file.
         if plan.sparse_enabled and sparse_vectors is None:
             raise ValueError("sparse is enabled but sparse_vectors has no stored file for this collection: "
@@ -80,6 +80,6 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
             line_index=lambda kind: layout.export_line_index(collection, kind))
         context.log.info(f"exported {len(record.files)} files to {record.export_dir}")
         record.device = "cpu"
-        return versioned(context, StageOutput(table, timer.stamp(start_record(record, plan))))
+        yield versioned(context, StageOutput(table, timer.stamp(start_record(record, plan))))
 
     return exports
