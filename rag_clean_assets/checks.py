@@ -2,7 +2,6 @@
 
 
 import hashlib
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -34,8 +33,6 @@ NORM_TOLERANCE = 1e-3
 # whatever the collection size or the vector width.
 CHECK_BLOCK = 8192
 
-# Partitioned asset checks are "preview" in Dagster 1.13, and without them a check loads every partition.
-warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 
 def _vector_problems(vectors: EmbeddingSet, expected_rows: int, expected_ids: pa.ChunkedArray, expected_dim: int | None) -> tuple[list[str], dict]:

@@ -15,6 +15,7 @@ from rag_clean_assets.assets.retrieval import build_reranked_asset, queries
 from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.automation import automation_enabled, automation_sensor, with_automation
 from rag_clean_assets.checks import build_checks
+from rag_clean_assets.console_log import short_console_logger_def
 from rag_clean_assets.observe import collection_files
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.sensors import build_collection_sensor
@@ -75,7 +76,8 @@ def default_executor():
 
 def build_definitions(registry_path: str | None = None, *, automation: bool | None = None,
                       loggers: dict | None = None, **resource_kwargs) -> dg.Definitions:
-    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars."""
+    """loggers: Dagster loggers for every run (None: the short console logger, INFO unless
+    $RAG_CLEAN_LOG_LEVEL), e.g. rag-clean's progress bars."""
     registry = load_registry(registry_path)
     automation = automation_enabled() if automation is None else automation
     assets = build_assets(registry_path, automation=automation)
@@ -94,7 +96,7 @@ def build_definitions(registry_path: str | None = None, *, automation: bool | No
         sensors=[build_collection_sensor(job), *([automation_sensor()] if automation else [])],
         resources=build_resources(registry_path=registry_path or "", **resource_kwargs),
         executor=default_executor(),
-        loggers=loggers,
+        loggers=loggers if loggers is not None else {"console": short_console_logger_def()},
     )
 
 

@@ -123,6 +123,10 @@ run_monitoring:
   max_resume_run_attempts: 0
   poll_interval_seconds: 30
   free_slots_after_run_end_seconds: 10
+# Runs without logger config (launched from the UI, `dagster asset materialize`) print INFO and up in their
+# terminal / compute logs; the event log (the UI's run view) keeps every event.
+python_logs:
+  python_log_level: INFO
 telemetry:
   enabled: false
 nux:
