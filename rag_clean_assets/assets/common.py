@@ -1,6 +1,7 @@
 """Pieces every asset uses: the run plan, staged-file locations, the lease on a record."""
 
 
+import os
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -31,12 +32,22 @@ _PLANS: "OrderedDict[tuple, RunPlan]" = OrderedDict()
 _PLANS_KEPT = 16
 
 
-def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool) -> dict:
+OWNERS_ENV = "RAG_CLEAN_OWNERS"
+
+
+def owners() -> list[str]:
+    """Asset owners shown in the catalog: $RAG_CLEAN_OWNERS (comma-separated emails or team:name)."""
+    return [o.strip() for o in os.environ.get(OWNERS_ENV, "team:rag-clean").split(",") if o.strip()]
+
+
+def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool, tags: dict | None = None) -> dict:
     """The decorator arguments every stage asset shares: one partition per collection, stored by the
-    telemetry IO manager, a code version, and its pod: GPU steps also sit in the `gpu` pool."""
+    telemetry IO manager, a code version, owners and a `stage` tag (plus `model` where one model makes it),
+    and its pod: GPU steps also sit in the `gpu` pool."""
     kwargs = dict(partitions_def=collections_partitions, io_manager_key=IO_MANAGER_KEY, group_name=group,
                   kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags(),
-                  backfill_policy=BACKFILL_POLICY)
+                  backfill_policy=BACKFILL_POLICY, owners=owners(),
+                  tags={"stage": group, "device": "gpu" if gpu else "cpu", **(tags or {})})
     return kwargs | ({"pool": "gpu"} if gpu else {})
 
 

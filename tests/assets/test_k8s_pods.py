@@ -124,6 +124,9 @@ def test_tags_come_from_one_file(tmp_path, monkeypatch):
     config.write_text('[gpu_pod]\ngpus = 2\nmemory = "80Gi"\nnode_selector = { pool = "h200" }\n'
                       '[cpu_pod]\ncpu = "250m"\n', encoding="utf-8")
     monkeypatch.setenv(pods.POD_CONFIG_ENV, str(config))
+    monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "in_process")
+    assert pods.gpu_pod_tags() == pods.cpu_pod_tags() == {}  # no pod, no pod spec in the op tags
+    monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "k8s")
     tags = pods.gpu_pod_tags()
     spec = _step_pod(tags)
     assert spec.containers[0].resources.limits[GPU] == "2"
@@ -149,3 +152,13 @@ def test_pod_config_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "k8s")
     with pytest.raises(pods.PodConfigError, match="not found"):
         pods.load_pod_config(missing)
+
+
+def test_assets_carry_owners_and_stage_and_model_tags(monkeypatch):
+    from rag_clean_assets.assets.dense import build_dense_asset
+
+    monkeypatch.setenv("RAG_CLEAN_OWNERS", "team:search, ops@example.com")
+    spec = load_registry().dense[0]
+    asset_spec = build_dense_asset(spec).specs_by_key[next(iter(build_dense_asset(spec).keys))]
+    assert list(asset_spec.owners) == ["team:search", "ops@example.com"]
+    assert asset_spec.tags["stage"] == "embeddings" and asset_spec.tags["model"] == spec.asset_name
