@@ -81,9 +81,6 @@ def k8s_config(kind: str, path: str | Path | None = None) -> dict:
 
 
 def _tags(kind: str) -> dict[str, str]:
-    # Only where a pod is made: on a local run the UI would show a Kubernetes GPU spec on a CPU step.
-    if os.environ.get("RAG_CLEAN_EXECUTOR", "") != "k8s":
-        return {}
     config = k8s_config(kind)
     # A JSON string: op tag values must be strings, and dagster_k8s parses this one with json.loads.
     return {K8S_CONFIG_TAG: json.dumps(config, sort_keys=True)} if config else {}

@@ -105,7 +105,8 @@ def test_every_step_pod_gpu_steps_get_cards_cpu_steps_do_not(monkeypatch, tiny_r
             if pods.K8S_CONFIG_TAG in step.tags:
                 assert container.resources.requests["memory"] == pods.load_pod_config()["cpu_pod"]["memory"], key
             else:
-                assert key.endswith(("_valid", "_quality_vs_previous", "_outputs_cite_current_chunks")), key  # checks
+                assert key.endswith(("_valid", "_quality_vs_previous", "_outputs_cite_current_chunks", "_stage_enabled",
+                                     "_cross_encoder_loaded", "_hybrid_weights_tuned")), key  # checks
                 assert container.resources.requests == _launcher_defaults().container_config["resources"]["requests"]
 
 
@@ -124,9 +125,6 @@ def test_tags_come_from_one_file(tmp_path, monkeypatch):
     config.write_text('[gpu_pod]\ngpus = 2\nmemory = "80Gi"\nnode_selector = { pool = "h200" }\n'
                       '[cpu_pod]\ncpu = "250m"\n', encoding="utf-8")
     monkeypatch.setenv(pods.POD_CONFIG_ENV, str(config))
-    monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "in_process")
-    assert pods.gpu_pod_tags() == pods.cpu_pod_tags() == {}  # no pod, no pod spec in the op tags
-    monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "k8s")
     tags = pods.gpu_pod_tags()
     spec = _step_pod(tags)
     assert spec.containers[0].resources.limits[GPU] == "2"
