@@ -23,3 +23,8 @@ PYTHONWARNINGS="ignore:Function \`asset_materialize_command\` is superseded" \
   --config-json '{"loggers": {"console": {}}}'
 end=$(date +%s)
 .venv/bin/python -m rag_clean_assets.collections report "$COLLECTION" --wall-seconds $((end - start))
+# One example search over the index the run just built, ranked as `reranked` measured (README "Search").
+EXAMPLE_QUERY=${EXAMPLE_QUERY:-"How do I clear a stale lock left behind after a server crashed during a backup?"}
+echo "example search: rag-clean search --collection $COLLECTION \"$EXAMPLE_QUERY\" -k 3"
+.venv/bin/python -m rag_clean_assets.cli search --collection "$COLLECTION" "$EXAMPLE_QUERY" -k 3 \
+  || echo "(example search skipped: see the error above)"
