@@ -13,23 +13,20 @@ brings Dagster's events back.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 import dagster as dg
 
-LOG_LEVEL_ENV = "RAG_CLEAN_LOG_LEVEL"
+from rag_clean.config.settings import process_setting
+
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Dagster events worth a line at INFO although Dagster logs them at DEBUG: how the run ended.
 RUN_END_EVENTS = {"RUN_SUCCESS": "run succeeded", "RUN_CANCELED": "run canceled"}
 
 
 def default_log_level(environ=None) -> str:
-    value = (os.environ if environ is None else environ).get(LOG_LEVEL_ENV, "").strip().upper() or "INFO"
-    if value not in LEVELS:
-        raise ValueError(f"{LOG_LEVEL_ENV}={value!r}: expected one of {', '.join(LEVELS)}")
-    return value
+    return str(process_setting("log_level", environ))
 
 
 def short_line(record: logging.LogRecord) -> str:
@@ -68,7 +65,7 @@ class _ShortHandler(logging.StreamHandler):
 def short_console_logger_def() -> dg.LoggerDefinition:
     @dg.logger(config_schema={"log_level": dg.Field(str, default_value=default_log_level(),
                                                     description=f"one of {', '.join(LEVELS)}")},
-               description="Short lines at INFO by default (RAG_CLEAN_LOG_LEVEL); Dagster's events at DEBUG.")
+               description="Short lines at INFO by default (log_level setting); Dagster's events at DEBUG.")
     def short_console(init_context: dg.InitLoggerContext) -> logging.Logger:
         level = str(init_context.logger_config["log_level"]).upper()
         if level not in LEVELS:

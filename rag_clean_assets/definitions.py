@@ -87,7 +87,7 @@ def default_executor():
 def build_definitions(registry_path: str | None = None, *, automation: bool | None = None,
                       loggers: dict | None = None, **resource_kwargs) -> dg.Definitions:
     """loggers: Dagster loggers for every run (None: the short console logger,
-    INFO unless $RAG_CLEAN_LOG_LEVEL), e.g. rag-clean's progress bars.
+    INFO unless the log_level setting says otherwise), e.g. rag-clean's progress bars.
     A bad RAG_CLEAN_* value fails here (loading the code location), not in the step that reads it."""
     given_process_settings()
     registry = load_registry(registry_path)

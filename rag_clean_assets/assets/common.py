@@ -1,7 +1,6 @@
 """Pieces every asset uses: the run plan, staged-file locations, the lease on a record."""
 
 
-import os
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from typing import Iterator
 
 import dagster as dg
 
+from rag_clean.config.settings import process_setting
 from rag_clean.config.plan import RunPlan, build_run_plan
 from rag_clean.telemetry.records import StageRecord
 from rag_clean_assets.partitions import collections_partitions
@@ -32,12 +32,9 @@ _PLANS: "OrderedDict[tuple, RunPlan]" = OrderedDict()
 _PLANS_KEPT = 16
 
 
-OWNERS_ENV = "RAG_CLEAN_OWNERS"
-
-
 def owners() -> list[str]:
-    """Asset owners shown in the catalog: $RAG_CLEAN_OWNERS (comma-separated emails or team:name)."""
-    return [o.strip() for o in os.environ.get(OWNERS_ENV, "team:rag-clean").split(",") if o.strip()]
+    """Asset owners shown in the catalog (the `owners` setting: comma-separated emails or team:name)."""
+    return [o.strip() for o in str(process_setting("owners")).split(",") if o.strip()]
 
 
 def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool, tags: dict | None = None) -> dict:

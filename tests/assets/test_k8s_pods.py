@@ -106,7 +106,7 @@ def test_every_step_pod_gpu_steps_get_cards_cpu_steps_do_not(monkeypatch, tiny_r
                 assert container.resources.requests["memory"] == pods.load_pod_config()["cpu_pod"]["memory"], key
             else:
                 assert key.endswith(("_valid", "_quality_vs_previous", "_outputs_cite_current_chunks", "_stage_enabled",
-                                     "_cross_encoder_loaded", "_hybrid_weights_tuned")), key  # checks
+                                     "_cross_encoder_loaded", "_hybrid_weights_tuned", "_index_matches_chunks")), key  # checks
                 assert container.resources.requests == _launcher_defaults().container_config["resources"]["requests"]
 
 
