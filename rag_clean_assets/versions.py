@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 
 import dagster as dg
 import pyarrow as pa
@@ -27,8 +26,6 @@ RERANKED = "1"
 EXPORTS = "1"
 INDEX = "1"
 
-# Output(data_version=) is "beta" in Dagster 1.13; it is what the staleness of the graph is built on.
-warnings.filterwarnings("ignore", message=".*Parameter `data_version` of initializer `Output.__init__`.*")
 
 # Dagster's tag for an asset event's data version (dagster._core.definitions.data_version.DATA_VERSION_TAG).
 DATA_VERSION_TAG = "dagster/data_version"

@@ -42,23 +42,25 @@ def encoder_code_version(spec: ModelSpec) -> str:
 
 def resolve_folder(spec: ModelSpec, source: str) -> str:
     """Registry source -> local folder, without touching the network (ModelSourceError if none)."""
+    # A fallback source is not the model the registry entry is named after: say whose fallback it is.
+    who = f"model {spec.name}" if source == spec.source else f"fallback of model {spec.name}"
     try:
         resolved = spec.resolve_source(source)
     except RegistryError as exc:
-        raise ModelSourceError(f"model {spec.name}: {exc}") from exc
+        raise ModelSourceError(f"{who}: {exc}") from exc
     if Path(resolved).is_dir():
         return resolved
     if Path(resolved).exists():
-        raise ModelSourceError(f"model {spec.name}: source {source!r} -> {resolved} is a file, expected a model folder")
+        raise ModelSourceError(f"{who}: source {source!r} -> {resolved} is a file, expected a model folder")
     if source.startswith(("path:", "package:")) or resolved.startswith(("/", ".", "~")):
-        raise ModelSourceError(f"model {spec.name}: source {source!r} -> {resolved} does not exist")
+        raise ModelSourceError(f"{who}: source {source!r} -> {resolved} does not exist")
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id=resolved, local_files_only=True)
     except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
         raise ModelSourceError(
-            f"model {spec.name}: source {source!r} is not a local folder and is not in the local Hugging Face "
+            f"{who}: source {source!r} is not a local folder and is not in the local Hugging Face "
             f"cache (loading is offline): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
 

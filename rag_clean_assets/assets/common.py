@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import dagster as dg
 
+from rag_clean.config.settings import process_setting
 from rag_clean.config.plan import RunPlan, build_run_plan
 from rag_clean.stages.context import Stage, StageContext, run_stage
 from rag_clean_assets.partitions import collections_partitions
@@ -29,12 +30,19 @@ _PLANS: "OrderedDict[tuple, RunPlan]" = OrderedDict()
 _PLANS_KEPT = 16
 
 
-def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool) -> dict:
+def owners() -> list[str]:
+    """Asset owners shown in the catalog (the `owners` setting: comma-separated emails or team:name)."""
+    return [o.strip() for o in str(process_setting("owners")).split(",") if o.strip()]
+
+
+def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool, tags: dict | None = None) -> dict:
     """The decorator arguments every stage asset shares: one partition per collection, stored by the
-    telemetry IO manager, a code version, and its pod: GPU steps also sit in the `gpu` pool."""
+    telemetry IO manager, a code version, owners and a `stage` tag (plus `model` where one model makes it),
+    and its pod: GPU steps also sit in the `gpu` pool."""
     kwargs = dict(partitions_def=collections_partitions, io_manager_key=IO_MANAGER_KEY, group_name=group,
                   kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags(),
-                  backfill_policy=BACKFILL_POLICY)
+                  backfill_policy=BACKFILL_POLICY, owners=owners(),
+                  tags={"stage": group, "device": "gpu" if gpu else "cpu", **(tags or {})})
     return kwargs | ({"pool": "gpu"} if gpu else {})
 
 

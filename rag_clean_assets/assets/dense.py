@@ -26,7 +26,7 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         key=key,
         ins={"chunks": dg.AssetIn(key="chunks")},
         **stage_asset(group="embeddings", kinds={"pytorch", "arrow"}, code_version=versions.dense_code_version(spec),
-                      gpu=True),
+                      gpu=True, tags={"model": spec.asset_name}),
         description=f"L2-normalized float32 vectors of every chunk from dense model {spec.name} "
                     f"({spec.backend}, {spec.source}). Vectors of unchanged chunks are reused.",
         metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,

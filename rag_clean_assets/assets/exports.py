@@ -1,7 +1,7 @@
 """exports: the old embedder's export files (.npy, qdrant/sparse JSONL, metadata, stats, summary copy)."""
 
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import dagster as dg
 import pyarrow as pa
@@ -33,6 +33,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
         deps=[dg.AssetKey("reranked")],
         **stage_asset(group="exports", kinds={"numpy", "json"}, code_version=versions.EXPORTS,
                       gpu=False),
+        output_required=False,  # off by default: a disabled export yields nothing
         # Placeholders in braces: the UI renders descriptions as markdown and swallows <...> as HTML.
         description="The old embedder's export files under {export_dir}/{collection}/: fused and per-model .npy, "
                     "qdrant JSONL (named vectors per model + fused + sparse), sparse JSONL, metadata, stats, and a "
@@ -41,8 +42,10 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
     )
     def exports(context: dg.AssetExecutionContext, chunks: pa.Table, fused_embeddings: EmbeddingSet,
                 sparse_vectors: pq.ParquetFile | None, registry: ModelRegistryResource, settings: EmbedderSettingsResource,
-                paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
-        return run_asset(context, EXPORTS, EmbeddedChunks(chunks, fused_embeddings, dense_sets, sparse_vectors),
-                         paths=paths, registry=registry, settings=settings)
+                paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> Iterator[dg.Output[StageOutput]]:
+        output = run_asset(context, EXPORTS, EmbeddedChunks(chunks, fused_embeddings, dense_sets, sparse_vectors),
+                           paths=paths, registry=registry, settings=settings)
+        if not output.value.disabled:  # off: no output, no materialization (the UI shows it as not run, not green)
+            yield output
 
     return exports
