@@ -17,7 +17,7 @@ EXPORTS_ASSET = "exports"
 
 def _disabled(plan, inputs=None) -> ExportsRecord | None:
     reason = plan.exports_disabled_reason()
-    return None if reason is None else ExportsRecord(reason=reason)
+    return None if reason is None else ExportsRecord(reason=f"exports skipped: {reason}")
 
 
 def exports_stage(ctx: StageContext, io: StageIO, inputs: EmbeddedChunks) -> tuple[pa.Table, ExportsRecord]:

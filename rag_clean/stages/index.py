@@ -73,7 +73,7 @@ def index_stage(ctx: StageContext, io: StageIO, inputs: EmbeddedChunks) -> tuple
 
 def _disabled(plan: RunPlan, *inputs) -> IndexRecord | None:
     reason = plan.index_disabled_reason()
-    return None if reason is None else IndexRecord(status="disabled", reason=f"{reason}: vector_index skipped")
+    return None if reason is None else IndexRecord(status="disabled", reason=f"vector_index skipped: {reason}")
 
 
 INDEX = Stage("vector_index", index_stage, disabled=_disabled)
