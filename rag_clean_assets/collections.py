@@ -13,18 +13,22 @@ Needs DAGSTER_HOME: without it the Dagster CLI uses a throwaway instance that kn
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import dagster as dg
 
-from rag_clean.storage.files import StorageError, check_name
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.registry import RegistryError
+from rag_clean.config.settings import SettingsError
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.names import check_name
 from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.instance import CONFIG_MARKER, dagster_yaml, reclaim_dead_runs
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
 from rag_clean_assets.sensors import skipped_folder_line
+from rag_clean.telemetry.readable import metrics_text
 from resources.paths import PathsResource
 
 def _instance() -> dg.DagsterInstance:
@@ -43,7 +47,7 @@ def init_home(gpu_pool_limit: int | None = None) -> Path:
     config = home / "dagster.yaml"
     environ = dict(os.environ)
     if gpu_pool_limit is not None:  # the flag wins over $RAG_CLEAN_GPU_POOL_LIMIT and the GPU count
-        environ["RAG_CLEAN_GPU_POOL_LIMIT"] = str(gpu_pool_limit)
+        environ[BY_KEY["gpu_pool_limit"].env] = str(gpu_pool_limit)
     wanted = dagster_yaml(environ)
     # Rewrite only a file we wrote (an older version of it too); a file the user owns stays as it is.
     if not config.exists() or (config.read_text(encoding="utf-8").startswith(CONFIG_MARKER)
@@ -79,14 +83,15 @@ def report(collection: str, wall_seconds: float | None = None) -> dict:
         f"  telemetry/{collection}/processing_summary.json (schema {summary['schema_version']}), events.jsonl",
         f"dense models: {', '.join(summary['dense_run']['models_executed'])} on {summary['dense_run']['device']}",
         f"sparse: {summary['sparse_run']['status']}; rerank: {rerank['status']} (scorer: {rerank.get('scorer')})",
-        f"retrieval metrics: {json.dumps(metrics)}",
+        "retrieval metrics:",
+        *[f"  {line}" for line in metrics_text(metrics)],
     ]
     if wall_seconds is not None:
         lines.append(f"wall time of the materialization: {wall_seconds:.0f} s")
     lines += [
         "open the UI:  DAGSTER_HOME=" + os.environ.get("DAGSTER_HOME", "<home>") +
         " .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
-        "read vectors: python -c \"from rag_clean.storage.files import read_embeddings; "
+        "read vectors: python -c \"from rag_clean.storage.embeddings import read_embeddings; "
         f"e = read_embeddings('{root}/fused_embeddings/{collection}.arrow'); print(e.vectors.shape)\"",
     ]
     print("\n".join(lines))
@@ -116,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("name")
     rep.add_argument("--wall-seconds", type=float)
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (SettingsError, RegistryError) as exc:  # a bad RAG_CLEAN_* value or registry: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "init-home":
         print(f"dagster instance config: {init_home(args.gpu_pool_limit)}")
     elif args.command in ("add", "sync"):
@@ -150,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"changed collections (observed): {', '.join(changed)}" if changed else "no collection folder changed")
     elif args.command == "status":
-        from rag_clean_assets.definitions import defs
+        from rag_clean_assets.definitions import build_definitions
         from rag_clean_assets.staleness import partition_status
 
-        for key, status in partition_status(_instance(), defs, check_name(args.name)).items():
+        for key, status in partition_status(_instance(), build_definitions(), check_name(args.name)).items():
             print(f"{key:32} {status.status}" + (f"  ({'; '.join(status.causes)})" if status.causes else ""))
     elif args.command == "report":
         report(check_name(args.name), args.wall_seconds)

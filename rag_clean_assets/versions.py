@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 
 import dagster as dg
 import pyarrow as pa
 
+from rag_clean.config.models import declared_identity
 from rag_clean.config.registry import ModelSpec, Registry
-from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint, sparse_fingerprint
+from rag_clean.stages.context import StageOutput
 
 CHUNKS = "2"  # 2: documents packed by the strictest model's real tokenizer (chunks_code_version)
 DENSE = "1"
@@ -24,9 +24,8 @@ SPARSE = "2"  # 2: content_hash column, each model's rows in chunk order, finger
 QUERIES = "1"
 RERANKED = "1"
 EXPORTS = "1"
+INDEX = "1"
 
-# Output(data_version=) is "beta" in Dagster 1.13; it is what the staleness of the graph is built on.
-warnings.filterwarnings("ignore", message=".*Parameter `data_version` of initializer `Output.__init__`.*")
 
 # Dagster's tag for an asset event's data version (dagster._core.definitions.data_version.DATA_VERSION_TAG).
 DATA_VERSION_TAG = "dagster/data_version"
@@ -38,15 +37,19 @@ def _digest(value) -> str:
 
 
 def dense_code_version(spec: ModelSpec) -> str:
-    """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
-    code change of that asset (its vectors change), so it and its downstream become unsynced. The
-    fingerprint covers the weights too (digests cached under the configured storage root's state dir)."""
-    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec, default_digest_cache()).encode()).hexdigest()[:12]}"
+    """The dense asset's version plus what the registry declares about its model (source, fallbacks,
+    pooling, max length, dtype, dims, encoder code version): editing the entry is a code change of that
+    asset (its vectors change), so it and its downstream become unsynced. Declared configuration only:
+    building the graph reads no weight file. New weights under an unchanged source are caught where rows
+    are reused (the model fingerprint hashes the folder: rag_clean.config.models)."""
+    return f"{DENSE}-{_digest(declared_identity(spec))}"
 
 
 def chunks_code_version(registry: Registry) -> str:
     """The chunks asset's version plus the tokenizer and max length documents are packed by: a registry edit
-    that changes the strictest tokenizer changes chunk boundaries (and the ids `<file>#<index>` after them)."""
+    that changes the strictest tokenizer changes chunk boundaries (and the ids `<file>#<index>` after them);
+    one that does not leaves chunks in sync. The one code version that opens model folders: their tokenizer
+    and config files only (rag_clean.encoders.chunk_tokens), no weight file."""
     from rag_clean.encoders.chunk_tokens import packing_identity
 
     return f"{CHUNKS}-{_digest(packing_identity(registry))}"
@@ -54,8 +57,7 @@ def chunks_code_version(registry: Registry) -> str:
 
 # The other assets that read registry entries, likewise: an edit there is a code change of that asset.
 def sparse_code_version(registry: Registry) -> str:
-    cache = default_digest_cache()
-    return f"{SPARSE}-{_digest([sparse_fingerprint(s, cache) for s in registry.sparse])}"
+    return f"{SPARSE}-{_digest([declared_identity(s) for s in registry.sparse])}"
 
 
 def fused_code_version(registry: Registry) -> str:
@@ -65,8 +67,7 @@ def fused_code_version(registry: Registry) -> str:
 
 def reranked_code_version(registry: Registry) -> str:
     spec = registry.rerank
-    fingerprint = None if spec is None else [model_fingerprint(spec, default_digest_cache()), list(spec.fallbacks)]
-    return f"{RERANKED}-{_digest(fingerprint)}"
+    return f"{RERANKED}-{_digest(None if spec is None else declared_identity(spec))}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

@@ -7,9 +7,12 @@ or wrong-role model names fail here, with the setting's provenance, before any s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Mapping, Sequence
 
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.models import ModelResolver, ModelSourceError
 from rag_clean.config.registry import ModelSpec, Registry, RegistryError
 from rag_clean.config.settings import EmbedderSettings
 
@@ -18,20 +21,27 @@ class PlanError(ValueError):
     """The settings name models the registry does not have (or of the wrong role)."""
 
 
+def _default(key: str):
+    return BY_KEY[key].default
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
-    top_k_candidates: int = 100
-    rerank_top_k: int = 20
-    rrf_k: int = 60
-    rerank_batch_size: int = 32   # most (query, passage) pairs per cross-encoder batch
-    enable_sparse: bool = True
-    enable_rerank: bool = True
-    hybrid_fusion: str = "weighted"       # or "rrf"
-    score_normalization: str = "minmax"
-    hybrid_dense_weight: float = 0.3
-    tune_min_queries: int = 30
-    tune_fraction: float = 0.5
-    tune_ensemble_weights: bool = False
+    """The retrieval stage's typed view of the run settings; the defaults are the declaration's
+    (rag_clean.config.declaration), and build_run_plan fills every field from the resolved settings."""
+
+    top_k_candidates: int = _default("top_k_candidates")
+    rerank_top_k: int = _default("rerank_top_k")
+    rrf_k: int = _default("rrf_k")
+    rerank_batch_size: int = _default("rerank_batch_size")
+    enable_sparse: bool = _default("enable_sparse")
+    enable_rerank: bool = _default("enable_rerank")
+    hybrid_fusion: str = _default("hybrid_fusion")
+    score_normalization: str = _default("score_normalization")
+    hybrid_dense_weight: float = _default("hybrid_dense_weight")
+    tune_min_queries: int = _default("tune_min_queries")
+    tune_fraction: float = _default("tune_fraction")
+    tune_ensemble_weights: bool = _default("tune_ensemble_weights")
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,11 @@ class RunPlan:
     export_dir: str
     fusion_weights: Mapping[str, float] = field(default_factory=dict)
     ray: RayPlan | None = None                    # None: encode in-process (the default)
+    # Each model's source, folder and fingerprint, resolved on first use and kept for the run.
+    models: ModelResolver = field(default_factory=ModelResolver, compare=False)
+    # bge-m3 partners, decided once (Registry.joint_sparse_partner): sparse model name -> the dense entry
+    # whose forward pass also yields its rows.
+    sparse_partners: Mapping[str, ModelSpec] = field(default_factory=dict)
 
     # -- per-stage questions -------------------------------------------------------------------
 
@@ -97,16 +112,20 @@ class RunPlan:
             return None
         return f"exports disabled: enable_exports=false ({self.provenance('enable_exports')})"
 
+    def index_disabled_reason(self) -> str | None:
+        if self.settings.index_sink != "off":
+            return None
+        return f"vector index disabled: index_sink=off ({self.provenance('index_sink')})"
+
     def joint(self, dense_spec: ModelSpec) -> JointPlan:
-        """Side outputs of `dense_spec`'s pass: lexical rows when its bge-m3 sparse partner runs in this
-        plan, ColBERT vectors when the entry says `colbert = true`."""
-        partner = self.registry.joint_sparse_partner(dense_spec)
-        if partner is not None and partner not in self.sparse:
-            partner = None
+        """Side outputs of `dense_spec`'s pass: lexical rows when it is the bge-m3 partner of a sparse model
+        that runs in this plan, ColBERT vectors when the entry says `colbert = true`."""
+        partner = next((s for s in self.sparse if self.sparse_partners.get(s.name) == dense_spec), None)
         return JointPlan(sparse_spec=partner, colbert=bool(dense_spec.colbert))
 
     def joint_dense_partner(self, sparse_spec: ModelSpec) -> ModelSpec | None:
-        return self.registry.joint_dense_partner(sparse_spec)
+        """The dense entry whose forward pass may already have written `sparse_spec`'s rows (its side file)."""
+        return self.sparse_partners.get(sparse_spec.name)
 
     def provenance(self, key: str) -> str:
         return self.settings.provenance.get(key, "default")
@@ -135,20 +154,43 @@ def _select(registry: Registry, names: Sequence[str], role: str, key: str, setti
     return tuple(dict.fromkeys(chosen))
 
 
-def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
+def _sparse_partners(registry: Registry) -> dict[str, ModelSpec]:
+    partners: dict[str, ModelSpec] = {}
+    for dense in registry.dense:
+        sparse = registry.joint_sparse_partner(dense)
+        if sparse is not None:
+            partners.setdefault(sparse.name, dense)  # the first dense partner in registry order
+    return partners
+
+
+def source_problem(models: ModelResolver, spec: ModelSpec) -> str | None:
+    """Why none of `spec`'s sources (primary, then fallbacks) resolves to a local model folder (offline),
+    or None when one does. Cheap: paths, installed packages and the local hub cache, nothing loaded."""
+    try:
+        models.get(spec).require_folder()
+        return None
+    except ModelSourceError as exc:
+        return f"model {spec.name} ({spec.role}): " + str(exc).removeprefix(f"model {spec.name}: ")
+
+
+def build_run_plan(registry: Registry, settings: EmbedderSettings, digest_cache: Path | None = None, *,
+                   check_sources: bool = True) -> RunPlan:
+    """The plan of one run. Every dense and sparse model it runs must have a source that resolves locally,
+    so a missing folder fails here, before the first step writes anything. The reranker is exempt: when
+    none of its sources loads, `reranked` keeps retrieval order (documented). `digest_cache`: where model
+    file digests are kept across runs (StorageLayout.weights_digest_file); None: the configured storage
+    root's, if any. `check_sources=False`: no source check (plans of stand-in specs that are never loaded)."""
     dense = _select(registry, settings.ensemble_models, "dense", "ensemble_models", settings)
     if not dense:
         raise PlanError(f"the registry {registry.path} names no dense model")
     sparse = _select(registry, settings.sparse_models, "sparse", "sparse_models", settings) if settings.enable_sparse else ()
     if settings.enable_sparse and not sparse:
         raise PlanError("sparse is enabled but the registry names no sparse model; add one or set EMBEDDER_ENABLE_SPARSE=0")
-    retrieval = RetrievalConfig(top_k_candidates=settings.top_k_candidates, rerank_top_k=settings.rerank_top_k,
-                              rrf_k=settings.rrf_k, rerank_batch_size=settings.rerank_batch_size,
-                              enable_sparse=settings.enable_sparse, enable_rerank=settings.enable_rerank,
-                              hybrid_fusion=settings.hybrid_fusion, score_normalization=settings.score_normalization,
-                              hybrid_dense_weight=settings.hybrid_dense_weight, tune_min_queries=settings.tune_min_queries,
-                              tune_fraction=settings.tune_fraction,
-                              tune_ensemble_weights=settings.tune_ensemble_weights)
+    retrieval = RetrievalConfig(**{f.name: getattr(settings, f.name) for f in fields(RetrievalConfig)})
+    models = ModelResolver(digest_cache)
+    problems = [p for p in (source_problem(models, spec) for spec in (*dense, *sparse)) if p] if check_sources else []
+    if problems:
+        raise PlanError("\n".join(problems))
     return RunPlan(
         registry=registry, settings=settings, dense=dense, sparse=sparse, rerank=registry.rerank,
         fusion_method=settings.fusion_method or registry.fusion_method, retrieval=retrieval,
@@ -157,4 +199,5 @@ def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
         fusion_weights={s.name: s.weight for s in dense},
         ray=RayPlan(address=settings.ray_address, shard_rows=settings.ray_shard_rows, actors=settings.ray_actors)
         if settings.ray_address else None,
+        models=models, sparse_partners=_sparse_partners(registry),
     )

@@ -8,7 +8,10 @@ it only where one word-free run of characters does (the packer splits down to ch
 
 All registry models count, enabled or not: a toggle (sparse off, a smaller ensemble) must not move chunk ids.
 The tokenizer's identity (`PackingTokenizer.identity`) is part of the chunks asset's code version and of the
-chunks manifest key, so a registry change that changes the strictest tokenizer re-chunks every document.
+chunks manifest key, so a registry change that changes the strictest tokenizer re-chunks every document, and
+one that does not (another model's max length, pooling, weight) leaves chunks in sync. Reading it opens each
+model folder's tokenizer and config files only, never the weights. Folders come from the resolved models
+(rag_clean.config.models), fallbacks included.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
+from rag_clean.config.models import ModelResolver, ResolvedModel
 from rag_clean.config.registry import ModelSpec, Registry
 
 _COUNT_CACHE = 4096  # packing measures the same candidate texts more than once
@@ -63,16 +67,15 @@ def _json(folder: Path, name: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def load_packing_tokenizer(spec: ModelSpec) -> PackingTokenizer:
+def load_packing_tokenizer(spec: ModelSpec, folder: str | Path) -> PackingTokenizer:
     """The tokenizer and effective max length of one registry model, from its local folder (no weights
     loaded): the same tokenizer and the same max-length rule as its encoder (encoders.device)."""
     from tokenizers import Tokenizer as RustTokenizer
 
-    from rag_clean.encoders.factory import resolve_local_source
     from rag_clean.encoders.limits import effective_max_length
-    from rag_clean.encoders.token_cache import tokenizer_fingerprint
+    from rag_clean.encoders.tokenize import tokenizer_fingerprint
 
-    folder = Path(resolve_local_source(spec, spec.source))
+    folder = Path(folder)
     if (folder / "tokenizer.json").is_file():  # what the encoder's fast tokenizer is built from; no transformers import
         rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
     else:
@@ -97,13 +100,16 @@ def packing_specs(registry: Registry) -> list[ModelSpec]:
     return [*registry.dense, *registry.sparse]
 
 
-def strictest_tokenizer(specs: Sequence[ModelSpec]) -> tuple[PackingTokenizer | None, list[str]]:
+def strictest_tokenizer(specs: Sequence[ModelSpec], models: ModelResolver | None = None,
+                        ) -> tuple[PackingTokenizer | None, list[str]]:
     """(the tokenizer of the model with the smallest max length, ties to registry order; notes on models
-    whose tokenizer could not be read). None when none could: the chunker then falls back to its estimate."""
+    whose tokenizer could not be read). None when none could: the chunker then falls back to its estimate.
+    `models`: the run plan's resolver (RunPlan.models); without one each spec is resolved now."""
     found, notes = [], []
     for spec in specs:
         try:
-            found.append(_cached(spec))
+            model = models.get(spec) if models is not None else ResolvedModel.resolve(spec)
+            found.append(_cached(spec, model.require_folder()))
         except Exception as exc:  # a hub id not in the local cache, a folder without a fast tokenizer
             notes.append(f"{spec.name}: its tokenizer cannot be read to pack chunks ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})")
@@ -112,9 +118,9 @@ def strictest_tokenizer(specs: Sequence[ModelSpec]) -> tuple[PackingTokenizer | 
 
 
 @functools.lru_cache(maxsize=32)
-def _cached(spec: ModelSpec) -> PackingTokenizer:
-    # Definitions (the code version) and the chunks step ask for the same models: read each folder once.
-    return load_packing_tokenizer(spec)
+def _cached(spec: ModelSpec, folder: str) -> PackingTokenizer:
+    # Each run's chunks step asks for the same models: read each folder once per process.
+    return load_packing_tokenizer(spec, folder)
 
 
 def packing_identity(registry: Registry) -> str:

@@ -133,7 +133,10 @@ def _reciprocal_ranks(rankings, gold, chunk_ids, subset: np.ndarray) -> np.ndarr
 
 
 def _best(rr: np.ndarray, distance: np.ndarray, columns: np.ndarray) -> int:
-    """Grid row with the highest mean over `columns`; ties to the weights nearest the default."""
+    """Grid row with the highest mean over `columns`; ties to the weights nearest the default (no columns:
+    a fold left nothing to pick on, so the default)."""
+    if not len(columns):
+        return int(np.argmin(distance))
     means = rr[:, columns].mean(axis=1).round(12)
     return int(np.lexsort((distance, -means))[0])
 

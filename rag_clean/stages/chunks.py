@@ -8,7 +8,6 @@ a copied storage root) is never trusted: the run then parses everything.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
-from rag_clean.encoders.chunk_tokens import PackingTokenizer
-from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, StreamedChunks, stream_collection
+from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, stream_collection
+from rag_clean.chunking.folder_version import FolderVersion
+from rag_clean.encoders.chunk_tokens import PackingTokenizer, packing_specs, strictest_tokenizer
 from rag_clean.telemetry.records import ChunksRecord, ReuseCount, skips_warning
-from rag_clean.storage.files import ColumnSpool, StorageError, read_arrow_table, temp_path_for
+from rag_clean.storage.arrow_io import ColumnSpool, read_arrow_table
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.parquet import TableWriter
+from rag_clean.stages.context import Stage, StageContext, StageIO
 
 _SIZE, _MTIME = b"chunks_file_size", b"chunks_file_mtime_ns"
 
@@ -47,6 +50,9 @@ def load_previous_chunks(chunks_path: Path, manifest_path: Path) -> PreviousChun
     return PreviousChunks(table=table, entries=entries)
 
 
+REGISTRY = "registry"  # chunks_stage's default packing: the strictest tokenizer of the run plan's registry
+
+
 def packing_config(config: ChunkingConfig, packing: PackingTokenizer | None) -> ChunkingConfig:
     """The chunking config with its budget at most the packing model's max length (special tokens included)."""
     if packing is None or config.max_tokens <= packing.max_length:
@@ -56,40 +62,44 @@ def packing_config(config: ChunkingConfig, packing: PackingTokenizer | None) -> 
                    min_chunk_tokens=min(config.min_chunk_tokens, budget // 2))
 
 
-def run_chunks_stage(folder: Path, chunks_path: Path, manifest_path: Path, config: ChunkingConfig,
-                     reuse: bool = True, packing: PackingTokenizer | None = None,
-                     ) -> tuple[ColumnSpool, StreamedChunks, ChunksRecord]:
-    """Stream the collection into a staged chunks file; its manifest is staged too and published with it.
+def chunks_stage(ctx: StageContext, io: StageIO, config: ChunkingConfig, version: FolderVersion | None = None,
+                 *, packing: PackingTokenizer | None | str = REGISTRY) -> tuple[ColumnSpool, ChunksRecord]:
+    """Stream the collection folder (`ctx.folder`) into a staged chunks file; its manifest is staged too and
+    published with it. `version`: the folder version just recorded (rag_clean.chunking.folder_version),
+    whose file digests spare hashing every file again. Returns the spool (the IO manager publishes it) and
+    the stage record with reused vs parsed files.
 
-    `packing` (encoders.chunk_tokens.strictest_tokenizer): Markdown / text documents are packed by that
-    model's real token count, within its max length; None: by the tokenizer-free estimate. Given chunk files
-    and JSONL rows are kept as they are (the dense and sparse stages report any they truncate).
-    Returns the spool (the IO manager publishes it), what was read, and the stage record with reused vs
-    parsed files."""
-    previous = load_previous_chunks(chunks_path, manifest_path) if reuse else None
-    spool = ColumnSpool(chunks_path, CHUNK_SCHEMA)
+    `packing`: Markdown / text documents are packed by that tokenizer's real token count, within its max
+    length; REGISTRY (the default): the strictest dense / sparse model of the plan's registry
+    (encoders.chunk_tokens.strictest_tokenizer); None: the tokenizer-free estimate. Given chunk files and
+    JSONL rows are kept as they are (the dense and sparse stages report any they truncate)."""
+    notes: list[str] = []
+    if packing == REGISTRY:
+        packing, notes = strictest_tokenizer(packing_specs(ctx.plan.registry), ctx.plan.models)
     config = packing_config(config, packing)
-    result = stream_collection(folder, spool, config, packing.counter() if packing is not None else None,
-                               previous=previous)
-    try:
-        stat = os.stat(spool.staged_path)
-        manifest = result.manifest.replace_schema_metadata(
-            {_SIZE: str(stat.st_size), _MTIME: str(stat.st_mtime_ns), b"chunks_sha256": spool.content_digest})
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        staged = temp_path_for(manifest_path)
-        pq.write_table(manifest, staged, compression="zstd")
-        spool.add_side_file(staged, manifest_path)
-    except BaseException:
-        spool.abort()
-        with contextlib.suppress(NameError):
-            staged.unlink(missing_ok=True)
-        raise
+    manifest_path = ctx.layout.chunks_manifest_file(ctx.collection)
+    previous = load_previous_chunks(io.target, manifest_path) if ctx.plan.reuse_unchanged else None
+    spool = io.stage(ColumnSpool(io.target, CHUNK_SCHEMA))  # run_stage aborts it (and what it attached) on error
+    result = stream_collection(ctx.folder, spool, config, packing.counter() if packing is not None else None,
+                               previous=previous, digests=version.file_digests if version is not None else None)
+    stat = os.stat(spool.staged_path)
+    manifest = result.manifest.replace_schema_metadata(
+        {_SIZE: str(stat.st_size), _MTIME: str(stat.st_mtime_ns), b"chunks_sha256": spool.content_digest})
+    side = TableWriter(manifest_path, manifest.schema)
+    spool.attach(side)  # published right after the chunks file, aborted with it
+    side.write(manifest)
+    for skip in result.skipped:
+        ctx.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
     record = ChunksRecord(rows=result.rows, files_read=len(result.files_read), device="cpu",
                           skips=[{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped])
     record.reuse_counts["files"] = ReuseCount(result.files_reused, result.files_parsed, "files")
     record.packing = ({"model": packing.model, "max_length": packing.max_length, "identity": packing.identity,
                        "max_tokens": config.max_tokens} if packing is not None
                       else {"model": None, "identity": "estimate", "max_tokens": config.max_tokens})
+    record.warnings += notes
     if skips_warning(record.skips):
         record.warnings.append(skips_warning(record.skips))
-    return spool, result, record
+    return spool, record
+
+
+CHUNKS = Stage("chunks", chunks_stage, asset=lambda *inputs: ["chunks"])

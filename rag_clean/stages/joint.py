@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
+
+from rag_clean.config.models import ResolvedModel
 
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.config.plan import JointPlan
 from rag_clean.config.registry import ModelSpec
-from rag_clean.storage.files import StorageError, publish, temp_path_for
-from rag_clean.storage.reuse import complement, match_parquet, match_rows
-from rag_clean.stages.common import ROW_BLOCK, model_fingerprint, sparse_fingerprint
+from rag_clean.storage.arrow_io import ArrowFileWriter
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.parquet import TableWriter
+from rag_clean.storage.staged import StagedFile
+from rag_clean.storage.previous import PreviousRows, read_previous
+from rag_clean.storage.reuse import complement
+from rag_clean.stages.common import ROW_BLOCK
 from rag_clean.stages.sparse_rows import SparseScratch, VectorRowsScratch, scatter_previous
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,12 @@ class JointOutputs:
     def active(self) -> bool:
         return self.sparse_path is not None or self.colbert_path is not None
 
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The bge-m3 heads the pass computes: dense always, lexical / colbert for the side files it writes."""
+        return ("dense",) + (("lexical",) if self.sparse_path is not None else ()) + \
+            (("colbert",) if self.colbert_path is not None else ())
+
 
 def joint_outputs(plan: JointPlan, layout: StorageLayout, dense_spec: ModelSpec, collection: str) -> JointOutputs | None:
     """Where the side outputs planned for `dense_spec`'s pass go; None when the plain dense path suffices."""
@@ -67,7 +76,7 @@ def joint_outputs(plan: JointPlan, layout: StorageLayout, dense_spec: ModelSpec,
 
 def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[str], *, budget_store=None,
                        token_budget: int | None = None):
-    from rag_clean.encoders.flag import BGEM3JointEncoder
+    from rag_clean.encoders.flag import BGEM3Encoder
 
     if spec.backend != "flagembedding" or spec.flag_class != "bge-m3":
         raise StorageError(f"model {spec.name}: a joint dense/sparse/ColBERT pass needs backend flagembedding "
@@ -76,8 +85,7 @@ def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[
     # Same token budget (given or remembered) as the factory's dense bge-m3 encoder, so batches, and with
     # them the dense vectors, match a run without the sparse stage.
     joint_spec = replace(spec, top_k=joint.sparse_spec.top_k) if joint.sparse_spec is not None else spec
-    return BGEM3JointEncoder(joint_spec, device, return_colbert=joint.colbert_path is not None,
-                             budget_store=budget_store, token_budget=token_budget)
+    return BGEM3Encoder(joint_spec, device, heads=joint.heads, budget_store=budget_store, token_budget=token_budget)
 
 
 class JointSideFiles:
@@ -89,20 +97,20 @@ class JointSideFiles:
     """
 
     def __init__(self, spec: ModelSpec, joint: JointOutputs, chunk_ids: pa.ChunkedArray, hashes: pa.ChunkedArray,
-                 digest_cache: Path | None = None):
+                 model_of: Callable[[ModelSpec], ResolvedModel]):
+        """`model_of`: the run plan's model resolution (StageContext.model), for the fingerprints."""
         self.spec, self.joint = spec, joint
         self.chunk_ids, self.hashes = chunk_ids, hashes
         self.n = len(chunk_ids)
-        self.sparse_fp = sparse_fingerprint(joint.sparse_spec, digest_cache) if joint.sparse_spec is not None else None
-        self.colbert_fp = model_fingerprint(spec, digest_cache)
+        self.sparse_fp = model_of(joint.sparse_spec).sparse_fingerprint if joint.sparse_spec is not None else None
+        self.colbert_fp = model_of(spec).fingerprint
         self.loaded_source: str | None = None
         self.missing = np.zeros(0, dtype=np.int64)
         self.warnings: list[str] = []
         self._prev_sparse: tuple[np.ndarray, np.ndarray] | None = None   # (current rows, file rows)
         self._prev_colbert: pa.Table | None = None
         self._prev_colbert_rows: tuple[np.ndarray, np.ndarray] | None = None
-        self._sparse_tmp = temp_path_for(joint.sparse_path) if joint.sparse_path else None
-        self._colbert_tmp = temp_path_for(joint.colbert_path) if joint.colbert_path else None
+        self._staged: list[StagedFile] = []  # the side files, once written (published with the dense file)
         self._scratch = (SparseScratch(joint.sparse_path, self.n, joint.sparse_spec.top_k, "joint")
                          if joint.sparse_path is not None else None)
         self._colbert_scratch: VectorRowsScratch | None = None
@@ -111,19 +119,13 @@ class JointSideFiles:
 
     # ---- previous files
 
-    def _read_previous_schema(self, path: Path, fingerprint: str, what: str, read_schema) -> bool:
-        if not path.exists():
-            return False
-        try:
-            schema = read_schema(path)
-        except (OSError, pa.ArrowException) as exc:
-            self.warnings.append(f"previous {what} {path} unreadable, recomputing its rows: {exc}")
-            return False
-        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-        if meta.get("fingerprint") != fingerprint:
+    def _previous(self, path: Path, fingerprint: str, what: str) -> PreviousRows:
+        prior = read_previous(path, {"fingerprint": fingerprint}, self.hashes)
+        if prior.why == "unreadable":
+            self.warnings.append(f"previous {what} {path} unreadable, recomputing its rows: {prior.error}")
+        elif prior.why is not None and prior.why != "absent":
             self.warnings.append(f"previous {what} {path} is from another model configuration; recomputing its rows")
-            return False
-        return True
+        return prior
 
     def _covered(self, reused: np.ndarray, current: np.ndarray) -> np.ndarray:
         """Of the `reused` chunk rows, those `current` (matched rows) lacks."""
@@ -136,23 +138,17 @@ class JointSideFiles:
             return
         missing = []
         if self.joint.sparse_path is not None:
-            path = self.joint.sparse_path
-            if self._read_previous_schema(path, self.sparse_fp, "lexical rows", pq.read_schema):
-                try:
-                    self._prev_sparse = match_parquet(self.hashes, path)
-                except (OSError, pa.ArrowException) as exc:
-                    self.warnings.append(f"previous lexical rows {path} unreadable, recomputing its rows: {exc}")
-            current = self._prev_sparse[0] if self._prev_sparse is not None else np.zeros(0, dtype=np.int64)
-            missing.append(self._covered(reused, current))
+            prior = self._previous(self.joint.sparse_path, self.sparse_fp, "lexical rows")
+            if prior.matched:
+                self._prev_sparse = (prior.current, prior.stored)
+            missing.append(self._covered(reused, prior.current))
         if self.joint.colbert_path is not None:
-            path = self.joint.colbert_path
-            if self._read_previous_schema(path, self.colbert_fp, "ColBERT vectors",
-                                          lambda p: ipc.open_file(pa.memory_map(str(p), "r")).schema):
-                self._prev_colbert = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-                self._prev_colbert_rows = match_rows(self.hashes, self._prev_colbert.column("content_hash"))
+            prior = self._previous(self.joint.colbert_path, self.colbert_fp, "ColBERT vectors")
+            if prior.matched:
+                self._prev_colbert = prior.opened
+                self._prev_colbert_rows = (prior.current, prior.stored)
                 self.colbert_dim = self._prev_colbert.schema.field("token_vectors").type.value_type.list_size
-            current = self._prev_colbert_rows[0] if self._prev_colbert_rows is not None else np.zeros(0, dtype=np.int64)
-            missing.append(self._covered(reused, current))
+            missing.append(self._covered(reused, prior.current))
         self.missing = np.unique(np.concatenate(missing)) if missing else self.missing
 
     # ---- writing
@@ -180,8 +176,9 @@ class JointSideFiles:
             self._colbert_rows().write_lists(rows[start:start + ROW_BLOCK], taken)
         return int(len(rows))
 
-    def finish(self, exclude: np.ndarray) -> None:
-        """Copy previous rows of chunks the pass skipped, then publish both files atomically."""
+    def finish(self, exclude: np.ndarray) -> list[StagedFile]:
+        """Copy previous rows of chunks the pass skipped, then write both staged side files; the caller
+        attaches them to the dense writer, which publishes them right after the dense file."""
         skipped = complement(exclude, self.n)
         if self._scratch is not None:
             if len(skipped):
@@ -189,15 +186,14 @@ class JointSideFiles:
                 pos = np.searchsorted(cur, skipped)
                 scatter_previous(self._scratch, self.joint.sparse_path, skipped, src[pos])
                 self.counts["sparse_reused"] = int(len(skipped))
-            self.joint.sparse_path.parent.mkdir(parents=True, exist_ok=True)
             schema = JOINT_SPARSE_SCHEMA.with_metadata({
                 "fingerprint": self.sparse_fp, "model": self.joint.sparse_spec.name, "dense_model": self.spec.name,
                 "loaded_source": self.loaded_source or self.spec.source})
-            with pq.ParquetWriter(self._sparse_tmp, schema, compression="zstd") as writer:
-                for start, stop, term_ids, weights in self._scratch.blocks():
-                    writer.write_table(pa.table([self.chunk_ids.slice(start, stop - start),
-                                                 self.hashes.slice(start, stop - start), term_ids, weights],
-                                                schema=schema))
+            out = self._stage(TableWriter(self.joint.sparse_path, schema))
+            for start, stop, term_ids, weights in self._scratch.blocks():
+                out.write(pa.table([self.chunk_ids.slice(start, stop - start),
+                                    self.hashes.slice(start, stop - start), term_ids, weights], schema=schema))
+            out.finish()
             self.counts["sparse_rows"] = self.n
             self._scratch.close()
             self._scratch = None
@@ -210,18 +206,20 @@ class JointSideFiles:
             schema = colbert_schema(self.colbert_dim, {"fingerprint": self.colbert_fp, "model": self.spec.name,
                                                        "loaded_source": self.loaded_source or self.spec.source})
             # In chunk order, block by block: an incremental file equals a full one.
-            with pa.OSFile(str(self._colbert_tmp), "wb") as sink, ipc.new_file(sink, schema) as writer:
-                for start, stop, vectors in scratch.blocks():
-                    writer.write_table(pa.table([self.chunk_ids.slice(start, stop - start),
-                                                 self.hashes.slice(start, stop - start), vectors], schema=schema))
+            out = self._stage(ArrowFileWriter(self.joint.colbert_path, schema))
+            for start, stop, vectors in scratch.blocks():
+                out.write(pa.table([self.chunk_ids.slice(start, stop - start),
+                                    self.hashes.slice(start, stop - start), vectors], schema=schema))
+            out.finish()
             self.counts["colbert_rows"] = self.n
             scratch.close()
             self._colbert_scratch = None
         self._prev_colbert = None  # drop the memory map of the file about to be replaced
-        if self._sparse_tmp is not None:
-            publish(self._sparse_tmp, self.joint.sparse_path)
-        if self._colbert_tmp is not None:
-            publish(self._colbert_tmp, self.joint.colbert_path)
+        return list(self._staged)
+
+    def _stage(self, writer: StagedFile) -> StagedFile:
+        self._staged.append(writer)
+        return writer
 
     def abort(self) -> None:
         if self._colbert_scratch is not None:
@@ -230,9 +228,9 @@ class JointSideFiles:
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
-        for tmp in (self._sparse_tmp, self._colbert_tmp):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+        staged, self._staged = self._staged, []
+        for writer in staged:
+            writer.abort()
 
     def record(self, *, extra_pass_rows: int) -> dict:
         return {

@@ -7,6 +7,8 @@ over the default comes with its interval: a number without those is easy to misr
 
 from __future__ import annotations
 
+from rag_clean.telemetry.readable import metrics_text
+
 SHOWN = (("recall@10", "R@10"), ("mrr@10", "MRR@10"), ("ndcg@10", "nDCG@10"))
 
 
@@ -61,10 +63,7 @@ def quality_lines(summary: dict) -> list[str]:
         systems = hybrid.get(name) or {}
         if systems:
             lines.append(f"candidates on {label}: " + "; ".join(f"{s} {_figures(v)}" for s, v in systems.items()))
-    for phase in ("before_rerank", "after_rerank"):
-        if phase in metrics:
-            lines.append(f"final ranking {phase.replace('_', ' ')}, all queries ({scored}): {_figures(metrics[phase])}")
-        if phase in (metrics.get("heldout") or {}):
-            lines.append(f"final ranking {phase.replace('_', ' ')}, {heldout_label}: "
-                         f"{_figures(metrics['heldout'][phase])}")
-    return lines
+    # The final ranking as the small table (readable.metrics_text), its columns labelled by these counts.
+    lines.append(f"final ranking, before / after rerank: columns on all queries ({scored}), "
+                 f"then 'held-out' on {heldout_label}")
+    return lines + metrics_text(metrics)

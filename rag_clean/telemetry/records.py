@@ -3,8 +3,9 @@
 Every stage returns one record. `to_summary()` is the dict stored under `stages[<asset key>]` in
 processing_summary.json (the summary's v4.1 sections are built from those dicts, see telemetry);
 `to_metadata()` is the Dagster materialization metadata, as plain values plus the `MetaPath` /
-`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Nothing else reads a
-stage's fields by key.
+`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Where a stored
+stage dict is read back (the summary is rebuilt from every stage's stored dict, written by earlier processes), a typed
+reader does it (rag_clean.telemetry.stored): nothing else reads a stage's fields by key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rag_clean.encoders.base import EncodeStats
-from rag_clean.telemetry.readable import compact, human_bytes, human_duration, human_rate, metrics_markdown
+from rag_clean.telemetry.readable import metrics_markdown
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,36 @@ def truncation_warning(stats: EncodeStats | None, total: int) -> str | None:
 
 
 def _encode_metadata(stats: EncodeStats | None) -> dict:
+    """Throughput only where something was encoded: after full reuse a rate over zero work means nothing."""
     if stats is None:
         return {}
-    tps = float(stats.tokens_per_second())
-    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": tps,
-           "throughput": human_rate(tps, "tokens"), "chunks_truncated": int(stats.truncated_inputs)}
+    out = {"oom_mitigations": len(stats.oom_mitigations), "chunks_truncated": int(stats.truncated_inputs)}
+    if stats.items:
+        out["tokens_per_second"] = round(float(stats.tokens_per_second()), 1)
     if stats.oom_mitigations:
         out["batch_mitigations"] = MetaJson(stats.oom_mitigations)
+    return out
+
+
+def lease_metadata(lease: dict | None) -> dict:
+    """The lease as the UI shows it: where, how long it waited for the device, how long it held it (the
+    summary keeps every field: holder, VRAM snapshots, events)."""
+    if not lease:
+        return {}
+    return {"lease_devices": ", ".join(lease.get("devices") or []),
+            "lease_wait_s": round(float(lease.get("wait_seconds") or 0.0), 3),
+            "lease_held_s": round(float(lease.get("held_seconds") or 0.0), 3)}
+
+
+def reuse_metadata(counts: dict[str, ReuseCount]) -> dict:
+    """Reused vs computed, named by what was counted (`files_reused` for chunks, whose rows are chunks)."""
+    out: dict[str, Any] = {}
+    for count in counts.values():
+        for kind, value in (("reused", count.reused), ("computed", count.computed)):
+            key = f"{count.unit}_{kind}"
+            out[key] = int(out.get(key, 0) + value)
+    if len(counts) > 1:  # several models or units: the breakdown says something the sums do not
+        out["reuse"] = MetaJson({name: c.to_dict() for name, c in counts.items()})
     return out
 
 
@@ -143,33 +167,22 @@ class StageRecord:
         return out
 
     def to_metadata(self, summary_file: str) -> dict:
-        out: dict[str, Any] = {"status": self.status, "rows": int(self.rows), "bytes": int(self.bytes),
-                               "duration_s": float(self.duration_s or 0.0), "summary": MetaPath(summary_file)}
-        out["duration"] = human_duration(out["duration_s"])
-        if not self.disabled:
-            out["size"] = human_bytes(out["bytes"])
+        """One typed value per fact: counts as int, seconds and ratios as float, files as paths."""
+        out: dict[str, Any] = {"status": self.status, "duration_s": round(float(self.duration_s or 0.0), 3),
+                               "summary": MetaPath(summary_file)}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.disabled:  # it stored nothing this run: no rows, size or reuse to claim
+            return out | self.stage_metadata()
+        out |= {"rows": int(self.rows), "bytes": int(self.bytes)}
         if self.path:
             out["path"] = MetaPath(self.path)
         if self.device is not None:
             out["device"] = self.device
-        if self.reason is not None:
-            out["reason"] = self.reason
         if self.peak_rss_anon_bytes is not None:
             out["peak_rss_anon_bytes"] = int(self.peak_rss_anon_bytes)
-            out["peak_rss_anon"] = human_bytes(int(self.peak_rss_anon_bytes))
-        if self.lease:
-            # The summary keeps every lease field; the UI shows only those that say something.
-            out["lease"] = MetaJson(compact(self.lease))
-        if self.disabled:
-            out["executed"] = False
-            # Still a materialization (downstream must run, see docs/architecture.md): say plainly it did nothing.
-            out["note"] = ("disabled: this stage did not run and wrote nothing; the stored file, if any, is "
-                           "from an earlier run" + (f" ({self.reason})" if self.reason else ""))
-        counts = self.counts()
-        if counts and not self.disabled:
-            out["rows_reused"] = int(sum(c.reused for c in counts.values()))
-            out["rows_computed"] = int(sum(c.computed for c in counts.values()))
-            out["reuse"] = MetaJson({name: c.to_dict() for name, c in counts.items()})
+        out |= lease_metadata(self.lease)
+        out |= reuse_metadata(self.counts())
         out.update(self.stage_metadata())
         return out
 
@@ -237,7 +250,6 @@ class DenseRecord(StageRecord):
             return out
         if self.dim is not None:
             out["dim"] = int(self.dim)
-        out |= {"chunks_reused": int(self.reused), "chunks_computed": int(self.computed)}
         out |= _encode_metadata(self.encode)
         out["chunks_truncated"] = int(self.truncated)  # of the stored vectors, reused ones included
         if self.joint is not None:
@@ -296,7 +308,7 @@ class SparseRecord(StageRecord):
         if self.disabled:
             return {}
         out: dict[str, Any] = {
-            "executed": True, "models": ", ".join(self.model_names),
+            "models": ", ".join(self.model_names),
             "coverage_ratio": round(self.vectors_available / self.rows, 6) if self.rows else 0.0,
             "fallback_used": bool(self.fallback_used)}
         if self.shared_pass:
@@ -367,11 +379,21 @@ class RerankRecord(StageRecord):
                 out[f"quality/{name}"] = float(value)  # held-out, final ranking: read by the quality check
         if self.hybrid is not None:
             out["hybrid_weights"] = ", ".join(f"{k} {v:.2f}" for k, v in self.hybrid["weights"].items())
+            out["hybrid_tuned"] = bool(self.hybrid.get("tuned"))
+            out["hybrid_reason"] = str(self.hybrid.get("reason") or "")
+            # Whether the cross-validated gate ran (enough queries): a default it kept is a decision, not a gap.
+            out["hybrid_gate_ran"] = bool(self.hybrid.get("cv"))
             out["hybrid_candidates"] = MetaMarkdown(candidates_table(self.hybrid, self.ensemble))
         if self.gold:
             out["queries_scored"] = int(self.gold["scored_queries"])
             out["queries_dropped_empty_gold"] = int(self.gold["dropped_queries"])
-        out["rerank_fallback_applied"] = bool((self.resolution or {}).get("fallback_applied", False))
+        resolution = self.resolution or {}
+        out["rerank_fallback_applied"] = bool(resolution.get("fallback_applied", False))
+        if resolution.get("resolved"):
+            out["reranker_source"] = str(resolution["resolved"])
+        if resolution.get("fallback_applied") and resolution.get("reason"):
+            first = str(resolution["reason"]).strip().splitlines()[0]
+            out["rerank_fallback_reason"] = first if len(first) <= 300 else first[:299] + "\u2026"
         out["metrics_table"] = MetaMarkdown(metrics_markdown(self.metrics, self.candidate_sources, self.scorer))
         return out | _encode_metadata(self.encode)
 
@@ -399,13 +421,43 @@ class ExportsRecord(StageRecord):
     def stage_metadata(self) -> dict:
         if self.disabled:
             return {}
-        return {"executed": True, "export_dir": MetaPath(self.export_dir), "files": len(self.files),
-                "bytes_written": self.bytes_written, "exported_size": human_bytes(self.bytes_written)}
+        return {"export_dir": MetaPath(self.export_dir), "files": len(self.files), "bytes_written": self.bytes_written}
+
+
+@dataclass
+class IndexRecord(StageRecord):
+    """The vector_index sink: what one sync wrote. `location` never carries credentials."""
+
+    stage: ClassVar[str] = "vector_index"
+    sink: str = ""
+    location: str = ""
+    upserted: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    rewritten: dict[str, int] = field(default_factory=dict)   # vector name -> points whose vector was rewritten
+    recreated: bool = False
+    index_rows: int = 0
+    vectors: dict = field(default_factory=dict)               # IndexSchema.to_dict()
+
+    def stage_fields(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"sink": self.sink, "location": self.location, "upserted": self.upserted, "deleted": self.deleted,
+                "unchanged": self.unchanged, "rewritten": dict(self.rewritten), "recreated": self.recreated,
+                "index_rows": self.index_rows, "vectors": dict(self.vectors)}
+
+    def stage_metadata(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"sink": self.sink, "location": self.location, "rows_upserted": int(self.upserted),
+                "rows_deleted": int(self.deleted), "rows_unchanged": int(self.unchanged),
+                "vectors_rewritten": MetaJson(dict(self.rewritten)), "recreated": bool(self.recreated),
+                "index_rows": int(self.index_rows)}
 
 
 def candidates_table(hybrid: dict, ensemble: dict | None = None) -> str:
     """Markdown: each candidate system's held-out metrics, the chosen weights and the split sizes."""
-    metrics = ("recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "ndcg@10")
+    metrics = ("recall@10", "mrr@10", "ndcg@10")  # three columns: the table fits the UI's metadata column
     lines = [f"{hybrid['reason']}. Weights: " + ", ".join(f"{k} {v:.2f}" for k, v in hybrid["weights"].items())
              + f"; split {hybrid['split']['tune']} tune / {hybrid['split']['heldout']} held-out; metrics on "
              + f"{hybrid.get('report_split', 'heldout')}.", "",

@@ -5,13 +5,11 @@ import dagster as dg
 
 from rag_clean.chunking import ChunkingConfig
 from rag_clean.config.registry import Registry
-from rag_clean.encoders.chunk_tokens import packing_specs, strictest_tokenizer
-from rag_clean.stages.chunks import run_chunks_stage
-from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean_assets.assets.common import log_warnings, run_plan, staged_file, stage_asset, start_record
+from rag_clean.stages.chunks import CHUNKS
+from rag_clean.stages.context import StageOutput
+from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets import versions
 from rag_clean_assets.observe import COLLECTION_FILES, record_read_version
-from rag_clean_assets.versions import versioned
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -22,10 +20,20 @@ class ChunksConfig(dg.Config):
     overlap_tokens: int = 32
 
 
+def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
+           registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
+    # Before reading: the provenance then names the folder version read, so Dagster sees later edits; the
+    # file digests behind that version are handed on, so the stage does not hash every file again.
+    # Documents are packed by the real tokenizer of the registry model with the smallest max length
+    # (rag_clean.encoders.chunk_tokens), chosen by the stage from the run plan.
+    return run_asset(context, CHUNKS, ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens),
+                     record_read_version(context, paths), paths=paths, registry=registry, settings=settings)
+
+
 def build_chunks_asset(registry: Registry) -> dg.AssetsDefinition:
-    # Markdown / text documents are packed by the strictest registry model's tokenizer: its identity is part
-    # of the code version, so a registry change that changes it marks chunks (and what follows) changed.
-    @dg.asset(
+    """Built when the definitions are (its pod tags read the executor and pod config), not at import. The
+    code version covers the registry's dense / sparse entries: their strictest tokenizer packs documents."""
+    return dg.asset(
         **stage_asset(group="ingest", kinds={"python", "arrow"}, code_version=versions.chunks_code_version(registry),
                       gpu=False),
         deps=[COLLECTION_FILES],
@@ -33,26 +41,4 @@ def build_chunks_asset(registry: Registry) -> dg.AssetsDefinition:
                     "heading-aware within a token budget counted by the tokenizer of the registry model with the "
                     "smallest max length (special tokens included). Stable chunk_id and a content hash per chunk. "
                     "Only new or changed files are parsed; unchanged files' rows are copied from the previous file.",
-    )
-    def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
-               registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
-        timer = StageTimer()
-        plan = run_plan(context, registry, settings)
-        folder = paths.collection_dir(context.partition_key)
-        # Before reading: the provenance then names the folder version read, so Dagster sees later edits.
-        record_read_version(context, paths)
-        packing, notes = strictest_tokenizer(packing_specs(plan.registry))
-        spool, result, record = run_chunks_stage(
-            folder, staged_file(paths, context.asset_key, context.partition_key),
-            paths.layout().chunks_manifest_file(context.partition_key),
-            ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens),
-            reuse=plan.reuse_unchanged, packing=packing)
-        record.warnings += notes
-        for skip in result.skipped:
-            context.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "")
-                                + f": {skip.reason}")
-        record = start_record(record, plan)
-        log_warnings(context, record)
-        return versioned(context, StageOutput(spool, timer.stamp(record)))
-
-    return chunks
+    )(chunks)

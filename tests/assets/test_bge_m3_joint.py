@@ -22,10 +22,10 @@ import rag_clean.encoders.factory as factory
 import rag_clean.encoders.flag as flag
 from rag_clean.config.registry import RegistryError, load_registry
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import read_arrow_table
+from rag_clean.storage.arrow_io import read_arrow_table
 from rag_clean.config.plan import build_run_plan
 from rag_clean.config.settings import EmbedderSettings
-from rag_clean.stages import joint_outputs
+from rag_clean.stages.joint import joint_outputs
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.sparse import SPARSE_KEY, build_sparse_asset
 from tiny_models import TINY_MAX_LENGTH
@@ -106,7 +106,7 @@ class M3Spy:
         self.loads: list[tuple[str, str]] = []
         self.forwards = 0
         self.sparse_loads: list[str] = []
-        original_init = flag._M3.__init__
+        original_init = flag.BGEM3Encoder.__init__
         real_load_sparse = factory.load_sparse_encoder
 
         def init(m3, spec, *args, **kwargs):
@@ -118,7 +118,7 @@ class M3Spy:
             self.sparse_loads.append(spec.name)
             return real_load_sparse(spec, *args, **kwargs)
 
-        monkeypatch.setattr(flag._M3, "__init__", init)
+        monkeypatch.setattr(flag.BGEM3Encoder, "__init__", init)
         monkeypatch.setattr(factory, "load_sparse_encoder", load_sparse)
 
     def _count(self, *_):

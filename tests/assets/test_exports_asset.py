@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 from rag_clean.encoders.factory import load_dense_encoder
 from rag_clean.exports.files import export_files, point_id
 from rag_clean.config.registry import load_registry
-from rag_clean.storage.files import file_digest, read_arrow_table, read_embeddings
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.digests import file_digest
+from rag_clean.storage.embeddings import read_embeddings
 
 # Words that appear nowhere in the documents: if they show up in an export, query text leaked.
 QUERIES = [
@@ -28,8 +30,11 @@ def test_exports_off_by_default_then_on_by_run_config(pipeline, tmp_path):
     _add_queries(pipeline)
     result = pipeline.materialize()
     assert result.success
-    record = pipeline.summary()["stages"]["exports"]
-    assert record["status"] == "disabled" and "enable_exports=false (default)" in record["reason"]
+    # Off: no materialization and no summary record (it did not run), the reason in the run log.
+    assert "exports" not in {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "exports" not in pipeline.summary()["stages"]
+    assert any("exports skipped:" in (e.user_message or "") and "enable_exports=false (default)" in e.user_message
+               for e in pipeline.instance.all_logs(result.run_id))
     assert not pipeline.file("exports").exists()  # neither a value file nor the default export folder
 
     export_dir = tmp_path / "exported"
@@ -107,8 +112,8 @@ def test_matryoshka_truncate_dim_through_the_assets(pipeline, tmp_path, tiny_reg
     encoder = load_dense_encoder(load_registry(tiny_registry_path).get("tiny-b"), "cpu")
     try:
         full = np.zeros((chunks.num_rows, 48), np.float32)
-        for idx, vectors in encoder.encode(chunks.column("text").to_pylist()):
-            full[idx] = vectors
+        for batch in encoder.encode(chunks.column("text").to_pylist()):
+            full[batch.rows] = batch.dense
     finally:
         encoder.close()
     expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from rag_clean.storage.files import read_arrow_table, read_embeddings
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.embeddings import read_embeddings
 
 
 def test_materialize_all_assets(pipeline):
@@ -13,7 +14,7 @@ def test_materialize_all_assets(pipeline):
     assert result.success
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert keys == {"chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings",
-                    "sparse_vectors", "queries", "reranked", "exports"}
+                    "sparse_vectors", "queries", "reranked", "exports", "vector_index"}
     chunks = read_arrow_table(pipeline.file("chunks", "demo.arrow"))
     ids = chunks.column("chunk_id").to_pylist()
     assert "legacy-1" in ids and "note-1" in ids

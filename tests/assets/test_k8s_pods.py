@@ -105,7 +105,8 @@ def test_every_step_pod_gpu_steps_get_cards_cpu_steps_do_not(monkeypatch, tiny_r
             if pods.K8S_CONFIG_TAG in step.tags:
                 assert container.resources.requests["memory"] == pods.load_pod_config()["cpu_pod"]["memory"], key
             else:
-                assert key.endswith(("_valid", "_quality_vs_previous", "_outputs_cite_current_chunks")), key  # checks
+                assert key.endswith(("_valid", "_quality_vs_previous", "_outputs_cite_current_chunks", "_stage_enabled",
+                                     "_cross_encoder_loaded", "_hybrid_weights_tuned", "_index_matches_chunks")), key  # checks
                 assert container.resources.requests == _launcher_defaults().container_config["resources"]["requests"]
 
 
@@ -149,3 +150,13 @@ def test_pod_config_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "k8s")
     with pytest.raises(pods.PodConfigError, match="not found"):
         pods.load_pod_config(missing)
+
+
+def test_assets_carry_owners_and_stage_and_model_tags(monkeypatch):
+    from rag_clean_assets.assets.dense import build_dense_asset
+
+    monkeypatch.setenv("RAG_CLEAN_OWNERS", "team:search, ops@example.com")
+    spec = load_registry().dense[0]
+    asset_spec = build_dense_asset(spec).specs_by_key[next(iter(build_dense_asset(spec).keys))]
+    assert list(asset_spec.owners) == ["team:search", "ops@example.com"]
+    assert asset_spec.tags["stage"] == "embeddings" and asset_spec.tags["model"] == spec.asset_name

@@ -589,8 +589,10 @@ max_length = {max_length}
 def test_documents_are_packed_within_the_strictest_models_real_max_length(tmp_path):
     from rag_clean.config.registry import load_registry
     from rag_clean.encoders.chunk_tokens import packing_specs, strictest_tokenizer
-    from rag_clean.stages.chunks import run_chunks_stage
-    from rag_clean.storage.files import read_arrow_table
+    from rag_clean.stages.chunks import chunks_stage
+    from rag_clean.stages.context import StageIO
+    from rag_clean.storage.arrow_io import read_arrow_table
+    from stage_helpers import stage_ctx
 
     folder = tmp_path / "data" / "c"
     shutil.copytree(SAMPLE, folder)
@@ -600,8 +602,9 @@ def test_documents_are_packed_within_the_strictest_models_real_max_length(tmp_pa
     count = packing.counter()
 
     def packed(tokenizer, name):
-        spool, _, record = run_chunks_stage(folder, tmp_path / f"{name}.arrow", tmp_path / f"{name}.parquet",
-                                            ChunkingConfig(), reuse=False, packing=tokenizer)
+        ctx = stage_ctx(tmp_path / name, collection="c", reuse_unchanged=False)
+        ctx.collection_dir = lambda: folder
+        spool, record = chunks_stage(ctx, StageIO(tmp_path / f"{name}.arrow"), ChunkingConfig(), packing=tokenizer)
         table = read_arrow_table(spool.publish())
         return [t for t, f in zip(table.column("text").to_pylist(), table.column("source_file").to_pylist())
                 if f.endswith(".md")], record

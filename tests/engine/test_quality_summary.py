@@ -7,10 +7,10 @@ import pyarrow as pa
 from rag_clean.chunking import ChunkingConfig
 from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
-from rag_clean.retrieval.flat import heading_queries
-from rag_clean.stages import run_dense_stage, run_fusion_stage, run_retrieval_stage, run_sparse_stage
-from rag_clean.stages.chunks import run_chunks_stage
-from rag_clean.storage.files import read_embeddings
+from rag_clean.stages.chunks import chunks_stage
+from rag_clean.stages.context import StageIO
+from rag_clean.storage.embeddings import read_embeddings
+from stage_helpers import dense as run_dense, fuse, retrieve, sparse as run_sparse, stage_ctx
 from rag_clean.telemetry.quality_text import quality_lines
 from rag_clean.telemetry.summary import build_summary
 
@@ -27,13 +27,12 @@ def _stage(tiny_registry_path, tmp_path, progress=None):
     registry = load_registry(tiny_registry_path)
     chunks = _chunks()
     spec, sparse_spec = registry.get("tiny-a"), registry.get("tiny-splade")
-    writer, _ = run_dense_stage(spec, chunks, "cpu", tmp_path / "a.arrow")
-    writer, _ = run_fusion_stage({"tiny-a": read_embeddings(writer.publish())}, {"tiny-a": 1.0}, "concat",
-                                 tmp_path / "f.arrow", chunks)
-    sparse, _ = run_sparse_stage([sparse_spec], chunks, "cpu")
-    return run_retrieval_stage(heading_queries(chunks), chunks, read_embeddings(writer.publish()), [spec], "concat",
-                               {"tiny-a": 1.0}, sparse, [sparse_spec], None,
-                               RetrievalConfig(enable_rerank=False, tune_min_queries=10), "cpu", progress=progress)
+    writer, _ = run_dense(spec, chunks, tmp_path / "a.arrow")
+    writer, _ = fuse({"tiny-a": read_embeddings(writer.publish())}, {"tiny-a": 1.0}, "concat",
+                     tmp_path / "f.arrow", chunks)
+    sparse, _ = run_sparse([sparse_spec], chunks, root=tmp_path / "s")
+    return retrieve(chunks, read_embeddings(writer.publish()), [spec], sparse, [sparse_spec], None,
+                    RetrievalConfig(enable_rerank=False, tune_min_queries=10), root=tmp_path / "r", progress=progress)
 
 
 def test_summary_says_which_weights_why_and_on_which_queries(tiny_registry_path, tmp_path):
@@ -56,7 +55,8 @@ def test_summary_says_which_weights_why_and_on_which_queries(tiny_registry_path,
     for label in ("candidates on all queries (40)", f"candidates on held-out ({hybrid['split']['heldout_scored']} queries)"):
         line = next(l for l in lines if l.startswith(label))
         assert all(name in line for name in ("dense", "sparse:tiny-splade", "rrf", "weighted"))
-    assert "final ranking before rerank, all queries (40)" in text and "final ranking before rerank, held-out" in text
+    assert "columns on all queries (40), then 'held-out' on held-out (" in text
+    assert next(l for l in lines if l.startswith("metric ")).split() == ["metric", "before", "held-out", "before"]
     assert not any(line.rstrip().endswith(":") for line in lines)  # no empty `heldout:` line
 
 
@@ -81,8 +81,9 @@ def test_input_skips_reach_the_summary_warnings(tmp_path):
     (folder / "a.md").write_text("# A\n\nsome text to embed here\n", encoding="utf-8")
     (folder / "empty.md").write_text("", encoding="utf-8")
     (folder / "image.png").write_bytes(b"\x89PNG")
-    spool, _, record = run_chunks_stage(folder, tmp_path / "chunks.arrow", tmp_path / "manifest.parquet",
-                                        ChunkingConfig())
+    ctx = stage_ctx(tmp_path / "storage", collection="c")
+    ctx.collection_dir = lambda: folder
+    spool, record = chunks_stage(ctx, StageIO(tmp_path / "chunks.arrow"), ChunkingConfig(), packing=None)
     spool.abort()
     summary = build_summary("c", {"chunks": record.to_summary()}, {}, {})
     warning = next(w for w in summary["warnings"] if "inputs skipped" in w)

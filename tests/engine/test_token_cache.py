@@ -4,16 +4,15 @@ tokenizing; models whose tokenizers differ never share a file."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from rag_clean.encoders.base import EncoderError
 from rag_clean.encoders.factory import load_dense_encoder, load_sparse_encoder
-from rag_clean.encoders.token_cache import TokenCache, content_hash
-from rag_clean.encoders.tokenize import Tokenizer, tokenize_windows
+from rag_clean.chunking.rows import content_hash
+from rag_clean.encoders.token_cache import TokenCache, chunk_tokens
+from rag_clean.encoders.tokenize import Tokenizer
+from rag_clean.encoders.tokens import TokenSource
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.config.registry import load_registry
 
@@ -36,11 +35,11 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(load_registry().get("all-minilm-l6-v2").resolve_source())
 
 
-def _ids(tokenizer, texts, window=7):
+def _ids(tokenizer, texts, window=7, source=None):
     """Every row's ids, in input order, through the windows the runner uses."""
     rows = [None] * len(texts)
     truncated = 0
-    for w in tokenize_windows(tokenizer, texts, window=window, first_window=3):
+    for w in (source or TokenSource(texts)).windows(tokenizer, window=window, first_window=3):
         truncated += w.truncated
         for r in range(w.rows):
             rows[w.start + r] = w.ids[w.offsets[r]:w.offsets[r + 1]].tolist()
@@ -48,9 +47,9 @@ def _ids(tokenizer, texts, window=7):
 
 
 def _cached_ids(cache, tokenizer, texts):
-    with cache.attach(SimpleNamespace(tokenizer=tokenizer, stats=None)) as scope:
-        assert scope is not None
-        got = _ids(tokenizer, texts)
+    with cache.tokens(tokenizer, texts, [content_hash(t) for t in texts]) as source:
+        assert source.cache is not None
+        got = _ids(tokenizer, texts, source=source)
     return got, cache.last
 
 
@@ -94,12 +93,12 @@ def test_second_model_of_the_same_tokenizer_reads_the_cache_and_gives_identical_
     for name in ("tiny-a", "tiny-b"):
         enc = load_dense_encoder(registry.get(name))
         out = np.zeros((len(texts), enc.dim), np.float32)
-        with cache.attach(enc):
-            for idx, v in enc.encode(texts):
-                out[idx] = v
+        with chunk_tokens(cache, enc, texts, [content_hash(t) for t in texts]) as tokens:
+            for batch in enc.encode(tokens):
+                out[batch.rows] = batch.dense
         plain = np.zeros_like(out)
-        for idx, v in enc.encode(texts):  # no cache scope: tokenized directly
-            plain[idx] = v
+        for batch in enc.encode(texts):  # no cache: tokenized directly
+            plain[batch.rows] = batch.dense
         np.testing.assert_array_equal(out, plain)
         vectors[name] = (enc.stats.token_cache, enc.tokenizer.fingerprint)
         enc.close()
@@ -111,8 +110,8 @@ def test_second_model_of_the_same_tokenizer_reads_the_cache_and_gives_identical_
 
     # The sparse model of the tiny registry tokenizes alike: it reads the same file too.
     sparse = load_sparse_encoder(registry.get("tiny-splade"))
-    with cache.attach(sparse):
-        for _ in sparse.encode(texts):
+    with chunk_tokens(cache, sparse, texts, [content_hash(t) for t in texts]) as tokens:
+        for _ in sparse.encode(tokens):
             pass
     assert sparse.stats.token_cache["misses"] == 0
     sparse.close()
@@ -130,13 +129,28 @@ def test_the_default_models_share_one_tokenizer_fingerprint_and_others_do_not(re
     assert Tokenizer(minilm_tokenizer, 256, lowercase=False).fingerprint not in prints  # lowercasing changes ids
 
 
-def test_unreadable_cache_file_is_one_clear_error(tmp_path, minilm_tokenizer):
+@pytest.mark.parametrize("content", [b"not arrow", "wrong shape"])
+def test_unreadable_cache_file_is_discarded_with_one_warning(tmp_path, minilm_tokenizer, caplog, content):
+    """A cache (issue 22 item 5): garbage bytes or an Arrow file of another shape never stop the encode pass;
+    one warning names the file, every row is tokenized again and the file is rewritten whole."""
+    import pyarrow as pa
+
     tok = Tokenizer(minilm_tokenizer, 64, lowercase=True)
     cache = TokenCache(lambda fp: tmp_path / f"{fp}.arrow")
-    (tmp_path / f"{tok.fingerprint}.arrow").write_bytes(b"not arrow")
-    with pytest.raises(EncoderError, match=r"\.arrow: unreadable token cache"):
-        with cache.attach(SimpleNamespace(tokenizer=tok, stats=None)):
-            pass
+    path = tmp_path / f"{tok.fingerprint}.arrow"
+    if content == "wrong shape":
+        with pa.ipc.new_file(str(path), pa.schema([("x", pa.int64())])) as writer:
+            writer.write_table(pa.table({"x": [1, 2]}))
+    else:
+        path.write_bytes(content)
+    with caplog.at_level("WARNING"):
+        got, info = _cached_ids(cache, tok, TEXTS)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "discarded" in warnings[0], warnings
+    assert got == _ids(Tokenizer(minilm_tokenizer, 64, lowercase=True), TEXTS)
+    assert info["hits"] == 0 and info["misses"] == len(TEXTS)
+    _, info = _cached_ids(cache, tok, TEXTS)  # rewritten: a readable cache again
+    assert info["misses"] == 0
 
 
 def test_off_switch_and_content_hash(monkeypatch, tmp_path):
@@ -147,21 +161,23 @@ def test_off_switch_and_content_hash(monkeypatch, tmp_path):
     assert TokenCache.for_collection(StorageLayout(tmp_path), "docs") is None
 
 
-def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
+def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry, monkeypatch):
     import pyarrow as pa
 
-    from rag_clean.stages import run_dense_stage, run_sparse_stage
-    from rag_clean.storage.files import read_embeddings
+    from stage_helpers import dense, sparse
+    from rag_clean.storage.embeddings import read_embeddings
 
     texts = TEXTS * 2
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))],
                        "content_hash": [content_hash(t) for t in texts], "text": texts})
-    cache = TokenCache.for_collection(StorageLayout(tmp_path / "store"), "docs")
+    store = tmp_path / "store"  # the stages' token cache: StorageLayout(store).token_cache_file("c", ...)
     records = {}
     for name in ("tiny-a", "tiny-b"):
-        for label, tc in (("cached", cache), ("plain", None)):
-            writer, record = run_dense_stage(registry.get(name), chunks, "cpu", tmp_path / f"{name}-{label}.arrow",
-                                             token_cache=tc)
+        for label in ("cached", "plain"):
+            with monkeypatch.context() as env:
+                if label == "plain":
+                    env.setenv("RAG_CLEAN_TOKEN_CACHE", "0")
+                writer, record = dense(registry.get(name), chunks, tmp_path / f"{name}-{label}.arrow", root=store)
             writer.publish()
             records[name, label] = record
         cached = read_embeddings(tmp_path / f"{name}-cached.arrow").vectors
@@ -170,5 +186,5 @@ def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
     assert records["tiny-b", "cached"].encode.token_cache == {**records["tiny-a", "cached"].encode.token_cache,
                                                               "hits": len(texts), "misses": 0}
     assert records["tiny-a", "plain"].encode.token_cache is None
-    _, sparse_record = run_sparse_stage([registry.get("tiny-splade")], chunks, "cpu", token_cache=cache)
+    _, sparse_record = sparse([registry.get("tiny-splade")], chunks, root=store)
     assert sparse_record.per_model["tiny-splade"]["token_cache"]["misses"] == 0
