@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import qdrant_edge as qe
 
-from rag_clean.index.base import (FINGERPRINTS, Hit, IndexPoint, IndexSchema, VectorIndexError, existing_batch,
-                                  point_id)
+from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema,
+                                  VectorIndexError, existing_batch, point_id)
 
 SINK = "qdrant-edge"
 SCHEMA_FILE = "rag_clean_schema.json"   # our record of the schema, beside Edge's own files
@@ -31,6 +31,11 @@ def _vectors(point: IndexPoint) -> dict:
         out[name] = qe.SparseVector(np.asarray(indices, dtype=np.int64).tolist(),
                                     np.asarray(values, dtype=np.float32).tolist())
     return out
+
+
+def _hnsw(schema: IndexSchema, name: str) -> qe.HnswIndexConfig:
+    # m=0: no graph for this vector (Qdrant then searches it exactly); see rag_clean.index.base.
+    return qe.HnswIndexConfig(m=schema.hnsw_m(name), ef_construct=schema.hnsw[1], full_scan_threshold=HNSW_FULL_SCAN_KB)
 
 
 def _from_vector(value):
@@ -74,7 +79,8 @@ class EdgeIndex:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         config = qe.EdgeConfig(
-            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in schema.dense},
+            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, hnsw_config=_hnsw(schema, name))
+                     for name, dim in schema.dense},
             sparse_vectors={name: qe.EdgeSparseVectorParams() for name in schema.sparse})
         self._shard = qe.EdgeShard.create(str(self.path), config)
         # Written last: a folder without it is a shard whose creation did not finish, recreated next time.
@@ -149,7 +155,7 @@ class EdgeIndex:
         q = np.asarray(query, dtype=np.float32).reshape(-1).tolist()
         return self._hits(self.shard.query(qe.QueryRequest(
             limit=int(k), query=qe.Query.Nearest(q, using=vector_name), with_payload=["chunk_id"],
-            params=qe.SearchParams(exact=bool(exact)))))
+            params=qe.SearchParams(exact=bool(exact), hnsw_ef=None if exact else SEARCH_HNSW_EF))))
 
     def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
         self._known([vector_name])
