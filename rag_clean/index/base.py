@@ -194,6 +194,11 @@ class VectorIndex(Protocol):
 
     def count(self) -> int: ...
 
+    def reserve_space(self, points: int, bytes_per_point: int) -> None:
+        """Raise VectorIndexError (one line naming the location) when the index's disk cannot take this many
+        points of about this raw size; called before the first write of a sync (no-op where the engine
+        reports a full disk itself)."""
+
     def commit(self) -> None:
         """Make the writes durable and searchable (Edge: flush, then build the HNSW index)."""
 

@@ -109,6 +109,9 @@ class ServerIndex:
         self._names = schema.names
         return True
 
+    def reserve_space(self, points: int, bytes_per_point: int) -> None:
+        """The server's disk is its own: it answers a write it cannot store with an error (raised per call)."""
+
     def commit(self) -> None:
         """Writes are sent with wait=True: nothing is pending; the server indexes on its own."""
 
