@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pyarrow as pa
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema,
                                   VectorIndexError, existing_batch, point_id)
@@ -65,7 +66,10 @@ class ServerIndex:
             client = QdrantClient(url=url, api_key=api_key, timeout=max(1, int(round(timeout_s))),
                                   check_compatibility=False)
             client.get_collections()
-        except Exception as exc:  # connection refused, timeout, TLS, 401: all one line naming the URL
+        except UnexpectedResponse as exc:  # something answered, not with a collection list (404, 401, 500)
+            raise VectorIndexError(f"Qdrant at {location} answered HTTP {exc.status_code} {exc.reason_phrase}: "
+                                   "check that the URL is a Qdrant server and the API key is right") from None
+        except Exception as exc:  # connection refused, timeout, TLS: all one line naming the URL
             raise VectorIndexError(f"Qdrant at {location} did not answer within {timeout_s:g}s "
                                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         return cls(client, collection, location)

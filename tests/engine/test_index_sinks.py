@@ -30,6 +30,51 @@ def test_unanswered_url_fails_with_one_line_quickly(tmp_path, monkeypatch):
     assert "pw" not in message and "secret-key" not in message and "127.0.0.1" in message
 
 
+def test_a_server_that_accepts_but_never_answers_fails_within_the_default_timeout(tmp_path):
+    """A listening socket that never replies (a hung server, not a refused port): the default timeout bounds
+    the wait (under ~10 s with the client already imported), then one line."""
+    import threading
+
+    from rag_clean.index import CONNECT_TIMEOUT_S
+    from rag_clean.index import qdrant_server  # noqa: F401  (imported before timing: the wait is the timeout's)
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        held = []
+        threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
+        t0 = time.perf_counter()
+        with pytest.raises(VectorIndexError) as info:
+            open_index("qdrant", StorageLayout(tmp_path), "demo", url=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        waited = time.perf_counter() - t0
+    assert CONNECT_TIMEOUT_S - 0.5 <= waited < 10
+    assert "\n" not in str(info.value) and f"did not answer within {CONNECT_TIMEOUT_S:g}s" in str(info.value)
+
+
+def test_something_else_answering_at_the_url_is_named_as_such(tmp_path):
+    """An HTTP server that is not Qdrant (404 for /collections): one line with the status, not "did not answer"."""
+    import http.server
+    import threading
+
+    class NotQdrant(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotQdrant)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(VectorIndexError) as info:
+            open_index("qdrant", StorageLayout(tmp_path), "demo", url=f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(info.value)
+    assert "\n" not in message and "answered HTTP 404" in message and "did not answer" not in message
+
+
 def test_empty_url_and_unknown_sink_are_one_clear_line(tmp_path):
     with pytest.raises(VectorIndexError, match="qdrant_url is empty"):
         open_index("qdrant", StorageLayout(tmp_path), "demo")
