@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
+from rag_clean.index import open_collection_index
 from rag_clean.stages.common import ROW_BLOCK
 from rag_clean.chunking.duplicates import duplicate_id_rows
 from rag_clean.storage.arrow_io import as_string_array, ids_absent
@@ -24,7 +25,7 @@ from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.assets.fused import FUSED_KEY
-from rag_clean_assets.assets.index import INDEX_KEY, open_collection_index
+from rag_clean_assets.assets.index import INDEX_KEY
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.quality import QUALITY_CHECKS
 from resources.paths import PathsResource

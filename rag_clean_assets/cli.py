@@ -27,6 +27,9 @@ runs are recorded in the Dagster instance at $DAGSTER_HOME (default: <project>/.
 
 exit status: 0 all collections done; 1 a run failed; 2 bad arguments, settings, registry or a missing
 collection folder.
+
+search the embedded collections: rag-clean search --collection NAME "query" [-k 10] [--no-rerank] [--json];
+serve them to an MCP client over stdio: rag-clean mcp (see rag-clean search --help, rag-clean mcp --help).
 """
 
 
@@ -90,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _default_dagster_home() -> Path:
     """$DAGSTER_HOME, set to <project>/.dagster_home when unset (the default storage root lives in it)."""
-    from rag_clean.config.paths import PROJECT_ROOT
+    from rag_clean.config.paths import DEFAULT_DAGSTER_HOME
 
     if not os.environ.get("DAGSTER_HOME"):
-        home = PROJECT_ROOT / ".dagster_home"
+        home = DEFAULT_DAGSTER_HOME
         os.environ["DAGSTER_HOME"] = str(home)
         print(f"DAGSTER_HOME was not set: using {home} (start the UI with the same DAGSTER_HOME to see these runs)")
     return Path(os.environ["DAGSTER_HOME"])
@@ -303,6 +306,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("search", "mcp"):  # the old flags are all options, so a first word is a subcommand
+        from rag_clean_assets.search_cli import main as subcommand
+
+        return subcommand(argv)
     args = build_parser().parse_args(argv)
     try:
         return run(args)

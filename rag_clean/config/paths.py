@@ -14,6 +14,8 @@ from rag_clean.config.settings import SettingsError, process_setting
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATA_ROOT = PROJECT_ROOT / "data" / "collections"
+# The Dagster instance `rag-clean` uses when DAGSTER_HOME is not set (so its storage root is <this>/rag_clean).
+DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
 
 
 def data_root() -> Path:

@@ -39,5 +39,12 @@ def open_index(sink: str, layout: StorageLayout, collection: str, *, url: str = 
     raise VectorIndexError(f"index sink {sink!r} cannot be opened; expected one of {SINKS[:2]}")
 
 
+def open_collection_index(settings, layout: StorageLayout, collection: str) -> VectorIndex:
+    """The collection's index in the sink the settings (EmbedderSettings) choose: the vector_index asset, its
+    check and search open it alike."""
+    return open_index(settings.index_sink, layout, collection, url=settings.qdrant_url,
+                      api_key_env=settings.qdrant_api_key_env)
+
+
 __all__ = ["FUSED", "SINKS", "Hit", "IndexPoint", "IndexSchema", "VectorIndex", "VectorIndexError", "open_index",
-           "point_id", "vector_name", "DEFAULT_API_KEY_ENV"]
+           "open_collection_index", "point_id", "vector_name", "DEFAULT_API_KEY_ENV"]

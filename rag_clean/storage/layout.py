@@ -10,6 +10,7 @@
     <root>/reranked/_cache/<kind>/<model>/<c>.parquet      retrieval caches: query-side vectors, rerank scores
     <root>/state/export_lines/<c>/<file kind>.parquet      byte ranges of the previous export's JSONL lines
     <root>/state/folder_hashes/<c>.json                    file digests behind a collection folder's version
+    <root>/state/ranking/<c>.json                          what reranked chose (hybrid weights, pool sizes, reranker): search reads it
     <root>/state/token_ids/<c>/<tokenizer fingerprint>.arrow  token ids of the chunks, shared by models of one tokenizer
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
     <root>/vector_index/_edge/<c>/                          the Qdrant Edge shard of a collection (the vector_index sink)
@@ -93,6 +94,13 @@ class StorageLayout:
             raise ValueError(f"unknown retrieval cache kind {kind!r}")
         return path_under(self.root, "reranked", CACHE_DIR, kind, check_name(model_asset_name, "model"),
                           check_name(collection) + ".parquet")
+
+    def ranking_state_dir(self) -> Path:
+        return path_under(self.root, "state", "ranking")
+
+    def ranking_state_file(self, collection: str) -> Path:
+        """What the reranked stage chose for a collection (rag_clean.retrieval.ranking_state): search ranks with it."""
+        return self.ranking_state_dir() / (check_name(collection) + ".json")
 
     def export_line_index(self, collection: str, file_kind: str) -> Path:
         """Where the previous export's JSONL lines start and end (exports reuse them); under the storage

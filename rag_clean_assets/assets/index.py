@@ -9,14 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
-from rag_clean.config.settings import EmbedderSettings
-from rag_clean.index import open_index
+from rag_clean.index import open_collection_index
 from rag_clean.index.sync import SyncSources
 from rag_clean.stages.common import StageOutput, StageTimer
 from rag_clean.stages.index import run_index_stage
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean.storage.errors import StorageError
-from rag_clean.storage.layout import StorageLayout
 from rag_clean_assets import versions
 from rag_clean_assets.assets.common import run_plan, stage_asset, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
@@ -27,11 +25,6 @@ from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 INDEX_KEY = dg.AssetKey("vector_index")
-
-
-def open_collection_index(s: EmbedderSettings, layout: StorageLayout, collection: str):
-    """The collection's index in the sink the settings choose (the asset and its check open it alike)."""
-    return open_index(s.index_sink, layout, collection, url=s.qdrant_url, api_key_env=s.qdrant_api_key_env)
 
 
 def build_index_asset(registry: Registry) -> dg.AssetsDefinition:

@@ -88,7 +88,8 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
                 sparse_vectors if plan.sparse_enabled else None, plan.sparse, plan.rerank, plan.retrieval,
                 lease_target(lease), dense_sets=per_model if all(per_model.values()) else None,
                 cache_path=lambda kind, model: layout.retrieval_cache_file(kind, model, collection),
-                hash_key=query_key(layout.root), digest_cache=layout.weights_digest_file())
+                hash_key=query_key(layout.root), digest_cache=layout.weights_digest_file(),
+                state_path=layout.ranking_state_file(collection))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         return versioned(context, StageOutput(table, timer.stamp(record)))
