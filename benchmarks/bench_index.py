@@ -11,10 +11,10 @@ a sparse Parquet file); then
   * full build: sync_index into an empty shard (including the HNSW build in commit());
   * edit sync: 1% of the chunks get new text and vectors, synced into the same shard;
   * search: p50 / p99 latency of dense exact, dense approximate (HNSW, hnsw_ef=SEARCH_HNSW_EF), a per-model
-    vector (no graph: exact either way), sparse, hybrid (dense HNSW top 100 + sparse top 100, RRF) and
-    hybrid + rerank (the top 20's texts retrieved and scored by a tiny random CrossEncoder,
-    tests/tiny_models.py); recall@10 of approximate against exact (queries: stored fused vectors plus noise
-    of norm 0.3). Hybrid is timed as these index calls plus the reranker, not through rag_clean.search.
+    vector (no graph: exact either way), sparse, hybrid (rag_clean.search.pool.rank_pool: the Searcher's
+    ranking once the query is encoded; dense exact top 100 + sparse top 100, weighted) and hybrid + rerank
+    (its first 20 scored by a tiny random CrossEncoder, tests/tiny_models.py; query encoding not timed);
+    recall@10 of approximate against exact (queries: stored fused vectors plus noise of norm 0.3).
 Wall, rows/s and peak anonymous RSS (rag_clean.telemetry.memory: mmap'd file pages excluded) per phase.
 
     python benchmarks/bench_index.py --sizes 20000 [--data clustered|iid] [--dims 384,384] [--sparse-terms 64]
@@ -153,7 +153,8 @@ def latencies(fn, queries) -> dict:
 def search_figures(index, sources, n_queries: int, reranker_dir: Path) -> dict:
     import numpy as np
 
-    from rag_clean.retrieval.flat import rrf_fuse
+    from rag_clean.retrieval.ranking_state import RankingState
+    from rag_clean.search.pool import QueryVectors, rank_pool
 
     rng = np.random.default_rng(5)
     rows = rng.choice(sources.chunks.num_rows, size=n_queries, replace=False)
@@ -173,15 +174,22 @@ def search_figures(index, sources, n_queries: int, reranker_dir: Path) -> dict:
             out.append(len(exact & approx) / 10)
         return round(float(np.mean(out)), 4)
 
+    state = RankingState(dense_models=tuple(sources.dense), fusion_method="concat",
+                         fusion_weights={m: 0.5 for m in sources.dense}, ensemble_weights=None,
+                         systems=("dense", "sparse:splade"), weights={"dense": 0.7, "sparse:splade": 0.3}, tuned=False,
+                         method="weighted", normalization="minmax", top_k_candidates=100, rrf_k=60,
+                         rerank_enabled=True, rerank_top_k=20, rerank_model="tiny", rerank_source="tiny",
+                         fingerprints={})
+
     def hybrid(i):
-        dense = [int(h.chunk_id[5:]) for h in index.dense_search("fused", dense_q[i], 100, exact=False)]
-        sparse = [int(h.chunk_id[5:]) for h in index.sparse_search("splade", *sparse_q[i], 100)]
-        return rrf_fuse([dense, sparse], top_k=100)[0]
+        # The Searcher's ranking after query encoding (rag_clean.search.pool): each system's top 100 from the
+        # index (dense exact, as the Searcher asks), the pool's vectors retrieved, weighted hybrid over them.
+        return rank_pool(index, state, QueryVectors(dense_q[i:i + 1], [], [sparse_q[i]]), 100, sources.chunks)
 
     def hybrid_rerank(i):
-        top = hybrid(i)[:20]
-        payloads = index.retrieve([f"docs-{r}" for r in top])
-        scores = reranker.predict([(texts[i], p["text"]) for p in payloads], batch_size=20)
+        pool = hybrid(i)
+        head = pool.candidates[:state.rerank_top_k]
+        scores = reranker.predict([(texts[i], pool.points[d]["text"]) for d in head], batch_size=20)
         return np.argsort(-np.asarray(scores))
 
     reranker = load_reranker(reranker_dir)   # after the builds: torch stays out of their peak RSS
