@@ -160,7 +160,10 @@ class RunningPod:
         if self._on_kill:
             self._on_kill()
         elif self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # exited meanwhile
+                pass
 
     def _exit(self, rc: int) -> Exit:
         code = 128 - rc if rc < 0 else rc  # a signal: 128 + its number, as a container runtime reports
@@ -179,7 +182,7 @@ class ProcessRuntime:
 
     name = "process"
 
-    def __init__(self, image_env: Mapping[str, str], workdir: Path, rss_poll_s: float = 0.05):
+    def __init__(self, image_env: Mapping[str, str], workdir: Path, rss_poll_s: float = 0.25):
         self.image_env, self.workdir, self.rss_poll_s = dict(image_env), Path(workdir), rss_poll_s
 
     def start(self, launch: PodLaunch, log_path: Path) -> RunningPod:
@@ -252,8 +255,7 @@ class PodmanRuntime:
         def kill():
             subprocess.run([*PODMAN, "kill", name], capture_output=True)
 
-        pod = _PodmanPod(proc, log, kill, name)
-        return pod
+        return _PodmanPod(proc, log, kill, name)
 
 
 class _PodmanPod(RunningPod):
