@@ -222,7 +222,8 @@ from pathlib import Path
 t0 = time.perf_counter()
 from rag_clean.encoders.budget import BudgetStore
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import read_arrow_table, read_table
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.parquet import read_table
 from rag_clean.config.registry import load_registry
 from rag_clean.stages import run_dense_stage
 registry, name, storage, collection, device, out = sys.argv[1:7]
@@ -327,7 +328,8 @@ def merge_phases(first: dict, rest: dict, log) -> dict:
 def chunks_table(storage: Path):
     """The chunks the graph stored (Arrow IPC since the storage contract of issue 9; Parquet before)."""
     from rag_clean.storage.layout import StorageLayout
-    from rag_clean.storage.files import read_arrow_table, read_table
+    from rag_clean.storage.arrow_io import read_arrow_table
+    from rag_clean.storage.parquet import read_table
 
     path = StorageLayout(storage).asset_file(["chunks"], COLLECTION)
     return read_arrow_table(path) if path.suffix == ".arrow" else read_table(path)

@@ -31,7 +31,7 @@ def _stored(folder: Path, rows: int, dims: list[int], changed: set[int], seed: i
     from rag_clean.chunking import CHUNK_SCHEMA
     from rag_clean.retrieval.fusion import fuse_block
     from rag_clean.stages import SPARSE_SCHEMA
-    from rag_clean.storage.files import read_embeddings, write_embeddings
+    from rag_clean.storage.embeddings import read_embeddings, write_embeddings
 
     texts = [f"chunk {i} about the gpu driver and the index" + (" (edited)" if i in changed else "")
              for i in range(rows)]
@@ -77,7 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     import numpy as np
 
-    from rag_clean.exports.files import write_exports
+    from rag_clean.exports.write import write_exports
     from rag_clean.storage.layout import StorageLayout
 
     dims = [int(d) for d in args.dims.split(",")]

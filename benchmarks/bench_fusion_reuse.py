@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from rag_clean.stages import ROW_BLOCK, run_fusion_stage
-from rag_clean.storage.files import EmbeddingWriter, read_embeddings
+from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings
 
 DIMS = (384, 384)
 WEIGHTS = (0.8, 0.2)

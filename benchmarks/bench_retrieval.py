@@ -67,7 +67,8 @@ def build(folder: Path, rows: int, dim: int, terms: int, vocab: int, seed: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rag_clean.storage.files import EmbeddingWriter, write_arrow_table
+    from rag_clean.storage.arrow_io import write_arrow_table
+    from rag_clean.storage.embeddings import EmbeddingWriter
 
     rng = np.random.default_rng(seed)
     block = 65536
@@ -108,7 +109,8 @@ def run_one(folder: Path, queries: int, k: int, device: str, vocab: int) -> dict
     from rag_clean.retrieval.candidates import DenseScorer, SparseScorer, build_pools
     from rag_clean.retrieval.flat import take_column
     from rag_clean.stages.retrieval import _sparse_blocks
-    from rag_clean.storage.files import read_arrow_table, read_embeddings
+    from rag_clean.storage.arrow_io import read_arrow_table
+    from rag_clean.storage.embeddings import read_embeddings
 
     rng = np.random.default_rng(1)
     out: dict = {}

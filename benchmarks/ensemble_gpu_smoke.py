@@ -30,7 +30,7 @@ from rag_clean.chunking import content_hash  # noqa: E402
 from rag_clean.gpu.lease import GpuLeaseManager  # noqa: E402
 from rag_clean.config.registry import load_registry  # noqa: E402
 from rag_clean.stages import run_dense_stage, run_fusion_stage  # noqa: E402
-from rag_clean.storage.files import read_embeddings  # noqa: E402
+from rag_clean.storage.embeddings import read_embeddings  # noqa: E402
 
 REGISTRY = """
 [fusion]

@@ -15,7 +15,11 @@ import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
 from rag_clean.stages.common import ROW_BLOCK
-from rag_clean.storage.files import EmbeddingSet, as_string_array, duplicate_id_rows, file_digest, ids_absent, read_table
+from rag_clean.chunking.duplicates import duplicate_id_rows
+from rag_clean.storage.arrow_io import as_string_array, ids_absent
+from rag_clean.storage.digests import file_digest
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.parquet import read_table
 from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY

@@ -102,7 +102,8 @@ def _ensure_dagster_home() -> Path:
 def _select_collections(requested: list[str] | None, chunked_dir: str | None) -> tuple[Path, list[str]]:
     """(data root, collection names); a requested path to a folder sets the data root to its parent."""
     from rag_clean.config import paths as default_paths
-    from rag_clean.storage.files import StorageError, check_name
+    from rag_clean.storage.errors import StorageError
+    from rag_clean.storage.names import check_name
 
     root = Path(chunked_dir).expanduser().resolve() if chunked_dir else None
     names: list[str] = []
@@ -138,18 +139,22 @@ def _select_collections(requested: list[str] | None, chunked_dir: str | None) ->
     return root, list(dict.fromkeys(names))
 
 
+def error_line(error) -> str:
+    """One line for a failed step: every message of the cause chain, outermost first (ours name the file,
+    record, key or variable; the innermost is often a bare UnicodeDecodeError or JSONDecodeError), without
+    Dagster's own wrapper and without a message that only repeats the one before it."""
+    parts: list[str] = []
+    while error is not None:
+        message = " ".join((error.message or "").split())
+        if message and not error.cls_name.startswith("Dagster") and not any(message in p for p in parts):
+            parts.append(message)
+        error = error.cause
+    return " <- ".join(parts) or "step failed"
+
+
 def _step_errors(result) -> list[str]:
-    errors = []
-    for event in result.all_events:
-        if event.is_step_failure:
-            error = event.step_failure_data.error
-            message = (error.message if error else "step failed").strip()
-            cause = error.cause if error else None
-            while cause is not None:  # user code errors are wrapped: the cause says what went wrong
-                message = cause.message.strip()
-                cause = cause.cause
-            errors.append(f"{event.step_key}: {message}")
-    return errors
+    return [f"{event.step_key}: {error_line(event.step_failure_data.error)}"
+            for event in result.all_events if event.is_step_failure]
 
 
 def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: float) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from rag_clean.storage.files import StorageError, check_name
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.names import check_name
 from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.instance import CONFIG_MARKER, dagster_yaml, reclaim_dead_runs
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
@@ -86,7 +87,7 @@ def report(collection: str, wall_seconds: float | None = None) -> dict:
     lines += [
         "open the UI:  DAGSTER_HOME=" + os.environ.get("DAGSTER_HOME", "<home>") +
         " .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
-        "read vectors: python -c \"from rag_clean.storage.files import read_embeddings; "
+        "read vectors: python -c \"from rag_clean.storage.embeddings import read_embeddings; "
         f"e = read_embeddings('{root}/fused_embeddings/{collection}.arrow'); print(e.vectors.shape)\"",
     ]
     print("\n".join(lines))

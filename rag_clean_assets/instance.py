@@ -34,7 +34,7 @@ from dagster._core.events import DagsterEventType
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
-from rag_clean.storage.files import process_alive
+from rag_clean.processes import process_alive
 
 GPU_POOL = "gpu"
 CONFIG_MARKER = "# Written by rag_clean"

@@ -5,11 +5,12 @@ cite the current chunks.
   previous one of the same collection (read from the Dagster instance); fails when either drops by more
   than `quality_margin`, with severity `quality_severity` (warn by default), so a model or chunking change
   that hurts retrieval shows in the UI.
-- `outputs_cite_current_chunks`: runs with `chunks`; fails when the stored `queries` / `reranked` of the
-  collection, which this run does not rematerialize, cite chunk ids that the new chunks no longer have,
-  naming the stale assets and the run that wrote them. (When the run does rematerialize them, their own
-  checks verify what they write; if it fails before that, the summary's `runs.stages_from_other_runs`
-  and Dagster's unsynced status say which stages are from an older run.)
+- `outputs_cite_current_chunks`: fails when the stored `queries` / `reranked` of the collection cite chunk
+  ids that the current chunks no longer have, naming the stale assets and the run that wrote them. It
+  depends on `queries` and `reranked` (additional_deps), so in a run that rematerializes them it runs after
+  them and reads what they wrote; when one of them fails, the check does not run at all (Dagster skips it),
+  instead of certifying files that this run never replaced (issue 22.2). In a run without them it reads
+  the stored files as they are.
 """
 
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import ids_absent
+from rag_clean.storage.arrow_io import ids_absent
 from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.partitions import collections_partitions
 from resources.paths import PathsResource
@@ -67,23 +68,19 @@ def _cited_ids(path, column: str) -> set[str]:
 
 
 @dg.asset_check(asset="chunks", name="outputs_cite_current_chunks", partitions_def=collections_partitions,
-                description="the stored queries / reranked of this collection cite only chunk ids the chunks have")
+                additional_deps=["queries", "reranked"],
+                description="the stored queries / reranked of this collection cite only chunk ids the chunks have "
+                            "(read after this run's queries / reranked steps, if it has them)")
 def outputs_cite_current_chunks(context: dg.AssetCheckExecutionContext, chunks: pa.Table,
                                 paths: PathsResource) -> dg.AssetCheckResult:
     layout: StorageLayout = paths.layout()
     collection = context.partition_key
     summary_file = layout.summary_file(collection)
     stages = read_summary(summary_file).get("stages", {}) if summary_file.exists() else {}
-    # Outputs this run rematerializes are checked by their own checks once written; here only those it
-    # leaves as they are. (None: the run executes its whole job.)
-    steps = context.op_execution_context.run.step_keys_to_execute
-    problems, metadata, deferred = [], {}, []
+    problems, metadata = [], {}
     for asset, column in (("queries", "gold_chunk_ids"), ("reranked", "chunk_id")):
         path = layout.asset_file([asset], collection)
         if not path.exists():
-            continue
-        if steps is None or asset in steps:  # an asset's step key is its key path joined by "__"
-            deferred.append(asset)
             continue
         missing = ids_absent(_cited_ids(path, column), chunks.column("chunk_id"))
         metadata[f"{asset}/unknown_chunk_ids"] = len(missing)
@@ -91,10 +88,7 @@ def outputs_cite_current_chunks(context: dg.AssetCheckExecutionContext, chunks: 
             run = (stages.get(asset) or {}).get("run_id") or "unknown"
             problems.append(f"{asset} (run {run[:8]}) cites {len(missing)} chunk ids the current chunks do not have "
                             f"(e.g. {sorted(missing)[0]}): rematerialize {asset} for {collection!r}")
-    if deferred:
-        metadata["rematerialized_in_this_run"] = ", ".join(deferred)
-    ok = "stored queries and reranked cite current chunks only" + (
-        f" ({', '.join(deferred)} rematerialized in this run)" if deferred else "")
+    ok = "stored queries and reranked cite current chunks only"
     return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.WARN, metadata=metadata,
                                description="; ".join(problems) or ok)
 

@@ -1,7 +1,9 @@
 """Telemetry IO manager: stores each asset value, then hands its stage record to telemetry.
 
 A thin adapter: the file goes where the storage layout says (Parquet tables; Arrow IPC files --
-chunks and embedding matrices -- published from their staged file by rename and loaded memory-mapped); `rag_clean.telemetry.summary.record_materialization` merges
+chunks and embedding matrices -- loaded memory-mapped). A value that follows the staged-file protocol
+(`rag_clean.storage.staged.Staged`: every writer, side files attached to it) is published by its one
+`publish()`, which removes what it staged if it fails. `rag_clean.telemetry.summary.record_materialization` merges
 the record into processing_summary.json and the events log and returns the metadata, which is
 converted to Dagster metadata here. A disabled stage writes no file: the previous one stays.
 """
@@ -18,8 +20,11 @@ from rag_clean.telemetry.memory import PROBE
 from rag_clean.telemetry.records import MetaJson, MetaMarkdown, MetaPath
 from rag_clean.stages.common import StageOutput
 from rag_clean.storage.layout import is_embedding_file
-from rag_clean.storage.files import (ColumnSpool, EmbeddingWriter, StorageError, TableWriter, read_arrow_table,
-                               read_embeddings, read_table, write_arrow_table, write_table)
+from rag_clean.storage.arrow_io import read_arrow_table, write_arrow_table
+from rag_clean.storage.embeddings import read_embeddings
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.parquet import read_table, write_table
+from rag_clean.storage.staged import Staged
 from rag_clean.telemetry.summary import record_materialization, utc_now
 from resources.paths import PathsResource
 
@@ -94,10 +99,13 @@ class TelemetryIOManager(dg.ConfigurableIOManager):
         record.partition, record.materialized_at = _collection(context), utc_now()
         if obj.disabled:
             record.status, record.path, record.bytes = "disabled", None, 0
-        elif isinstance(obj.value, (EmbeddingWriter, TableWriter, ColumnSpool)):
-            if Path(obj.value.final_path) != path:  # both come from the layout: a mismatch is a wiring bug
-                raise StorageError(f"{record.asset_key}: staged for {obj.value.final_path}, but the layout says {path}")
-            obj.value.publish()
+        elif isinstance(obj.value, Staged):  # any staged writer; its side files are published with it
+            if Path(obj.value.path) != path:  # both come from the layout: a mismatch is a wiring bug
+                obj.value.abort()
+                raise StorageError(f"{record.asset_key}: staged for {obj.value.path}, but the layout says {path}")
+            if getattr(obj.value, "root", False) is None:
+                obj.value.root = self.paths.layout().root  # named by a disk-full error
+            obj.value.publish()  # on failure it removed what it staged; the previous file stays
             record.path, record.bytes = str(path), path.stat().st_size
         elif isinstance(obj.value, pa.Table):
             write = write_arrow_table if path.suffix == ".arrow" else write_table

@@ -7,7 +7,8 @@ import dagster as dg
 
 from rag_clean.config import paths
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import StorageError, check_name
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.names import check_name
 
 
 class PathsResource(dg.ConfigurableResource):

@@ -14,7 +14,8 @@ index or line. Empty texts, front-matter-only documents and files of other types
 Modules, one concern each: `markdown` (document structure), `packer` (token budget and overlap),
 `documents` (the two together, per document), `readers` (chunk files and JSONL), `collection`
 (the folder walk: `stream_collection` streams files into a `ColumnSpool`, parsing only files changed
-since the previous manifest; `read_collection` is the small in-memory form), with `config`, `rows` and
+since the previous manifest; `read_collection` is the small in-memory form), `duplicates` (repeated chunk
+ids found in a sorted scratch file, no set of every id), with `config`, `rows` and
 `tokens` shared by them. Import from this package.
 """
 

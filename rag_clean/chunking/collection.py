@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rag_clean.storage.files import ColumnSpool, duplicate_id_rows, file_digest
+from rag_clean.chunking.duplicates import duplicate_id_rows
+from rag_clean.storage.arrow_io import ColumnSpool
+from rag_clean.storage.digests import file_digest
 
 from .config import ChunkingConfig, ChunkingError, ChunkingResult, SkipRecord
 from .documents import chunk_markdown, chunk_plain_text

@@ -11,6 +11,16 @@ _ATX_CLOSING = re.compile(r"(?:^|[ \t]+)#+[ \t]*$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 # A paragraph that starts as a list item or quote cannot become a setext heading ("- a\n---" is a rule).
 _LIST_OR_QUOTE = re.compile(r"^ {0,3}(?:[-*+][ \t]|\d{1,9}[.)][ \t]|>)")
+# CommonMark HTML blocks of kinds 1-5 (raw tags, comments, processing instructions, declarations, CDATA):
+# they end at a line holding their end marker, not at a blank line, and nothing inside them is Markdown,
+# so a fence or "#" inside a multi-line comment must not open a code block or a heading.
+_HTML_BLOCKS = (
+    (re.compile(r"^ {0,3}<(?:script|pre|style|textarea)(?:[\s>]|$)", re.I), re.compile(r"</(?:script|pre|style|textarea)>", re.I)),
+    (re.compile(r"^ {0,3}<!--"), re.compile(r"-->")),
+    (re.compile(r"^ {0,3}<\?"), re.compile(r"\?>")),
+    (re.compile(r"^ {0,3}<![A-Za-z]"), re.compile(r">")),
+    (re.compile(r"^ {0,3}<!\[CDATA\["), re.compile(r"\]\]>")),
+)
 
 
 @dataclass
@@ -39,14 +49,26 @@ def _fence_closes(line: str, fence: str) -> bool:
     )
 
 
+def _html_block_end(line: str) -> re.Pattern | None:
+    """The end marker of the HTML block `line` opens, or None when it opens none (or closes it itself)."""
+    for start, end in _HTML_BLOCKS:
+        match = start.match(line)
+        if match:
+            return None if end.search(line, match.end()) else end
+    return None
+
+
 def parse_markdown(text: str) -> list[Section]:
-    """Split a Markdown document into sections (text before the first heading is section 0)."""
+    """Split a Markdown document into sections (text before the first heading is section 0).
+
+    HTML blocks (comments included) are kept as text, uninterpreted, up to their end marker."""
     sections = [Section(level=0, heading=None, path=[])]
     trail: list[tuple[int, str]] = []
     paragraph: list[str] = []
     fence: str | None = None
     fence_open = ""
     code_lines: list[str] = []
+    html_end: re.Pattern | None = None
 
     def flush_paragraph() -> None:
         if paragraph:
@@ -68,6 +90,18 @@ def parse_markdown(text: str) -> list[Section]:
                 fence, code_lines = None, []
             else:
                 code_lines.append(line)
+            continue
+        if html_end is not None:  # inside an HTML block: text, not Markdown, until its end marker
+            if html_end.search(line):
+                html_end = None
+            if line.strip():
+                paragraph.append(line)
+            else:
+                flush_paragraph()
+            continue
+        html_end = _html_block_end(line)
+        if html_end is not None:
+            paragraph.append(line)
             continue
         match = _FENCE_OPEN.match(line)
         if match and not (match.group(1)[0] == "`" and "`" in match.group(2)):

@@ -16,7 +16,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from rag_clean.encoders.base import EncoderError
-from rag_clean.storage.files import atomic_path
+from rag_clean.storage.atomic import atomic_path
+from rag_clean.storage.caches import read_json_cache
 
 
 def device_name(device) -> str:
@@ -31,11 +32,23 @@ DEFAULT_CUDA_TOKEN_BUDGET_CAP = 131072
 # Smallest budget worth running: below it the model does not fit at all.
 MIN_TOKEN_BUDGET = 64
 
+def _budget_entries(data) -> dict:
+    """{"<model>|<device>": {"token_budget": int > 0, ...}} or TypeError / ValueError."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    for key, entry in data.items():
+        budget = entry["token_budget"] if isinstance(entry, dict) else None
+        if type(budget) is not int or budget <= 0:
+            raise ValueError(f"entry {key!r} has no positive integer token_budget")
+    return data
+
+
 class BudgetStore:
     """Remembers the last safe token budget per (model, device name) in a small JSON file.
 
     Updates are read-modify-write under a file lock beside the store, so concurrent runs
-    (several assets on one host) never drop each other's entries; each write is atomic.
+    (several assets on one host) never drop each other's entries; each write is atomic. The file is a
+    cache: unreadable or of the wrong shape it is discarded with one warning, never an error.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -47,15 +60,8 @@ class BudgetStore:
         return f"{model}|{device}"
 
     def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EncoderError(f"token budget store {self.path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise EncoderError(f"token budget store {self.path}: expected a JSON object, got {type(data).__name__}")
-        return data
+        """The stored entries; a corrupt store is a cache (storage.caches): discarded with one warning."""
+        return read_json_cache(self.path, _budget_entries) or {}
 
     def get(self, model: str, device: str) -> int | None:
         entry = self._read().get(self.key(model, device))

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from rag_clean.chunking.rows import content_hash  # the chunks asset's key: the cache must use the same one
 from rag_clean.encoders.base import EncoderError
+from rag_clean.storage.caches import CACHE_ERRORS, discard_cache
 
 SCHEMA = pa.schema([("content_hash", pa.string()), ("ids", pa.large_list(pa.int32())), ("cut", pa.bool_())])
 
@@ -97,7 +98,7 @@ class CachedTokens:
             keys = hash_keys(self.hashes)
             self._order = np.argsort(keys, kind="stable")
             self._sorted = keys[self._order]
-        except (OSError, pa.ArrowInvalid, IndexError, ValueError) as exc:
+        except (pa.ArrowException, *CACHE_ERRORS) as exc:
             raise EncoderError(f"{path}: unreadable token cache ({exc})") from exc
 
     def find(self, hashes: list[str]) -> np.ndarray:
@@ -138,7 +139,12 @@ class TokenCachePass:
         self.path = path
         self.tokenizer = tokenizer
         self.n_end = n_end
-        self.cached = CachedTokens(path) if path.exists() else None
+        self.cached = None
+        if path.exists():
+            try:
+                self.cached = CachedTokens(path)
+            except EncoderError as exc:  # a cache: discarded with one warning, every row tokenized again
+                discard_cache(path, f"unreadable token cache ({exc.__cause__ or exc})")
         self.hits = self.misses = 0
         self._pending: list[np.ndarray] = []  # file rows of all-hit windows not yet written
         self._writer = None
@@ -186,7 +192,7 @@ class TokenCachePass:
 
     def _write(self, hashes, id_rows, cut_rows) -> None:
         if self._writer is None:
-            from rag_clean.storage.files import atomic_path
+            from rag_clean.storage.atomic import atomic_path
 
             tmp = self._stack.enter_context(atomic_path(self.path))
             schema = SCHEMA.with_metadata({"cap": str(self.tokenizer.max_length),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import Timeout, UnixFileLock
 
-from rag_clean.storage.files import write_json
+from rag_clean.storage.atomic import write_json
 
 
 def _safe_name(key: str) -> str:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.telemetry.records import ReuseCount
 from rag_clean.config.registry import ModelSpec
-from rag_clean.storage.files import write_table
+from rag_clean.storage.parquet import write_table
 
 # Bump when how a cached value is computed changes (e.g. the one-text-per-forward rule below).
 CACHE_VERSION = "retrieval-cache/1"

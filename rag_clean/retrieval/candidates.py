@@ -111,7 +111,7 @@ class SparseScorer:
                         known[d] = s
         missing = np.flatnonzero(~seen)
         if len(missing):
-            from rag_clean.storage.files import StorageError
+            from rag_clean.storage.errors import StorageError
 
             raise StorageError(f"sparse_vectors lacks {len(missing)} of the current chunks (first: row "
                                f"{int(missing[0])}): rematerialize sparse_vectors")

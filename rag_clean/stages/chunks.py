@@ -8,7 +8,6 @@ a copied storage root) is never trusted: the run then parses everything.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -18,7 +17,10 @@ import pyarrow.parquet as pq
 from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
 from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, StreamedChunks, stream_collection
 from rag_clean.telemetry.records import ChunksRecord, ReuseCount
-from rag_clean.storage.files import ColumnSpool, StorageError, read_arrow_table, temp_path_for
+from rag_clean.storage.arrow_io import ColumnSpool, read_arrow_table
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.parquet import TableWriter
+from rag_clean.storage.staged import abort_on_error
 
 _SIZE, _MTIME = b"chunks_file_size", b"chunks_file_mtime_ns"
 
@@ -54,19 +56,13 @@ def run_chunks_stage(folder: Path, chunks_path: Path, manifest_path: Path, confi
     previous = load_previous_chunks(chunks_path, manifest_path) if reuse else None
     spool = ColumnSpool(chunks_path, CHUNK_SCHEMA)
     result = stream_collection(folder, spool, config, previous=previous)
-    try:
+    with abort_on_error(spool):
         stat = os.stat(spool.staged_path)
         manifest = result.manifest.replace_schema_metadata(
             {_SIZE: str(stat.st_size), _MTIME: str(stat.st_mtime_ns), b"chunks_sha256": spool.content_digest})
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        staged = temp_path_for(manifest_path)
-        pq.write_table(manifest, staged, compression="zstd")
-        spool.add_side_file(staged, manifest_path)
-    except BaseException:
-        spool.abort()
-        with contextlib.suppress(NameError):
-            staged.unlink(missing_ok=True)
-        raise
+        side = TableWriter(manifest_path, manifest.schema)
+        spool.attach(side)  # published right after the chunks file, aborted with it
+        side.write(manifest)
     record = ChunksRecord(rows=result.rows, files_read=len(result.files_read), device="cpu",
                           skips=[{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped])
     record.reuse_counts["files"] = ReuseCount(result.files_reused, result.files_parsed, "files")

@@ -15,7 +15,8 @@ import pyarrow as pa
 from rag_clean.telemetry.records import StageRecord
 from rag_clean.config.registry import ModelSpec
 from rag_clean.storage.digests import DigestCache
-from rag_clean.storage.files import EmbeddingWriter, TableWriter
+from rag_clean.storage.embeddings import EmbeddingWriter
+from rag_clean.storage.parquet import TableWriter
 from rag_clean.telemetry.summary import utc_now
 
 log = logging.getLogger(__name__)

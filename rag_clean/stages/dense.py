@@ -14,7 +14,8 @@ from rag_clean.config.plan import RayPlan
 from rag_clean.telemetry.progress import ProgressLog, track
 from rag_clean.telemetry.records import DenseRecord, truncation_warning
 from rag_clean.config.registry import ModelSpec
-from rag_clean.storage.files import EmbeddingSet, EmbeddingWriter, StorageError
+from rag_clean.storage.embeddings import EmbeddingSet, EmbeddingWriter
+from rag_clean.storage.errors import StorageError
 from rag_clean.storage.reuse import ArrowTexts, complement, match_rows
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint
 from rag_clean.stages.joint import JointOutputs, JointSideFiles, load_joint_encoder
@@ -31,7 +32,7 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
 
     The model is loaded, used and released inside this call: one model resident at a time.
     With `joint` (a bge-m3 entry, see RunPlan.joint and stages.joint.joint_outputs) the same forward pass also yields the partner
-    sparse model's lexical rows and/or ColBERT vectors, written to side files published before returning.
+    sparse model's lexical rows and/or ColBERT vectors, written to side files attached to the returned writer (published right after it).
     With `ray` (RunPlan.ray) the rows to compute are encoded data-parallel on a Ray actor pool
     (rag_clean.distributed) and written into the same writer; a joint pass still runs in-process.
     `progress` gets a done/total, rate and ETA line at most every 10 s while the model encodes.
@@ -113,10 +114,9 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
             writer.write(reuse_dst[start:start + ROW_BLOCK], np.asarray(previous.vectors[reuse_src[start:start + ROW_BLOCK]]))
         writer.finish()
         if side is not None:
-            # Published now, not with the dense file (the IO manager publishes that after this returns). If
-            # that later publish fails, this cache stays; the sparse stage checks it row by row against the
-            # current chunks' content hashes and the model fingerprint, so it can never serve stale rows.
-            side.finish(exclude=pass_rows)
+            # Published right after the dense file, with it (writer.publish: the IO manager's one call).
+            for staged in side.finish(exclude=pass_rows):
+                writer.attach(staged)
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from rag_clean.retrieval.fusion import fuse_block, fused_dim
 from rag_clean.telemetry.records import FusedRecord, ReuseCount
-from rag_clean.storage.files import EmbeddingSet, EmbeddingWriter, StorageError
+from rag_clean.storage.embeddings import EmbeddingSet, EmbeddingWriter
+from rag_clean.storage.errors import StorageError
 from rag_clean.storage.reuse import complement, match_rows
 from rag_clean.stages.common import ROW_BLOCK
 

@@ -16,7 +16,10 @@ import pyarrow.parquet as pq
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.config.plan import JointPlan
 from rag_clean.config.registry import ModelSpec
-from rag_clean.storage.files import StorageError, publish, temp_path_for
+from rag_clean.storage.arrow_io import ArrowFileWriter
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.parquet import TableWriter
+from rag_clean.storage.staged import StagedFile
 from rag_clean.storage.reuse import complement, match_parquet, match_rows
 from rag_clean.stages.common import ROW_BLOCK, model_fingerprint, sparse_fingerprint
 from rag_clean.stages.sparse_rows import SparseScratch, VectorRowsScratch, scatter_previous
@@ -101,8 +104,7 @@ class JointSideFiles:
         self._prev_sparse: tuple[np.ndarray, np.ndarray] | None = None   # (current rows, file rows)
         self._prev_colbert: pa.Table | None = None
         self._prev_colbert_rows: tuple[np.ndarray, np.ndarray] | None = None
-        self._sparse_tmp = temp_path_for(joint.sparse_path) if joint.sparse_path else None
-        self._colbert_tmp = temp_path_for(joint.colbert_path) if joint.colbert_path else None
+        self._staged: list[StagedFile] = []  # the side files, once written (published with the dense file)
         self._scratch = (SparseScratch(joint.sparse_path, self.n, joint.sparse_spec.top_k, "joint")
                          if joint.sparse_path is not None else None)
         self._colbert_scratch: VectorRowsScratch | None = None
@@ -180,8 +182,9 @@ class JointSideFiles:
             self._colbert_rows().write_lists(rows[start:start + ROW_BLOCK], taken)
         return int(len(rows))
 
-    def finish(self, exclude: np.ndarray) -> None:
-        """Copy previous rows of chunks the pass skipped, then publish both files atomically."""
+    def finish(self, exclude: np.ndarray) -> list[StagedFile]:
+        """Copy previous rows of chunks the pass skipped, then write both staged side files; the caller
+        attaches them to the dense writer, which publishes them right after the dense file."""
         skipped = complement(exclude, self.n)
         if self._scratch is not None:
             if len(skipped):
@@ -189,15 +192,14 @@ class JointSideFiles:
                 pos = np.searchsorted(cur, skipped)
                 scatter_previous(self._scratch, self.joint.sparse_path, skipped, src[pos])
                 self.counts["sparse_reused"] = int(len(skipped))
-            self.joint.sparse_path.parent.mkdir(parents=True, exist_ok=True)
             schema = JOINT_SPARSE_SCHEMA.with_metadata({
                 "fingerprint": self.sparse_fp, "model": self.joint.sparse_spec.name, "dense_model": self.spec.name,
                 "loaded_source": self.loaded_source or self.spec.source})
-            with pq.ParquetWriter(self._sparse_tmp, schema, compression="zstd") as writer:
-                for start, stop, term_ids, weights in self._scratch.blocks():
-                    writer.write_table(pa.table([self.chunk_ids.slice(start, stop - start),
-                                                 self.hashes.slice(start, stop - start), term_ids, weights],
-                                                schema=schema))
+            out = self._stage(TableWriter(self.joint.sparse_path, schema))
+            for start, stop, term_ids, weights in self._scratch.blocks():
+                out.write(pa.table([self.chunk_ids.slice(start, stop - start),
+                                    self.hashes.slice(start, stop - start), term_ids, weights], schema=schema))
+            out.finish()
             self.counts["sparse_rows"] = self.n
             self._scratch.close()
             self._scratch = None
@@ -210,18 +212,20 @@ class JointSideFiles:
             schema = colbert_schema(self.colbert_dim, {"fingerprint": self.colbert_fp, "model": self.spec.name,
                                                        "loaded_source": self.loaded_source or self.spec.source})
             # In chunk order, block by block: an incremental file equals a full one.
-            with pa.OSFile(str(self._colbert_tmp), "wb") as sink, ipc.new_file(sink, schema) as writer:
-                for start, stop, vectors in scratch.blocks():
-                    writer.write_table(pa.table([self.chunk_ids.slice(start, stop - start),
-                                                 self.hashes.slice(start, stop - start), vectors], schema=schema))
+            out = self._stage(ArrowFileWriter(self.joint.colbert_path, schema))
+            for start, stop, vectors in scratch.blocks():
+                out.write(pa.table([self.chunk_ids.slice(start, stop - start),
+                                    self.hashes.slice(start, stop - start), vectors], schema=schema))
+            out.finish()
             self.counts["colbert_rows"] = self.n
             scratch.close()
             self._colbert_scratch = None
         self._prev_colbert = None  # drop the memory map of the file about to be replaced
-        if self._sparse_tmp is not None:
-            publish(self._sparse_tmp, self.joint.sparse_path)
-        if self._colbert_tmp is not None:
-            publish(self._colbert_tmp, self.joint.colbert_path)
+        return list(self._staged)
+
+    def _stage(self, writer: StagedFile) -> StagedFile:
+        self._staged.append(writer)
+        return writer
 
     def abort(self) -> None:
         if self._colbert_scratch is not None:
@@ -230,9 +234,9 @@ class JointSideFiles:
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
-        for tmp in (self._sparse_tmp, self._colbert_tmp):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+        staged, self._staged = self._staged, []
+        for writer in staged:
+            writer.abort()
 
     def record(self, *, extra_pass_rows: int) -> dict:
         return {

@@ -31,7 +31,8 @@ from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.flat import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, take_column
 from rag_clean.retrieval.cache import KeyedCache, RetrievalCaches, fingerprint, one_text_per_forward
 from rag_clean.stages.common import model_fingerprint
-from rag_clean.storage.files import EmbeddingSet, StorageError
+from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 

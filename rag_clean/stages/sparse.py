@@ -25,7 +25,7 @@ from rag_clean.telemetry.progress import ProgressLog, track
 from rag_clean.telemetry.records import ReuseCount, SparseRecord, truncation_warning
 from rag_clean.config.registry import ModelSpec, Registry
 from rag_clean.storage.reuse import ArrowTexts, complement, match_parquet
-from rag_clean.storage.files import TableWriter
+from rag_clean.storage.parquet import TableWriter
 from rag_clean.stages.common import ROW_BLOCK, sparse_fingerprint
 from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
 
@@ -210,7 +210,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
     available = 0
     try:
         for spec in specs:
-            scratch = SparseScratch(out.final_path, n, spec.top_k, spec.asset_name)
+            scratch = SparseScratch(out.path, n, spec.top_k, spec.asset_name)
             try:
                 fallback, reused = False, 0
                 source = (shared or {}).get(spec.name)

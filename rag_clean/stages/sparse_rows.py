@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.storage.files import temp_path_for
+from rag_clean.storage.errors import naming_disk_full
+from rag_clean.storage.staged import Scratch
 
 BLOCK = 16384  # rows per Parquet row group: the write of a block (Arrow lists + Parquet encoding) is the stage's largest transient
 
@@ -34,24 +35,27 @@ def _block_gather(starts, lengths) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _scratch_files(beside: Path, label: str, value_parts: tuple[str, ...], n: int):
-    """Temp paths beside the output for a scratch's value files, plus its per-row index: where each row's
+    """Scratch files beside the output for a scratch's values, plus its per-row index: where each row's
     values start and how many (-1: not written yet). File-backed, so a million rows cost page cache, not
-    anonymous memory. Returns (every path, open value files, starts, lengths)."""
+    anonymous memory. Returns (the Scratch that removes them all, open value files, starts, lengths)."""
     base = Path(beside)
     base.parent.mkdir(parents=True, exist_ok=True)
-    paths = [temp_path_for(base.with_name(f"{base.name}.{label}.{part}"))
-             for part in (*value_parts, "start.npy", "len.npy")]
-    files = [open(path, "wb+") for path in paths[:len(value_parts)]]
-    starts = np.lib.format.open_memmap(paths[-2], mode="w+", dtype=np.int64, shape=(n,))
-    lengths = np.lib.format.open_memmap(paths[-1], mode="w+", dtype=np.int32, shape=(n,))
+    scratch = Scratch(base)
+    try:
+        files = [scratch.open(f"{label}.{part}", "wb+") for part in value_parts]
+        starts = scratch.matrix(f"{label}.start.npy", np.int64, (n,))
+        lengths = scratch.matrix(f"{label}.len.npy", np.int32, (n,))
+    except BaseException:
+        scratch.drop()
+        raise
     lengths[:] = -1
-    return paths, files, starts, lengths
+    return scratch, files, starts, lengths
 
 
 class SparseScratch:
     def __init__(self, beside: Path, n: int, top_k: int, label: str):
         self.n, self.top_k, self.label = int(n), int(top_k), label
-        self._paths, (self._ids, self._weights), self.starts, self.lengths = _scratch_files(
+        self._scratch, (self._ids, self._weights), self.starts, self.lengths = _scratch_files(
             beside, label, ("ids.bin", "w.bin"), self.n)
         self._count = 0
 
@@ -70,8 +74,9 @@ class SparseScratch:
             raise ValueError(f"{self.label}: term ids and weights differ in length")
         starts = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-        self._weights.write(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
+        with naming_disk_full(self._scratch.beside):
+            self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+            self._weights.write(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
         self.starts[rows] = starts + self._count
         self.lengths[rows] = lengths
         self._count += int(lengths.sum())
@@ -107,8 +112,8 @@ class SparseScratch:
             raise ValueError(f"{self.label}: {len(missing)} rows never written (first: row {missing[0]})")
         for fh in (self._ids, self._weights):
             fh.flush()
-        ids = np.memmap(self._paths[0], dtype=np.int32, mode="r") if self._count else np.zeros(0, np.int32)
-        ws = np.memmap(self._paths[1], dtype=np.float32, mode="r") if self._count else np.zeros(0, np.float32)
+        ids = np.memmap(self._ids.name, dtype=np.int32, mode="r") if self._count else np.zeros(0, np.int32)
+        ws = np.memmap(self._weights.name, dtype=np.float32, mode="r") if self._count else np.zeros(0, np.float32)
         for start in range(0, self.n, BLOCK):
             stop = min(start + BLOCK, self.n)
             offsets, gather = _block_gather(self.starts[start:stop], self.lengths[start:stop])
@@ -121,11 +126,9 @@ class SparseScratch:
         return int(np.count_nonzero(np.asarray(self.lengths) > 0))
 
     def close(self) -> None:
-        for fh in (self._ids, self._weights):
-            fh.close()
+        """Remove the scratch files (also after a failed write: closing on a full disk raises, ignored)."""
         self.starts = self.lengths = None  # unmaps
-        for path in self._paths:
-            path.unlink(missing_ok=True)
+        self._scratch.drop()
 
 
 def _flat_list(column) -> pa.ListArray:
@@ -159,7 +162,7 @@ class VectorRowsScratch:
 
     def __init__(self, beside: Path, n: int, dim: int, label: str):
         self.n, self.dim, self.label = int(n), int(dim), label
-        self._paths, (self._values,), self.starts, self.lengths = _scratch_files(beside, label, ("vec.bin",), self.n)
+        self._scratch, (self._values,), self.starts, self.lengths = _scratch_files(beside, label, ("vec.bin",), self.n)
         self._count = 0  # token vectors written
 
     def _append(self, rows: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> None:
@@ -167,7 +170,8 @@ class VectorRowsScratch:
             raise ValueError(f"{self.label}: token vectors are not {self.dim}-d")
         starts = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        self._values.write(np.ascontiguousarray(flat, dtype=np.float32).tobytes())
+        with naming_disk_full(self._scratch.beside):
+            self._values.write(np.ascontiguousarray(flat, dtype=np.float32).tobytes())
         self.starts[rows] = starts + self._count
         self.lengths[rows] = lengths
         self._count += int(lengths.sum())
@@ -196,7 +200,7 @@ class VectorRowsScratch:
         if len(missing):
             raise ValueError(f"{self.label}: {len(missing)} rows never written (first: row {missing[0]})")
         self._values.flush()
-        values = (np.memmap(self._paths[0], dtype=np.float32, mode="r").reshape(-1, self.dim) if self._count
+        values = (np.memmap(self._values.name, dtype=np.float32, mode="r").reshape(-1, self.dim) if self._count
                   else np.zeros((0, self.dim), np.float32))
         for start in range(0, self.n, BLOCK):
             stop = min(start + BLOCK, self.n)
@@ -206,7 +210,5 @@ class VectorRowsScratch:
         del values
 
     def close(self) -> None:
-        self._values.close()
         self.starts = self.lengths = None
-        for path in self._paths:
-            path.unlink(missing_ok=True)
+        self._scratch.drop()

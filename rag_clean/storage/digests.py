@@ -4,18 +4,42 @@
 Re-hashing gigabytes of weights or a large collection on every run or sensor tick would dominate an
 incremental run, so each file's sha256 is kept with the size and mtime_ns it had; a file whose stat
 still matches is not read. An edit changes size or mtime_ns (or both), so it is re-read. The cache
-file (JSON, atomic writes) is only an accelerator: missing or unreadable, every file is hashed.
+file (JSON, atomic writes) is only an accelerator: missing, every file is hashed; unreadable or of the
+wrong shape, it is discarded with one warning (rag_clean.storage.caches) and every file is hashed.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 from pathlib import Path
 
-from rag_clean.storage.files import file_digest, write_json
+from rag_clean.storage.atomic import write_json
+from rag_clean.storage.caches import read_json_cache
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 CACHE_FORMAT = 3  # {"format": 3, "files": {key: [size, mtime_ns, sha256]}}
+
+
+def _cached_files(data) -> dict[str, list]:
+    """The entries of a cache file of this format; another format is an older cache (ignored, rewritten);
+    anything else raises (the file is discarded with a warning)."""
+    if isinstance(data, dict) and data.get("format") != CACHE_FORMAT and "format" in data:
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise TypeError("expected {\"format\": %d, \"files\": {...}}" % CACHE_FORMAT)
+    for key, entry in data["files"].items():
+        if not (isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is int and type(entry[1]) is int
+                and isinstance(entry[2], str) and len(entry[2]) == 64):
+            raise ValueError(f"entry {key!r} is not [size, mtime_ns, sha256]")
+    return data["files"]
 
 
 class DigestCache:
@@ -32,13 +56,7 @@ class DigestCache:
     def _load(self) -> dict[str, list]:
         if self.cache_file is None:
             return {}
-        try:
-            data = json.loads(self.cache_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("files"), dict):
-            return {}
-        return data["files"]
+        return read_json_cache(self.cache_file, _cached_files) or {}
 
     def digest(self, key: str, path: str | os.PathLike) -> str:
         """sha256 of the file (its stat follows symlinks); OSError if it cannot be read."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from rag_clean.storage.files import check_name, path_under
+from rag_clean.storage.names import check_name, path_under
 
 # Assets whose value is an embedding matrix (Arrow IPC, memory-mapped).
 EMBEDDING_ROOTS = ("dense_embeddings", "fused_embeddings")

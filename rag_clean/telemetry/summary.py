@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.telemetry.records import StageRecord
-from rag_clean.storage.files import write_json
+from rag_clean.storage.atomic import write_json
 
 SCHEMA_VERSION = "v4.2"
 LEGACY_VERSIONS = ("v4.1", "v4.0")

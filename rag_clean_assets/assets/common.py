@@ -64,7 +64,8 @@ def start_record(record: StageRecord, plan: RunPlan) -> StageRecord:
 def previous_embeddings(context: dg.AssetExecutionContext, plan: RunPlan, target: Path, unreadable: str):
     """The asset's stored matrix, memory-mapped, for reuse; None when reuse is off, there is none, or it is
     unreadable (then one warning line: `unreadable` says what happens instead)."""
-    from rag_clean.storage.files import StorageError, read_embeddings
+    from rag_clean.storage.embeddings import read_embeddings
+    from rag_clean.storage.errors import StorageError
 
     if not (plan.reuse_unchanged and target.exists()):
         return None

@@ -8,11 +8,11 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.exports.files import write_exports
+from rag_clean.exports.write import write_exports
 from rag_clean.telemetry.records import ExportsRecord
 from rag_clean.config.registry import Registry
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean.storage.files import EmbeddingSet
+from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean.telemetry.summary import build_summary, read_summary, utc_now
 from rag_clean_assets.assets.common import run_plan, stage_asset, start_record
 from rag_clean_assets.assets.dense import dense_asset_key

@@ -9,7 +9,7 @@ import pyarrow as pa
 from rag_clean.config.registry import Registry
 from rag_clean.stages import run_fusion_stage
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean.storage.files import EmbeddingSet
+from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets.assets.common import previous_embeddings, run_plan, stage_asset, staged_file, start_record
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions

@@ -13,7 +13,7 @@ from rag_clean.config.registry import Registry
 from rag_clean.retrieval.flat import check_queries_match, load_queries, queries_table
 from rag_clean.stages import run_retrieval_stage
 from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean.storage.files import EmbeddingSet
+from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.common import (
     add_lease,

@@ -19,7 +19,7 @@ from dagster._time import get_current_timestamp
 
 from pipeline_helpers import write_collection
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 from rag_clean_assets import definitions
 from rag_clean_assets.assets.common import BACKFILL_POLICY
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION

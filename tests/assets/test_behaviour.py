@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rag_clean.storage.files import read_embeddings, write_embeddings
+from rag_clean.storage.embeddings import read_embeddings, write_embeddings
 from rag_clean_assets.assets.fused import FUSED_KEY
 from rag_clean_assets.partitions import collections_partitions
 from tiny_models import write_tiny_registry

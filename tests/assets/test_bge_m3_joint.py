@@ -22,7 +22,7 @@ import rag_clean.encoders.factory as factory
 import rag_clean.encoders.flag as flag
 from rag_clean.config.registry import RegistryError, load_registry
 from rag_clean.storage.layout import StorageLayout
-from rag_clean.storage.files import read_arrow_table
+from rag_clean.storage.arrow_io import read_arrow_table
 from rag_clean.config.plan import build_run_plan
 from rag_clean.config.settings import EmbedderSettings
 from rag_clean.stages import joint_outputs

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 from rag_clean.encoders.factory import load_dense_encoder
 from rag_clean.exports.files import export_files, point_id
 from rag_clean.config.registry import load_registry
-from rag_clean.storage.files import file_digest, read_arrow_table, read_embeddings
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.digests import file_digest
+from rag_clean.storage.embeddings import read_embeddings
 
 # Words that appear nowhere in the documents: if they show up in an export, query text leaked.
 QUERIES = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from rag_clean.storage.files import read_arrow_table, read_embeddings
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.embeddings import read_embeddings
 
 
 def test_materialize_all_assets(pipeline):

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 import rag_clean.encoders.runner as runner
-from rag_clean.storage.files import read_arrow_table
+from rag_clean.storage.arrow_io import read_arrow_table
 
 from pipeline_helpers import Pipeline, write_collection
 from test_bge_m3_joint import write_registry as write_bge_m3_registry

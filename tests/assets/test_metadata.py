@@ -17,7 +17,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.storage.files import read_arrow_table
+from rag_clean.storage.arrow_io import read_arrow_table
 import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver

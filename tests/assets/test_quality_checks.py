@@ -70,3 +70,20 @@ def test_outputs_citing_removed_chunks_are_made_visible(tmp_path, tiny_registry_
     assert runs["by_stage"]["reranked"] == first.run_id
 
     assert _check(pipeline.materialize(), "outputs_cite_current_chunks").passed
+
+
+def test_a_failed_queries_step_does_not_certify_the_stale_outputs(tmp_path, tiny_registry_path, monkeypatch):
+    """Issue 22.2: an input file removed, then `queries` fails: `reranked` still cites the removed chunks, so
+    the check must not pass claiming they were rematerialized; it runs after queries / reranked or not at all."""
+    pipeline = _pipeline(tmp_path, tiny_registry_path, monkeypatch)
+    pipeline.materialize()
+    folder = tmp_path / "data" / "demo"
+    (folder / "notes.jsonl").unlink()
+    (folder / "queries.jsonl").write_text("{not json\n", encoding="utf-8")
+    failed = pipeline.materialize(raise_on_error=False)
+    assert not failed.success
+    assert not [e for e in failed.get_asset_check_evaluations()
+                if e.check_name == "outputs_cite_current_chunks" and e.passed]
+    # A later run without queries / reranked reads the stored files and says they are stale.
+    stale = _check(pipeline.materialize(selection=["chunks"]), "outputs_cite_current_chunks")
+    assert not stale.passed and "reranked (run " in stale.description

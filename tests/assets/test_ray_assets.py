@@ -10,7 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from rag_clean.distributed import ray_encode  # noqa: E402
-from rag_clean.storage.files import read_embeddings  # noqa: E402
+from rag_clean.storage.embeddings import read_embeddings  # noqa: E402
 
 from pipeline_helpers import Pipeline, write_collection  # noqa: E402
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow as pa
 
-from rag_clean.storage.files import EmbeddingSet
+from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets.checks import CHECK_BLOCK, _vector_problems
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from project_env import project_env
 
-from rag_clean.storage.files import read_arrow_table, read_embeddings
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.embeddings import read_embeddings
 from rag_clean.telemetry.summary import read_summary
 
 pytestmark = pytest.mark.e2e

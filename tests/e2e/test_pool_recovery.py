@@ -162,7 +162,8 @@ def test_next_writer_removes_only_dead_writers_temp_files(tmp_path):
     live writer's (here: a sleeping child process), its own, and files it cannot attribute."""
     import numpy as np
 
-    from rag_clean.storage.files import EmbeddingWriter, temp_path_for
+    from rag_clean.storage.atomic import temp_path_for
+    from rag_clean.storage.embeddings import EmbeddingWriter
 
     def temp_of(pid: int, name: str) -> Path:
         own = temp_path_for(tmp_path / name)

@@ -329,3 +329,21 @@ def test_help_documents_every_flag():
                  "--disable-sparse", "--sparse-models", "--config", "--env-file", "--registry", "--storage-root"):
         assert flag in text, flag
     assert "precedence" in text
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("latin1.md", "# Caf\xe9\n\nna\xefve text\n".encode("latin-1"), "latin1.md"),
+    ("cut_chunks.json", b'[{"text": "fine", "metadata": {"chunk_id": "a"}}, {"text": "cut', "cut_chunks.json"),
+])
+def test_failed_collection_error_line_names_the_file_and_keeps_the_cause(ws, capsys, name, content, expected):
+    """Issue 22.1: the per-collection error line keeps the engine's message naming the file, not only the
+    innermost cause (a bare UnicodeDecodeError / JSONDecodeError)."""
+    bad = ws.root / f"Bad_{name}" / "broken"
+    bad.mkdir(parents=True)
+    (bad / name).write_bytes(content)
+    args = ["--chunked-dir", str(bad.parent), "--registry", str(ws.registry), "--storage-root",
+            str(ws.root / f"store_{name}"), "--collections", "broken", "--disable-sparse", "--disable-rerank"]
+    assert main(args) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("   chunks:")]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert "Error" in lines[0]  # the cause (e.g. UnicodeDecodeError / JSONDecodeError) is still there

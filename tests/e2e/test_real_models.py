@@ -20,7 +20,8 @@ import pytest
 
 from rag_clean.config.registry import DEFAULT_REGISTRY_PATH, load_registry
 from rag_clean.retrieval.metrics import ranking_metrics
-from rag_clean.storage.files import read_arrow_table, read_embeddings
+from rag_clean.storage.arrow_io import read_arrow_table
+from rag_clean.storage.embeddings import read_embeddings
 from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.checks import build_checks
 from rag_clean_assets.definitions import build_assets, build_resources

@@ -9,7 +9,7 @@ import pytest
 
 from rag_clean.chunking import ChunkingConfig, ChunkingError
 from rag_clean.stages.chunks import run_chunks_stage
-from rag_clean.storage.files import read_arrow_table
+from rag_clean.storage.arrow_io import read_arrow_table
 
 DOC = "# Guide\n\nInstall the driver first. Then restart the server and check the logs.\n\n## Notes\n\n{}\n"
 

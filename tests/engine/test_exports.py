@@ -18,11 +18,12 @@ from rag_clean.exports.files import (
     export_files,
     model_file_part,
     point_id,
-    write_exports,
 )
+from rag_clean.exports.write import write_exports
 from rag_clean.retrieval.fusion import fuse_block
 from rag_clean.stages import SPARSE_SCHEMA
-from rag_clean.storage.files import file_digest, read_embeddings, write_embeddings
+from rag_clean.storage.digests import file_digest
+from rag_clean.storage.embeddings import read_embeddings, write_embeddings
 
 LONG_TEXT = "install the gpu driver " * 40  # > 500 chars: the preview must cut it
 
@@ -188,7 +189,7 @@ def test_npy_files_are_what_numpy_saves(tmp_path, stored):
 
 def _changed(tmp_path, stored):
     """The stored assets after an edit (row 2: new text and vectors), a removal (row 0) and an addition."""
-    from rag_clean.storage.files import read_embeddings as read, write_embeddings as write
+    from rag_clean.storage.embeddings import read_embeddings as read, write_embeddings as write
 
     chunks, dense, fused, sparse = stored
     rows = chunks.to_pylist()
@@ -250,7 +251,7 @@ def test_unchanged_lines_are_copied_and_the_export_equals_a_full_one(tmp_path, s
 def test_sparse_from_the_parquet_file_streams_and_equals_the_table(tmp_path, stored):
     import pyarrow.parquet as pq
 
-    from rag_clean.exports.files import _sparse_by_model
+    from rag_clean.exports.inputs import sparse_by_model
 
     chunks, dense, fused, sparse = stored
     want, _ = write_exports(tmp_path / "table", "docs", chunks, dense, fused, sparse=sparse, sparse_models=["splade"])
@@ -260,7 +261,7 @@ def test_sparse_from_the_parquet_file_streams_and_equals_the_table(tmp_path, sto
         path = tmp_path / f"{name}.parquet"
         pq.write_table(table, path, row_group_size=2)
         file = pq.ParquetFile(path)
-        rows = _sparse_by_model(file, ["splade"], chunks, block_rows=2)[0]
+        rows = sparse_by_model(file, ["splade"], chunks, block_rows=2)[0]
         assert (rows.file is not None) == (name == "ordered")  # streamed only when stored in chunk order
         got, _ = write_exports(tmp_path / name, "docs", chunks, dense, fused, sparse=file, sparse_models=["splade"],
                                block_rows=2)

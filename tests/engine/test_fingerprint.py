@@ -17,7 +17,7 @@ import rag_clean.stages.common as common
 from rag_clean.config.registry import load_registry
 from rag_clean.stages import run_dense_stage, run_sparse_stage
 from rag_clean.stages.common import model_fingerprint, sparse_fingerprint
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 
 TEXTS = ["install the gpu driver", "rerank the results", "query the index", "the embedding model"]
 

@@ -14,7 +14,7 @@ from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
 from rag_clean.retrieval.flat import heading_queries, mask_heading, masked_gold_texts
 from rag_clean.stages import run_dense_stage, run_fusion_stage, run_retrieval_stage, run_sparse_stage
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "collections" / "sample"
 

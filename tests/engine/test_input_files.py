@@ -15,7 +15,9 @@ import pytest
 
 from rag_clean.chunking import ChunkingError, read_collection
 from rag_clean.retrieval.flat import QueryFileError, load_queries
-from rag_clean.storage.files import StorageError, read_embeddings, read_table, write_embeddings, write_table
+from rag_clean.storage.embeddings import read_embeddings, write_embeddings
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.parquet import read_table, write_table
 from file_helpers import write
 
 GOOD_MD = "# Guide\n\nGuide text that is embedded.\n"

@@ -23,7 +23,8 @@ from rag_clean.distributed import ray_encode  # noqa: E402
 from rag_clean.config.plan import RayPlan  # noqa: E402
 from rag_clean.config.registry import load_registry  # noqa: E402
 from rag_clean.stages import run_dense_stage, run_sparse_stage  # noqa: E402
-from rag_clean.storage.files import EmbeddingWriter, file_digest, read_embeddings  # noqa: E402
+from rag_clean.storage.digests import file_digest  # noqa: E402
+from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings
 from tiny_models import TEST_WORDS  # noqa: E402
 
 ATOL = 1e-5

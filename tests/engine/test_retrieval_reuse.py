@@ -18,7 +18,7 @@ from rag_clean.stages.dense import run_dense_stage
 from rag_clean.stages.fusion import run_fusion_stage
 from rag_clean.stages.retrieval import _sparse_blocks, run_retrieval_stage
 from rag_clean.stages.sparse import run_sparse_stage
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 
 WORDS = ["install", "rerank", "query", "vector", "chunk", "model", "config", "server"]
 

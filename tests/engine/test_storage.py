@@ -6,19 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rag_clean.storage.files import (
-    EmbeddingWriter,
-    StorageError,
-    atomic_path,
-    check_name,
-    path_under,
-    read_embeddings,
-    read_table,
-    write_arrow_table,
-    write_embeddings,
-    write_json,
-    write_table,
-)
+from rag_clean.storage.arrow_io import write_arrow_table
+from rag_clean.storage.atomic import atomic_path, write_json
+from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings, write_embeddings
+from rag_clean.storage.errors import StorageError
+from rag_clean.storage.names import check_name, path_under
+from rag_clean.storage.parquet import read_table, write_table
 
 
 def _leftovers(folder):
@@ -153,7 +146,7 @@ def _chunk_like(n: int, start: int = 0) -> pa.Table:
 
 
 def test_column_spool_writes_one_memory_mapped_batch_equal_to_its_input(tmp_path):
-    from rag_clean.storage.files import ColumnSpool, read_arrow_table
+    from rag_clean.storage.arrow_io import ColumnSpool, read_arrow_table
 
     table = _chunk_like(40)
     spool = ColumnSpool(tmp_path / "c.arrow", table.schema)
@@ -172,7 +165,7 @@ def test_column_spool_writes_one_memory_mapped_batch_equal_to_its_input(tmp_path
 
 
 def test_column_spool_abort_leaves_nothing_and_old_file_intact(tmp_path):
-    from rag_clean.storage.files import ColumnSpool, read_arrow_table
+    from rag_clean.storage.arrow_io import ColumnSpool, read_arrow_table
 
     write_arrow_table(_chunk_like(3), tmp_path / "c.arrow")
     spool = ColumnSpool(tmp_path / "c.arrow", _chunk_like(1).schema)
@@ -184,7 +177,7 @@ def test_column_spool_abort_leaves_nothing_and_old_file_intact(tmp_path):
 
 
 def test_read_arrow_table_names_truncated_file(tmp_path):
-    from rag_clean.storage.files import read_arrow_table
+    from rag_clean.storage.arrow_io import read_arrow_table
 
     path = tmp_path / "c.arrow"
     write_arrow_table(_chunk_like(10), path)
@@ -194,7 +187,7 @@ def test_read_arrow_table_names_truncated_file(tmp_path):
 
 
 def test_embedding_writer_takes_arrow_columns_and_set_exposes_zero_copy_ids(tmp_path):
-    from rag_clean.storage.files import read_arrow_table
+    from rag_clean.storage.arrow_io import read_arrow_table
 
     write_arrow_table(_chunk_like(30), tmp_path / "c.arrow")
     chunks = read_arrow_table(tmp_path / "c.arrow")
@@ -212,7 +205,7 @@ def test_embedding_writer_takes_arrow_columns_and_set_exposes_zero_copy_ids(tmp_
 
 
 def test_duplicate_id_rows_finds_every_repeat_across_blocks(tmp_path):
-    from rag_clean.storage.files import duplicate_id_rows
+    from rag_clean.chunking.duplicates import duplicate_id_rows
 
     ids = [f"id{i}" for i in range(1000)] + ["id7", "id999", "id7"]
     groups = duplicate_id_rows(pa.array(ids), block=64)
@@ -221,7 +214,7 @@ def test_duplicate_id_rows_finds_every_repeat_across_blocks(tmp_path):
 
 
 def test_ids_absent_names_only_the_missing_wanted_ids():
-    from rag_clean.storage.files import ids_absent
+    from rag_clean.storage.arrow_io import ids_absent
 
     column = pa.chunked_array([pa.array([f"c{i}" for i in range(5000)])])
     assert ids_absent({"c3", "c4999", "gone", "x"}, column) == {"gone", "x"}

@@ -15,7 +15,7 @@ from rag_clean.chunking import read_collection
 from rag_clean.config.registry import load_registry
 from rag_clean.retrieval.flat import heading_queries
 from rag_clean.stages import RetrievalConfig, run_dense_stage, run_fusion_stage, run_retrieval_stage, run_sparse_stage
-from rag_clean.storage.files import read_embeddings
+from rag_clean.storage.embeddings import read_embeddings
 from rag_clean.telemetry.summary import SCHEMA_VERSION, V41_KEYS, TelemetryError, build_summary, read_summary
 
 # A v4.1 summary as the old embedder wrote it (hand-written from the key list).

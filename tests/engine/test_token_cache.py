@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from rag_clean.encoders.base import EncoderError
 from rag_clean.encoders.factory import load_dense_encoder, load_sparse_encoder
 from rag_clean.encoders.token_cache import TokenCache, content_hash
 from rag_clean.encoders.tokenize import Tokenizer, tokenize_windows
@@ -130,13 +129,28 @@ def test_the_default_models_share_one_tokenizer_fingerprint_and_others_do_not(re
     assert Tokenizer(minilm_tokenizer, 256, lowercase=False).fingerprint not in prints  # lowercasing changes ids
 
 
-def test_unreadable_cache_file_is_one_clear_error(tmp_path, minilm_tokenizer):
+@pytest.mark.parametrize("content", [b"not arrow", "wrong shape"])
+def test_unreadable_cache_file_is_discarded_with_one_warning(tmp_path, minilm_tokenizer, caplog, content):
+    """A cache (issue 22 item 5): garbage bytes or an Arrow file of another shape never stop the encode pass;
+    one warning names the file, every row is tokenized again and the file is rewritten whole."""
+    import pyarrow as pa
+
     tok = Tokenizer(minilm_tokenizer, 64, lowercase=True)
     cache = TokenCache(lambda fp: tmp_path / f"{fp}.arrow")
-    (tmp_path / f"{tok.fingerprint}.arrow").write_bytes(b"not arrow")
-    with pytest.raises(EncoderError, match=r"\.arrow: unreadable token cache"):
-        with cache.attach(SimpleNamespace(tokenizer=tok, stats=None)):
-            pass
+    path = tmp_path / f"{tok.fingerprint}.arrow"
+    if content == "wrong shape":
+        with pa.ipc.new_file(str(path), pa.schema([("x", pa.int64())])) as writer:
+            writer.write_table(pa.table({"x": [1, 2]}))
+    else:
+        path.write_bytes(content)
+    with caplog.at_level("WARNING"):
+        got, info = _cached_ids(cache, tok, TEXTS)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "discarded" in warnings[0], warnings
+    assert got == _ids(Tokenizer(minilm_tokenizer, 64, lowercase=True), TEXTS)
+    assert info["hits"] == 0 and info["misses"] == len(TEXTS)
+    _, info = _cached_ids(cache, tok, TEXTS)  # rewritten: a readable cache again
+    assert info["misses"] == 0
 
 
 def test_off_switch_and_content_hash(monkeypatch, tmp_path):
@@ -151,7 +165,7 @@ def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
     import pyarrow as pa
 
     from rag_clean.stages import run_dense_stage, run_sparse_stage
-    from rag_clean.storage.files import read_embeddings
+    from rag_clean.storage.embeddings import read_embeddings
 
     texts = TEXTS * 2
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))],
