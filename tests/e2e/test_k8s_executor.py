@@ -109,8 +109,18 @@ def cluster(tmp_path_factory, tiny_registry_path):
         _ok(run)
         print(f"\nin-process run {in_process_s:.1f} s; k8s_job_executor run ({runtime_name()} pods) {cluster_s:.1f} s")
         api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        core = kubernetes.client.CoreV1Api(api)
+        _wait_for_pods_to_end(core)
         yield {"tmp": tmp, "env": env, "in_process": in_process, "server": server, "run": run,
-               "core": kubernetes.client.CoreV1Api(api), "batch": kubernetes.client.BatchV1Api(api)}
+               "core": core, "batch": kubernetes.client.BatchV1Api(api)}
+
+
+def _wait_for_pods_to_end(core, timeout: float = 120) -> None:
+    """A run ends when its steps' events say so; a pod (a container above all) may still be exiting."""
+    deadline = time.monotonic() + timeout
+    while any(p.status.phase not in ("Succeeded", "Failed") for p in core.list_namespaced_pod(NAMESPACE).items):
+        assert time.monotonic() < deadline, "step pods still running after the run ended"
+        time.sleep(0.5)
 
 
 def _step_pods(core, since: set[str] = frozenset()) -> dict[str, object]:
@@ -187,6 +197,7 @@ def test_a_step_over_its_memory_limit_fails_the_run_and_a_rerun_succeeds(cluster
     failed = _materialize({**env, pods.POD_CONFIG_ENV: str(small_config)}, tmp, select="/".join(DENSE_A[:2]))
 
     assert failed.returncode != 0
+    _wait_for_pods_to_end(core)
     (pod,) = [p for k, p in _step_pods(core, earlier).items() if k == "dense_embeddings__tiny_a"]
     assert pod.spec.containers[0].resources.limits["memory"] == "64Mi"
     terminated = pod.status.container_statuses[0].state.terminated
@@ -198,5 +209,7 @@ def test_a_step_over_its_memory_limit_fails_the_run_and_a_rerun_succeeds(cluster
 
     rerun_from = {p.metadata.name for p in core.list_namespaced_pod(NAMESPACE).items}
     _ok(_materialize(env, tmp, select="/".join(DENSE_A[:2])))
-    assert "dense_embeddings__tiny_a" in _step_pods(core, rerun_from)
+    _wait_for_pods_to_end(core)
+    rerun = _step_pods(core, rerun_from)["dense_embeddings__tiny_a"]
+    assert rerun.status.container_statuses[0].state.terminated.exit_code == 0
     assert dense_file.read_bytes() == before[0]

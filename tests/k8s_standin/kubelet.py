@@ -9,8 +9,8 @@ with one clear line, what this stand-in cannot honour. Two runtimes start it:
   sampling the pod's process tree's RSS (SIGKILL above it, exit 137, reason OOMKilled, as the cgroup
   OOM killer would).
 - `PodmanRuntime` (opt-in): `podman run` of the pod's image with its env, volumes (bind mounts),
-  `--memory` / `--cpus` from the limits, the user of its securityContext; exit code and OOMKilled from
-  podman.
+  `--memory` / `--cpus` from the limits, the user of its securityContext; exit code from podman, and
+  OOMKilled from podman or, where podman misses it (4.3 + runc on cgroup v1), the kernel's OOM log.
 
 Neither models image pulls, node selectors, tolerations or GPU devices: an `nvidia.com/gpu` limit is
 read and reported, never granted.
@@ -266,8 +266,16 @@ class _PodmanPod(RunningPod):
     def wait(self) -> Exit:
         rc = self.proc.wait()
         self._log.close()
-        state = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.OOMKilled}}", self.container],
-                               capture_output=True, text=True)
-        self.oom_killed = state.stdout.strip() == "true"
+        state = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.OOMKilled}} {{.Id}}", self.container],
+                               capture_output=True, text=True).stdout.split()
+        if len(state) == 2:
+            self.oom_killed = state[0] == "true" or (rc == 137 and _memcg_oom_logged(state[1]))
         subprocess.run([*PODMAN, "rm", "-f", self.container], capture_output=True)
         return self._exit(rc)
+
+
+def _memcg_oom_logged(container_id: str) -> bool:
+    """Whether the kernel's OOM killer acted on this container's memory cgroup. Podman 4.3 with runc on
+    cgroup v1 leaves State.OOMKilled false after a cgroup OOM kill; the kernel log names the cgroup."""
+    log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    return any("oom-kill:" in line and f"libpod-{container_id}" in line for line in log.splitlines())
