@@ -8,8 +8,10 @@
 # Env: IMAGE (tag to build), BASE (base image tag), BASE_ROOTFS (reuse a debootstrapped folder),
 #      TORCH_WHEEL (a CPU torch wheel for Python 3.11; default: the newest under /opt/wheels),
 #      WORK (scratch folder, default /var/tmp/rag_clean-k8s).
-# Needs root, debootstrap and podman (Debian: apt-get install -y debootstrap podman). On hosts with
-# hybrid cgroups podman needs runc and explicit ulimits (docs/scaling.md, "Checked without a cluster").
+# Needs root, debootstrap, podman and runc (Debian: apt-get install -y debootstrap podman runc; podman
+# alone brings crun, which fails on hybrid cgroups). pip inside the build trusts the host CA bundle
+# (CA_BUNDLE, mounted only while building) for machines behind a TLS-intercepting proxy.
+# docs/scaling.md, "Checked without a cluster".
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,8 +22,8 @@ BASE_ROOTFS="${BASE_ROOTFS:-$WORK/rootfs}"
 PODMAN=(podman --runtime runc)
 LIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=4096:4096)
 
-for tool in podman debootstrap; do
-  command -v "$tool" >/dev/null || { echo "build_local_image.sh: $tool not found (apt-get install -y debootstrap podman)" >&2; exit 2; }
+for tool in podman runc debootstrap; do
+  command -v "$tool" >/dev/null || { echo "build_local_image.sh: $tool not found (apt-get install -y debootstrap podman runc)" >&2; exit 2; }
 done
 if [[ -z "${TORCH_WHEEL:-}" ]]; then
   TORCH_WHEEL="$(ls /opt/wheels/torch-*+cpu-cp311-*.whl 2>/dev/null | sort -V | tail -1 || true)"

@@ -11,7 +11,7 @@
 #
 #   scripts/k8s_container_demo.sh            # REBUILD=1 to rebuild the image first
 #
-# Needs root, podman + runc (+ debootstrap for the base), the project's venv (.venv) with dagster-k8s.
+# Needs root, podman + runc (+ debootstrap for the base; apt-get install -y debootstrap podman runc), the project's venv (.venv) with dagster-k8s.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
