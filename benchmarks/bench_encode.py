@@ -239,8 +239,8 @@ def timed(fn, device):
 def stream_dense_to_file(encoder, texts, path: Path) -> np.ndarray:
     """What the pipeline does: every batch goes straight into a memory-mapped file."""
     out = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=(len(texts), encoder.dim))
-    for idx, vecs in encoder.encode(texts):
-        out[idx] = vecs
+    for batch in encoder.encode(texts):
+        out[batch.rows] = batch.dense
     out.flush()
     return out
 
@@ -441,8 +441,8 @@ def bench_sparse(shape, path, texts, lengths, args, log) -> dict:
         rows = {}
 
         def run():
-            for idx, batch in enc.encode(texts):
-                for i, r in zip(idx.tolist(), batch):
+            for batch in enc.encode(texts):
+                for i, r in zip(batch.rows.tolist(), batch.lexical):
                     if i < ref_n:
                         rows[i] = r
         _, s, rss, vram = timed(run, device)

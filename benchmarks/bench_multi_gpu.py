@@ -36,8 +36,8 @@ def encode(spec, texts, devices: list[str], out: Path) -> dict:
     for d in devices:
         torch.cuda.synchronize(d)
     t0 = time.perf_counter()
-    for idx, vectors in encoder.encode(texts):
-        matrix[idx] = vectors
+    for batch in encoder.encode(texts):
+        matrix[batch.rows] = batch.dense
     for d in devices:
         torch.cuda.synchronize(d)
     seconds = time.perf_counter() - t0

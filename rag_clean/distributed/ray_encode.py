@@ -1,8 +1,9 @@
 """Data-parallel dense and sparse encoding on a Ray cluster: a pool of actors, one model load each.
 
 The stage decides which rows to compute (reuse of unchanged chunks happens before this module is
-called), then hands them to `RayShardedEncoder`, which looks like a local encoder (`dim`, `encode`,
-`stats`, `close`) so the stage writes its results into the same writer as on the in-process path.
+called), then hands them to `RayShardedEncoder`, which looks like a local encoder (`dim`, `heads`, `encode`
+yielding `Encoded` batches, `stats`, `close`) so the stage writes its results into the same writer as on the
+in-process path. Workers tokenize their shards themselves (the source's texts; no token cache on Ray).
 
 - Rows are ordered by text length (longest first) and cut into shards of `shard_rows`: a shard holds
   texts of similar length (little padding), and the longest shards start first, so no long shard is
@@ -38,6 +39,9 @@ import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+
+from rag_clean.encoders.base import Encoded
+from rag_clean.encoders.tokens import TokenSource
 
 import numpy as np
 
@@ -131,12 +135,12 @@ class _Worker:
         self.load(key, job)
         before = self._marks()
         idx_parts, payload = [], []
-        for idx, rows in self.encoder.encode(texts):
-            idx_parts.append(np.asarray(idx, dtype=np.int64))
+        for batch in self.encoder.encode(texts):
+            idx_parts.append(np.asarray(batch.rows, dtype=np.int64))
             if self.kind == "dense":
-                payload.append(np.asarray(rows, dtype=np.float32))
+                payload.append(np.asarray(batch.dense, dtype=np.float32))
             else:
-                payload.extend(rows)
+                payload.extend(batch.lexical)
         idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.int64)
         if self.kind == "dense":
             payload = np.concatenate(payload) if payload else np.zeros((0, self.encoder.dim), dtype=np.float32)
@@ -218,6 +222,7 @@ class RayShardedEncoder:
         if kind not in ("dense", "sparse"):
             raise ValueError(f"kind must be 'dense' or 'sparse', got {kind!r}")
         self.kind, self.spec, self.plan = kind, spec, plan
+        self.heads = ("dense",) if kind == "dense" else ("lexical",)
         self._ray = ray = connect(plan)
         self._key = f"{spec.name}/{uuid.uuid4().hex}"
         self._job = ray.put((kind, spec, loader, loader_kwargs))   # shipped once, named by every shard
@@ -255,10 +260,10 @@ class RayShardedEncoder:
                         self.plan.actors, room, cpus, gpus, n)
         return n
 
-    def encode(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, Any]]:
-        """Yield (row indices into `texts`, vectors [b, dim] | [(term_ids, weights)] per row), shard by shard."""
+    def encode(self, rows: TokenSource | Sequence[str]) -> Iterator[Encoded]:
+        """One Encoded per shard (rows: indices into `rows`; the dense or the lexical head), as shards finish."""
         ray = self._ray
-        texts = list(texts)
+        texts = list(TokenSource.of(rows).texts)
         shards = length_sorted_shards(texts, self.plan.shard_rows)
         queue = deque(range(len(shards)))
         pending: dict = {}                      # object ref -> (shard_no, actor)
@@ -285,7 +290,7 @@ class RayShardedEncoder:
                 self._batches += batches
                 self._ooms += ooms
                 self.shard_workers.append((shard_no, pid))
-                yield shards[shard_no][idx], payload
+                yield Encoded(shards[shard_no][idx], **{self.heads[0]: payload})
         finally:
             self._wall += time.perf_counter() - t0
             for ref in pending:  # the consumer stopped early (an error downstream): drop queued work
@@ -349,11 +354,11 @@ def _encode_sharded(kind: str, spec: ModelSpec, texts: Sequence[str], plan: RayP
         encoder.close()
 
 
-def encode_dense_sharded(spec: ModelSpec, texts: Sequence[str], plan: RayPlan, **kwargs) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row indices, vectors) for `texts`, encoded on Ray; the actors end when the iterator does."""
+def encode_dense_sharded(spec: ModelSpec, texts: Sequence[str], plan: RayPlan, **kwargs) -> Iterator[Encoded]:
+    """Encoded batches (the dense head) of `texts`, encoded on Ray; the actors end when the iterator does."""
     return _encode_sharded("dense", spec, texts, plan, **kwargs)
 
 
-def encode_sparse_sharded(spec: ModelSpec, texts: Sequence[str], plan: RayPlan, **kwargs) -> Iterator[tuple[np.ndarray, list]]:
-    """(row indices, [(term_ids, weights)] per row) for `texts`, encoded on Ray."""
+def encode_sparse_sharded(spec: ModelSpec, texts: Sequence[str], plan: RayPlan, **kwargs) -> Iterator[Encoded]:
+    """Encoded batches (the lexical head) of `texts`, encoded on Ray."""
     return _encode_sharded("sparse", spec, texts, plan, **kwargs)

@@ -12,6 +12,8 @@ _EXPORTS = {
     "BudgetStore": "rag_clean.encoders.budget",
     "BudgetController": "rag_clean.encoders.budget",
     "EncoderError": "rag_clean.encoders.base",
+    "Encoded": "rag_clean.encoders.base",
+    "TokenSource": "rag_clean.encoders.tokens",
 }
 
 __all__ = sorted(_EXPORTS)

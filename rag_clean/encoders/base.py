@@ -1,8 +1,10 @@
 """Contracts shared by every encoder backend (dense, sparse, rerank).
 
 Backends live beside this module; `rag_clean.encoders.factory` picks one from a ModelSpec.
-Every encoder streams: `encode` yields batches as they finish, so callers write them to
-storage without holding the collection's vectors twice.
+Every encoder streams: `encode(rows)` yields one `Encoded` per finished batch (the rows' indices and
+the heads the model computed), so callers write them to storage without holding the collection's
+vectors twice. `rows` is a `TokenSource` (rag_clean.encoders.tokens: texts, content hashes, token
+cache) or a plain sequence of texts.
 """
 
 from __future__ import annotations
@@ -15,9 +17,34 @@ import numpy as np
 
 from rag_clean.config.registry import ModelSpec
 
+# What a forward pass can give per row. A backend computes a fixed subset (`Encoder.heads`); bge-m3
+# computes any subset of dense / lexical / colbert in one pass.
+HEADS = ("dense", "lexical", "colbert", "score")
+
+SparseRow = tuple[np.ndarray, np.ndarray]  # (term_ids int32 [k], weights float32 [k]), heaviest first
+
 
 class EncoderError(RuntimeError):
     """An encoder cannot run: the message names the model and the problem."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One finished batch of any encoder: which input rows, and each head the encoder computed (None otherwise)."""
+
+    rows: np.ndarray                          # int64 [b]: indices into the encoder's input, any order, each once
+    dense: np.ndarray | None = None           # float32 [b, dim], L2-normalized, the model's native width
+    lexical: list[SparseRow] | None = None    # per row: zero weights dropped, heaviest first, at most top_k terms
+    colbert: list[np.ndarray] | None = None   # per row: float32 [tokens - 1, dim], one vector per real token after CLS
+    score: np.ndarray | None = None           # float32 [b]: relevance of (query, passage) pairs
+
+    def head(self, name: str):
+        """The head `name`, or an error naming what this batch holds."""
+        value = getattr(self, name, None) if name in HEADS else None
+        if value is None:
+            held = [h for h in HEADS if getattr(self, h) is not None]
+            raise EncoderError(f"encoder output has no {name!r} head (it has {held})")
+        return value
 
 
 @dataclass
@@ -82,56 +109,51 @@ class EncodeStats:
         return out
 
 
-class DenseEncoder(abc.ABC):
-    """Maps texts to L2-normalized float32 vectors of width `dim`."""
+class Encoder(abc.ABC):
+    """What every encoder of texts exposes: the heads it computes, its stats, encode and close."""
 
     spec: ModelSpec
-    dim: int
     stats: EncodeStats
+    heads: tuple[str, ...]
 
     @abc.abstractmethod
-    def encode(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row_indices int64 [b], vectors float32 [b, dim]) in any order, every index once.
-
-        Rows are L2-normalized. Matryoshka truncation (spec.truncate_dim) is applied by the
-        caller (rag_clean.retrieval.fusion.truncate_and_normalize), so `dim` is the model's native width.
-        """
-
-    def encode_all(self, texts: Sequence[str]) -> np.ndarray:
-        """Convenience for small inputs (queries, tests): the whole matrix in input order."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for idx, vecs in self.encode(texts):
-            out[idx] = vecs
-        return out
-
-    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        prefix = self.spec.query_instruction or ""
-        return self.encode_all([prefix + t for t in texts])
+    def encode(self, rows) -> Iterator[Encoded]:
+        """Yield one Encoded per finished batch, in any order, every row once, with the heads of `self.heads`.
+        `rows`: a TokenSource (rag_clean.encoders.tokens; not imported here, it imports this module) or texts."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Release the model and its device memory (exclusive ensemble: before the next model loads)."""
 
 
-class SparseEncoder(abc.ABC):
-    """Maps texts to term weights over a vocabulary, pruned to the top-k terms per text."""
+class DenseEncoder(Encoder):
+    """Maps texts to L2-normalized float32 vectors of width `dim` (the `dense` head).
 
-    spec: ModelSpec
+    Matryoshka truncation (spec.truncate_dim) is applied by the caller
+    (rag_clean.retrieval.fusion.truncate_and_normalize), so `dim` is the model's native width.
+    """
+
+    dim: int
+
+    def encode_all(self, texts: Sequence[str]) -> np.ndarray:
+        """Convenience for small inputs (queries, tests): the whole matrix in input order."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for batch in self.encode(texts):
+            out[batch.rows] = batch.dense
+        return out
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        prefix = self.spec.query_instruction or ""
+        return self.encode_all([prefix + t for t in texts])
+
+
+class SparseEncoder(Encoder):
+    """Maps texts to term weights over a vocabulary, pruned to the top-k terms per text (the `lexical` head)."""
+
     vocab_size: int
-    stats: EncodeStats
-
-    @abc.abstractmethod
-    def encode(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]]:
-        """Yield (row_indices int64 [b], [(term_ids int32 [k], weights float32 [k]) per row]).
-
-        Terms of each row sorted by weight, descending; zero weights dropped; at most spec.top_k.
-        """
 
     def decode_terms(self, term_ids: Sequence[int]) -> list[str]:
         raise NotImplementedError
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
 
 
 class Reranker(abc.ABC):
@@ -140,6 +162,7 @@ class Reranker(abc.ABC):
     spec: ModelSpec
     scorer_id: str  # what produced the scores, e.g. "cross-encoder:BAAI/bge-reranker-v2-m3"
     stats: EncodeStats
+    heads: tuple[str, ...] = ("score",)
 
     @abc.abstractmethod
     def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:

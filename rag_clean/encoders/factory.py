@@ -81,7 +81,7 @@ def load_dense_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *, budg
     """Dense encoder for `spec`; `device` may name several GPUs ('cuda:0,cuda:1'): one replica each."""
     _check_role(spec, "dense")
     if spec.backend == "flagembedding":
-        return _flag_module(spec).FlagDenseEncoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+        return _flag_module(spec).flag_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_dense import STDenseEncoder
 
     path = resolve_local_source(spec, spec.source)
@@ -93,7 +93,7 @@ def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
                         budget_store: BudgetStore | None = None, token_budget: int | None = None) -> SparseEncoder:
     _check_role(spec, "sparse")
     if spec.backend == "flagembedding":
-        return _flag_module(spec).FlagSparseEncoder(spec, device, budget_store=budget_store, token_budget=token_budget)
+        return _flag_module(spec).flag_sparse_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_sparse import STSparseEncoder
 
     path = resolve_local_source(spec, spec.source)

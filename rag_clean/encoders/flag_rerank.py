@@ -57,6 +57,8 @@ class FlagPairTokenizer:
 class FlagRerankerAdapter(FlagBackend, Reranker):
     """FlagReranker scores (raw logits) over the runner's token-budget batches."""
 
+    heads = ("score",)
+
     def __init__(self, spec: ModelSpec, device: str | Sequence[str] = "cpu", *, token_budget: int | None = None,
                  budget_store: BudgetStore | None = None, window_items: int = DEFAULT_WINDOW_ITEMS):
         from FlagEmbedding import FlagReranker  # before the load timer: the import is a one-off ~4 s

@@ -1,11 +1,14 @@
 """The one batch loop every encoder backend runs through.
 
+The runner's input is a `TokenSource` (rag_clean.encoders.tokens): windows of token ids, built one
+ahead of the device, with the rows' content hashes when known (the token cache reads ids by them).
 A backend loads its model once per device (a `Replica`) and implements two calls, the shape of
 TEI's `embed(Batch)` and infinity's `encode_core` / `encode_post`:
 
 - `forward(replica, batch) -> tuple[Tensor, ...]`: device outputs of one batch (inputs already on
   the device), launched without waiting for the device;
-- `post(batch, outputs) -> rows`: host numpy outputs -> what the encoder yields for those rows.
+- `post(batch, outputs) -> Encoded`: host numpy outputs -> the batch's rows and heads
+  (rag_clean.encoders.base.Encoded: dense / lexical / colbert / score).
 
 and two attributes: `unpadded`, whether its forward takes unpadded batches (concatenated rows, so
 no pad token goes through its dense layers), and `varlen`, whether its attention is variable-length
@@ -20,7 +23,6 @@ a BatchRecord per batch, and one thread per replica pulling from one shared batc
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import sys
 import threading
@@ -31,11 +33,13 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from rag_clean.encoders.base import BatchRecord, EncodeStats
+from rag_clean.config.settings import process_setting
+from rag_clean.encoders.base import BatchRecord, Encoded, EncodeStats
 from rag_clean.encoders.batching import BatchSource, batch_tokens
 from rag_clean.encoders.budget import MIN_TOKEN_BUDGET, BudgetController, BudgetStore
 from rag_clean.encoders.device import release, to_device
-from rag_clean.encoders.tokenize import DEFAULT_FIRST_WINDOW_ITEMS, DEFAULT_WINDOW_ITEMS, TokenWindow, tokenize_windows
+from rag_clean.encoders.tokenize import DEFAULT_FIRST_WINDOW_ITEMS, DEFAULT_WINDOW_ITEMS, TokenWindow
+from rag_clean.encoders.tokens import TokenSource
 
 
 @dataclass
@@ -83,7 +87,7 @@ class Backend(Protocol):
 
     def forward(self, replica: Replica, batch: Batch) -> tuple[torch.Tensor, ...]: ...
 
-    def post(self, batch: Batch, outputs: tuple[np.ndarray, ...]) -> object: ...
+    def post(self, batch: Batch, outputs: tuple[np.ndarray, ...]) -> Encoded: ...
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -135,18 +139,18 @@ class Runner:
         self._batch_counter = 0
         self._counter_lock = threading.Lock()
 
-    def run(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Iterator[tuple[np.ndarray, object]]:
-        """Yield (row indices int64, backend.post(...)) per batch, in any order, every row once."""
+    def run(self, source: TokenSource) -> Iterator[Encoded]:
+        """Yield backend.post(...) per batch (an Encoded), in any order, every row of `source` once."""
         t0 = time.perf_counter()
         # The tokenize-ahead thread and this (kernel-launching) thread share the GIL; at the default
         # 5 ms switch interval each wake-up after a device sync can wait that long for it.
         # RAG_CLEAN_GIL_SWITCH_MS=0 keeps the interpreter's setting.
-        switch_ms = float(os.environ.get("RAG_CLEAN_GIL_SWITCH_MS", "0.5"))
+        switch_ms = process_setting("gil_switch_ms")
         saved_switch = sys.getswitchinterval()
         if switch_ms > 0 and any(r.device.type == "cuda" for r in self.replicas):
             sys.setswitchinterval(min(saved_switch, switch_ms / 1000.0))
         try:
-            for window in tokenize_windows(self.tokenizer, texts, pairs, self.window_items, self.first_window_items):
+            for window in source.windows(self.tokenizer, self.window_items, self.first_window_items):
                 self.stats.tokenize_seconds += window.seconds
                 self.stats.truncated_inputs += window.truncated
                 source = BatchSource(window.lengths, self.backend.varlen, self.max_batch_items)
@@ -164,8 +168,8 @@ class Runner:
         """float32 scores in input order, for a backend that posts one score per row."""
         out = np.full(len(pairs), np.nan, dtype=np.float32)
         if pairs:
-            for idx, scores in self.run([q for q, _ in pairs], [p for _, p in pairs]):
-                out[idx] = scores
+            for batch in self.run(TokenSource([q for q, _ in pairs], pairs=[p for _, p in pairs])):
+                out[batch.rows] = batch.score
         return out
 
     def _next_batch_index(self) -> int:
@@ -178,7 +182,7 @@ class Runner:
         return Batch(window, rows, unpadded, host)
 
     def _run_on(self, replica: Replica, controller: BudgetController, window: TokenWindow,
-                source: BatchSource) -> Iterator[tuple[np.ndarray, object]]:
+                source: BatchSource) -> Iterator[Encoded]:
         """Run `source`'s batches on one replica, one batch in flight behind the one being launched."""
         cuda = replica.device.type == "cuda"
         pending = None  # (batch, host outputs, copy-done event, start, end, budget)
@@ -214,7 +218,7 @@ class Runner:
             with self._counter_lock:
                 self.stats.batches.append(record)
                 self._batch_counter += 1
-            return batch.indices, self.backend.post(batch, tuple(h.numpy() for h in host))
+            return self.backend.post(batch, tuple(h.numpy() for h in host))
 
         device_scope = torch.cuda.device(replica.device) if cuda else contextlib.nullcontext()
         with torch.inference_mode(), device_scope:
@@ -274,9 +278,15 @@ class Runner:
 
 
 class RunnerEncoder:
-    """What every runner-backed encoder exposes besides its contract: replicas, window size, close."""
+    """What every runner-backed encoder exposes besides its contract: encode, replicas, window size, close.
+    A backend adds only load (its __init__), forward and, when its outputs are not one head, post."""
 
     runner: Runner
+    heads: tuple[str, ...]
+
+    def encode(self, rows: TokenSource | Sequence[str]) -> Iterator[Encoded]:
+        """One Encoded per finished batch; `rows` a TokenSource or a sequence of texts."""
+        yield from self.runner.run(TokenSource.of(rows))
 
     @property
     def replicas(self) -> list[Replica]:
@@ -290,9 +300,10 @@ class RunnerEncoder:
     def window_items(self, value: int) -> None:
         self.runner.window_items = int(value)
 
-    def post(self, batch: Batch, outputs: tuple[np.ndarray, ...]) -> object:
-        """A backend with one output per batch yields that array (rows in batch order)."""
-        return outputs[0]
+    def post(self, batch: Batch, outputs: tuple[np.ndarray, ...]) -> Encoded:
+        """A backend with one output per batch: that array is its one head (rows in batch order)."""
+        (head,) = self.heads
+        return Encoded(batch.indices, **{head: outputs[0]})
 
     def close(self) -> None:
         self.runner.close()

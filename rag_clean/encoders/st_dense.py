@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +40,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 class STDenseEncoder(STBackend, DenseEncoder):
     """Dense encoder for SentenceTransformer model folders."""
+
+    heads = ("dense",)
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
@@ -90,6 +89,3 @@ class STDenseEncoder(STBackend, DenseEncoder):
                 features = m(features)
             emb = features["sentence_embedding"].float()
         return (F.normalize(emb, p=2, dim=-1),)
-
-    def encode(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        yield from self.runner.run(texts)

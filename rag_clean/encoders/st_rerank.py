@@ -28,6 +28,8 @@ def _classifier_on_cls(hf):
 class STCrossEncoderReranker(STBackend, Reranker):
     """Cross-encoder scores (the model's activation applied, as CrossEncoder.predict does)."""
 
+    heads = ("score",)
+
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS,
                  source_label: str | None = None, **engine_options):

@@ -3,18 +3,18 @@ over real tokens, top-k on the device."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from rag_clean.encoders.base import EncoderError, SparseEncoder
+from rag_clean.encoders.base import Encoded, EncoderError, SparseEncoder
 from rag_clean.encoders.fast_bert import segment_ids
 from rag_clean.encoders.runner import Batch, Replica
 from rag_clean.encoders.st_base import STBackend
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS
+from rag_clean.config.settings import process_setting
 from rag_clean.config.registry import ModelSpec
 
 # Bytes of vocab-wide activations computed at once: no [tokens, vocab] tensor is ever larger.
@@ -23,6 +23,8 @@ SPLADE_CHUNK_BYTES = 256 * 1024 * 1024
 
 class STSparseEncoder(STBackend, SparseEncoder):
     """SPLADE: log(1 + relu(MLM logits)) max-pooled over real tokens, top-k on the device."""
+
+    heads = ("lexical",)
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
@@ -55,7 +57,7 @@ class STSparseEncoder(STBackend, SparseEncoder):
         self.top_k = min(int(spec.top_k), self.vocab_size)
         # Unpadded batches pool with a segment max over contiguous rows; RAG_CLEAN_SPLADE_SEGMENT_MAX=0
         # switches to the scatter-max (index_reduce_) that padded batches use, for comparison.
-        self.segment_max = os.environ.get("RAG_CLEAN_SPLADE_SEGMENT_MAX", "1") != "0"
+        self.segment_max = process_setting("splade_segment_max")
         if self.split_head:
             self.enable_fast(lambda m: m.base_model)
 
@@ -129,16 +131,13 @@ class STSparseEncoder(STBackend, SparseEncoder):
         weights, terms = torch.topk(pooled, self.top_k, dim=1, sorted=True)
         return terms.to(torch.int32), weights.float()
 
-    def post(self, batch: Batch, outputs: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def post(self, batch: Batch, outputs: tuple[np.ndarray, ...]) -> Encoded:
         terms, weights = outputs
         rows = []
         for t, w in zip(terms, weights):
             keep = w > 0
             rows.append((np.ascontiguousarray(t[keep]), np.ascontiguousarray(w[keep])))
-        return rows
-
-    def encode(self, texts: Sequence[str]):
-        yield from self.runner.run(texts)
+        return Encoded(batch.indices, lexical=rows)
 
     def decode_terms(self, term_ids: Sequence[int]) -> list[str]:
         return self.tokenizer.hf.convert_ids_to_tokens([int(t) for t in term_ids])

@@ -4,14 +4,18 @@ The default MiniLM, sre-embedding-model and SPLADE-tiny all use the bert-base-un
 this each stage tokenizes the whole collection again. The first stage that tokenizes writes the ids it
 made to `layout.token_cache_file(collection, fingerprint)` (Arrow IPC, one record batch per tokenize
 window, written atomically); later stages memory-map that file and read each chunk's ids by content hash.
+A pass is a `TokenSource` (rag_clean.encoders.tokens) handed to the encoder: the runner reads token ids
+from it, and the tokenizer is never patched.
 
-- Key: (tokenizer fingerprint, chunk content hash). The fingerprint is the sha256 of the tokenizer's
+- Key: (tokenizer fingerprint, chunk content hash). The hashes are the chunks table's `content_hash`
+  column, passed in by the stage: texts are not hashed again. The fingerprint
+  (rag_clean.encoders.tokenize.tokenizer_fingerprint) is the sha256 of the tokenizer's
   normalized definition (vocabulary, normalizer, pre-tokenizer, model, post-processor, decoder; its
   truncation and padding settings dropped) plus the lowercase flag: two models whose tokenizers differ
   in anything that changes ids never share a file.
 - Truncation happens after the lookup: rows are stored as tokenized at the writer's max_length (`cap`,
   with a flag for rows it cut); a reader with a smaller max_length cuts them the way the tokenizer would
-  (content tail dropped, the end special tokens kept: checked on a probe at attach time, else the
+  (content tail dropped, the end special tokens kept: checked on a probe when a pass opens, else the
   cache is off for that tokenizer); a reader with a larger max_length re-tokenizes the rows that were cut.
 - A pass with any row the file lacked (new chunks, a longer max_length) rewrites the file with that
   pass's rows; a pass that found every row writes nothing. Queries and (query, passage) pairs never
@@ -22,33 +26,24 @@ window, written atomically); later stages memory-map that file and read each chu
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rag_clean.chunking.rows import content_hash  # the chunks asset's key: the cache must use the same one
+from rag_clean.config.settings import process_setting
 from rag_clean.encoders.base import EncoderError
+from rag_clean.encoders.tokenize import Tokenizer
+from rag_clean.encoders.tokens import TokenSource
 from rag_clean.storage.caches import CACHE_ERRORS, discard_cache
 
 SCHEMA = pa.schema([("content_hash", pa.string()), ("ids", pa.large_list(pa.int32())), ("cut", pa.bool_())])
 
 
 def enabled() -> bool:
-    return os.environ.get("RAG_CLEAN_TOKEN_CACHE", "1") != "0"
-
-
-def tokenizer_fingerprint(rust_tokenizer, lowercase: bool) -> str:
-    spec = json.loads(rust_tokenizer.to_str())
-    for key in ("truncation", "padding"):
-        spec.pop(key, None)
-    blob = json.dumps(spec, sort_keys=True, separators=(",", ":")) + f"|lowercase={bool(lowercase)}"
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+    return process_setting("token_cache")
 
 
 def end_specials(tokenizer) -> int | None:
@@ -158,13 +153,12 @@ class TokenCachePass:
             return (np.concatenate([ids[:limit - n], ids[len(ids) - n:]]) if n else ids[:limit]), True
         return ids, self.cached.was_cut(where)
 
-    def encode(self, texts: list[str], direct: Callable):
-        """(id_rows, truncated count) for `texts`: cached rows where usable, `direct(texts)` for the rest.
-        `direct` returns (id rows, type rows, cut flags)."""
+    def lookup(self, hashes: list[str], tokenize: Callable[[list[int]], tuple]) -> tuple[list[np.ndarray], int]:
+        """(id rows, truncated count) for the rows keyed by `hashes` (the chunks' content hashes, never
+        recomputed here): cached rows where usable, `tokenize(missing positions)` -> (ids, types, cuts) for the rest."""
         limit = self.tokenizer.max_length
-        hashes = [content_hash(t) for t in texts]
-        id_rows: list = [None] * len(texts)
-        cut_rows = np.zeros(len(texts), dtype=bool)
+        id_rows: list = [None] * len(hashes)
+        cut_rows = np.zeros(len(hashes), dtype=bool)
         cached_rows: list[int] = []
         missing = []
         c = self.cached
@@ -176,11 +170,11 @@ class TokenCachePass:
             id_rows[i], cut_rows[i] = self._from_cache(where, limit)
             cached_rows.append(where)
         if missing:
-            got, _, cuts = direct([texts[i] for i in missing])
+            got, _, cuts = tokenize(missing)
             for i, ids, was_cut in zip(missing, got, cuts):
                 id_rows[i] = ids
                 cut_rows[i] = was_cut
-        self.hits += len(texts) - len(missing)
+        self.hits += len(hashes) - len(missing)
         self.misses += len(missing)
         if self._writer is None and not missing:
             # Every row found so far: nothing to write unless a later window misses; then these rows are
@@ -229,11 +223,11 @@ class TokenCachePass:
 
 
 class TokenCache:
-    """Where a collection's token caches live; `attach(encoder)` scopes one encode pass over its chunks."""
+    """Where a collection's token caches live; `tokens(...)` is the token source of one encode pass over its chunks."""
 
     def __init__(self, path_for: Callable[[str], Path]):
         self.path_for = path_for  # fingerprint -> file (StorageLayout.token_cache_file, bound to a collection)
-        self.last: dict | None = None
+        self.last: dict | None = None  # {"file", "hits", "misses"} of the last pass that used a file
 
     @classmethod
     def for_collection(cls, layout, collection: str) -> "TokenCache | None":
@@ -242,36 +236,32 @@ class TokenCache:
         return cls(lambda fingerprint: layout.token_cache_file(collection, fingerprint))
 
     @contextlib.contextmanager
-    def attach(self, encoder) -> Iterator[TokenCachePass | None]:
-        """While open, `encoder`'s chunk tokenization reads and fills the cache. Encoders whose tokenizer
-        has no fingerprint (slow tokenizers, other backends, Ray) run as before."""
-        from rag_clean.encoders.tokenize import Tokenizer
-
-        tokenizer = getattr(encoder, "tokenizer", None)
-        if not isinstance(tokenizer, Tokenizer) or tokenizer.fingerprint is None:
-            yield None
-            return
-        n_end = end_specials(tokenizer)
+    def tokens(self, tokenizer, texts: Sequence[str], hashes: Sequence[str], stats=None) -> Iterator[TokenSource]:
+        """The token source of `texts` (content hashes `hashes`) for `tokenizer`, reading and filling this
+        cache; the file is rewritten when the block ends without error. A tokenizer without a fingerprint
+        (slow tokenizers, pair models, a Ray encoder's absent one) gets a plain source. `stats` (EncodeStats)
+        gets the pass's hits / misses."""
+        n_end = end_specials(tokenizer) if isinstance(tokenizer, Tokenizer) and tokenizer.fingerprint else None
         if n_end is None:
-            yield None
+            yield TokenSource(texts, hashes=hashes)
             return
         scope = TokenCachePass(self.path_for(tokenizer.fingerprint), tokenizer, n_end)
-        tokenizer.cache_pass = scope
         try:
-            yield scope
+            yield TokenSource(texts, hashes=hashes, cache=scope)
         except BaseException as exc:
             scope.abort(exc)
             raise
         else:
             scope.finish()
         finally:
-            tokenizer.cache_pass = None
             self.last = {"file": scope.path.name, "hits": scope.hits, "misses": scope.misses}
-            stats = getattr(encoder, "stats", None)
-            if stats is not None and hasattr(stats, "token_cache"):
+            if stats is not None:
                 stats.token_cache = dict(self.last)
 
 
-def scope(cache: "TokenCache | None", encoder):
-    """`cache.attach(encoder)`, or nothing to do without a cache."""
-    return cache.attach(encoder) if cache is not None else contextlib.nullcontext()
+def chunk_tokens(cache: "TokenCache | None", encoder, texts: Sequence[str], hashes: Sequence[str]):
+    """Context manager: the token source of one encode pass of `encoder` over a collection's chunks
+    (`cache.tokens` with the encoder's tokenizer and stats; a plain source without a cache)."""
+    if cache is None:
+        return contextlib.nullcontext(TokenSource(texts, hashes=hashes))
+    return cache.tokens(getattr(encoder, "tokenizer", None), texts, hashes, getattr(encoder, "stats", None))

@@ -3,23 +3,25 @@
 - `Tokenizer` wraps a Hugging Face tokenizer (truncation, no padding, flat int32 output).
 - `TokenWindow` holds one window's token ids flat (int32 + offsets) and builds padded or
   unpadded batches from any subset of rows.
-- `tokenize_windows` tokenizes the input in windows on a background thread, one window ahead of
-  the device, so host memory stays flat in collection size (one or two windows of token ids,
-  never the whole collection) and the device never waits for the tokenizer.
+- `tokenizer_fingerprint`: what a tokenizer makes of a text (its truncation aside), the key under
+  which token ids may be shared between models (rag_clean.encoders.token_cache).
+
+The runner's input, a `TokenSource` (rag_clean.encoders.tokens), builds its windows with these.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import queue
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from rag_clean.config.settings import process_setting
 from rag_clean.encoders.base import EncoderError
 
 # Rows tokenized per window. Small first window: the device starts after ~1k rows are tokenized
@@ -37,6 +39,7 @@ class TokenWindow:
     type_ids: np.ndarray | None   # int32 [total_tokens], only for models with token types (pairs)
     seconds: float = 0.0
     truncated: int = 0            # rows cut to the tokenizer's max_length
+    hashes: Sequence[str] | None = None  # the rows' content hashes, when the caller gave them (TokenSource)
 
     @classmethod
     def from_rows(cls, start: int, id_rows: list[np.ndarray], type_rows: list[np.ndarray] | None,
@@ -101,6 +104,16 @@ def check_strings(texts: Sequence, pairs: Sequence | None, start: int) -> None:
             raise EncoderError(f"input row {start + i}: passage is {type(t).__name__}, expected str")
 
 
+def tokenizer_fingerprint(rust_tokenizer, lowercase: bool) -> str:
+    """sha256 of the tokenizer's definition without its truncation / padding settings, plus the lowercase
+    flag: two tokenizers with the same fingerprint give the same ids for every text."""
+    spec = json.loads(rust_tokenizer.to_str())
+    for key in ("truncation", "padding"):
+        spec.pop(key, None)
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":")) + f"|lowercase={bool(lowercase)}"
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
 class Tokenizer:
     """Wraps a Hugging Face tokenizer: truncation to `max_length`, no padding, flat int32 output.
 
@@ -119,13 +132,12 @@ class Tokenizer:
         self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0
         self.rust = None
         core = getattr(hf_tokenizer, "_tokenizer", None) if getattr(hf_tokenizer, "is_fast", False) else None
-        if core is not None and os.environ.get("RAG_CLEAN_RUST_TOKENIZER", "1") != "0":
+        if core is not None and process_setting("rust_tokenizer"):
             from tokenizers import Tokenizer as RustTokenizer
 
             self.rust = RustTokenizer.from_str(core.to_str())
             self.rust.no_padding()
             self.rust.enable_truncation(self.max_length, strategy="longest_first")
-        self.cache_pass = None  # a token_cache.TokenCachePass while a stage encodes a collection's chunks
         self._fingerprint: str | None = None
 
     @property
@@ -135,12 +147,11 @@ class Tokenizer:
         if self.rust is None or self.with_type_ids:
             return None
         if self._fingerprint is None:
-            from rag_clean.encoders.token_cache import tokenizer_fingerprint
-
             self._fingerprint = tokenizer_fingerprint(self.rust, self.lowercase)
         return self._fingerprint
 
-    def _encode_chunk(self, texts: list[str], pairs: list[str] | None):
+    def encode_chunk(self, texts: list[str], pairs: list[str] | None = None):
+        """(id rows, type rows | None, cut flags) of `texts` (and `pairs`), in one call."""
         if self.lowercase:
             texts = [t.lower() for t in texts]
             pairs = None if pairs is None else [p.lower() for p in pairs]
@@ -170,12 +181,6 @@ class Tokenizer:
         texts = list(texts)
         pairs = None if pairs is None else list(pairs)
         check_strings(texts, pairs, start)
-        if self.cache_pass is not None and pairs is None:
-            # Chunk texts under a TokenCache scope: ids shared with earlier models of the same tokenizer.
-            id_rows, truncated = self.cache_pass.encode(texts, lambda rows: self._encode_chunk(rows, None))
-            window = TokenWindow.from_rows(start, id_rows, None, seconds=time.perf_counter() - t0)
-            window.truncated = truncated
-            return window
         n = len(texts)
         if self.rust is not None:
             # One call: the Rust core spreads it over all cores without the GIL. (Several calls in
@@ -185,63 +190,12 @@ class Tokenizer:
             step = max(256, -(-n // self.threads))
             chunks = [(texts[i:i + step], None if pairs is None else pairs[i:i + step]) for i in range(0, n, step)]
         if len(chunks) <= 1:
-            results = [self._encode_chunk(*c) for c in chunks]
+            results = [self.encode_chunk(*c) for c in chunks]
         else:
             with ThreadPoolExecutor(len(chunks)) as pool:
-                results = list(pool.map(lambda c: self._encode_chunk(*c), chunks))
+                results = list(pool.map(lambda c: self.encode_chunk(*c), chunks))
         id_rows = [r for ids, _, _ in results for r in ids]
         type_rows = [r for _, ty, _ in results for r in ty] if self.with_type_ids else None
         window = TokenWindow.from_rows(start, id_rows, type_rows, seconds=time.perf_counter() - t0)
         window.truncated = sum(sum(cut) for _, _, cut in results)
         return window
-
-
-def window_bounds(n: int, window: int, first_window: int | None = None) -> list[tuple[int, int]]:
-    """(start, end) of each window: a first window of `first_window` rows, then `window` rows each."""
-    first = min(window, first_window or window)
-    bounds, start = [], 0
-    while start < n:
-        end = min(n, start + (first if start == 0 else window))
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def tokenize_windows(tokenizer: Tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
-                     window: int = DEFAULT_WINDOW_ITEMS, first_window: int | None = None) -> Iterator[TokenWindow]:
-    """Yield TokenWindows of `window` rows (the first of `first_window`); the next one tokenizes
-    on a background thread while the caller works on the current one."""
-    n = len(texts)
-    if n == 0:
-        return
-    bounds = window_bounds(n, window, first_window)
-    results: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for s, e in bounds:
-                if stop.is_set():
-                    return
-                w = tokenizer.encode(texts[s:e], None if pairs is None else pairs[s:e], start=s)
-                results.put(("ok", w))
-        except BaseException as exc:  # surfaced in the consumer
-            results.put(("error", exc))
-
-    thread = threading.Thread(target=produce, name="tokenize-ahead", daemon=True)
-    thread.start()
-    try:
-        for _ in bounds:
-            kind, value = results.get()
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        # Drain so a producer blocked on put() can see `stop` and exit.
-        while thread.is_alive():
-            try:
-                results.get(timeout=0.05)
-            except queue.Empty:
-                pass
-

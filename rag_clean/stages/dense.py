@@ -39,8 +39,8 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
     `digest_cache` (StorageLayout.weights_digest_file) keeps the model files' digests across runs.
     `token_cache` (encoders.token_cache.TokenCache) shares chunk token ids with other models of the same tokenizer.
     """
-    from rag_clean.encoders import token_cache as tc
     from rag_clean.encoders.factory import load_dense_encoder
+    from rag_clean.encoders.token_cache import chunk_tokens
 
     chunk_ids = chunks.column("chunk_id")
     hashes = chunks.column("content_hash")
@@ -86,23 +86,22 @@ def run_dense_stage(spec: ModelSpec, chunks: pa.Table, device: str | list[str], 
                 out_dim = spec.truncate_dim or encoder.dim
                 writer = EmbeddingWriter(staging_path, chunk_ids, hashes, out_dim,
                                          {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"})
-                subset = ArrowTexts(texts, pass_rows)  # taken window by window as the encoder tokenizes
+                # Taken window by window as the encoder tokenizes; the hashes key the token cache.
+                subset, subset_hashes = ArrowTexts(texts, pass_rows), ArrowTexts(hashes, pass_rows)
                 meter = ProgressLog(f"{spec.name}", len(subset), progress)
-                if side is None:
-                    with tc.scope(token_cache, encoder):
-                        for local_idx, vectors in track(encoder.encode(subset), meter, encoder.stats):
-                            writer.write(pass_rows[local_idx],
-                                         truncate_and_normalize(vectors, spec.truncate_dim, model=spec.name))
-                else:
+                if side is not None:
                     side.loaded_source = encoder.source
-                    for local_idx, vectors, sparse_rows, colbert_rows in track(encoder.encode_joint(subset), meter,
-                                                                               encoder.stats):
-                        rows = pass_rows[local_idx]
-                        dense_mask = computes_dense[rows]
-                        if dense_mask.any():
-                            writer.write(rows[dense_mask], truncate_and_normalize(vectors[dense_mask], spec.truncate_dim,
-                                                                                  model=spec.name))
-                        side.write(rows, sparse_rows, colbert_rows)
+                with chunk_tokens(token_cache, encoder, subset, subset_hashes) as tokens:
+                    for batch in track(encoder.encode(tokens), meter, encoder.stats):
+                        rows = pass_rows[batch.rows]
+                        dense_mask = computes_dense[rows]  # all true unless a joint pass re-runs reused rows
+                        if dense_mask.all():
+                            writer.write(rows, truncate_and_normalize(batch.dense, spec.truncate_dim, model=spec.name))
+                        elif dense_mask.any():
+                            writer.write(rows[dense_mask], truncate_and_normalize(batch.dense[dense_mask],
+                                                                                  spec.truncate_dim, model=spec.name))
+                        if side is not None:
+                            side.write(rows, batch.lexical, batch.colbert)
                 stats = encoder.stats
             finally:
                 encoder.close()  # released before the next model of the ensemble hydrates

@@ -56,6 +56,12 @@ class JointOutputs:
     def active(self) -> bool:
         return self.sparse_path is not None or self.colbert_path is not None
 
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The bge-m3 heads the pass computes: dense always, lexical / colbert for the side files it writes."""
+        return ("dense",) + (("lexical",) if self.sparse_path is not None else ()) + \
+            (("colbert",) if self.colbert_path is not None else ())
+
 
 def joint_outputs(plan: JointPlan, layout: StorageLayout, dense_spec: ModelSpec, collection: str) -> JointOutputs | None:
     """Where the side outputs planned for `dense_spec`'s pass go; None when the plain dense path suffices."""
@@ -70,7 +76,7 @@ def joint_outputs(plan: JointPlan, layout: StorageLayout, dense_spec: ModelSpec,
 
 def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[str], *, budget_store=None,
                        token_budget: int | None = None):
-    from rag_clean.encoders.flag import BGEM3JointEncoder
+    from rag_clean.encoders.flag import BGEM3Encoder
 
     if spec.backend != "flagembedding" or spec.flag_class != "bge-m3":
         raise StorageError(f"model {spec.name}: a joint dense/sparse/ColBERT pass needs backend flagembedding "
@@ -79,8 +85,7 @@ def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[
     # Same token budget (given or remembered) as the factory's dense bge-m3 encoder, so batches, and with
     # them the dense vectors, match a run without the sparse stage.
     joint_spec = replace(spec, top_k=joint.sparse_spec.top_k) if joint.sparse_spec is not None else spec
-    return BGEM3JointEncoder(joint_spec, device, return_colbert=joint.colbert_path is not None,
-                             budget_store=budget_store, token_budget=token_budget)
+    return BGEM3Encoder(joint_spec, device, heads=joint.heads, budget_store=budget_store, token_budget=token_budget)
 
 
 class JointSideFiles:

@@ -203,7 +203,6 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
 
         connect(ray)  # a missing extra or an unreachable cluster fails the run here, never as a metadata fallback
     n = len(chunks)
-    texts = chunks.column("text")
     fingerprints = {spec.name: sparse_fingerprint(spec, digest_cache) for spec in specs}
     out = TableWriter(sink_path, sparse_schema(fingerprints))
     record = SparseRecord(model_names=[s.name for s in specs], top_k={s.name: s.top_k for s in specs})
@@ -236,7 +235,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                     to_compute = complement(reuse_rows, n)
                     try:
                         if len(to_compute):
-                            _encode_into(scratch, spec, texts, to_compute, device, budget_store, ray, progress, record,
+                            _encode_into(scratch, spec, chunks, to_compute, device, budget_store, ray, progress, record,
                                          token_cache)
                         if prior is not None:
                             scatter_previous(scratch, prior.path, prior.current, prior.rows)
@@ -273,10 +272,10 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
     return out, record
 
 
-def _encode_into(scratch: SparseScratch, spec: ModelSpec, texts: pa.ChunkedArray, rows: np.ndarray, device,
+def _encode_into(scratch: SparseScratch, spec: ModelSpec, chunks: pa.Table, rows: np.ndarray, device,
                  budget_store, ray: RayPlan | None, progress, record: SparseRecord, token_cache=None) -> None:
-    from rag_clean.encoders import token_cache as tc
     from rag_clean.encoders.factory import load_sparse_encoder
+    from rag_clean.encoders.token_cache import chunk_tokens
 
     if ray is not None:
         from rag_clean.distributed import ray_sparse_encoder
@@ -286,9 +285,10 @@ def _encode_into(scratch: SparseScratch, spec: ModelSpec, texts: pa.ChunkedArray
         encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
     try:
         meter = ProgressLog(spec.name, len(rows), progress)
-        with tc.scope(token_cache, encoder):
-            for idx, batch in track(encoder.encode(ArrowTexts(texts, rows)), meter, encoder.stats):
-                scratch.write(rows[idx], [t for t, _ in batch], [w for _, w in batch])
+        texts, hashes = ArrowTexts(chunks.column("text"), rows), ArrowTexts(chunks.column("content_hash"), rows)
+        with chunk_tokens(token_cache, encoder, texts, hashes) as tokens:
+            for batch in track(encoder.encode(tokens), meter, encoder.stats):
+                scratch.write(rows[batch.rows], [t for t, _ in batch.lexical], [w for _, w in batch.lexical])
         record.per_model[spec.name] = encoder.stats.to_dict()
         record.batch_seconds += [round(b.seconds, 6) for b in encoder.stats.batches]
         record.devices.append(encoder.stats.device)

@@ -98,8 +98,8 @@ class ProgressLog:
             self.emit(self.line())
 
 
-def track(batches: Iterable[tuple], progress: ProgressLog, stats=None) -> Iterator[tuple]:
-    """Pass an encoder's (row indices, ...) batches through, counting rows (and the tokens its
+def track(batches: Iterable, progress: ProgressLog, stats=None) -> Iterator:
+    """Pass an encoder's batches (rag_clean.encoders.base.Encoded) through, counting rows (and the tokens its
     EncodeStats recorded since the last batch) into `progress`; the final line when done."""
     seen = 0
     for item in batches:
@@ -108,6 +108,6 @@ def track(batches: Iterable[tuple], progress: ProgressLog, stats=None) -> Iterat
             new = stats.batches[seen:]
             seen += len(new)
             tokens = sum(b.tokens for b in new)
-        progress.update(len(item[0]), tokens)
+        progress.update(len(item.rows), tokens)
         yield item
     progress.finish()

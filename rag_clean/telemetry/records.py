@@ -3,8 +3,9 @@
 Every stage returns one record. `to_summary()` is the dict stored under `stages[<asset key>]` in
 processing_summary.json (the summary's v4.1 sections are built from those dicts, see telemetry);
 `to_metadata()` is the Dagster materialization metadata, as plain values plus the `MetaPath` /
-`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Nothing else reads a
-stage's fields by key.
+`MetaJson` / `MetaMarkdown` markers that the Dagster adapter turns into path / JSON / markdown metadata. Where a stored
+stage dict is read back (the summary is rebuilt from every stage's stored dict, written by earlier processes), a typed
+reader does it (rag_clean.telemetry.stored): nothing else reads a stage's fields by key.
 """
 
 from __future__ import annotations
@@ -377,6 +378,37 @@ class ExportsRecord(StageRecord):
             return {}
         return {"executed": True, "export_dir": MetaPath(self.export_dir), "files": len(self.files),
                 "bytes_written": self.bytes_written, "exported_size": human_bytes(self.bytes_written)}
+
+
+@dataclass
+class IndexRecord(StageRecord):
+    """The vector_index sink: what one sync wrote. `location` never carries credentials."""
+
+    stage: ClassVar[str] = "vector_index"
+    sink: str = ""
+    location: str = ""
+    upserted: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    rewritten: dict[str, int] = field(default_factory=dict)   # vector name -> points whose vector was rewritten
+    recreated: bool = False
+    index_rows: int = 0
+    vectors: dict = field(default_factory=dict)               # IndexSchema.to_dict()
+
+    def stage_fields(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"sink": self.sink, "location": self.location, "upserted": self.upserted, "deleted": self.deleted,
+                "unchanged": self.unchanged, "rewritten": dict(self.rewritten), "recreated": self.recreated,
+                "index_rows": self.index_rows, "vectors": dict(self.vectors)}
+
+    def stage_metadata(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"sink": self.sink, "location": self.location, "rows_upserted": int(self.upserted),
+                "rows_deleted": int(self.deleted), "rows_unchanged": int(self.unchanged),
+                "vectors_rewritten": MetaJson(dict(self.rewritten)), "recreated": bool(self.recreated),
+                "index_rows": int(self.index_rows)}
 
 
 def candidates_table(hybrid: dict, ensemble: dict | None = None) -> str:

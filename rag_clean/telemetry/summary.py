@@ -19,6 +19,7 @@ from filelock import FileLock
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.telemetry.records import StageRecord
 from rag_clean.storage.atomic import write_json
+from rag_clean.telemetry.stored import DenseRun
 
 SCHEMA_VERSION = "v4.2"
 LEGACY_VERSIONS = ("v4.1", "v4.0")
@@ -65,47 +66,22 @@ def percentiles(values: Iterable[float]) -> dict[str, float]:
 
 
 def _dense_run(stages: Mapping[str, dict]) -> dict:
-    dense = {k: v for k, v in stages.items() if v.get("stage") == "dense" and v.get("status") != "disabled"}
-    skipped = sorted(v.get("model") for v in stages.values() if v.get("stage") == "dense" and v.get("status") == "disabled")
-    batch_seconds: list[float] = []
-    items_per_batch: list[int] = []
-    per_model = {}
-    for rec in dense.values():
-        enc = rec.get("encode") or {}
-        batch_seconds += rec.get("batch_seconds", [])
-        items_per_batch += rec.get("batch_items", [])
-        per_model[rec["model"]] = {
-            "asset_key": rec["asset_key"],
-            "rows": rec.get("rows"),
-            "dim": rec.get("dim"),
-            "native_dim": rec.get("native_dim"),
-            "computed": rec.get("reuse", {}).get("computed"),
-            "reused": rec.get("reuse", {}).get("reused"),
-            "device": rec.get("device"),
-            "dtype": enc.get("dtype"),
-            "tokens": enc.get("tokens"),
-            "tokens_per_second": enc.get("tokens_per_second"),
-            "truncated_chunks": enc.get("truncated_inputs", 0),
-            "max_length": enc.get("max_length"),
-            "load_seconds": enc.get("load_seconds"),
-            "token_budget": {"start": enc.get("token_budget_start"), "final": enc.get("token_budget_final")},
-            "oom_mitigations": enc.get("oom_mitigations", []),
-            "lease": rec.get("lease"),
-            "duration_s": rec.get("duration_s"),
-            "run_id": rec.get("run_id"),
-        }
-    devices = sorted({str(r.get("device")) for r in dense.values() if r.get("device")})
+    runs = DenseRun.all_in(stages)
+    dense = [r for r in runs if not r.disabled]
+    items_per_batch = [n for r in dense for n in r.batch_items]
+    devices = sorted({str(r.device) for r in dense if r.device})
+    per_model = {r.model: r.per_model() for r in dense}
     return {
-        "total_embeddings_generated": int(sum(r.get("reuse", {}).get("computed", 0) or 0 for r in dense.values())),
+        "total_embeddings_generated": int(sum(r.computed or 0 for r in dense)),
         "models_executed": sorted(per_model),
         "device": ",".join(devices) if devices else None,
         # The old embedder used a fixed item batch; batches are now token-budgeted, so this is the median item count.
         "batch_size": int(np.median(items_per_batch)) if items_per_batch else 0,
-        "latency_seconds": percentiles(batch_seconds),
+        "latency_seconds": percentiles(s for r in dense for s in r.batch_seconds),
         "per_model": per_model,
-        "chunks_reused": int(sum(r.get("reuse", {}).get("reused", 0) or 0 for r in dense.values())),
-        "models_skipped": skipped,
-        "exclusive_ensemble": all(r.get("exclusive", True) for r in dense.values()) if dense else True,
+        "chunks_reused": int(sum(r.reused or 0 for r in dense)),
+        "models_skipped": sorted(r.model for r in runs if r.disabled),
+        "exclusive_ensemble": all(r.exclusive for r in dense) if dense else True,
     }
 
 

@@ -106,7 +106,7 @@ class M3Spy:
         self.loads: list[tuple[str, str]] = []
         self.forwards = 0
         self.sparse_loads: list[str] = []
-        original_init = flag._M3.__init__
+        original_init = flag.BGEM3Encoder.__init__
         real_load_sparse = factory.load_sparse_encoder
 
         def init(m3, spec, *args, **kwargs):
@@ -118,7 +118,7 @@ class M3Spy:
             self.sparse_loads.append(spec.name)
             return real_load_sparse(spec, *args, **kwargs)
 
-        monkeypatch.setattr(flag._M3, "__init__", init)
+        monkeypatch.setattr(flag.BGEM3Encoder, "__init__", init)
         monkeypatch.setattr(factory, "load_sparse_encoder", load_sparse)
 
     def _count(self, *_):

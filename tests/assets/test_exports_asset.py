@@ -109,8 +109,8 @@ def test_matryoshka_truncate_dim_through_the_assets(pipeline, tmp_path, tiny_reg
     encoder = load_dense_encoder(load_registry(tiny_registry_path).get("tiny-b"), "cpu")
     try:
         full = np.zeros((chunks.num_rows, 48), np.float32)
-        for idx, vectors in encoder.encode(chunks.column("text").to_pylist()):
-            full[idx] = vectors
+        for batch in encoder.encode(chunks.column("text").to_pylist()):
+            full[batch.rows] = batch.dense
     finally:
         encoder.close()
     expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)

@@ -12,7 +12,8 @@ from rag_clean.encoders.base import EncodeStats, EncoderError
 from rag_clean.encoders.batching import BatchSource, plan_batches
 from rag_clean.encoders.budget import BudgetController, BudgetStore
 from rag_clean.encoders.runner import iter_batches
-from rag_clean.encoders.tokenize import TokenWindow, tokenize_windows
+from rag_clean.encoders.tokenize import TokenWindow
+from rag_clean.encoders.tokens import TokenSource
 
 
 def _window(rows: list[list[int]], types: list[list[int]] | None = None, start: int = 0) -> TokenWindow:
@@ -81,7 +82,7 @@ class _FakeTokenizer:
 
 def test_tokenize_windows_streams_fixed_size_windows_in_order():
     texts = [f"w{i} " * (i % 5 + 1) for i in range(23)]
-    windows = list(tokenize_windows(_FakeTokenizer(), texts, window=10))
+    windows = list(TokenSource(texts).windows(_FakeTokenizer(), window=10))
     assert [w.start for w in windows] == [0, 10, 20]
     assert [w.rows for w in windows] == [10, 10, 3]
 
@@ -92,7 +93,7 @@ def test_tokenize_windows_surfaces_tokenizer_errors():
             raise ValueError("bad row")
 
     with pytest.raises(ValueError, match="bad row"):
-        list(tokenize_windows(Broken(), ["a", "b"], window=1))
+        list(TokenSource(["a", "b"]).windows(Broken(), window=1))
 
 
 def test_budget_store_round_trip_and_atomic_file(tmp_path):

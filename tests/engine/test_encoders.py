@@ -44,7 +44,8 @@ def _st_reference(path: str, texts, max_length: int) -> np.ndarray:
 
 def _collect_dense(encoder, texts):
     seen, out = [], np.full((len(texts), encoder.dim), np.nan, dtype=np.float32)
-    for idx, vecs in encoder.encode(texts):
+    for batch in encoder.encode(texts):
+        idx, vecs = batch.rows, batch.dense
         assert idx.dtype == np.int64 and vecs.dtype == np.float32 and vecs.shape == (len(idx), encoder.dim)
         seen.extend(idx.tolist())
         out[idx] = vecs
@@ -75,7 +76,7 @@ def test_dense_streams_in_windows_and_keeps_input_order(registry):
     whole = load_dense_encoder(spec).encode_all(TEXTS)
     windowed = load_dense_encoder(spec)
     windowed.window_items = 5  # tokenized 5 rows at a time, ahead of the model
-    starts = [int(idx.min()) // 5 for idx, _ in windowed.encode(TEXTS)]
+    starts = [int(batch.rows.min()) // 5 for batch in windowed.encode(TEXTS)]
     assert starts == sorted(starts)  # windows come in order; within one, any order
     assert np.allclose(windowed.encode_all(TEXTS), whole, atol=1e-6)
 
@@ -173,8 +174,8 @@ def _sparse_reference(path: str, texts, max_length: int):
 def _check_sparse(enc, texts, top_k):
     ref = _sparse_reference(enc.source, texts, enc.max_length)
     rows = {}
-    for idx, batch in enc.encode(texts):
-        for i, (terms, weights) in zip(idx.tolist(), batch):
+    for batch in enc.encode(texts):
+        for i, (terms, weights) in zip(batch.rows.tolist(), batch.lexical):
             assert terms.dtype == np.int32 and weights.dtype == np.float32
             assert len(terms) <= top_k and np.all(weights > 0)
             assert np.all(np.diff(weights) <= 0)  # sorted by weight, descending
@@ -274,8 +275,8 @@ def test_wrong_role_is_rejected(registry):
 def test_flagembedding_backend_dispatches_to_flag_module(registry, monkeypatch):
     calls = []
     fake = types.ModuleType("rag_clean.encoders.flag")
-    fake.FlagDenseEncoder = lambda spec, device, **budget: calls.append(("dense", spec.name, device)) or "dense"
-    fake.FlagSparseEncoder = lambda spec, device, **budget: calls.append(("sparse", spec.name, device)) or "sparse"
+    fake.flag_dense_encoder = lambda spec, device, **budget: calls.append(("dense", spec.name, device)) or "dense"
+    fake.flag_sparse_encoder = lambda spec, device, **budget: calls.append(("sparse", spec.name, device)) or "sparse"
 
     class FakeReranker:
         stats = None
@@ -309,8 +310,8 @@ def test_unpadded_fast_path_is_used_and_equals_the_hf_module_path(registry):
     fast_sparse = STSparseEncoder(sparse_spec, token_budget=96)
     slow_sparse = STSparseEncoder(sparse_spec, token_budget=96, fast=False)
     assert fast_sparse.replicas[0].fast is not None
-    a = {i: r for idx, rows in fast_sparse.encode(TEXTS) for i, r in zip(idx.tolist(), rows)}
-    b = {i: r for idx, rows in slow_sparse.encode(TEXTS) for i, r in zip(idx.tolist(), rows)}
+    a = {i: r for batch in fast_sparse.encode(TEXTS) for i, r in zip(batch.rows.tolist(), batch.lexical)}
+    b = {i: r for batch in slow_sparse.encode(TEXTS) for i, r in zip(batch.rows.tolist(), batch.lexical)}
     for i in range(len(TEXTS)):
         assert np.allclose(a[i][1], b[i][1], rtol=1e-4, atol=1e-6)
         assert set(a[i][0][:5].tolist()) == set(b[i][0][:5].tolist())

@@ -10,10 +10,10 @@ import torch
 
 from rag_clean.encoders.base import EncoderError
 from rag_clean.encoders.flag import (
-    BGEM3JointEncoder,
-    FlagDenseEncoder,
+    BGEM3Encoder,
     FlagRerankerAdapter,
-    FlagSparseEncoder,
+    flag_dense_encoder,
+    flag_sparse_encoder,
     lexical_top_k,
 )
 from rag_clean.config.registry import ModelSpec
@@ -86,7 +86,7 @@ def raise_oom_times(n: int):
 def test_flag_dense_matches_flagmodel(tiny_models_dir, name, dim):
     from FlagEmbedding import FlagModel
 
-    enc = FlagDenseEncoder(spec(tiny_models_dir, name, dim=dim, pooling="mean"), "cpu")
+    enc = flag_dense_encoder(spec(tiny_models_dir, name, dim=dim, pooling="mean"), "cpu")
     out = enc.encode_all(TEXTS)
     assert enc.dim == dim and out.shape == (len(TEXTS), dim) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
@@ -96,9 +96,9 @@ def test_flag_dense_matches_flagmodel(tiny_models_dir, name, dim):
 
 
 def test_flag_dense_deterministic_and_pooling_matters(tiny_models_dir):
-    mean_a = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="mean"), "cpu").encode_all(TEXTS)
-    mean_b = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="mean"), "cpu").encode_all(TEXTS)
-    cls = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="cls"), "cpu").encode_all(TEXTS)
+    mean_a = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="mean"), "cpu").encode_all(TEXTS)
+    mean_b = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="mean"), "cpu").encode_all(TEXTS)
+    cls = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="cls"), "cpu").encode_all(TEXTS)
     np.testing.assert_array_equal(mean_a, mean_b)
     assert not np.allclose(mean_a, cls)
     np.testing.assert_allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-5)
@@ -108,9 +108,10 @@ def test_flag_dense_streams_batches_with_real_token_counts(tiny_models_dir):
     from transformers import AutoTokenizer
 
     # A 64-token budget forces several batches on 7 short texts.
-    enc = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu", token_budget=64)
+    enc = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu", token_budget=64)
     seen = []
-    for rows, vecs in enc.encode(TEXTS):
+    for batch in enc.encode(TEXTS):
+        rows, vecs = batch.rows, batch.dense
         assert rows.dtype == np.int64 and vecs.shape == (len(rows), 32)
         seen.extend(rows.tolist())
     assert sorted(seen) == list(range(len(TEXTS)))
@@ -126,30 +127,30 @@ def test_flag_dense_streams_batches_with_real_token_counts(tiny_models_dir):
 
 
 def test_flag_dense_fp16_request_runs_float32_on_cpu(tiny_models_dir):
-    enc = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32, dtype="float16"), "cpu")
+    enc = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32, dtype="float16"), "cpu")
     assert enc.stats.dtype == "float32"
     assert enc.encode_all(TEXTS[:2]).dtype == np.float32
 
 
 def test_flag_dense_dim_mismatch_names_model(tiny_models_dir):
     with pytest.raises(EncoderError, match=r"tiny-a .*produces 32-d vectors but the registry says dim = 64"):
-        FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=64), "cpu")
+        flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=64), "cpu")
 
 
 def test_flag_dense_rejects_max_length_beyond_positions(tiny_models_dir):
     with pytest.raises(EncoderError, match=r"tiny-a .*max_length 512 exceeds the model's 64 positions"):
-        FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32, max_length=512), "cpu")
+        flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32, max_length=512), "cpu")
 
 
 def test_flag_dense_rejects_unknown_pooling(tiny_models_dir):
     with pytest.raises(EncoderError, match="pooling 'max'"):
-        FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="max"), "cpu")
+        flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32, pooling="max"), "cpu")
 
 
 def test_flag_dense_falls_back_to_next_source(tiny_models_dir, tmp_path):
     s = ModelSpec(name="fb", role="dense", backend="flagembedding", source=f"path:{tmp_path / 'missing'}",
                   fallbacks=(f"path:{tiny_models_dir / 'tiny-a'}",), dim=32, max_length=MAX_LEN)
-    enc = FlagDenseEncoder(s, "cpu")
+    enc = flag_dense_encoder(s, "cpu")
     assert enc.source == f"path:{tiny_models_dir / 'tiny-a'}"
     assert enc.stats.fallback["applied"] is True and "missing" in enc.stats.fallback["reason"]
     assert enc.encode_all(TEXTS[:2]).shape == (2, 32)
@@ -159,18 +160,18 @@ def test_flag_dense_all_sources_failing_lists_each(tmp_path):
     s = ModelSpec(name="nothing", role="dense", backend="flagembedding", source=f"path:{tmp_path / 'a'}",
                   fallbacks=(f"path:{tmp_path / 'b'}",), max_length=MAX_LEN)
     with pytest.raises(EncoderError, match=r"nothing: no source could be loaded .*/a.*\|.*/b"):
-        FlagDenseEncoder(s, "cpu")
+        flag_dense_encoder(s, "cpu")
 
 
 def test_flag_dense_query_instruction_prefix(tiny_models_dir):
-    enc = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32, query_instruction="query: "), "cpu")
+    enc = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32, query_instruction="query: "), "cpu")
     np.testing.assert_array_equal(enc.encode_queries(["install gpu"]), enc.encode_all(["query: install gpu"]))
     assert not np.allclose(enc.encode_queries(["install gpu"]), enc.encode_all(["install gpu"]))
 
 
 def test_flag_dense_oom_halves_budget_and_retries_same_rows(tiny_models_dir):
-    clean = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu", token_budget=4096).encode_all(TEXTS)
-    enc = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu", token_budget=4096)
+    clean = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu", token_budget=4096).encode_all(TEXTS)
+    enc = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu", token_budget=4096)
     enc.transformer.register_forward_pre_hook(raise_oom_times(1))
     np.testing.assert_allclose(enc.encode_all(TEXTS), clean, atol=1e-6)
     [event] = enc.stats.oom_mitigations
@@ -184,7 +185,7 @@ def test_flag_dense_oom_halves_budget_and_retries_same_rows(tiny_models_dir):
 
 
 def test_m3_dense_matches_bgem3(tiny_models_dir, m3_reference):
-    enc = FlagDenseEncoder(m3_spec(tiny_models_dir), "cpu")
+    enc = flag_dense_encoder(m3_spec(tiny_models_dir), "cpu")
     out = enc.encode_all(TEXTS)
     assert out.shape == (len(TEXTS), 32) and out.dtype == np.float32
     np.testing.assert_allclose(out, m3_reference["dense_vecs"], atol=1e-5)
@@ -192,14 +193,14 @@ def test_m3_dense_matches_bgem3(tiny_models_dir, m3_reference):
 
 def test_m3_dim_mismatch(tiny_models_dir):
     with pytest.raises(EncoderError, match=r"tiny-bge-m3 .*32-d .*dim = 1024"):
-        FlagDenseEncoder(m3_spec(tiny_models_dir, dim=1024), "cpu")
+        flag_dense_encoder(m3_spec(tiny_models_dir, dim=1024), "cpu")
 
 
 def test_sparse_matches_bgem3_lexical_weights(tiny_models_dir, m3_reference):
-    enc = FlagSparseEncoder(m3_spec(tiny_models_dir, role="sparse", dim=None, top_k=1000), "cpu")
+    enc = flag_sparse_encoder(m3_spec(tiny_models_dir, role="sparse", dim=None, top_k=1000), "cpu")
     rows = [None] * len(TEXTS)
-    for idx, batch in enc.encode(TEXTS):
-        for i, row in zip(idx, batch):
+    for batch in enc.encode(TEXTS):
+        for i, row in zip(batch.rows, batch.lexical):
             rows[i] = row
     for row, expected in zip(rows, m3_reference["lexical_weights"]):
         ids, weights = row
@@ -213,11 +214,11 @@ def test_sparse_matches_bgem3_lexical_weights(tiny_models_dir, m3_reference):
 
 
 def test_sparse_top_k_keeps_heaviest_terms(tiny_models_dir):
-    full = FlagSparseEncoder(m3_spec(tiny_models_dir, role="sparse", dim=None, top_k=1000), "cpu")
-    pruned = FlagSparseEncoder(m3_spec(tiny_models_dir, role="sparse", dim=None, top_k=2), "cpu")
+    full = flag_sparse_encoder(m3_spec(tiny_models_dir, role="sparse", dim=None, top_k=1000), "cpu")
+    pruned = flag_sparse_encoder(m3_spec(tiny_models_dir, role="sparse", dim=None, top_k=2), "cpu")
     long_text = [TEXTS[4]]
-    [(_, [full_row])] = list(full.encode(long_text))
-    [(_, [top_row])] = list(pruned.encode(long_text))
+    [full_row] = [row for batch in full.encode(long_text) for row in batch.lexical]
+    [top_row] = [row for batch in pruned.encode(long_text) for row in batch.lexical]
     assert len(full_row[0]) > 2 and len(top_row[0]) == 2
     np.testing.assert_array_equal(top_row[0], full_row[0][:2])
     np.testing.assert_array_equal(top_row[1], full_row[1][:2])
@@ -235,11 +236,12 @@ def test_lexical_top_k_rules():
 
 
 def test_joint_equals_separate_in_one_forward_per_batch(tiny_models_dir, m3_reference):
-    joint = BGEM3JointEncoder(m3_spec(tiny_models_dir, top_k=1000), "cpu", token_budget=96)
+    joint = BGEM3Encoder(m3_spec(tiny_models_dir, top_k=1000), "cpu", heads=("dense", "lexical"), token_budget=96)
     counter = CountForwards(joint.transformer)
     dense = np.zeros((len(TEXTS), 32), np.float32)
     sparse = [None] * len(TEXTS)
-    for rows, d, s, colbert in joint.encode_joint(TEXTS):
+    for batch in joint.encode(TEXTS):
+        rows, d, s, colbert = batch.rows, batch.dense, batch.lexical, batch.colbert
         assert colbert is None and d.dtype == np.float32 and len(s) == len(rows)
         dense[rows] = d
         for i, row in zip(rows, s):
@@ -247,20 +249,21 @@ def test_joint_equals_separate_in_one_forward_per_batch(tiny_models_dir, m3_refe
     assert len(joint.stats.batches) >= 2
     assert counter.calls == len(joint.stats.batches)
 
-    dense_enc = FlagDenseEncoder(m3_spec(tiny_models_dir), "cpu", token_budget=96)
-    sparse_enc = FlagSparseEncoder(m3_spec(tiny_models_dir, role="sparse", top_k=1000), "cpu", token_budget=96)
+    dense_enc = flag_dense_encoder(m3_spec(tiny_models_dir), "cpu", token_budget=96)
+    sparse_enc = flag_sparse_encoder(m3_spec(tiny_models_dir, role="sparse", top_k=1000), "cpu", token_budget=96)
     np.testing.assert_allclose(dense, dense_enc.encode_all(TEXTS), atol=1e-6)
-    separate = {int(i): row for idx, rows in sparse_enc.encode(TEXTS) for i, row in zip(idx, rows)}
+    separate = {int(i): row for batch in sparse_enc.encode(TEXTS) for i, row in zip(batch.rows, batch.lexical)}
     for i, row in enumerate(sparse):
         assert as_dict(row) == pytest.approx(as_dict(separate[i]), abs=1e-6)
     np.testing.assert_allclose(dense, m3_reference["dense_vecs"], atol=1e-5)
 
 
 def test_joint_colbert_only_when_asked(tiny_models_dir, m3_reference):
-    joint = BGEM3JointEncoder(m3_spec(tiny_models_dir), "cpu", return_colbert=True)
+    joint = BGEM3Encoder(m3_spec(tiny_models_dir), "cpu", heads=("dense", "lexical", "colbert"))
     counter = CountForwards(joint.transformer)
     colbert = [None] * len(TEXTS)
-    for rows, _, _, vecs in joint.encode_joint(TEXTS):
+    for batch in joint.encode(TEXTS):
+        rows, vecs = batch.rows, batch.colbert
         for i, v in zip(rows, vecs):
             colbert[i] = v
     assert counter.calls == len(joint.stats.batches)
@@ -341,7 +344,7 @@ def test_reranker_loads_only_its_primary_source(tiny_models_dir, tmp_path):
 
 def test_several_devices_use_the_first_with_a_warning(tiny_models_dir):
     with pytest.warns(UserWarning, match="uses one device; running on cpu"):
-        enc = FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu,cpu")
+        enc = flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32), "cpu,cpu")
     assert enc.stats.device == "cpu"
     assert enc.encode_all(TEXTS[:2]).shape == (2, 32)
 
@@ -350,4 +353,4 @@ def test_cuda_request_without_cuda_is_a_clear_error(tiny_models_dir):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: nothing to refuse")
     with pytest.raises(EncoderError, match="tiny-a: device 'cuda:0' requested but CUDA is not available"):
-        FlagDenseEncoder(spec(tiny_models_dir, "tiny-a", dim=32), "cuda:0")
+        flag_dense_encoder(spec(tiny_models_dir, "tiny-a", dim=32), "cuda:0")

@@ -155,8 +155,8 @@ def _crash_once_loader(marker: str):
 def _encode_into_writer(encoder, texts, like, path, on_shard=None):
     """What run_dense_stage does with an encoder, for an encoder built with a test loader."""
     writer = EmbeddingWriter(path, like.chunk_ids, like.content_hashes, encoder.dim, dict(like.metadata))
-    for n, (idx, vectors) in enumerate(encoder.encode(texts)):
-        writer.write(idx, vectors)                                   # raises on a row written twice
+    for n, batch in enumerate(encoder.encode(texts)):
+        writer.write(batch.rows, batch.dense)                        # raises on a row written twice
         if on_shard is not None:
             on_shard(n)
     return writer

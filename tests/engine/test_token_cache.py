@@ -4,15 +4,15 @@ tokenizing; models whose tokenizers differ never share a file."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from rag_clean.encoders.factory import load_dense_encoder, load_sparse_encoder
-from rag_clean.encoders.token_cache import TokenCache, content_hash
-from rag_clean.encoders.tokenize import Tokenizer, tokenize_windows
+from rag_clean.chunking.rows import content_hash
+from rag_clean.encoders.token_cache import TokenCache, chunk_tokens
+from rag_clean.encoders.tokenize import Tokenizer
+from rag_clean.encoders.tokens import TokenSource
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.config.registry import load_registry
 
@@ -35,11 +35,11 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(load_registry().get("all-minilm-l6-v2").resolve_source())
 
 
-def _ids(tokenizer, texts, window=7):
+def _ids(tokenizer, texts, window=7, source=None):
     """Every row's ids, in input order, through the windows the runner uses."""
     rows = [None] * len(texts)
     truncated = 0
-    for w in tokenize_windows(tokenizer, texts, window=window, first_window=3):
+    for w in (source or TokenSource(texts)).windows(tokenizer, window=window, first_window=3):
         truncated += w.truncated
         for r in range(w.rows):
             rows[w.start + r] = w.ids[w.offsets[r]:w.offsets[r + 1]].tolist()
@@ -47,9 +47,9 @@ def _ids(tokenizer, texts, window=7):
 
 
 def _cached_ids(cache, tokenizer, texts):
-    with cache.attach(SimpleNamespace(tokenizer=tokenizer, stats=None)) as scope:
-        assert scope is not None
-        got = _ids(tokenizer, texts)
+    with cache.tokens(tokenizer, texts, [content_hash(t) for t in texts]) as source:
+        assert source.cache is not None
+        got = _ids(tokenizer, texts, source=source)
     return got, cache.last
 
 
@@ -93,12 +93,12 @@ def test_second_model_of_the_same_tokenizer_reads_the_cache_and_gives_identical_
     for name in ("tiny-a", "tiny-b"):
         enc = load_dense_encoder(registry.get(name))
         out = np.zeros((len(texts), enc.dim), np.float32)
-        with cache.attach(enc):
-            for idx, v in enc.encode(texts):
-                out[idx] = v
+        with chunk_tokens(cache, enc, texts, [content_hash(t) for t in texts]) as tokens:
+            for batch in enc.encode(tokens):
+                out[batch.rows] = batch.dense
         plain = np.zeros_like(out)
-        for idx, v in enc.encode(texts):  # no cache scope: tokenized directly
-            plain[idx] = v
+        for batch in enc.encode(texts):  # no cache: tokenized directly
+            plain[batch.rows] = batch.dense
         np.testing.assert_array_equal(out, plain)
         vectors[name] = (enc.stats.token_cache, enc.tokenizer.fingerprint)
         enc.close()
@@ -110,8 +110,8 @@ def test_second_model_of_the_same_tokenizer_reads_the_cache_and_gives_identical_
 
     # The sparse model of the tiny registry tokenizes alike: it reads the same file too.
     sparse = load_sparse_encoder(registry.get("tiny-splade"))
-    with cache.attach(sparse):
-        for _ in sparse.encode(texts):
+    with chunk_tokens(cache, sparse, texts, [content_hash(t) for t in texts]) as tokens:
+        for _ in sparse.encode(tokens):
             pass
     assert sparse.stats.token_cache["misses"] == 0
     sparse.close()
