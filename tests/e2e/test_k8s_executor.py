@@ -86,13 +86,19 @@ def cluster(tmp_path_factory, tiny_registry_path):
     shutil.copytree(SAMPLE, data / COLLECTION)
     shared = {"RAG_CLEAN_QUERY_KEY_FILE": str(tmp / "query_key")}  # both runs hash queries with one key
 
+    # One storage root path for both runs (vector_index records its sink's absolute location): the
+    # in-process run's files are moved aside before the cluster run starts from an empty root.
+    storage = tmp / "storage"
     in_process = project_env(tmp / "in_process", tiny_registry_path, data, RAG_CLEAN_EXECUTOR="in_process", **shared)
+    in_process["RAG_CLEAN_STORAGE_ROOT"] = str(storage)
     init_instance(in_process, tmp, [COLLECTION])
     start = time.monotonic()
     _ok(_materialize(in_process, tmp, executor_config=False))
     in_process_s = time.monotonic() - start
+    storage.rename(tmp / "storage-in-process")
 
     env = project_env(tmp / "cluster", tiny_registry_path, data, RAG_CLEAN_EXECUTOR="k8s", **shared)
+    env["RAG_CLEAN_STORAGE_ROOT"] = str(storage)
     init_instance(env, tmp, [COLLECTION])
     home = Path(env["DAGSTER_HOME"])
     podman = runtime_name() == "podman"
@@ -111,7 +117,7 @@ def cluster(tmp_path_factory, tiny_registry_path):
         api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
         core = kubernetes.client.CoreV1Api(api)
         _wait_for_pods_to_end(core)
-        yield {"tmp": tmp, "env": env, "in_process": in_process, "server": server, "run": run,
+        yield {"tmp": tmp, "env": env, "in_process_storage": tmp / "storage-in-process", "server": server, "run": run,
                "core": core, "batch": kubernetes.client.BatchV1Api(api)}
 
 
@@ -147,7 +153,7 @@ def _plan_step_keys(monkeypatch, registry_path) -> set[str]:
 
 def test_every_asset_file_is_identical_to_the_in_process_run(cluster):
     ours = _asset_files(Path(cluster["env"]["RAG_CLEAN_STORAGE_ROOT"]))
-    theirs = _asset_files(Path(cluster["in_process"]["RAG_CLEAN_STORAGE_ROOT"]))
+    theirs = _asset_files(cluster["in_process_storage"])
     assert "/".join(DENSE_A) in ours and f"reranked/{COLLECTION}.parquet" in ours, sorted(ours)
     assert ours == theirs
 
