@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.retrieval.candidates import DenseScorer, SparseBlock, SparseScorer, build_pools
+from rag_clean.retrieval.sparse_scan import sparse_scan_device
 from rag_clean.retrieval.fusion import fuse_queries, truncate_and_normalize
 from rag_clean.retrieval.hybrid import QueryPool, choose_weights, default_weights, evaluate, split_queries
 from rag_clean.retrieval.metrics import ranking_metrics
@@ -200,7 +201,8 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
         record.reuse_counts[f"sparse_queries/{spec.name}"] = qc.count("queries")
         if rows:
             record.reuse_counts[f"sparse_masked/{spec.name}"] = mc.count("chunks")
-        scorers.append(SparseScorer(_sparse_blocks(sparse, spec.name, chunks), chunks.num_rows, q_rows, overrides))
+        scorers.append(SparseScorer(_sparse_blocks(sparse, spec.name, chunks), chunks.num_rows, q_rows, overrides,
+                                    device=sparse_scan_device(_first_device(device))))
         names.append(f"sparse:{spec.name}")
     return scorers, names
 
