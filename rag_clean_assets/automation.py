@@ -16,22 +16,18 @@ partitions are untouched: conditions are evaluated per partition.
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Mapping
 
 import dagster as dg
 
-AUTOMATION_ENV = "RAG_CLEAN_AUTOMATION"
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.settings import process_setting
+
 AUTOMATION_SENSOR = "rag_clean_automation"
 
 
 def automation_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    value = (os.environ if environ is None else environ).get(AUTOMATION_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{AUTOMATION_ENV}={value!r}: expected 1 or 0")
+    return process_setting("automation", environ)
 
 
 def changed_inputs_or_code() -> dg.AutomationCondition:
@@ -64,4 +60,4 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     return dg.AutomationConditionSensorDefinition(
         AUTOMATION_SENSOR, target=dg.AssetSelection.all(), minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING, emit_backfills=False,  # plain runs, one per partition
-        description=f"{AUTOMATION_ENV}=1: requests runs for the partitions whose inputs or code changed.")
+        description=f"{BY_KEY['automation'].env}=1: requests runs for the partitions whose inputs or code changed.")

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
+from rag_clean.index import open_collection_index
 from rag_clean.stages.common import ROW_BLOCK
 from rag_clean.chunking.duplicates import duplicate_id_rows
 from rag_clean.storage.arrow_io import as_string_array, ids_absent
@@ -24,9 +25,11 @@ from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.assets.fused import FUSED_KEY
+from rag_clean_assets.assets.index import INDEX_KEY
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.quality import QUALITY_CHECKS
 from resources.paths import PathsResource
+from resources.settings import EmbedderSettingsResource
 
 NORM_TOLERANCE = 1e-3
 # Rows per block in the streaming checks: small enough that a check's working memory is a few MB,
@@ -243,6 +246,32 @@ def exports_valid(context: dg.AssetCheckExecutionContext, paths: PathsResource) 
     return _result(problems, {"files": len(manifest), "export_dir": dg.MetadataValue.path(str(folder))})
 
 
+@dg.asset_check(asset=INDEX_KEY, name="index_matches_chunks", partitions_def=collections_partitions,
+                additional_ins={"chunks": dg.AssetIn("chunks")},
+                description="the index holds one point per chunk (same chunk ids) with the chunk's content hash")
+def index_matches_chunks(context: dg.AssetCheckExecutionContext, chunks: pa.Table,
+                         settings: EmbedderSettingsResource, paths: PathsResource) -> dg.AssetCheckResult:
+    # Reads the index itself (streamed ids and hashes), not the asset's one-row value.
+    from rag_clean.index.sync import index_drift
+
+    resolved = settings.resolve()
+    if resolved.index_sink == "off":
+        return dg.AssetCheckResult(passed=True, metadata={"status": "disabled"},
+                                   description="not applicable: index_sink=off")
+    index = open_collection_index(resolved, paths.layout(), context.partition_key)
+    try:
+        drift = index_drift(index, chunks)
+    finally:
+        index.close()
+    problems = [f"{drift[k]} {what}" for k, what in (("missing", "chunks without a point"),
+                                                      ("extra", "points without a chunk"),
+                                                      ("changed", "points with another content hash")) if drift[k]]
+    if problems and drift["examples"]:
+        problems.append(f"e.g. {', '.join(drift['examples'][:5])}")
+    return _result(problems, {"points": int(drift["points"]), "chunks": chunks.num_rows, "sink": index.sink,
+                              "location": index.location})
+
+
 def build_checks(registry: Registry) -> list:
-    return [chunks_valid, fused_valid, sparse_valid, reranked_valid, queries_valid, exports_valid,
+    return [chunks_valid, fused_valid, sparse_valid, reranked_valid, queries_valid, exports_valid, index_matches_chunks,
             *(build_dense_check(s) for s in registry.dense), *QUALITY_CHECKS]

@@ -19,13 +19,17 @@ precedence (lowest to highest), recorded per setting in processing_summary.json:
   defaults < config file (--config, else $EMBEDDER_CONFIG_FILE, else ./config/embedder.json: keys such as
   enable_rerank, enable_sparse, sparse_models) < .env (--env-file, else ./.env) < environment
   (EMBEDDER_ENABLE_RERANK, EMBEDDER_ENABLE_SPARSE, EMBEDDER_SPARSE_MODELS, EMBEDDER_ENABLE_EXPORTS, ...)
-  < command-line flags.
+  < command-line flags. RAG_CLEAN_* (roots, registry, executor, GPU lease, engine switches) are read from
+  the environment only. Every setting: python -m rag_clean.config.settings --markdown
 
 runs are recorded in the Dagster instance at $DAGSTER_HOME (default: <project>/.dagster_home), so the UI
 (dagster-webserver -m rag_clean_assets.definitions) shows them.
 
 exit status: 0 all collections done; 1 a run failed; 2 bad arguments, settings, registry or a missing
 collection folder.
+
+search the embedded collections: rag-clean search --collection NAME "query" [-k 10] [--no-rerank] [--json];
+serve them to an MCP client over stdio: rag-clean mcp (see rag-clean search --help, rag-clean mcp --help).
 """
 
 
@@ -87,15 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ensure_dagster_home() -> Path:
-    from rag_clean.config.paths import PROJECT_ROOT
-    from rag_clean_assets.collections import init_home
+def _default_dagster_home() -> Path:
+    """$DAGSTER_HOME, set to <project>/.dagster_home when unset (the default storage root lives in it)."""
+    from rag_clean.config.paths import DEFAULT_DAGSTER_HOME
 
     if not os.environ.get("DAGSTER_HOME"):
-        home = PROJECT_ROOT / ".dagster_home"
+        home = DEFAULT_DAGSTER_HOME
         os.environ["DAGSTER_HOME"] = str(home)
         print(f"DAGSTER_HOME was not set: using {home} (start the UI with the same DAGSTER_HOME to see these runs)")
-    init_home()
     return Path(os.environ["DAGSTER_HOME"])
 
 
@@ -197,11 +200,27 @@ def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: flo
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from rag_clean.config.plan import PlanError
+    from rag_clean.config.registry import RegistryError
+    from rag_clean.config.settings import SettingsError
+    from rag_clean_assets.pods import PodConfigError
+
+    # Bad input found before a run starts (settings, registry, model sources, roots, pod config) is the
+    # user's to fix: one line each, exit status 2, no traceback.
+    try:
+        return _run(args)
+    except (SettingsError, RegistryError, PlanError, PodConfigError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _run(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from rag_clean.config.plan import PlanError, build_run_plan
-    from rag_clean.config.registry import RegistryError, load_registry
-    from rag_clean.config.settings import SettingsError
+    from rag_clean.config.paths import check_roots
+    from rag_clean.config.plan import build_run_plan
+    from rag_clean.config.registry import load_registry
+    from rag_clean.config.settings import process_provenance_lines
+    from rag_clean_assets.collections import init_home
     from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
     from rag_clean_assets.partitions import COLLECTIONS_PARTITION
     from rag_clean_assets.run_progress import LOGGER_KEY as PROGRESS_LOGGER
@@ -210,15 +229,13 @@ def run(args: argparse.Namespace) -> int:
     from resources.paths import PathsResource
     from resources.settings import EmbedderSettingsResource
 
+    environment = process_provenance_lines()  # every RAG_CLEAN_* value given, parsed now, not mid-run
     for flag, value in (("--config", args.config), ("--env-file", args.env_file), ("--registry", args.registry)):
         if value and not Path(value).expanduser().exists():
             raise CliError(f"{flag} {value}: file does not exist")
     data_root, collections = _select_collections(_split(args.collections), args.chunked_dir)
     registry_path = str(Path(args.registry).expanduser().resolve()) if args.registry else ""
-    try:
-        registry = load_registry(registry_path or None)
-    except RegistryError as exc:
-        raise CliError(str(exc)) from exc
+    registry = load_registry(registry_path or None)  # --registry wins over $RAG_CLEAN_MODEL_REGISTRY
 
     overrides = {
         "enable_rerank": args.enable_rerank,
@@ -235,19 +252,20 @@ def run(args: argparse.Namespace) -> int:
         override_source="cli",
         **{k: v for k, v in overrides.items() if v is not None},
     )
-    try:
-        resolved = settings.resolve()
-        build_run_plan(registry, resolved)  # the plan each run builds: bad model names fail here, before any run
-    except (SettingsError, PlanError) as exc:
-        raise CliError(str(exc)) from exc
+    resolved = settings.resolve()
+    # The plan each run builds: bad model names and model sources that resolve nowhere fail here, before any run.
+    build_run_plan(registry, resolved)
     for note in resolved.notes:
         print(f"note: {note}", file=sys.stderr)
 
-    _ensure_dagster_home()
-    storage_root = Path(args.storage_root).expanduser().resolve() if args.storage_root else PathsResource().storage_dir()
+    _default_dagster_home()
+    storage_root = (Path(args.storage_root).expanduser().resolve() if args.storage_root
+                    else PathsResource(data_root=str(data_root)).storage_dir())
+    check_roots(data_root, storage_root)  # before anything is written: the instance folder included
+    init_home()
     print(f"data root: {data_root}\nstorage root: {storage_root}\nDagster instance: {os.environ['DAGSTER_HOME']}\n"
           f"registry: {registry.path}")
-    for line in resolved.provenance_lines():
+    for line in [*resolved.provenance_lines(), *environment]:
         print(f"   {line}")
 
     # The progress display listens to every run as a second Dagster logger (rag_clean_assets/run_progress.py).
@@ -288,6 +306,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("search", "mcp"):  # the old flags are all options, so a first word is a subcommand
+        from rag_clean_assets.search_cli import main as subcommand
+
+        return subcommand(argv)
     args = build_parser().parse_args(argv)
     try:
         return run(args)

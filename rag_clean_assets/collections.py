@@ -20,6 +20,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.registry import RegistryError
+from rag_clean.config.settings import SettingsError
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.names import check_name
 from rag_clean.telemetry.summary import read_summary
@@ -44,7 +47,7 @@ def init_home(gpu_pool_limit: int | None = None) -> Path:
     config = home / "dagster.yaml"
     environ = dict(os.environ)
     if gpu_pool_limit is not None:  # the flag wins over $RAG_CLEAN_GPU_POOL_LIMIT and the GPU count
-        environ["RAG_CLEAN_GPU_POOL_LIMIT"] = str(gpu_pool_limit)
+        environ[BY_KEY["gpu_pool_limit"].env] = str(gpu_pool_limit)
     wanted = dagster_yaml(environ)
     # Rewrite only a file we wrote (an older version of it too); a file the user owns stays as it is.
     if not config.exists() or (config.read_text(encoding="utf-8").startswith(CONFIG_MARKER)
@@ -117,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("name")
     rep.add_argument("--wall-seconds", type=float)
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (SettingsError, RegistryError) as exc:  # a bad RAG_CLEAN_* value or registry: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "init-home":
         print(f"dagster instance config: {init_home(args.gpu_pool_limit)}")
     elif args.command in ("add", "sync"):
@@ -151,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"changed collections (observed): {', '.join(changed)}" if changed else "no collection folder changed")
     elif args.command == "status":
-        from rag_clean_assets.definitions import defs
+        from rag_clean_assets.definitions import build_definitions
         from rag_clean_assets.staleness import partition_status
 
-        for key, status in partition_status(_instance(), defs, check_name(args.name)).items():
+        for key, status in partition_status(_instance(), build_definitions(), check_name(args.name)).items():
             print(f"{key:32} {status.status}" + (f"  ({'; '.join(status.causes)})" if status.causes else ""))
     elif args.command == "report":
         report(check_name(args.name), args.wall_seconds)

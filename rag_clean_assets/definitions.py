@@ -1,17 +1,24 @@
-"""The Definitions object: assets built from the model registry, checks, job, sensor, resources."""
+"""The Definitions: assets built from the model registry, checks, job, sensor, resources.
+
+Built by a function, not at import: importing this module reads no setting and no registry, so rag-clean
+can report a bad RAG_CLEAN_* value or registry as one line, and `--registry` replaces the environment's.
+`dagster ... -m rag_clean_assets.definitions` and workspace.yaml load `defs` (an `@dg.definitions`
+function) when they need the graph.
+"""
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
+from rag_clean.config.declaration import BY_KEY
 from rag_clean.config.registry import load_registry
-from rag_clean_assets.assets.chunks import chunks
+from rag_clean.config.settings import given_process_settings, process_setting
+from rag_clean_assets.assets.chunks import build_chunks_asset
 from rag_clean_assets.assets.dense import build_dense_asset
 from rag_clean_assets.assets.exports import build_exports_asset
 from rag_clean_assets.assets.fused import build_fused_asset
-from rag_clean_assets.assets.retrieval import build_reranked_asset, queries
+from rag_clean_assets.assets.index import build_index_asset
+from rag_clean_assets.assets.retrieval import build_queries_asset, build_reranked_asset
 from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.automation import automation_enabled, automation_sensor, with_automation
 from rag_clean_assets.checks import build_checks
@@ -30,10 +37,15 @@ EMBED_JOB_NAME = "embed_collection"
 
 def build_assets(registry_path: str | None = None, *, automation: bool | None = None) -> list:
     """The asset graph; `automation` (default: $RAG_CLEAN_AUTOMATION) puts the refresh condition on it."""
-    registry = load_registry(registry_path)
-    assets = [collection_files, chunks, *(build_dense_asset(s) for s in registry.dense), build_fused_asset(registry),
-              build_sparse_asset(registry), queries, build_reranked_asset(registry), build_exports_asset(registry)]
-    return with_automation(assets) if (automation_enabled() if automation is None else automation) else assets
+    return _assets(load_registry(registry_path), automation_enabled() if automation is None else automation)
+
+
+def _assets(registry, automation: bool) -> list:
+    assets = [collection_files, build_chunks_asset(), *(build_dense_asset(s) for s in registry.dense),
+              build_fused_asset(registry), build_sparse_asset(registry), build_queries_asset(),
+              build_reranked_asset(registry), build_exports_asset(registry),
+              build_index_asset(registry)]
+    return with_automation(assets) if automation else assets
 
 
 def build_resources(*, data_root: str = "", storage_root: str = "", registry_path: str = "",
@@ -48,7 +60,7 @@ def build_resources(*, data_root: str = "", storage_root: str = "", registry_pat
     }
 
 
-EXECUTORS = ("in_process", "multiprocess", "k8s")
+EXECUTORS = BY_KEY["executor"].choices
 
 
 def default_executor():
@@ -57,9 +69,7 @@ def default_executor():
     RAG_CLEAN_EXECUTOR=multiprocess runs CPU-only steps side by side and isolates each step's memory;
     with a `gpu` pool limit N on an N-GPU host, N GPU steps (models or collections) run on N cards.
     RAG_CLEAN_EXECUTOR=k8s: one pod per step (dagster-k8s), pod requirements from rag_clean_assets/pods.py."""
-    name = os.environ.get("RAG_CLEAN_EXECUTOR", "in_process") or "in_process"
-    if name not in EXECUTORS:
-        raise ValueError(f"RAG_CLEAN_EXECUTOR={name!r}: expected one of {EXECUTORS}")
+    name = process_setting("executor")
     if name == "multiprocess":
         return dg.multiprocess_executor
     if name == "k8s":
@@ -73,10 +83,12 @@ def default_executor():
 
 def build_definitions(registry_path: str | None = None, *, automation: bool | None = None,
                       loggers: dict | None = None, **resource_kwargs) -> dg.Definitions:
-    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars."""
+    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars.
+    A bad RAG_CLEAN_* value fails here (loading the code location), not in the step that reads it."""
+    given_process_settings()
     registry = load_registry(registry_path)
     automation = automation_enabled() if automation is None else automation
-    assets = build_assets(registry_path, automation=automation)
+    assets = _assets(registry, automation)
     job = dg.define_asset_job(EMBED_JOB_NAME, selection=dg.AssetSelection.all(),
                               partitions_def=collections_partitions,
                               description="Materialize every asset of one collection.")
@@ -91,4 +103,7 @@ def build_definitions(registry_path: str | None = None, *, automation: bool | No
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What `dagster ... -m rag_clean_assets.definitions`, workspace.yaml and the webserver load."""
+    return build_definitions()

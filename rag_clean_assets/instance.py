@@ -34,6 +34,7 @@ from dagster._core.events import DagsterEventType
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
+from rag_clean.config.settings import process_setting
 from rag_clean.processes import process_alive
 
 GPU_POOL = "gpu"
@@ -52,11 +53,11 @@ _IN_PROGRESS = (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunS
 def visible_gpu_count(environ=None) -> int:
     """GPUs the lease could grant, counted without importing torch (NVML; 0 when there is none)."""
     env = os.environ if environ is None else environ
-    if env.get("RAG_CLEAN_FORCE_CPU", "").strip().lower() in ("1", "true", "yes"):
+    if process_setting("force_cpu", env):
         return 0
-    devices = env.get("RAG_CLEAN_GPU_DEVICES", "").strip()
-    if devices:
-        return len([d for d in devices.split(",") if d.strip()])
+    devices = process_setting("gpu_devices", env)
+    if devices is not None:
+        return len(devices)
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and (not visible.strip() or visible.strip() == "-1"):
         return 0
@@ -78,13 +79,8 @@ def visible_gpu_count(environ=None) -> int:
 def gpu_pool_limit(environ=None) -> int | None:
     """Slots of the `gpu` pool: $RAG_CLEAN_GPU_POOL_LIMIT (0 = none) if set, else one per GPU;
     None (unlimited) on a machine without CUDA."""
-    env = os.environ if environ is None else environ
-    raw = env.get("RAG_CLEAN_GPU_POOL_LIMIT", "").strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"RAG_CLEAN_GPU_POOL_LIMIT={raw!r}: expected a whole number (0 = no limit)") from None
+    value = process_setting("gpu_pool_limit", environ)
+    if value is not None:
         return value if value > 0 else None
     count = visible_gpu_count(environ)
     return max(1, count) if count > 0 else None

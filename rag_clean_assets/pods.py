@@ -9,12 +9,14 @@ on one box and on a cluster. Imports nothing from dagster_k8s: the project works
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
 
-POD_CONFIG_ENV = "RAG_CLEAN_POD_CONFIG"
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.settings import process_setting
+
+POD_CONFIG_ENV = BY_KEY["pod_config"].env
 DEFAULT_POD_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "pods.toml"
 K8S_CONFIG_TAG = "dagster-k8s/config"  # the key dagster_k8s.job.USER_DEFINED_K8S_CONFIG_KEY
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -27,7 +29,7 @@ class PodConfigError(ValueError):
 
 
 def pod_config_path() -> Path:
-    return Path(os.environ.get(POD_CONFIG_ENV) or DEFAULT_POD_CONFIG)
+    return Path(process_setting("pod_config") or DEFAULT_POD_CONFIG)
 
 
 @lru_cache(maxsize=8)
@@ -55,7 +57,7 @@ def _load(path: str, required: bool) -> dict:
 
 def load_pod_config(path: str | Path | None = None) -> dict:
     """The parsed file; {} when it is absent and the k8s executor is not selected (tags then empty)."""
-    required = os.environ.get("RAG_CLEAN_EXECUTOR", "") == "k8s"
+    required = process_setting("executor") == "k8s"
     return _load(str(path or pod_config_path()), required)
 
 

@@ -7,6 +7,7 @@ every rerun -- even a no-op -- would mark the whole downstream graph changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -15,7 +16,7 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.config.registry import ModelSpec, Registry
-from rag_clean.stages.common import StageOutput, default_digest_cache, model_fingerprint, sparse_fingerprint
+from rag_clean.stages.common import StageOutput, encoder_code_version
 
 CHUNKS = "1"
 DENSE = "1"
@@ -24,6 +25,7 @@ SPARSE = "2"  # 2: content_hash column, each model's rows in chunk order, finger
 QUERIES = "1"
 RERANKED = "1"
 EXPORTS = "1"
+INDEX = "1"
 
 # Output(data_version=) is "beta" in Dagster 1.13; it is what the staleness of the graph is built on.
 warnings.filterwarnings("ignore", message=".*Parameter `data_version` of initializer `Output.__init__`.*")
@@ -37,17 +39,23 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def declared(spec: ModelSpec) -> dict:
+    """A registry entry as declared (what the file says) plus its encoder's code version: what the code
+    versions are built from. Nothing is read from the model folder, so building the definitions hashes no
+    weights; a run still compares weight digests (the model fingerprint) before reusing stored rows."""
+    entry = {k: v for k, v in dataclasses.asdict(spec).items() if k != "registry_dir"}
+    return entry | {"encoder_code_version": encoder_code_version(spec)}
+
+
 def dense_code_version(spec: ModelSpec) -> str:
-    """The dense asset's version plus its model's fingerprint: swapping the model in the registry is a
-    code change of that asset (its vectors change), so it and its downstream become unsynced. The
-    fingerprint covers the weights too (digests cached under the configured storage root's state dir)."""
-    return f"{DENSE}-{hashlib.sha256(model_fingerprint(spec, default_digest_cache()).encode()).hexdigest()[:12]}"
+    """The dense asset's version plus its registry entry: swapping the model in the registry is a code
+    change of that asset (its vectors change), so it and its downstream become unsynced."""
+    return f"{DENSE}-{_digest(declared(spec))}"
 
 
 # The other assets that read registry entries, likewise: an edit there is a code change of that asset.
 def sparse_code_version(registry: Registry) -> str:
-    cache = default_digest_cache()
-    return f"{SPARSE}-{_digest([sparse_fingerprint(s, cache) for s in registry.sparse])}"
+    return f"{SPARSE}-{_digest([declared(s) for s in registry.sparse])}"
 
 
 def fused_code_version(registry: Registry) -> str:
@@ -57,8 +65,7 @@ def fused_code_version(registry: Registry) -> str:
 
 def reranked_code_version(registry: Registry) -> str:
     spec = registry.rerank
-    fingerprint = None if spec is None else [model_fingerprint(spec, default_digest_cache()), list(spec.fallbacks)]
-    return f"{RERANKED}-{_digest(fingerprint)}"
+    return f"{RERANKED}-{_digest(None if spec is None else declared(spec))}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

@@ -21,7 +21,10 @@ class PathsResource(dg.ConfigurableResource):
         return Path(self.data_root).expanduser().resolve() if self.data_root else paths.data_root()
 
     def storage_dir(self) -> Path:
-        return Path(self.storage_root).expanduser().resolve() if self.storage_root else paths.storage_root()
+        """The storage root, refused (SettingsError) when it lies inside the data root."""
+        root = Path(self.storage_root).expanduser().resolve() if self.storage_root else paths.storage_root()
+        paths.check_roots(self.data_dir(), root)
+        return root
 
     def collection_dir(self, collection: str) -> Path:
         root = self.data_dir()

@@ -13,3 +13,8 @@ start=$(date +%s)
 .venv/bin/dagster asset materialize -m rag_clean_assets.definitions --select '*' --partition "$COLLECTION"
 end=$(date +%s)
 .venv/bin/python -m rag_clean_assets.collections report "$COLLECTION" --wall-seconds $((end - start))
+# One example search over the index the run just built, ranked as `reranked` measured (README "Search").
+EXAMPLE_QUERY=${EXAMPLE_QUERY:-"How do I clear a stale lock left behind after a server crashed during a backup?"}
+echo "example search: rag-clean search --collection $COLLECTION \"$EXAMPLE_QUERY\" -k 3"
+.venv/bin/python -m rag_clean_assets.cli search --collection "$COLLECTION" "$EXAMPLE_QUERY" -k 3 \
+  || echo "(example search skipped: see the error above)"

@@ -57,3 +57,25 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 def tiny_registry_path(tiny_models_dir, tmp_path_factory) -> Path:
     """models.toml naming the tiny models: 2 dense (32-d, 48-d), sparse and rerank, concat fusion."""
     return write_tiny_registry(tmp_path_factory.mktemp("tiny_registry"), tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def searchable_sample(tmp_path_factory, tiny_registry_path):
+    """The bundled sample materialized once per session with the tiny models (reranked and its vector index),
+    shared by the search tests of every layer. The caller's settings are kept out while it materializes."""
+    from pipeline_helpers import materialize_sample
+
+    root = tmp_path_factory.mktemp("searchable_sample")
+    keys = ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "RAG_CLEAN_FORCE_CPU",
+            "EMBEDDER_CONFIG_FILE")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    os.environ["EMBEDDER_CONFIG_FILE"] = str(root / "absent-config.json")
+    try:
+        pipeline = materialize_sample(root, tiny_registry_path)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return pipeline

@@ -74,3 +74,20 @@ class Pipeline:
 
     def summary(self, collection: str = "demo") -> dict:
         return json.loads(self.file("telemetry", collection, "processing_summary.json").read_text())
+
+
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "collections" / "sample"
+
+
+def materialize_sample(root: Path, registry_path: Path) -> Pipeline:
+    """The bundled sample collection, copied under `root`, materialized whole (chunks .. reranked, vector_index)
+    with the tiny models: what the search tests query."""
+    import shutil
+
+    data_root = root / "data"
+    shutil.copytree(BUNDLED_SAMPLE, data_root / "sample")
+    pipeline = Pipeline(data_root, root / "storage", registry_path, root / "locks")
+    result = pipeline.materialize("sample")
+    # The index search reads is the one the graph's vector_index asset built.
+    assert dg.AssetKey("vector_index") in {e.asset_key for e in result.get_asset_materialization_events()}
+    return pipeline

@@ -7,9 +7,10 @@ or wrong-role model names fail here, with the setting's provenance, before any s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
+from rag_clean.config.declaration import BY_KEY
 from rag_clean.config.registry import ModelSpec, Registry, RegistryError
 from rag_clean.config.settings import EmbedderSettings
 
@@ -18,20 +19,27 @@ class PlanError(ValueError):
     """The settings name models the registry does not have (or of the wrong role)."""
 
 
+def _default(key: str):
+    return BY_KEY[key].default
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
-    top_k_candidates: int = 100
-    rerank_top_k: int = 20
-    rrf_k: int = 60
-    rerank_batch_size: int = 32   # most (query, passage) pairs per cross-encoder batch
-    enable_sparse: bool = True
-    enable_rerank: bool = True
-    hybrid_fusion: str = "weighted"       # or "rrf"
-    score_normalization: str = "minmax"
-    hybrid_dense_weight: float = 0.3
-    tune_min_queries: int = 30
-    tune_fraction: float = 0.5
-    tune_ensemble_weights: bool = False
+    """The retrieval stage's typed view of the run settings; the defaults are the declaration's
+    (rag_clean.config.declaration), and build_run_plan fills every field from the resolved settings."""
+
+    top_k_candidates: int = _default("top_k_candidates")
+    rerank_top_k: int = _default("rerank_top_k")
+    rrf_k: int = _default("rrf_k")
+    rerank_batch_size: int = _default("rerank_batch_size")
+    enable_sparse: bool = _default("enable_sparse")
+    enable_rerank: bool = _default("enable_rerank")
+    hybrid_fusion: str = _default("hybrid_fusion")
+    score_normalization: str = _default("score_normalization")
+    hybrid_dense_weight: float = _default("hybrid_dense_weight")
+    tune_min_queries: int = _default("tune_min_queries")
+    tune_fraction: float = _default("tune_fraction")
+    tune_ensemble_weights: bool = _default("tune_ensemble_weights")
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,11 @@ class RunPlan:
             return None
         return f"exports disabled: enable_exports=false ({self.provenance('enable_exports')})"
 
+    def index_disabled_reason(self) -> str | None:
+        if self.settings.index_sink != "off":
+            return None
+        return f"vector index disabled: index_sink=off ({self.provenance('index_sink')})"
+
     def joint(self, dense_spec: ModelSpec) -> JointPlan:
         """Side outputs of `dense_spec`'s pass: lexical rows when its bge-m3 sparse partner runs in this
         plan, ColBERT vectors when the entry says `colbert = true`."""
@@ -135,20 +148,34 @@ def _select(registry: Registry, names: Sequence[str], role: str, key: str, setti
     return tuple(dict.fromkeys(chosen))
 
 
+def source_problem(spec: ModelSpec) -> str | None:
+    """Why none of `spec`'s sources (primary, then fallbacks) resolves to a local model folder (offline),
+    or None when one does. Cheap: paths, installed packages and the local hub cache, nothing loaded."""
+    from rag_clean.encoders.factory import resolve_local_source  # lazy: the plan itself needs no encoder
+
+    failures = []
+    for source in spec.candidate_sources():
+        try:
+            resolve_local_source(spec, source)
+            return None
+        except Exception as exc:  # ModelLoadError (and anything a package import raises): the next source
+            failures.append(str(exc).removeprefix(f"model {spec.name}: "))
+    return f"model {spec.name} ({spec.role}): " + " | ".join(failures)
+
+
 def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
+    """The plan of one run. Every dense and sparse model it runs must have a source that resolves locally, so a missing folder fails here, before the first step writes anything. The
+    reranker is exempt: when none of its sources loads, `reranked` keeps retrieval order (documented)."""
     dense = _select(registry, settings.ensemble_models, "dense", "ensemble_models", settings)
     if not dense:
         raise PlanError(f"the registry {registry.path} names no dense model")
     sparse = _select(registry, settings.sparse_models, "sparse", "sparse_models", settings) if settings.enable_sparse else ()
     if settings.enable_sparse and not sparse:
         raise PlanError("sparse is enabled but the registry names no sparse model; add one or set EMBEDDER_ENABLE_SPARSE=0")
-    retrieval = RetrievalConfig(top_k_candidates=settings.top_k_candidates, rerank_top_k=settings.rerank_top_k,
-                              rrf_k=settings.rrf_k, rerank_batch_size=settings.rerank_batch_size,
-                              enable_sparse=settings.enable_sparse, enable_rerank=settings.enable_rerank,
-                              hybrid_fusion=settings.hybrid_fusion, score_normalization=settings.score_normalization,
-                              hybrid_dense_weight=settings.hybrid_dense_weight, tune_min_queries=settings.tune_min_queries,
-                              tune_fraction=settings.tune_fraction,
-                              tune_ensemble_weights=settings.tune_ensemble_weights)
+    retrieval = RetrievalConfig(**{f.name: getattr(settings, f.name) for f in fields(RetrievalConfig)})
+    problems = [p for p in map(source_problem, (*dense, *sparse)) if p]
+    if problems:
+        raise PlanError("\n".join(problems))
     return RunPlan(
         registry=registry, settings=settings, dense=dense, sparse=sparse, rerank=registry.rerank,
         fusion_method=settings.fusion_method or registry.fusion_method, retrieval=retrieval,

@@ -9,12 +9,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.settings import process_setting
+
 ROLES = ("dense", "sparse", "rerank")
 BACKENDS = ("sentence-transformers", "flagembedding")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FUSION_METHODS = ("concat", "mean")
 
-REGISTRY_ENV = "RAG_CLEAN_MODEL_REGISTRY"
+REGISTRY_ENV = BY_KEY["model_registry"].env
 DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parents[1] / "models.toml"
 
 
@@ -157,16 +160,21 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
 
     from rag_clean.config.registry_schema import RegistryFile, render_errors
 
-    path = Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY_PATH).expanduser()
+    from_env = "" if path else process_setting("model_registry")
+    path = Path(path or from_env or DEFAULT_REGISTRY_PATH).expanduser()
+    named = f"model registry {path}" + (f" (from {REGISTRY_ENV})" if from_env else "")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise RegistryError(f"model registry {path} does not exist") from exc
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise RegistryError(f"{named} does not exist" if isinstance(exc, FileNotFoundError)
+                            else f"{named} is a folder, not a TOML file") from exc
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{named} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise RegistryError(f"model registry {path} is not valid TOML: {exc}") from exc
+        raise RegistryError(f"{named} is not valid TOML: {exc}") from exc
     try:
         parsed = RegistryFile.model_validate(raw)
     except ValidationError as exc:
-        raise RegistryError(render_errors(exc, str(path))) from None
+        raise RegistryError((f"{REGISTRY_ENV}: " if from_env else "") + render_errors(exc, str(path))) from None
     specs = tuple(_spec_from_table(entry, path.parent) for entry in parsed.models)
     return Registry(models=specs, fusion_method=parsed.fusion.method, path=path)

@@ -1,75 +1,45 @@
-"""One typed settings object for the whole pipeline, with the source of every value.
+"""Resolving the declared settings (rag_clean.config.declaration), with the source of every value.
 
-Precedence, lowest to highest (as in the old embedder, plus Dagster run config):
-defaults < config file < .env file < process environment < run config / CLI flags.
-Each setting remembers which source won ("default", "config file", ".env", "override via env",
-"run config" or "cli"), and telemetry records it.
+Run settings (EMBEDDER_*), lowest to highest: defaults < config file < .env file < process environment <
+run config / CLI flags. Each remembers which source won ("default", "config file", ".env",
+"override via env", "run config" or "cli"), and telemetry records it.
+Process settings (RAG_CLEAN_*): default < environment < an explicit resource field or flag.
+
+`python -m rag_clean.config.settings --markdown` prints the README's settings table.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-CONFIG_FILE_ENV = "EMBEDDER_CONFIG_FILE"
-DEFAULT_CONFIG_FILE = Path("config/embedder.json")
-ENV_PREFIX = "EMBEDDER_"
+from rag_clean.config.declaration import BY_ENV, BY_KEY, PROCESS, RUN, Setting, markdown_table, process_settings, run_settings
+from rag_clean.config.values import SettingsError, did_you_mean, parse_value
+
+__all__ = ["EmbedderSettings", "SettingsError", "resolve_settings", "process_setting", "given_process_settings",
+           "process_provenance_lines", "RETIRED_SETTINGS", "CONFIG_FILE_ENV"]
+
+CONFIG_FILE_ENV = BY_KEY["config_file"].env
+DEFAULT_CONFIG_FILE = Path(BY_KEY["config_file"].default)
 
 PROVENANCE_DEFAULT = "default"
 PROVENANCE_CONFIG = "config file"
 PROVENANCE_DOTENV = ".env"
 PROVENANCE_ENV = "override via env"
 
-
 # Settings of the old embedder that no longer choose anything: accepted (so old config files, .env files
 # and scripts keep working) and reported once in the run's warnings, never silently dropped.
-RETIRED_SETTINGS = {
-    "exclusive_ensemble": "exclusive_ensemble is retired and ignored: every run keeps one dense model resident per "
-                          "device at a time (one asset per model, GPU steps in the `gpu` pool)",
-}
+RETIRED_SETTINGS = {s.key: s.retired for s in run_settings(retired=True) if s.retired}
+_PY_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "choice": str, "list": tuple[str, ...]}
 
 
-class SettingsError(ValueError):
-    """A setting has a value of the wrong type; the message names the source and the key."""
-
-
-@dataclass(frozen=True)
-class EmbedderSettings:
-    enable_sparse: bool = True
-    enable_rerank: bool = True
-    # Names of registry sparse models to run; empty = every sparse model in the registry.
-    sparse_models: tuple[str, ...] = ()
-    # Names of registry dense models in the ensemble; empty = every dense model.
-    ensemble_models: tuple[str, ...] = ()
-    fusion_method: str = ""            # "" = the registry's fusion.method
-    top_k_candidates: int = 100
-    rerank_top_k: int = 20
-    rerank_batch_size: int = 32        # most (query, passage) pairs per cross-encoder batch
-    rrf_k: int = 60
-    query_text_mode: str = "hash"      # "hash" or "truncate" (<= 100 chars) in telemetry and exports
-    enable_exports: bool = False
-    export_dir: str = ""               # "" = <storage root>/exports
-    reuse_unchanged: bool = True       # reuse vectors of chunks whose content hash did not change
-    # Hybrid candidates: weighted sum of per-query normalized dense and sparse scores ("rrf": reciprocal rank).
-    hybrid_fusion: str = "weighted"
-    score_normalization: str = "minmax"    # or "zscore"
-    hybrid_dense_weight: float = 0.3       # used when a collection has too few queries to tune
-    tune_min_queries: int = 30             # queries with gold chunks needed to tune weights
-    tune_fraction: float = 0.5             # share of queries in the tuning split; the rest is held out
-    tune_ensemble_weights: bool = False    # also tune the dense models' weights (at query time)
-    quality_margin: float = 0.02           # quality check: allowed drop of held-out recall@10 / MRR@10
-    quality_severity: str = "warn"         # "warn" or "error" when the quality check fails
-    # Data-parallel dense/sparse encoding on Ray (rag_clean.distributed): "" = off (in-process),
-    # "local" = start a local cluster, "auto" / "ray://host:port" / "host:port" = join an existing one.
-    ray_address: str = ""
-    ray_shard_rows: int = 4096         # rows per shard sent to one actor (the unit of work and of retry)
-    ray_actors: int = 2                # actors, each loading the model once (1 GPU each when the cluster has GPUs)
-    provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
-    notes: tuple[str, ...] = field(default=(), compare=False)  # retired settings that were given
+class _Methods:
+    """Behaviour of EmbedderSettings; its fields are generated from the declaration below."""
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -81,72 +51,43 @@ class EmbedderSettings:
     def provenance_lines(self) -> list[str]:
         return [f"{k}={json.dumps(self.as_dict()[k])} ({self.provenance.get(k, PROVENANCE_DEFAULT)})" for k in self.keys()]
 
-    def with_overrides(self, overrides: Mapping[str, Any], source: str) -> "EmbedderSettings":
-        """Apply overrides (None values are ignored) and mark them with `source`."""
+    def with_overrides(self, overrides: Mapping[str, Any], source: str, where: str | None = None):
+        """Apply overrides by key (None values are ignored), marked with `source`; errors name `where`."""
+        return self._apply([(k, v, f"{where or source}: {k}") for k, v in overrides.items()], source)
+
+    def _apply(self, items: list[tuple[str, Any, str]], source: str):
         values, prov, notes = {}, dict(self.provenance), list(self.notes)
-        for key, raw in overrides.items():
+        for key, raw, where in items:
             if raw is None:
                 continue
-            if key in RETIRED_SETTINGS:
-                notes.append(f"{RETIRED_SETTINGS[key]} (given as {raw!r} by {source})")
+            setting = BY_KEY.get(key)
+            if setting is None or setting.scope != RUN:
+                raise SettingsError(_unknown(key, where.rsplit(": ", 1)[0]))
+            value = parse_value(setting, raw, where)
+            if setting.retired:
+                notes.append(f"{setting.retired} (given as {raw!r} by {source})")
                 continue
-            values[key] = _coerce(key, raw, source)
+            values[key] = value
             prov[key] = source
         return replace(self, **values, provenance=prov, notes=tuple(notes))
 
 
-_TYPES = {f.name: f.type for f in fields(EmbedderSettings)}
-# (low, high, closed): the range each float setting accepts.
-_FLOAT_RANGES = {"hybrid_dense_weight": (0.0, 1.0, True), "tune_fraction": (0.0, 1.0, False),
-                 "quality_margin": (0.0, 1.0, True)}
-_CHOICES = {"hybrid_fusion": ("weighted", "rrf"), "score_normalization": ("minmax", "zscore"),
-            "quality_severity": ("warn", "error")}
+EmbedderSettings = make_dataclass(
+    "EmbedderSettings",
+    [(s.key, _PY_TYPES[s.kind], field(default=s.default)) for s in run_settings()]
+    + [("provenance", Mapping[str, str], field(default_factory=dict, compare=False)),
+       ("notes", tuple[str, ...], field(default=(), compare=False))],  # retired settings that were given
+    bases=(_Methods,), frozen=True,
+)
+EmbedderSettings.__module__ = __name__
+EmbedderSettings.__doc__ = "The resolved run settings (one field per RUN setting of rag_clean.config.declaration)."
 
 
-def _coerce(key: str, raw: Any, source: str) -> Any:
-    if key not in _TYPES or key in ("provenance", "notes"):
-        raise SettingsError(f"{source}: unknown setting {key!r}; known: {EmbedderSettings.keys()}")
-    kind = _TYPES[key]
-    try:
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"expected a boolean (1/0, true/false, yes/no, on/off), got {raw!r}")
-        if kind == "float":
-            if isinstance(raw, bool):
-                raise ValueError("expected a number")
-            value = float(raw)
-            low, high, closed = _FLOAT_RANGES[key]
-            if not (low <= value <= high) or (not closed and value in (low, high)):
-                raise ValueError(f"must be in {'[' if closed else '('}{low}, {high}{']' if closed else ')'}")
-            return value
-        if kind == "int":
-            if isinstance(raw, bool):
-                raise ValueError("expected an integer")
-            value = int(raw)
-            if value <= 0:
-                raise ValueError("must be > 0")
-            return value
-        if kind.startswith("tuple"):
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
-            return tuple(str(i).strip() for i in items if str(i).strip())
-        value = str(raw).strip()
-        if key == "query_text_mode" and value not in ("hash", "truncate"):
-            raise ValueError("must be 'hash' or 'truncate'")
-        if key == "fusion_method" and value not in ("", "concat", "mean"):
-            raise ValueError("must be 'concat' or 'mean'")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ValueError(f"must be one of {_CHOICES[key]}")
-        if key == "ray_address" and not (value in ("", "local", "auto") or value.startswith("ray://") or ":" in value):
-            raise ValueError("must be '' (off), 'local', 'auto', 'ray://host:port' or 'host:port'")
-        return value
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{source}: setting {key!r}: {exc}") from exc
+def _unknown(key: str, where: str) -> str:
+    setting = BY_KEY.get(key)
+    if setting is not None and setting.scope == PROCESS:
+        return f"{where}: {key!r} is a process setting: set {setting.env} in the environment"
+    return f"{where}: unknown setting {key!r}{did_you_mean(key, [s.key for s in run_settings(retired=True)])}"
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -163,13 +104,26 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data.get("embedder", data) if isinstance(data.get("embedder"), dict) else data
 
 
-def _from_environment(env: Mapping[str, str]) -> dict[str, str]:
-    out = {}
-    for key in [*EmbedderSettings.keys(), *RETIRED_SETTINGS]:
-        name = ENV_PREFIX + key.upper()
-        if name in env and env[name] != "":
-            out[key] = env[name]
-    return out
+def _env_items(env: Mapping[str, str], where: str = "") -> list[tuple[str, Any, str]]:
+    """(key, raw, where) of each run setting given in `env`; an empty value means unset."""
+    return [(s.key, env[s.env], f"{where}{s.env}") for s in run_settings(retired=True) if env.get(s.env, "") != ""]
+
+
+def _check_dotenv_keys(env: Mapping[str, str], path: Path) -> None:
+    """Refuse what a .env file cannot mean: a process setting (read from the environment only) or a name
+    that is not a setting but looks like one (a typo would otherwise be silently ignored)."""
+    run_names = [s.env for s in run_settings(retired=True)]
+    for name in env:
+        setting = BY_ENV.get(name)
+        if setting is not None and setting.scope == RUN:
+            continue
+        if setting is not None:
+            raise SettingsError(f".env {path}: {name} is a process setting, read from the environment only "
+                                f"(every process Dagster starts reads it there): export it instead")
+        hint = did_you_mean(name, BY_ENV) or (f" (did you mean {BY_KEY[name.lower()].env!r}?)"
+                                              if name.lower() in BY_KEY else "")
+        if hint or name.startswith(("EMBEDDER_", "RAG_CLEAN_")):
+            raise SettingsError(f".env {path}: unknown setting {name}{hint}; known: {', '.join(run_names)}")
 
 
 def resolve_settings(
@@ -180,13 +134,13 @@ def resolve_settings(
     overrides: Mapping[str, Any] | None = None,
     override_source: str = "run config",
 ) -> EmbedderSettings:
-    """Resolve settings through every layer; see the module docstring for the order."""
+    """Resolve the run settings through every layer; see the module docstring for the order."""
     environ = os.environ if environ is None else environ
     settings = EmbedderSettings(provenance={k: PROVENANCE_DEFAULT for k in EmbedderSettings.keys()})
 
-    path = Path(config_file) if config_file else Path(environ.get(CONFIG_FILE_ENV, DEFAULT_CONFIG_FILE))
+    path = Path(config_file) if config_file else Path(process_setting("config_file", environ))
     if path.exists():
-        settings = settings.with_overrides(_read_config_file(path), f"{PROVENANCE_CONFIG}")
+        settings = settings.with_overrides(_read_config_file(path), PROVENANCE_CONFIG, f"config file {path}")
     elif config_file:
         raise SettingsError(f"config file {path} does not exist")
 
@@ -194,9 +148,48 @@ def resolve_settings(
     if dotenv_path.exists():
         from dotenv import dotenv_values
 
-        settings = settings.with_overrides(_from_environment(dotenv_values(dotenv_path)), PROVENANCE_DOTENV)
+        values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+        _check_dotenv_keys(values, dotenv_path)
+        settings = settings._apply(_env_items(values, f".env {dotenv_path}: "), PROVENANCE_DOTENV)
 
-    settings = settings.with_overrides(_from_environment(environ), PROVENANCE_ENV)
+    settings = settings._apply(_env_items(environ), PROVENANCE_ENV)
     if overrides:
         settings = settings.with_overrides(overrides, override_source)
     return settings
+
+
+# ---------------------------------------------------------------- process settings
+
+
+def _process(key: str) -> Setting:
+    setting = BY_KEY[key]
+    if setting.scope != PROCESS:
+        raise KeyError(f"{key} is a run setting: read it from the run plan")
+    return setting
+
+
+def process_setting(key: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The value of process setting `key` (declaration.py) from the environment, strictly parsed;
+    its default when unset or empty. Read per call, so a changed environment (tests) is seen."""
+    setting = _process(key)
+    raw = (os.environ if environ is None else environ).get(setting.env, "")
+    return setting.default if not raw.strip() else parse_value(setting, raw, setting.env)
+
+
+def given_process_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """{key: value} of every process setting set in the environment, each parsed now: a caller that starts
+    work (rag-clean, the definitions) learns of a bad value before any step runs, not when a step reads it."""
+    env = os.environ if environ is None else environ
+    return {s.key: process_setting(s.key, env) for s in process_settings() if env.get(s.env, "").strip()}
+
+
+def process_provenance_lines(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Each process setting given in the environment, as `VAR=value (override via env)`; secrets hidden."""
+    return [f"{BY_KEY[k].env}={'<set>' if BY_KEY[k].secret else json.dumps(v)} ({PROVENANCE_ENV})"
+            for k, v in given_process_settings(environ).items()]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m rag_clean.config.settings --markdown")
+    print(markdown_table())

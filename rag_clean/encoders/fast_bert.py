@@ -12,11 +12,11 @@ GELU). Anything else returns None from `FastBert.build` and the caller keeps the
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from rag_clean.config.settings import process_setting
 from rag_clean.encoders.device import position_offset
 
 _SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta")
@@ -89,7 +89,7 @@ class FastBert:
 
     @classmethod
     def build(cls, encoder: torch.nn.Module | None, config, **kwargs) -> "FastBert | None":
-        if os.environ.get("RAG_CLEAN_FAST_BERT", "1") == "0" or encoder is None or not cls.supported(config):
+        if not process_setting("fast_bert") or encoder is None or not cls.supported(config):
             return None
         if not (hasattr(encoder, "embeddings") and hasattr(encoder, "encoder")):
             return None

@@ -23,7 +23,6 @@ a BatchRecord per batch, and one thread per replica pulling from one shared batc
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import sys
 import threading
@@ -34,6 +33,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from rag_clean.config.settings import process_setting
 from rag_clean.encoders.base import BatchRecord, Encoded, EncodeStats
 from rag_clean.encoders.batching import BatchSource, batch_tokens
 from rag_clean.encoders.budget import MIN_TOKEN_BUDGET, BudgetController, BudgetStore
@@ -145,7 +145,7 @@ class Runner:
         # The tokenize-ahead thread and this (kernel-launching) thread share the GIL; at the default
         # 5 ms switch interval each wake-up after a device sync can wait that long for it.
         # RAG_CLEAN_GIL_SWITCH_MS=0 keeps the interpreter's setting.
-        switch_ms = float(os.environ.get("RAG_CLEAN_GIL_SWITCH_MS", "0.5"))
+        switch_ms = process_setting("gil_switch_ms")
         saved_switch = sys.getswitchinterval()
         if switch_ms > 0 and any(r.device.type == "cuda" for r in self.replicas):
             sys.setswitchinterval(min(saved_switch, switch_ms / 1000.0))

@@ -3,7 +3,6 @@ over real tokens, top-k on the device."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Sequence
 
@@ -15,6 +14,7 @@ from rag_clean.encoders.fast_bert import segment_ids
 from rag_clean.encoders.runner import Batch, Replica
 from rag_clean.encoders.st_base import STBackend
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS
+from rag_clean.config.settings import process_setting
 from rag_clean.config.registry import ModelSpec
 
 # Bytes of vocab-wide activations computed at once: no [tokens, vocab] tensor is ever larger.
@@ -59,7 +59,7 @@ class STSparseEncoder(STBackend, SparseEncoder):
         self.top_k = min(int(spec.top_k), self.vocab_size)
         # Unpadded batches pool with a segment max over contiguous rows; RAG_CLEAN_SPLADE_SEGMENT_MAX=0
         # switches to the scatter-max (index_reduce_) that padded batches use, for comparison.
-        self.segment_max = os.environ.get("RAG_CLEAN_SPLADE_SEGMENT_MAX", "1") != "0"
+        self.segment_max = process_setting("splade_segment_max")
         if self.split_head:
             self.enable_fast(lambda m: m.base_model)
         # Vocabulary slices of the MLM decoder per pass (0: off, rows chunked over tokens as before). Each slice's

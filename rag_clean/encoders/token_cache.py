@@ -26,7 +26,6 @@ from it, and the tokenizer is never patched.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rag_clean.config.settings import process_setting
 from rag_clean.encoders.base import EncoderError
 from rag_clean.encoders.tokenize import Tokenizer
 from rag_clean.encoders.tokens import TokenSource
@@ -43,7 +43,7 @@ SCHEMA = pa.schema([("content_hash", pa.string()), ("ids", pa.large_list(pa.int3
 
 
 def enabled() -> bool:
-    return os.environ.get("RAG_CLEAN_TOKEN_CACHE", "1") != "0"
+    return process_setting("token_cache")
 
 
 def end_specials(tokenizer) -> int | None:

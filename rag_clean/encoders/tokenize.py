@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rag_clean.config.settings import process_setting
 from rag_clean.encoders.base import EncoderError
 
 # Rows tokenized per window. Small first window: the device starts after ~1k rows are tokenized
@@ -131,7 +132,7 @@ class Tokenizer:
         self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0
         self.rust = None
         core = getattr(hf_tokenizer, "_tokenizer", None) if getattr(hf_tokenizer, "is_fast", False) else None
-        if core is not None and os.environ.get("RAG_CLEAN_RUST_TOKENIZER", "1") != "0":
+        if core is not None and process_setting("rust_tokenizer"):
             from tokenizers import Tokenizer as RustTokenizer
 
             self.rust = RustTokenizer.from_str(core.to_str())

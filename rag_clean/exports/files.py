@@ -20,7 +20,6 @@ collection's files a run did not write); `write.write_exports` writes them: `npy
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,23 +27,18 @@ import pyarrow as pa
 
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.names import check_name, path_under
+# Point ids are the vector index's decision: the export's JSONL points and the synced index's points are the same.
+from rag_clean.index.base import POINT_ID_NAMESPACE, point_id  # noqa: F401 (re-exported)
 
 TEXT_PREVIEW_CHARS = 500
 EXPORT_BLOCK_ROWS = 4096
 FUSED_VECTOR_NAME = "fused"
 SPARSE_VECTOR_NAME = "sparse"
-# Fixed namespace: the same (collection, chunk_id) always gets the same point id, across runs and machines.
-POINT_ID_NAMESPACE = uuid.UUID("5b0d7f3e-8f1c-4c55-9a57-3f1f4d2e6a10")
 
 FILES_SCHEMA = pa.schema([("name", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string())])
 
 class ExportError(StorageError):
     """Stored assets do not line up (other chunks, other order) or a name cannot become a file name."""
-
-
-def point_id(collection: str, chunk_id: str) -> str:
-    """Qdrant accepts only unsigned integers or UUIDs as point ids: a UUIDv5 of collection and chunk_id."""
-    return str(uuid.uuid5(POINT_ID_NAMESPACE, f"{collection}/{chunk_id}"))
 
 
 def model_file_part(model: str) -> str:

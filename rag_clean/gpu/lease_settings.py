@@ -1,4 +1,5 @@
-"""Lease settings from the environment: the one place RAG_CLEAN_GPU_* and RAG_CLEAN_FORCE_CPU are read.
+"""Lease settings: the declared RAG_CLEAN_GPU_* / RAG_CLEAN_FORCE_CPU settings (rag_clean.config.declaration),
+read through the one strict parser.
 
 Precedence: built-in defaults < environment < explicit (non-None) arguments, so Dagster resource
 config overrides the environment.
@@ -6,23 +7,16 @@ config overrides the environment.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-ENV_DEVICES = "RAG_CLEAN_GPU_DEVICES"
-ENV_MEMORY_FRACTION = "RAG_CLEAN_GPU_MEMORY_FRACTION"
-ENV_MEMORY_CEILING_MIB = "RAG_CLEAN_GPU_MEMORY_CEILING_MIB"
-ENV_TIMEOUT_S = "RAG_CLEAN_GPU_LEASE_TIMEOUT_S"
-ENV_FORCE_CPU = "RAG_CLEAN_FORCE_CPU"
-ENV_LOCK_DIR = "RAG_CLEAN_GPU_LOCK_DIR"
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.settings import process_setting
 
-DEFAULT_TIMEOUT_S: float = 3600
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+ENV_FORCE_CPU = BY_KEY["force_cpu"].env
+DEFAULT_TIMEOUT_S: float = BY_KEY["gpu_lease_timeout_s"].default
 
 
 def default_lock_dir() -> Path:
@@ -31,33 +25,10 @@ def default_lock_dir() -> Path:
     Machine-wide on purpose: a GPU is shared by every checkout, Dagster instance and benchmark on the
     box, so they must all contend for the same lock files.
     """
-    explicit = os.environ.get(ENV_LOCK_DIR)
+    explicit = process_setting("gpu_lock_dir")
     if explicit:
         return Path(explicit).expanduser()
     return Path(tempfile.gettempdir()) / "rag_clean-gpu-locks"
-
-
-def _parse_bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"environment variable {name}={raw!r}: expected one of 1/0, true/false, yes/no")
-
-
-def _parse_float(name: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r}: expected a number") from None
-
-
-def _parse_devices(name: str, raw: str) -> list[int]:
-    try:
-        return [int(part) for part in raw.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r}: expected comma-separated device indices like '0,1'") from None
 
 
 # The settings that the environment can supply (LeaseSettings fields besides lock_dir).
@@ -88,17 +59,17 @@ class LeaseSettings:
         environ: Mapping[str, str] | None = None,
     ) -> "LeaseSettings":
         """Explicit arguments, with each one left None taken from the environment, then the default."""
-        env = os.environ if environ is None else environ
-        if devices is None and env.get(ENV_DEVICES, "").strip():
-            devices = _parse_devices(ENV_DEVICES, env[ENV_DEVICES])
-        if memory_fraction is None and env.get(ENV_MEMORY_FRACTION, "").strip():
-            memory_fraction = _parse_float(ENV_MEMORY_FRACTION, env[ENV_MEMORY_FRACTION])
-        if memory_ceiling_mib is None and env.get(ENV_MEMORY_CEILING_MIB, "").strip():
-            memory_ceiling_mib = int(_parse_float(ENV_MEMORY_CEILING_MIB, env[ENV_MEMORY_CEILING_MIB]))
-        if timeout_s is None and env.get(ENV_TIMEOUT_S, "").strip():
-            timeout_s = _parse_float(ENV_TIMEOUT_S, env[ENV_TIMEOUT_S])
+        if devices is None:
+            devices = process_setting("gpu_devices", environ)
+            devices = None if devices is None else list(devices)
+        if memory_fraction is None:
+            memory_fraction = process_setting("gpu_memory_fraction", environ)
+        if memory_ceiling_mib is None:
+            memory_ceiling_mib = process_setting("gpu_memory_ceiling_mib", environ)
+        if timeout_s is None:
+            timeout_s = process_setting("gpu_lease_timeout_s", environ)
         if force_cpu is None:
-            force_cpu = _parse_bool(ENV_FORCE_CPU, env.get(ENV_FORCE_CPU, ""))
+            force_cpu = process_setting("force_cpu", environ)
         return cls(
             lock_dir=default_lock_dir() if lock_dir is None else Path(lock_dir),
             devices=devices,

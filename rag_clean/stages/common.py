@@ -98,10 +98,11 @@ def default_digest_cache() -> Path | None:
     (then digests are cached in this process only, and nothing is written under the project)."""
     import os
 
-    from rag_clean.storage.layout import StorageLayout
     from rag_clean.config.paths import storage_root
+    from rag_clean.config.settings import process_setting
+    from rag_clean.storage.layout import StorageLayout
 
-    if not (os.environ.get("RAG_CLEAN_STORAGE_ROOT") or os.environ.get("DAGSTER_HOME")):
+    if not (process_setting("storage_root") or os.environ.get("DAGSTER_HOME")):
         return None
     return StorageLayout(storage_root()).weights_digest_file()
 

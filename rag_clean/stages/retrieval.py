@@ -10,7 +10,6 @@ rows of `chunks` are read (ids, texts, hashes). Query-side encodings and cross-e
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -22,16 +21,19 @@ import pyarrow.parquet as pq
 
 from rag_clean.retrieval.candidates import DenseScorer, SparseBlock, SparseScorer, build_pools
 from rag_clean.retrieval.sparse_scan import sparse_scan_device
-from rag_clean.retrieval.fusion import fuse_queries, truncate_and_normalize
 from rag_clean.retrieval.hybrid import QueryPool, choose_weights, default_weights, evaluate, split_queries
+from rag_clean.retrieval.ranking import (NO_RERANKER_SCORER, encode_dense_texts, encode_sparse_texts, ensemble_score,
+                                         first_line, fused_query_vectors, hybrid_candidates, hybrid_method,
+                                         model_query_vectors, rerank_order, rerank_unavailable_warning, rrf_rankings)
+from rag_clean.retrieval.ranking_state import RankingState, write_ranking_state
 from rag_clean.retrieval.metrics import ranking_metrics
 from rag_clean.config.plan import RetrievalConfig
 from rag_clean.telemetry.privacy import query_hash, query_key
 from rag_clean.telemetry.records import RerankRecord
 from rag_clean.config.registry import ModelSpec
-from rag_clean.retrieval.flat import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, rrf_fuse, take_column
-from rag_clean.retrieval.cache import KeyedCache, RetrievalCaches, fingerprint, one_text_per_forward
-from rag_clean.stages.common import model_fingerprint
+from rag_clean.retrieval.flat import RERANKED_SCHEMA, Query, chunk_rows, masked_gold_texts, take_column
+from rag_clean.retrieval.cache import RetrievalCaches, fingerprint
+from rag_clean.stages.common import model_fingerprint, sparse_fingerprint
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean.storage.errors import StorageError
 
@@ -96,30 +98,6 @@ def _sparse_blocks(sparse: SparseSource, model: str, chunks: pa.Table) -> Callab
     return blocks
 
 
-# "...: LocalEntryNotFoundError: ..." inside an error's text: the chained cause, the same for every hub source.
-_NESTED_ERROR = re.compile(r": [A-Z]\w*(?:Error|Exception): ")
-
-
-def _first_line(text: str, limit: int = 240) -> str:
-    """The first line of an error, without a chained cause, at most `limit` characters."""
-    line = next((l.strip() for l in str(text).splitlines() if l.strip()), "")
-    line = _NESTED_ERROR.split(line, maxsplit=1)[0]
-    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
-
-
-def _rerank_unavailable_warning(resolution: dict) -> str:
-    """One header line, then one line per source tried with the first line of its error: a hub error
-    repeats the whole offline explanation, which made the old one-line message 1,400 characters long."""
-    lines = ["rerank: no cross-encoder could be loaded; results keep retrieval order."]
-    attempts = resolution.get("attempts") or []
-    if attempts:
-        lines += [f"  - {a.get('source')}: {_first_line(a.get('error', ''))}" for a in attempts]
-    elif resolution.get("reason"):
-        lines.append(f"  - {_first_line(resolution['reason'])}")
-    return "\n".join(lines)
-
-
-
 def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: list[str], masked: dict[int, str],
                       m_keys: dict[int, str], device, caches: RetrievalCaches, record: RerankRecord):
     """Per model: query vectors and the masked gold chunks' vectors, from the cache where it has them; the
@@ -138,21 +116,21 @@ def _dense_query_side(specs: Sequence[ModelSpec], q_texts: list[str], q_keys: li
         if need_q or need_m:
             encoder = load_dense_encoder(spec, device)
             try:
-                with one_text_per_forward(encoder, device):
-                    if need_q:
-                        for k, v in zip(need_q, encoder.encode_queries([q_texts[first_q[k]] for k in need_q])):
-                            qc.put(k, v)
-                    if need_m:
-                        for k, v in zip(need_m, encoder.encode_all([text_of_m[k] for k in need_m])):
-                            mc.put(k, v)
+                if need_q:
+                    vectors = encode_dense_texts(encoder, [q_texts[first_q[k]] for k in need_q], device, queries=True)
+                    for k, v in zip(need_q, vectors):
+                        qc.put(k, v)
+                if need_m:
+                    vectors = encode_dense_texts(encoder, [text_of_m[k] for k in need_m], device, queries=False)
+                    for k, v in zip(need_m, vectors):
+                        mc.put(k, v)
             finally:
                 encoder.close()
         width = spec.truncate_dim or spec.dim
         native = np.stack([qc.get(k) for k in q_keys]) if q_keys else np.zeros((0, width or 0), np.float32)
-        queries.append(truncate_and_normalize(native, spec.truncate_dim, model=spec.name))
+        queries.append(model_query_vectors(spec, native))
         if rows:
-            docs = truncate_and_normalize(np.stack([mc.get(m_keys[r]) for r in rows]), spec.truncate_dim,
-                                          model=spec.name)
+            docs = model_query_vectors(spec, np.stack([mc.get(m_keys[r]) for r in rows]))
             overrides.append(dict(zip(rows, docs)))
         else:
             overrides.append({})
@@ -183,17 +161,15 @@ def _sparse_scorers(specs, sparse: SparseSource, chunks: pa.Table, q_texts, q_ke
                 # Chunks may hold metadata-fallback vectors, but queries have no metadata: leave this
                 # model out of the candidates, say so, and keep the other systems.
                 msg = (f"sparse candidates from {spec.name} skipped: its encoder cannot be loaded for the queries "
-                       f"({type(exc).__name__}: {_first_line(exc)})")
+                       f"({type(exc).__name__}: {first_line(exc)})")
                 log.debug(msg)  # surfaced once, by whoever runs the stage, from record.warnings
                 record.warnings.append(msg)
                 continue
             try:
-                with one_text_per_forward(encoder, device):
-                    for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
-                                               (mc, need_m, [text_of_m[k] for k in need_m])):
-                        for batch in (encoder.encode(texts) if texts else ()):
-                            for i, row in zip(batch.rows, batch.lexical):
-                                cache.put(keys[i], row)
+                for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
+                                           (mc, need_m, [text_of_m[k] for k in need_m])):
+                    for key, row in zip(keys, encode_sparse_texts(encoder, texts, device)):
+                        cache.put(key, row)
             finally:
                 encoder.close()
         q_rows = [qc.get(k) for k in q_keys]
@@ -214,13 +190,15 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                         dense_sets: Mapping[str, EmbeddingSet] | None = None,
                         cache_path: Callable[[str, str], Path] | None = None,
                         hash_key: bytes | None = None,
-                        digest_cache: Path | None = None) -> tuple[pa.Table, RerankRecord]:
+                        digest_cache: Path | None = None,
+                        state_path: Path | None = None) -> tuple[pa.Table, RerankRecord]:
     """Hybrid candidates, cross-encoder rerank of the top K, metrics; see docs/retrieval.md.
 
     `sparse`: the stored sparse_vectors (a table, or its Parquet file, read block by block). `cache_path(kind,
     model asset name)`: where the retrieval caches live (StorageLayout.retrieval_cache_file); None: no cache.
     `hash_key`: the query HMAC key (privacy.query_key), which keys the caches. `digest_cache`: the model weights
-    digest cache (StorageLayout.weights_digest_file) behind the fingerprints."""
+    digest cache (StorageLayout.weights_digest_file) behind the fingerprints. `state_path`
+    (StorageLayout.ranking_state_file): where what was chosen goes for search (ranking_state.py); None: nowhere."""
     if not _same_chunks(fused, chunks):
         raise StorageError("fused_embeddings was computed for other chunks than the current `chunks`; rematerialize it")
     search_device = _first_device(device)
@@ -246,14 +224,14 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     per_model_q, per_model_over = _dense_query_side(dense_specs, q_texts, q_keys, masked, m_keys, device, caches,
                                                     record)
     weights = [fusion_weights[s.name] for s in dense_specs]
-    q_fused = fuse_queries(per_model_q, weights, fusion_method)
+    q_fused = fused_query_vectors(dense_specs, per_model_q, fusion_weights, fusion_method)
     if q_fused.shape[1] != fused.dim:
         raise StorageError(f"query vectors are {q_fused.shape[1]}-d but fused_embeddings is {fused.dim}-d: "
                            "the ensemble changed; rematerialize fused_embeddings")
     clock.lap("dense_queries")
     rows = sorted(masked)
-    fused_over = {} if not rows else dict(zip(rows, fuse_queries(
-        [np.stack([over[r] for r in rows]) for over in per_model_over], weights, fusion_method)))
+    fused_over = {} if not rows else dict(zip(rows, fused_query_vectors(
+        dense_specs, [np.stack([over[r] for r in rows]) for over in per_model_over], fusion_weights, fusion_method)))
     dense = DenseScorer(fused.vectors, q_fused, fused_over, device=search_device)
     dense_idx, dense_scores = dense.top_k(k)
     clock.lap("dense_search")
@@ -268,7 +246,7 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     report = heldout if len(tune) and len(heldout) and sum(1 for g in gold if g) >= config.tune_min_queries \
         else np.arange(len(queries))
 
-    dense_score = dense.scores
+    dense_score, ensemble_weights = dense.scores, None
     if config.tune_ensemble_weights and len(dense_specs) > 1 and dense_sets:
         per_model = [DenseScorer(dense_sets[s.name].vectors, q, over)
                      for s, q, over in zip(dense_specs, per_model_q, per_model_over)]
@@ -287,12 +265,12 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
                             "tuned weights": evaluate(by_ensemble(list(ensemble.weights.values())), gold, None,
                                                       report)}
         record.ensemble = ensemble.to_dict()
-        w_tuned = list(ensemble.weights.values())
-        dense_score = lambda qi, docs: sum(wi * m.scores(qi, docs) for wi, m in zip(w_tuned, per_model))  # noqa: E731
+        ensemble_weights = dict(ensemble.weights)
+        dense_score = ensemble_score(per_model, list(ensemble_weights.values()))
         clock.lap("ensemble_tuning")
 
     pools, sparse_tops = build_pools(dense_idx, dense_score, scorers, k, config.score_normalization)
-    rrf = [rrf_fuse([dense_idx[qi], *[t[qi] for t in sparse_tops]], k=config.rrf_k, top_k=k) for qi in range(len(queries))]
+    rrf = rrf_rankings(dense_idx, sparse_tops, config.rrf_k, k)
 
     def weighted(w):
         return [p.ranking(w, k)[0] for p in pools]
@@ -312,22 +290,15 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     if len(systems) > 1:
         tuning.heldout["rrf"] = evaluate([r for r, _ in rrf], gold, None, report)
         tuning.heldout["weighted"] = evaluate(weighted(chosen), gold, None, report)
-    record.hybrid = tuning.to_dict() | {"method": config.hybrid_fusion if len(systems) > 1 else "dense",
+    method = hybrid_method(systems, config.hybrid_fusion)
+    record.hybrid = tuning.to_dict() | {"method": method,
                                         "normalization": config.score_normalization,
                                         "report_split": "heldout" if report is heldout else "all queries"}
     if not tuning.tuned and len(systems) > 1:
         record.warnings.append(tuning.reason)
 
-    if len(systems) > 1 and config.hybrid_fusion == "rrf":
-        candidates = [list(map(int, r)) for r, _ in rrf]
-        retrieval_scores = [{int(d): float(s[d]) for d in r} for r, s in rrf]
-    elif len(systems) > 1:
-        ranked = [p.ranking(chosen, k) for p in pools]
-        candidates = [list(map(int, d)) for d, _ in ranked]
-        retrieval_scores = [dict(zip(map(int, d), map(float, s))) for d, s in ranked]
-    else:
-        candidates = [list(map(int, row)) for row in dense_idx]
-        retrieval_scores = [dict(zip(map(int, i), map(float, s))) for i, s in zip(dense_idx, dense_scores)]
+    candidates, retrieval_scores = hybrid_candidates(method, pools, dense_idx, dense_scores, sparse_tops, chosen, k,
+                                                     config.rrf_k)
     record.candidate_sources = ["dense:fused", *systems[1:]]
 
     clock.lap("hybrid_pools_and_tuning")
@@ -354,6 +325,10 @@ def run_retrieval_stage(queries: Sequence[Query], chunks: pa.Table, fused: Embed
     record.rows = len(table)
     record.warnings += caches.notes()
     caches.save_all()
+    if state_path is not None:
+        write_ranking_state(state_path, _ranking_state(dense_specs, fusion_method, fusion_weights, ensemble_weights,
+                                                       tuning, method, config, rerank_spec, record, sparse_specs,
+                                                       caches.digest_cache))
     clock.lap("table_and_caches")
     record.phase_seconds = clock.laps
     return table, record
@@ -446,20 +421,37 @@ def _rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str
         for d, pk in zip(h, pair_keys[qi]):
             rerank_scores[qi][d] = float(cache.get(pk))
     record.reuse_counts["rerank_pairs"] = cache.count("pairs")
-    reordered = []
-    for qi, c in enumerate(candidates):
-        head = sorted(c[: config.rerank_top_k], key=lambda d: -rerank_scores[qi][d])
-        reordered.append(head + c[config.rerank_top_k:])
-    return reordered, rerank_scores, scorer
+    return rerank_order(candidates, rerank_scores, config.rerank_top_k), rerank_scores, scorer
 
 
 def _no_reranker(candidates, rerank_scores, record: RerankRecord):
     record.resolution["fallback_applied"] = True
     record.status = "fallback"
-    msg = _rerank_unavailable_warning(record.resolution)
+    msg = rerank_unavailable_warning(record.resolution)
     log.debug(msg)  # surfaced once, by whoever runs the stage, from record.warnings
     record.warnings.append(msg)
-    return candidates, rerank_scores, "retrieval (no cross-encoder could be loaded)"
+    return candidates, rerank_scores, NO_RERANKER_SCORER
+
+
+def _ranking_state(dense_specs, fusion_method, fusion_weights, ensemble_weights, tuning, method,
+                   config: RetrievalConfig, rerank_spec, record: RerankRecord, sparse_specs, digest_cache) -> RankingState:
+    """What this run chose, for search: the systems that ran (a sparse model whose encoder did not load is
+    not one), their weights, the pool sizes and the reranker that resolved (None: retrieval order)."""
+    ran_sparse = {s.split(":", 1)[1] for s in tuning.systems[1:]}
+    fingerprints = {s.name: model_fingerprint(s, digest_cache) for s in dense_specs}
+    fingerprints |= {s.name: sparse_fingerprint(s, digest_cache) for s in sparse_specs if s.name in ran_sparse}
+    resolved = (record.resolution or {}).get("resolved") if record.rerank_executed else None
+    if rerank_spec is not None and resolved:
+        fingerprints[rerank_spec.name] = model_fingerprint(rerank_spec, digest_cache)
+    return RankingState(
+        dense_models=tuple(s.name for s in dense_specs), fusion_method=fusion_method,
+        fusion_weights={s.name: float(fusion_weights[s.name]) for s in dense_specs},
+        ensemble_weights=None if ensemble_weights is None else {n: float(w) for n, w in ensemble_weights.items()},
+        systems=tuple(tuning.systems), weights={n: float(w) for n, w in tuning.weights.items()}, tuned=bool(tuning.tuned),
+        method=method, normalization=config.score_normalization, top_k_candidates=config.top_k_candidates,
+        rrf_k=config.rrf_k, rerank_enabled=config.enable_rerank, rerank_top_k=config.rerank_top_k,
+        rerank_model=rerank_spec.name if rerank_spec is not None else None, rerank_source=resolved,
+        fingerprints=fingerprints)
 
 
 def _table(queries, candidates, chunks: pa.Table, retrieval_scores, rerank_scores, scorer) -> pa.Table:

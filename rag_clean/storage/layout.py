@@ -10,8 +10,10 @@
     <root>/reranked/_cache/<kind>/<model>/<c>.parquet      retrieval caches: query-side vectors, rerank scores
     <root>/state/export_lines/<c>/<file kind>.parquet      byte ranges of the previous export's JSONL lines
     <root>/state/folder_hashes/<c>.json                    file digests behind a collection folder's version
+    <root>/state/ranking/<c>.json                          what reranked chose (hybrid weights, pool sizes, reranker): search reads it
     <root>/state/token_ids/<c>/<tokenizer fingerprint>.arrow  token ids of the chunks, shared by models of one tokenizer
     <root>/exports/<c>/...                                 export files, unless export_dir names another folder
+    <root>/vector_index/_edge/<c>/                          the Qdrant Edge shard of a collection (the vector_index sink)
 
 Every name is checked (`check_name`) and every path resolved under its root (`path_under`), so no
 collection or model name can point a write outside the storage root.
@@ -36,6 +38,8 @@ FILES_DIR = "_files"
 JOINT_DIR = "_joint"
 # Same reason: "_cache" can never be a collection, so reranked/_cache/ never clashes with reranked/<c>.parquet.
 CACHE_DIR = "_cache"
+# Same reason: "_edge" is never a collection, so vector_index/_edge/ never clashes with vector_index/<c>.parquet.
+EDGE_DIR = "_edge"
 # What the reranked stage caches (rag_clean/retrieval/cache.py): query-side encodings and cross-encoder scores.
 RETRIEVAL_CACHE_KINDS = ("query_vectors", "masked_gold", "sparse_queries", "sparse_masked", "rerank_pairs")
 
@@ -91,11 +95,24 @@ class StorageLayout:
         return path_under(self.root, "reranked", CACHE_DIR, kind, check_name(model_asset_name, "model"),
                           check_name(collection) + ".parquet")
 
+    def ranking_state_dir(self) -> Path:
+        return path_under(self.root, "state", "ranking")
+
+    def ranking_state_file(self, collection: str) -> Path:
+        """What the reranked stage chose for a collection (rag_clean.retrieval.ranking_state): search ranks with it."""
+        return self.ranking_state_dir() / (check_name(collection) + ".json")
+
     def export_line_index(self, collection: str, file_kind: str) -> Path:
         """Where the previous export's JSONL lines start and end (exports reuse them); under the storage
         root, not the export folder, so a shared export holds only the old embedder's files."""
         return path_under(self.root, "state", "export_lines", check_name(collection),
                           check_name(file_kind, "export file kind") + ".parquet")
+
+    # -- the vector index sink -----------------------------------------------------------------
+
+    def index_dir(self, collection: str) -> Path:
+        """The embedded (Qdrant Edge) index of a collection: one shard folder."""
+        return path_under(self.root, "vector_index", EDGE_DIR, check_name(collection))
 
     # -- telemetry and state -------------------------------------------------------------------
 

@@ -22,10 +22,13 @@ import secrets
 import stat
 from pathlib import Path
 
+from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.settings import process_setting
+
 MAX_QUERY_CHARS = 100
 HASH_PREFIX = "hmac-sha256:"
-QUERY_KEY_ENV = "RAG_CLEAN_QUERY_KEY"
-QUERY_KEY_FILE_ENV = "RAG_CLEAN_QUERY_KEY_FILE"
+QUERY_KEY_ENV = BY_KEY["query_key"].env
+QUERY_KEY_FILE_ENV = BY_KEY["query_key_file"].env
 
 
 class PrivacyError(RuntimeError):
@@ -33,7 +36,7 @@ class PrivacyError(RuntimeError):
 
 
 def query_key_file() -> Path:
-    explicit = os.environ.get(QUERY_KEY_FILE_ENV)
+    explicit = process_setting("query_key_file")
     if explicit:
         return Path(explicit).expanduser().resolve()
     config = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
@@ -66,11 +69,11 @@ def _create(path: Path) -> None:
 
 def query_key(storage_root: Path | None = None) -> bytes:
     """The HMAC key; creates the key file on first use. `storage_root`: also refuse a key file under it."""
-    direct = os.environ.get(QUERY_KEY_ENV)
-    if direct is not None:
-        if not direct.strip():
-            raise PrivacyError(f"{QUERY_KEY_ENV} is set but empty")
-        return direct.strip().encode("utf-8")
+    direct = process_setting("query_key")
+    if direct:
+        return direct.encode("utf-8")
+    if os.environ.get(QUERY_KEY_ENV) is not None:  # set to blanks: a mistake, not "use the key file"
+        raise PrivacyError(f"{QUERY_KEY_ENV} is set but empty")
     from rag_clean.config.paths import storage_root as default_storage_root  # lazy: paths reads env per call
 
     path = query_key_file()

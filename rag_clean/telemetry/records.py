@@ -380,6 +380,37 @@ class ExportsRecord(StageRecord):
                 "bytes_written": self.bytes_written, "exported_size": human_bytes(self.bytes_written)}
 
 
+@dataclass
+class IndexRecord(StageRecord):
+    """The vector_index sink: what one sync wrote. `location` never carries credentials."""
+
+    stage: ClassVar[str] = "vector_index"
+    sink: str = ""
+    location: str = ""
+    upserted: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    rewritten: dict[str, int] = field(default_factory=dict)   # vector name -> points whose vector was rewritten
+    recreated: bool = False
+    index_rows: int = 0
+    vectors: dict = field(default_factory=dict)               # IndexSchema.to_dict()
+
+    def stage_fields(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"sink": self.sink, "location": self.location, "upserted": self.upserted, "deleted": self.deleted,
+                "unchanged": self.unchanged, "rewritten": dict(self.rewritten), "recreated": self.recreated,
+                "index_rows": self.index_rows, "vectors": dict(self.vectors)}
+
+    def stage_metadata(self) -> dict:
+        if self.disabled:
+            return {}
+        return {"sink": self.sink, "location": self.location, "rows_upserted": int(self.upserted),
+                "rows_deleted": int(self.deleted), "rows_unchanged": int(self.unchanged),
+                "vectors_rewritten": MetaJson(dict(self.rewritten)), "recreated": bool(self.recreated),
+                "index_rows": int(self.index_rows)}
+
+
 def candidates_table(hybrid: dict, ensemble: dict | None = None) -> str:
     """Markdown: each candidate system's held-out metrics, the chosen weights and the split sizes."""
     metrics = ("recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "ndcg@10")

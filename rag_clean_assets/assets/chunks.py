@@ -20,14 +20,6 @@ class ChunksConfig(dg.Config):
     overlap_tokens: int = 32
 
 
-@dg.asset(
-    **stage_asset(group="ingest", kinds={"python", "arrow"}, code_version=versions.CHUNKS,
-                  gpu=False),
-    deps=[COLLECTION_FILES],
-    description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
-                "heading-aware within a token budget. Stable chunk_id and a content hash per chunk. Only new or "
-                "changed files are parsed; unchanged files' rows are copied from the previous file.",
-)
 def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
            registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
     timer = StageTimer()
@@ -47,3 +39,15 @@ def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: Paths
     record = start_record(record, plan)
     log_warnings(context, record)
     return versioned(context, StageOutput(spool, timer.stamp(record)))
+
+
+def build_chunks_asset() -> dg.AssetsDefinition:
+    """Built when the definitions are (its pod tags read the executor and pod config), not at import."""
+    return dg.asset(
+        **stage_asset(group="ingest", kinds={"python", "arrow"}, code_version=versions.CHUNKS,
+                      gpu=False),
+        deps=[COLLECTION_FILES],
+        description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
+                    "heading-aware within a token budget. Stable chunk_id and a content hash per chunk. Only new or "
+                    "changed files are parsed; unchanged files' rows are copied from the previous file.",
+    )(chunks)

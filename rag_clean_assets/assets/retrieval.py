@@ -33,14 +33,6 @@ from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 
-@dg.asset(
-    **stage_asset(group="retrieval", kinds={"python", "parquet"}, code_version=versions.QUERIES,
-                  gpu=False),
-    deps=[COLLECTION_FILES],  # it reads the folder's queries.jsonl, which chunks does not
-    description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
-                "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
-                "(hash by default, or the first 100 characters); never the whole raw query.",
-)
 def queries(context: dg.AssetExecutionContext, chunks: pa.Table, paths: PathsResource,
             registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
     timer = StageTimer()
@@ -49,6 +41,18 @@ def queries(context: dg.AssetExecutionContext, chunks: pa.Table, paths: PathsRes
     record = QueriesRecord(rows=len(found), source=source, with_gold=sum(1 for q in found if q.gold_chunk_ids),
                            text_mode=plan.query_text_mode, device="cpu")
     return versioned(context, StageOutput(queries_table(found, plan.query_text_mode, paths.layout().root), timer.stamp(start_record(record, plan))))
+
+
+def build_queries_asset() -> dg.AssetsDefinition:
+    """Built when the definitions are (its pod tags read the executor and pod config), not at import."""
+    return dg.asset(
+        **stage_asset(group="retrieval", kinds={"python", "parquet"}, code_version=versions.QUERIES,
+                      gpu=False),
+        deps=[COLLECTION_FILES],  # it reads the folder's queries.jsonl, which chunks does not
+        description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
+                    "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
+                    "(hash by default, or the first 100 characters); never the whole raw query.",
+    )(queries)
 
 
 def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
@@ -84,7 +88,8 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
                 sparse_vectors if plan.sparse_enabled else None, plan.sparse, plan.rerank, plan.retrieval,
                 lease_target(lease), dense_sets=per_model if all(per_model.values()) else None,
                 cache_path=lambda kind, model: layout.retrieval_cache_file(kind, model, collection),
-                hash_key=query_key(layout.root), digest_cache=layout.weights_digest_file())
+                hash_key=query_key(layout.root), digest_cache=layout.weights_digest_file(),
+                state_path=layout.ranking_state_file(collection))
         add_lease(start_record(record, plan), lease)
         log_warnings(context, record)
         return versioned(context, StageOutput(table, timer.stamp(record)))

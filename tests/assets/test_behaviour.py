@@ -94,12 +94,12 @@ def full_run(tmp_path_factory, tiny_registry_path):
 def test_good_run_materializes_every_asset_and_checks_pass(full_run):
     assert full_run.result.success
     assert set(full_run.metadata) == {"chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings",
-                                      "sparse_vectors", "queries", "reranked", "exports"}
+                                      "sparse_vectors", "queries", "reranked", "exports", "vector_index"}
     checks = full_run.result.get_asset_check_evaluations()
     checked = {(c.asset_key.to_user_string(), c.check_name) for c in checks}
     assert {("chunks", "chunks_valid"), ("fused_embeddings", "vectors_valid"), ("sparse_vectors", "sparse_valid"),
             ("reranked", "reranked_valid"), ("dense_embeddings/tiny_a", "vectors_valid"),
-            ("dense_embeddings/tiny_b", "vectors_valid")} <= checked
+            ("dense_embeddings/tiny_b", "vectors_valid"), ("vector_index", "index_matches_chunks")} <= checked
     assert all(c.passed for c in checks), [(c.asset_key, c.check_name, c.description) for c in checks if not c.passed]
 
 

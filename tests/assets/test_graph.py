@@ -14,7 +14,7 @@ def test_materialize_all_assets(pipeline):
     assert result.success
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert keys == {"chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings",
-                    "sparse_vectors", "queries", "reranked", "exports"}
+                    "sparse_vectors", "queries", "reranked", "exports", "vector_index"}
     chunks = read_arrow_table(pipeline.file("chunks", "demo.arrow"))
     ids = chunks.column("chunk_id").to_pylist()
     assert "legacy-1" in ids and "note-1" in ids

@@ -179,7 +179,8 @@ def test_every_asset_has_its_code_version(twice):
     registry = load_registry(twice.pipeline.registry_path)
     expected = {"chunks": versions.CHUNKS, "fused_embeddings": versions.fused_code_version(registry),
                 "sparse_vectors": versions.sparse_code_version(registry), "queries": versions.QUERIES,
-                "reranked": versions.reranked_code_version(registry), "exports": versions.EXPORTS}
+                "reranked": versions.reranked_code_version(registry), "exports": versions.EXPORTS,
+                "vector_index": versions.INDEX}
     expected |= {f"dense_embeddings/{s.asset_name}": versions.dense_code_version(s) for s in registry.dense}
     found = {k.to_user_string(): a.code_versions_by_key[k] for a in twice.pipeline.assets if a.is_materializable
              for k in a.keys}  # collection_files is observed, not materialized: it has no code version

@@ -23,7 +23,7 @@ def test_unset_is_in_process_and_a_typo_is_refused(monkeypatch):
     monkeypatch.delenv("RAG_CLEAN_EXECUTOR", raising=False)
     assert default_executor() is dg.in_process_executor
     monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "multiprocesss")
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match="RAG_CLEAN_EXECUTOR='multiprocesss': not one of"):
         default_executor()
 
 

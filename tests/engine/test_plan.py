@@ -8,8 +8,7 @@ import pytest
 
 from rag_clean.config.plan import PlanError, build_run_plan
 from rag_clean.config.registry import load_registry
-from rag_clean.config.settings import RETIRED_SETTINGS, EmbedderSettings, resolve_settings
-from resources.settings import EmbedderSettingsResource
+from rag_clean.config.settings import EmbedderSettings, resolve_settings
 
 
 @pytest.fixture
@@ -54,17 +53,6 @@ def test_retrieval_sizes_come_from_the_settings(registry):
                                                      enable_rerank=False))
     r = plan.retrieval
     assert (r.top_k_candidates, r.rerank_top_k, r.rrf_k, r.rerank_batch_size, r.enable_rerank) == (7, 3, 5, 4, False)
-
-
-def test_settings_resource_has_one_field_per_setting():
-    """The Dagster resource mirrors EmbedderSettings: a setting missing there cannot be set from run config."""
-    fields = set(EmbedderSettingsResource.model_fields) - {"config_file", "dotenv_file", "override_source"}
-    assert fields == set(EmbedderSettings.keys()) | set(RETIRED_SETTINGS)
-
-
-def test_rrf_k_from_run_config_wins(tmp_path):
-    resolved = EmbedderSettingsResource(config_file="", dotenv_file=str(tmp_path / "none.env"), rrf_k=9).resolve()
-    assert resolved.rrf_k == 9 and resolved.provenance["rrf_k"] == "run config"
 
 
 def test_retired_setting_is_reported_not_applied(tmp_path):

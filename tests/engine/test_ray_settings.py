@@ -49,7 +49,7 @@ def test_ray_address_from_run_config(tmp_path):
 @pytest.mark.parametrize("env", [{"EMBEDDER_RAY_ADDRESS": "somewhere"}, {"EMBEDDER_RAY_ACTORS": "0"},
                                  {"EMBEDDER_RAY_SHARD_ROWS": "many"}])
 def test_bad_ray_settings_name_their_source(tmp_path, env):
-    with pytest.raises(SettingsError, match=rf"override via env: setting '{next(iter(env))[9:].lower()}'"):
+    with pytest.raises(SettingsError, match=rf"^{next(iter(env))}="):
         _resolve(tmp_path, env)
 
 

@@ -1,0 +1,183 @@
+"""The vector index sink: one interface over Qdrant's data model, whatever engine holds it.
+
+One collection (Qdrant collection / Edge shard) per rag_clean collection. Each chunk is one point:
+
+* point id: `point_id(collection, chunk_id)`, the UUIDv5 the JSONL export already uses, so points loaded
+  from an old export and points synced here are the same points;
+* named dense vectors, cosine distance, each with its own dimension:
+    "fused"                 the fused_embeddings row
+    vector_name(<model>)    one per dense model of the ensemble (its stored dense_embeddings row)
+* named sparse vectors (indices = term ids, values = weights), one per sparse model: vector_name(<model>);
+* payload: chunk_id, source_file, heading, section_path, chunk_index, content_hash, text, metadata (the
+  chunk's original metadata, parsed from metadata_json), and `fingerprints`: {vector name: digest of what
+  produced that vector (model fingerprint, fusion inputs)}. The payload is the index's own record of what
+  it holds: the sync compares it with the stored assets on every run (rag_clean.index.sync).
+
+vector_name(): the registry name where it is already a plain name (letters, digits, '.', '_', '-'), else
+the same with every other character replaced by '_' ('BAAI/bge-m3' -> 'BAAI_bge-m3'): Qdrant Edge turns
+vector names into folder names, so a '/' would nest folders. "fused" is reserved; two models that map to
+one name are refused (IndexSchema).
+
+Read side (used by rag_clean.search): dense_search / sparse_search return `Hit`s (chunk_id, score), best
+first; retrieve() returns payloads and, on request, vectors. Scores: cosine for dense, dot product of the
+term weights for sparse (what Qdrant computes for both).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+
+FUSED = "fused"
+# Fixed namespace: the same (collection, chunk_id) always gets the same point id, across runs and machines
+# (the JSONL export imports point_id from here).
+POINT_ID_NAMESPACE = uuid.UUID("5b0d7f3e-8f1c-4c55-9a57-3f1f4d2e6a10")
+# Payload fields every point carries (besides `fingerprints`).
+PAYLOAD_FIELDS = ("chunk_id", "source_file", "heading", "section_path", "chunk_index", "content_hash", "text",
+                  "metadata")
+FINGERPRINTS = "fingerprints"
+# The fingerprint of the payload fields besides the text; vector names never start with "_" (vector_name
+# strips it), so it cannot clash with one.
+PAYLOAD_KEY = "_payload"
+SINKS = ("qdrant-edge", "qdrant", "off")
+
+_PLAIN = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class VectorIndexError(RuntimeError):
+    """The index cannot be reached, or holds something the sync cannot reconcile; the message says which."""
+
+
+def point_id(collection: str, chunk_id: str) -> str:
+    """Qdrant takes unsigned integers or UUIDs as point ids: a UUIDv5 of collection and chunk_id."""
+    return str(uuid.uuid5(POINT_ID_NAMESPACE, f"{collection}/{chunk_id}"))
+
+
+def vector_name(model: str) -> str:
+    name = _PLAIN.sub("_", model).strip("._")
+    if not name or ".." in name:
+        raise ValueError(f"model name {model!r} gives no usable vector name")
+    return name
+
+
+@dataclass(frozen=True)
+class IndexSchema:
+    """The named vectors of a collection: dense (name -> dim, "fused" first) and sparse names."""
+
+    dense: tuple[tuple[str, int], ...]
+    sparse: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [n for n, _ in self.dense] + list(self.sparse)
+        if len(set(names)) != len(names):
+            raise ValueError(f"vector names collide: {names} (two models map to one name, or one is named {FUSED!r})")
+        for name, dim in self.dense:
+            if int(dim) <= 0:
+                raise ValueError(f"vector {name!r}: dimension {dim} must be > 0")
+
+    @classmethod
+    def build(cls, fused_dim: int, dense: Mapping[str, int], sparse: Sequence[str] = ()) -> "IndexSchema":
+        """From registry model names (vector_name() applied here) and dims."""
+        if any(vector_name(m) == FUSED for m in [*dense, *sparse]):
+            raise ValueError(f"a model is named {FUSED!r}, the reserved name of the fused vector")
+        return cls(((FUSED, int(fused_dim)), *((vector_name(m), int(d)) for m, d in dense.items())),
+                   tuple(vector_name(m) for m in sparse))
+
+    @property
+    def dense_dims(self) -> dict[str, int]:
+        return dict(self.dense)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.dense] + list(self.sparse)
+
+    def to_dict(self) -> dict:
+        return {"dense": [[n, d] for n, d in self.dense], "sparse": list(self.sparse)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "IndexSchema":
+        return cls(tuple((str(n), int(d)) for n, d in data["dense"]), tuple(data["sparse"]))
+
+
+@dataclass
+class IndexPoint:
+    """One point to write. `dense`: name -> float32 1-d vector; `sparse`: name -> (int indices, float values).
+    For upsert() it carries every vector of the schema and the full payload; for update_vectors() only the
+    vectors to rewrite (payload ignored) and their new fingerprints."""
+
+    chunk_id: str
+    payload: dict = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    sparse: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    score: float
+
+
+def existing_schema(names: Sequence[str]) -> pa.Schema:
+    """What existing() yields: chunk_id, content_hash, then one fingerprint column per vector name and one
+    for the payload ("fingerprints.<name>", null where the point has none)."""
+    return pa.schema([("chunk_id", pa.string()), ("content_hash", pa.string()),
+                      *((f"{FINGERPRINTS}.{n}", pa.string()) for n in [*names, PAYLOAD_KEY])])
+
+
+def existing_batch(payloads: Sequence[Mapping], names: Sequence[str]) -> pa.RecordBatch:
+    """existing()'s record batch from point payloads (both sinks build it here)."""
+    names = [*names, PAYLOAD_KEY]
+    fps = [p.get(FINGERPRINTS) or {} for p in payloads]
+    columns = [pa.array([p.get("chunk_id") for p in payloads], pa.string()),
+               pa.array([p.get("content_hash") for p in payloads], pa.string()),
+               *(pa.array([f.get(n) for f in fps], pa.string()) for n in names)]
+    return pa.RecordBatch.from_arrays(columns, schema=existing_schema(names[:-1]))
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """A collection in a vector database. Writes are idempotent (upsert by point id, delete by id), so a
+    sync killed midway is repaired by the next one (rag_clean.index.sync)."""
+
+    sink: str          # "qdrant-edge" | "qdrant"
+    collection: str
+    location: str      # where it lives, never with credentials
+
+    def ensure_schema(self, schema: IndexSchema) -> bool:
+        """Create the collection with these named vectors, or recreate it (empty) when it exists with other
+        vectors or dims (Qdrant cannot add or resize a named vector in place). True when it was (re)created."""
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        """Write whole points (every vector, payload with fingerprints); one call per block of rows."""
+
+    def update_vectors(self, points: Sequence[IndexPoint]) -> None:
+        """Rewrite only the vectors each point carries, and merge its fingerprints into the payload."""
+
+    def delete(self, chunk_ids: Sequence[str]) -> None:
+        """Remove the points of these chunks (absent ones are ignored)."""
+
+    def existing(self, block: int = 4096) -> Iterator[pa.RecordBatch]:
+        """Every point's chunk_id, content_hash and per-vector fingerprints (existing_schema), streamed."""
+
+    def count(self) -> int: ...
+
+    def commit(self) -> None:
+        """Make the writes durable and searchable (Edge: flush, then build the HNSW index)."""
+
+    def dense_search(self, vector_name: str, query: np.ndarray, k: int, exact: bool = True) -> list[Hit]:
+        """Top k by cosine of a float32 1-d query; exact=False uses the HNSW index where one is built."""
+
+    def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
+        """Top k by dot product of term weights (exact: Qdrant's sparse index is an inverted index)."""
+
+    def retrieve(self, chunk_ids: Sequence[str], with_vectors: Sequence[str] | None = None) -> list[dict]:
+        """Payloads of the points of these chunks, in the given order (absent ones skipped). With
+        `with_vectors`, each dict also has "vectors": {name: float32 array, or (indices, values) for sparse}."""
+
+    def close(self) -> None: ...

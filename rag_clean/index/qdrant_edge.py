@@ -1,0 +1,179 @@
+"""The embedded default sink: Qdrant Edge (qdrant-edge-py, Qdrant's engine in-process), one shard folder
+per collection under the storage root. No server, same data model and scoring as a Qdrant server.
+
+Edge is beta (pinned in pyproject.toml). What this module relies on, checked against 0.9.0: named dense +
+sparse vectors in one shard, upsert / update_vectors / set_payload(key=) / delete by UUID id, scroll with a
+payload selection, exact and HNSW search, `optimize()` building the HNSW index in-process (Edge runs no
+background optimizer), and the write-ahead log replaying unflushed updates on load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import qdrant_edge as qe
+
+from rag_clean.index.base import (FINGERPRINTS, Hit, IndexPoint, IndexSchema, VectorIndexError, existing_batch,
+                                  point_id)
+
+SINK = "qdrant-edge"
+SCHEMA_FILE = "rag_clean_schema.json"   # our record of the schema, beside Edge's own files
+
+
+def _vectors(point: IndexPoint) -> dict:
+    out: dict = {name: np.asarray(v, dtype=np.float32).tolist() for name, v in point.dense.items()}
+    for name, (indices, values) in point.sparse.items():
+        out[name] = qe.SparseVector(np.asarray(indices, dtype=np.int64).tolist(),
+                                    np.asarray(values, dtype=np.float32).tolist())
+    return out
+
+
+def _from_vector(value):
+    if isinstance(value, qe.SparseVector):
+        return np.asarray(value.indices, dtype=np.int64), np.asarray(value.values, dtype=np.float32)
+    return np.asarray(value, dtype=np.float32)
+
+
+class EdgeIndex:
+    sink = SINK
+
+    def __init__(self, path: Path, collection: str):
+        self.path = Path(path)
+        self.collection = collection
+        self.location = str(self.path)
+        self._shard: qe.EdgeShard | None = None
+        self._names: list[str] = []
+        if (self.path / SCHEMA_FILE).exists():
+            self._names = _stored_schema(self.path).names
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def shard(self) -> qe.EdgeShard:
+        if self._shard is None:
+            if not (self.path / SCHEMA_FILE).exists():
+                raise VectorIndexError(f"no index at {self.path}: materialize vector_index for "
+                                       f"{self.collection!r} first")
+            self._shard = qe.EdgeShard.load(str(self.path))
+        return self._shard
+
+    def ensure_schema(self, schema: IndexSchema) -> bool:
+        schema_file = self.path / SCHEMA_FILE
+        if schema_file.exists() and _stored_schema(self.path) == schema:
+            self._names = schema.names
+            return False
+        self.close()
+        # Another set of vectors (a model added, removed or resized): Edge cannot change a shard's
+        # vectors, so the shard is rebuilt from scratch (the sync then writes every point).
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        config = qe.EdgeConfig(
+            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in schema.dense},
+            sparse_vectors={name: qe.EdgeSparseVectorParams() for name in schema.sparse})
+        self._shard = qe.EdgeShard.create(str(self.path), config)
+        # Written last: a folder without it is a shard whose creation did not finish, recreated next time.
+        tmp = schema_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(schema.to_dict(), sort_keys=True))
+        tmp.replace(schema_file)
+        self._names = schema.names
+        return True
+
+    def commit(self) -> None:
+        self.shard.flush()
+        self.shard.optimize()  # builds HNSW segments once a segment passes Edge's indexing threshold
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        if points:
+            self.shard.update(qe.UpdateOperation.upsert_points([
+                qe.Point(point_id(self.collection, p.chunk_id), _vectors(p),
+                         {**p.payload, FINGERPRINTS: dict(p.fingerprints)}) for p in points]))
+
+    def update_vectors(self, points: Sequence[IndexPoint]) -> None:
+        if not points:
+            return
+        ids = [point_id(self.collection, p.chunk_id) for p in points]
+        self.shard.update(qe.UpdateOperation.update_vectors(
+            [qe.PointVectors(i, _vectors(p)) for i, p in zip(ids, points)]))
+        # One set_payload per distinct fingerprint set (usually one per block): merged under `fingerprints`.
+        groups: dict[str, list[str]] = {}
+        for i, p in zip(ids, points):
+            groups.setdefault(json.dumps(p.fingerprints, sort_keys=True), []).append(i)
+        for fps, members in groups.items():
+            self.shard.update(qe.UpdateOperation.set_payload(members, json.loads(fps), key=FINGERPRINTS))
+
+    def delete(self, chunk_ids: Sequence[str]) -> None:
+        if chunk_ids:
+            self.shard.update(qe.UpdateOperation.delete_points([point_id(self.collection, c) for c in chunk_ids]))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def existing(self, block: int = 4096) -> Iterator[pa.RecordBatch]:
+        offset = None
+        while True:
+            records, offset = self.shard.scroll(qe.ScrollRequest(
+                offset=offset, limit=block, with_payload=["chunk_id", "content_hash", FINGERPRINTS], with_vector=False))
+            if records:
+                yield existing_batch([r.payload or {} for r in records], self._names)
+            if offset is None:
+                return
+
+    def count(self) -> int:
+        if not (self.path / SCHEMA_FILE).exists():
+            return 0
+        return int(self.shard.count(qe.CountRequest(exact=True)))
+
+    def _known(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self._names]
+        if unknown:
+            raise VectorIndexError(f"index {self.collection!r} at {self.location} has no vector {unknown[0]!r}; "
+                                   f"it has {self._names}")
+
+    def _hits(self, points) -> list[Hit]:
+        return [Hit(p.payload["chunk_id"], float(p.score)) for p in points]
+
+    def dense_search(self, vector_name: str, query: np.ndarray, k: int, exact: bool = True) -> list[Hit]:
+        self._known([vector_name])
+        q = np.asarray(query, dtype=np.float32).reshape(-1).tolist()
+        return self._hits(self.shard.query(qe.QueryRequest(
+            limit=int(k), query=qe.Query.Nearest(q, using=vector_name), with_payload=["chunk_id"],
+            params=qe.SearchParams(exact=bool(exact)))))
+
+    def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
+        self._known([vector_name])
+        vector = qe.SparseVector(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(values, dtype=np.float32).tolist())
+        return self._hits(self.shard.query(qe.QueryRequest(
+            limit=int(k), query=qe.Query.Nearest(vector, using=vector_name), with_payload=["chunk_id"])))
+
+    def retrieve(self, chunk_ids: Sequence[str], with_vectors: Sequence[str] | None = None) -> list[dict]:
+        self._known(with_vectors or [])
+        ids = [point_id(self.collection, c) for c in chunk_ids]
+        records = self.shard.retrieve(ids, with_payload=True, with_vector=list(with_vectors) if with_vectors else False)
+        by_id = {str(r.id): r for r in records}
+        out = []
+        for i in ids:
+            record = by_id.get(i)
+            if record is None:
+                continue
+            item = dict(record.payload or {})
+            if with_vectors:
+                vectors = record.vector or {}
+                item["vectors"] = {n: _from_vector(vectors[n]) for n in with_vectors if n in vectors}
+            out.append(item)
+        return out
+
+
+def _stored_schema(path: Path) -> IndexSchema:
+    return IndexSchema.from_dict(json.loads((path / SCHEMA_FILE).read_text()))
