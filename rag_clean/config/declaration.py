@@ -151,6 +151,8 @@ SETTINGS: tuple[Setting, ...] = (
             scope=PROCESS),
     Setting("splade_segment_max", "bool", True, "SPLADE pooling by a segment max over unpadded rows (off: the "
             "scatter max; for comparison)", scope=PROCESS),
+    Setting("splade_vocab_slice", "int", 0, "SPLADE's MLM head over vocabulary slices of this many terms (0: off, "
+            "the head runs over token chunks)", scope=PROCESS, low=0),
     Setting("gil_switch_ms", "float", 0.5, "interpreter switch interval while a GPU encodes; 0 keeps the "
             "interpreter's", scope=PROCESS, low=0),
     Setting("query_key", "str", "", "the HMAC key of hashed query text", scope=PROCESS, optional=True, secret=True,

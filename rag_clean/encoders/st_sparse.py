@@ -65,7 +65,7 @@ class STSparseEncoder(STBackend, SparseEncoder):
         # Vocabulary slices of the MLM decoder per pass (0: off, rows chunked over tokens as before). Each slice's
         # logits [tokens, slice] are max-pooled at once, so the [tokens, vocab] logits never exist whole and a
         # slice small enough stays in cache; the head's transform runs once per batch, not once per chunk.
-        self.vocab_slice = int(os.environ.get("RAG_CLEAN_SPLADE_VOCAB_SLICE", "0"))
+        self.vocab_slice = process_setting("splade_vocab_slice")
         self.sliced_head = self.vocab_slice > 0 and _decoder_parts(hf) is not None
 
     def _activate_pooled(self, pooled_logits: torch.Tensor) -> torch.Tensor:
