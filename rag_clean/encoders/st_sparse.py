@@ -19,6 +19,9 @@ from rag_clean.config.registry import ModelSpec
 
 # Bytes of vocab-wide activations computed at once: no [tokens, vocab] tensor is ever larger.
 SPLADE_CHUNK_BYTES = 256 * 1024 * 1024
+# Vocabulary slice of the MLM head on the CPU: measured fastest of 1024 / 4096 / token chunks on SPLADE-tiny
+# (docs/performance.md, Round 3); on CUDA the sliced head stays off until measured there.
+CPU_VOCAB_SLICE = 1024
 
 
 class STSparseEncoder(STBackend, SparseEncoder):
@@ -65,7 +68,9 @@ class STSparseEncoder(STBackend, SparseEncoder):
         # Vocabulary slices of the MLM decoder per pass (0: off, rows chunked over tokens as before). Each slice's
         # logits [tokens, slice] are max-pooled at once, so the [tokens, vocab] logits never exist whole and a
         # slice small enough stays in cache; the head's transform runs once per batch, not once per chunk.
-        self.vocab_slice = process_setting("splade_vocab_slice")
+        chosen = process_setting("splade_vocab_slice")
+        on_cpu = all(r.device.type == "cpu" for r in self.replicas)
+        self.vocab_slice = (CPU_VOCAB_SLICE if on_cpu else 0) if chosen is None else chosen
         self.sliced_head = self.vocab_slice > 0 and _decoder_parts(hf) is not None
 
     def _activate_pooled(self, pooled_logits: torch.Tensor) -> torch.Tensor:
