@@ -110,7 +110,7 @@ def run_one(folder: Path, queries: int, k: int, device: str, vocab: int) -> dict
     from rag_clean.retrieval.candidates import DenseScorer, SparseScorer, build_pools
     from rag_clean.retrieval.flat import take_column
     from rag_clean.retrieval.sparse_scan import sparse_scan_device
-    from rag_clean.stages.retrieval import _sparse_blocks
+    from rag_clean.stages.query_side import sparse_blocks as _sparse_blocks
     from rag_clean.storage.arrow_io import read_arrow_table
     from rag_clean.storage.embeddings import read_embeddings
 

@@ -126,9 +126,13 @@ SETTINGS: tuple[Setting, ...] = (
             shown_default="`rag_clean/models.toml`"),
     Setting("executor", "choice", "in_process", "Dagster executor: `in_process`, `multiprocess` (CPU steps side "
             "by side) or `k8s` (one pod per step)", scope=PROCESS, choices=("in_process", "multiprocess", "k8s")),
-    Setting("automation", "bool", False, "with the daemon, rematerialize a collection whose files changed or an "
-            "asset whose code version changed (a registry entry), with what depends on it; read when the code "
-            "location loads", scope=PROCESS),
+    Setting("automation", "bool", True, "with the daemon, rematerialize a collection whose files changed or an "
+            "asset whose code version changed (a registry entry), with what depends on it, in one run per "
+            "collection; `0` turns it off; read when the code location loads", scope=PROCESS),
+    Setting("log_level", "choice", "INFO", "the run log in the terminal: `DEBUG` adds Dagster's own events (the "
+            "main job's `--verbose`)", scope=PROCESS, choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting("owners", "str", "team:rag-clean", "asset owners in the catalog: comma list of emails or `team:name`",
+            scope=PROCESS),
     Setting("pod_config", "str", "", "pod requirements per step for the k8s executor", scope=PROCESS,
             shown_default="`deploy/pods.toml`"),
     Setting("gpu_pool_limit", "int", None, "GPU steps at once (the `gpu` pool); 0 = no limit", scope=PROCESS,

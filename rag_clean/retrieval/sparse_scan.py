@@ -18,10 +18,12 @@ import numpy as np
 Block = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def sparse_scan_device(device: str | None) -> str | None:
-    """The device the scan runs on: a CUDA device as given; None (the numpy path) for the CPU, where the
-    per-query inverted index needs no torch and measured no slower on 2 cores."""
-    return str(device) if device and str(device).startswith("cuda") else None
+def sparse_scan_device(device) -> str | None:
+    """The device the scan runs on, from a step's device ("cuda:0", "cuda:0,cuda:1" or a list: the first):
+    a CUDA device; None (the numpy path) for the CPU, where the per-query inverted index needs no torch."""
+    first = device[0] if isinstance(device, (list, tuple)) else str(device or "").split(",")[0]
+    first = str(first).strip()
+    return first if first.startswith("cuda") else None
 
 
 def query_matrix(query_rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -12,12 +12,10 @@ from rag_clean.retrieval.candidates import SparseScorer
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
-from rag_clean.retrieval.flat import SparseIndex, heading_queries
-from rag_clean.stages import retrieval as retrieval_stage
-from rag_clean.stages.dense import run_dense_stage
-from rag_clean.stages.fusion import run_fusion_stage
-from rag_clean.stages.retrieval import _sparse_blocks, run_retrieval_stage
-from rag_clean.stages.sparse import run_sparse_stage
+from rag_clean.retrieval.flat import SparseIndex
+from rag_clean.stages import query_side as retrieval_stage
+from rag_clean.stages.query_side import sparse_blocks as _sparse_blocks
+from stage_helpers import dense as run_dense, fuse, retrieve, sparse as run_sparse
 from rag_clean.storage.embeddings import read_embeddings
 
 WORDS = ["install", "rerank", "query", "vector", "chunk", "model", "config", "server"]
@@ -46,22 +44,20 @@ def _upstream(registry, chunks, folder):
     specs = [registry.get("tiny-a"), registry.get("tiny-b")]
     sets = {}
     for spec in specs:
-        writer, _ = run_dense_stage(spec, chunks, "cpu", folder / f"{spec.asset_name}.arrow")
+        writer, _ = run_dense(spec, chunks, folder / f"{spec.asset_name}.arrow")
         sets[spec.name] = read_embeddings(writer.publish())
     weights = {s.name: s.weight for s in specs}
-    writer, _ = run_fusion_stage(sets, weights, "concat", folder / "fused.arrow", chunks)
+    writer, _ = fuse(sets, weights, "concat", folder / "fused.arrow", chunks)
     fused = read_embeddings(writer.publish())
-    sparse, _ = run_sparse_stage([registry.get("tiny-splade")], chunks, "cpu")
+    sparse, _ = run_sparse([registry.get("tiny-splade")], chunks, root=folder / "_sparse")
     return specs, weights, sets, fused, sparse
 
 
 def _run(registry, chunks, upstream, root):
     specs, weights, sets, fused, sparse = upstream
-    layout = StorageLayout(root)
-    return run_retrieval_stage(
-        heading_queries(chunks), chunks, fused, specs, "concat", weights, sparse, [registry.get("tiny-splade")],
-        registry.get("tiny-reranker"), RetrievalConfig(top_k_candidates=12, rerank_top_k=5, tune_min_queries=10),
-        "cpu", dense_sets=sets, cache_path=lambda kind, model: layout.retrieval_cache_file(kind, model, "c"))
+    return retrieve(chunks, fused, specs, sparse, [registry.get("tiny-splade")], registry.get("tiny-reranker"),
+                    RetrievalConfig(top_k_candidates=12, rerank_top_k=5, tune_min_queries=10), root=root,
+                    dense_sets=sets)
 
 
 def test_incremental_reranked_equals_a_full_recompute(tiny_registry_path, tmp_path):
