@@ -217,24 +217,30 @@ def summary_stages(storage: Path) -> dict:
 
 
 PROFILE_CODE = r"""
-import cProfile, io, pstats, sys, time
+import cProfile, io, os, pstats, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-from rag_clean.encoders.budget import BudgetStore
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.storage.arrow_io import read_arrow_table
 from rag_clean.storage.parquet import read_table
 from rag_clean.config.registry import load_registry
-from rag_clean.stages import run_dense_stage
+from rag_clean.config.plan import build_run_plan
+from rag_clean.config.settings import EmbedderSettings
+from rag_clean.stages.context import StageContext, StageIO
+from rag_clean.stages.dense import dense_stage
 registry, name, storage, collection, device, out = sys.argv[1:7]
+os.environ.setdefault("RAG_CLEAN_TOKEN_CACHE", "0")  # measure tokenization too, as before the token cache
 path = StorageLayout(Path(storage)).asset_file(["chunks"], collection)
 imports = time.perf_counter() - t0
-spec = load_registry(registry).get(name)
+registry = load_registry(registry)
+spec = registry.get(name)
+plan = build_run_plan(registry, EmbedderSettings(ensemble_models=(name,), enable_sparse=False))
+ctx = StageContext(collection, plan, StorageLayout(Path(storage)), device=device)
 chunks = read_arrow_table(path) if path.suffix == ".arrow" else read_table(path)
 prof = cProfile.Profile()
 t1 = time.perf_counter()
 prof.enable()
-writer, record = run_dense_stage(spec, chunks, device, Path(out), budget_store=BudgetStore(Path(out + ".budgets.json")))
+writer, record = dense_stage(ctx, StageIO(Path(out)), spec, chunks)
 prof.disable()
 total = time.perf_counter() - t1
 text = io.StringIO()
@@ -303,7 +309,7 @@ def first_select(registry_path: Path) -> str:
     return ",".join(["chunks"] + [f"dense_embeddings/{name}" for name in dense])
 
 
-REST_SELECT = "queries,sparse_vectors,fused_embeddings,reranked,exports"
+REST_SELECT = "queries,sparse_vectors,fused_embeddings,reranked,vector_index,exports"
 
 
 def merge_phases(first: dict, rest: dict, log) -> dict:

@@ -30,7 +30,7 @@ def _stored(folder: Path, rows: int, dims: list[int], changed: set[int], seed: i
 
     from rag_clean.chunking import CHUNK_SCHEMA
     from rag_clean.retrieval.fusion import fuse_block
-    from rag_clean.stages import SPARSE_SCHEMA
+    from rag_clean.stages.sparse import SPARSE_SCHEMA
     from rag_clean.storage.embeddings import read_embeddings, write_embeddings
 
     texts = [f"chunk {i} about the gpu driver and the index" + (" (edited)" if i in changed else "")

@@ -5,7 +5,7 @@ rows plus the dense rows of changed chunks) and both write the whole fused file,
 whether fusing a row costs more than copying it. Builds two 384-d dense files (the default ensemble's
 shape) and a previous fused file for N synthetic chunks, changes 1% of the hashes, then times:
 
-  full         rag_clean.stages.run_fusion_stage without a previous file: every row fused
+  full         rag_clean.stages.fusion.fusion_stage without a previous file: every row fused
   incremental  the same with previous=: rows matched by hash (rag_clean.storage.reuse), unchanged rows copied,
                the changed 1% fused (what the asset runs)
 
@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rag_clean.stages import ROW_BLOCK, run_fusion_stage
+from rag_clean.config.plan import build_run_plan
+from rag_clean.config.registry import ModelSpec, Registry
+from rag_clean.config.settings import EmbedderSettings
+from rag_clean.stages import ROW_BLOCK
+from rag_clean.stages.context import StageContext, StageIO
+from rag_clean.stages.fusion import fusion_stage
+from rag_clean.storage.layout import StorageLayout
 from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings
 
 DIMS = (384, 384)
@@ -76,19 +82,26 @@ def bench(rows: int, folder: Path) -> dict:
     chunks = pa.table({"chunk_id": ids, "content_hash": new_hashes})
     sets = {f"m{i}": read_embeddings(folder / f"m{i}.arrow") for i in range(len(DIMS))}
     weights = dict(zip(sets, WEIGHTS))
+    specs = tuple(ModelSpec(name=n, role="dense", source="path:/unused", weight=w) for n, w in weights.items())
+    ctx = StageContext("bench", build_run_plan(Registry(models=specs), EmbedderSettings(enable_sparse=False)),
+                       StorageLayout(folder / "store"))
+    by_asset = {s.asset_name: sets[s.name] for s in specs}
+
+    def run_fusion_stage(path, previous=None):
+        return fusion_stage(ctx, StageIO(path, previous), chunks, by_asset)
     # The previous fused file: the current one with 1% of the hashes different (those chunks changed).
-    writer, _ = run_fusion_stage(sets, weights, "concat", folder / "prev_fused.arrow", chunks)
+    writer, _ = run_fusion_stage(folder / "prev_fused.arrow")
     writer.publish()
     stored = read_embeddings(folder / "prev_fused.arrow")
     _rewrite_hashes(folder / "prev_fused.arrow", stored, old_hashes)
-    previous = read_embeddings(folder / "prev_fused.arrow")
+    previous = folder / "prev_fused.arrow"
 
     t0 = time.perf_counter()
-    writer, _ = run_fusion_stage(sets, weights, "concat", folder / "fused.arrow", chunks)
+    writer, _ = run_fusion_stage(folder / "fused.arrow")
     full_s = time.perf_counter() - t0
     writer.abort()
     t0 = time.perf_counter()
-    writer, record = run_fusion_stage(sets, weights, "concat", folder / "fused_inc.arrow", chunks, previous=previous)
+    writer, record = run_fusion_stage(folder / "fused_inc.arrow", previous)
     inc_s = time.perf_counter() - t0
     writer.abort()
     computed = record.reuse_counts["fused"].computed

@@ -1,7 +1,7 @@
 """The exclusive dense ensemble on a real card, through the engine alone (no Dagster).
 
 For each dense model in turn: lease a device (rag_clean.gpu.lease), run the real dense stage
-(rag_clean.stages.run_dense_stage: load -> encode -> close), release; then fuse. Prints and writes
+(rag_clean.stages.context.run_stage of the dense stage: load -> encode -> close), release; then fuse. Prints and writes
 the lease summaries (VRAM measured before / after each model, peak), the encode stats, and a second
 pass of one model under a forced small memory ceiling that must back off on CUDA OOM and still give
 the same vectors. Exit 0 only when every check holds.
@@ -29,7 +29,12 @@ from benchmarks.bench_encode import build_models, find_tokenizer_dir, synthetic_
 from rag_clean.chunking import content_hash  # noqa: E402
 from rag_clean.gpu.lease import GpuLeaseManager  # noqa: E402
 from rag_clean.config.registry import load_registry  # noqa: E402
-from rag_clean.stages import run_dense_stage, run_fusion_stage  # noqa: E402
+from rag_clean.config.plan import build_run_plan  # noqa: E402
+from rag_clean.config.settings import EmbedderSettings  # noqa: E402
+from rag_clean.stages.context import StageContext, run_stage  # noqa: E402
+from rag_clean.stages.dense import DENSE  # noqa: E402
+from rag_clean.stages.fusion import FUSION  # noqa: E402
+from rag_clean.storage.layout import StorageLayout  # noqa: E402
 from rag_clean.storage.embeddings import read_embeddings  # noqa: E402
 
 REGISTRY = """
@@ -80,13 +85,13 @@ def main() -> int:
     manager = GpuLeaseManager(work / "locks", timeout_s=60)
     report: dict = {"device": torch.cuda.get_device_name(0), "chunks": len(texts), "models": {}, "checks": {}}
     stored = {}
+    plan = build_run_plan(registry, EmbedderSettings(enable_sparse=False))
     for spec in registry.dense:
-        path = work / "dense" / f"{spec.asset_name}.arrow"
-        with manager.lease(owner=f"dense/{spec.name}") as lease:
-            writer, record = run_dense_stage(spec, chunks, lease.device, path)
-        writer.publish()
-        stored[spec.name] = read_embeddings(path)
-        summary = lease.summary.to_dict()
+        ctx = StageContext("smoke", plan, StorageLayout(work / "store"),
+                           lease=lambda name=spec.name: manager.lease(owner=f"dense/{name}"))
+        out = run_stage(ctx, DENSE, spec, chunks)  # load -> encode -> close inside the lease
+        stored[spec.name] = read_embeddings(out.value.publish())
+        record, summary = out.record, out.record.lease
         report["models"][spec.name] = {"lease": summary, "encode": record.encode.to_dict()}
         before = summary["vram_before"][0]
         after = summary["vram_after"][0]
@@ -103,12 +108,10 @@ def main() -> int:
     report["checks"]["released_between_models"] = bool(last_after is not None and first_before is not None
                                                        and last_after - first_before < 512)
 
-    fused_path = work / "fused.arrow"
     t0 = time.perf_counter()
-    writer, fuse_record = run_fusion_stage(stored, {s.name: s.weight for s in registry.dense}, "concat",
-                                           fused_path, chunks)
-    writer.publish()
-    fused = read_embeddings(fused_path)
+    fused_out = run_stage(StageContext("smoke", plan, StorageLayout(work / "store")), FUSION, chunks,
+                          {s.asset_name: stored[s.name] for s in registry.dense})
+    fused = read_embeddings(fused_out.value.publish())
     report["fusion"] = {"seconds": time.perf_counter() - t0, "dim": fused.dim}
     report["checks"]["fused_unit_norm"] = bool(np.allclose(np.linalg.norm(fused.vectors, axis=1), 1, atol=1e-4))
 
@@ -116,16 +119,15 @@ def main() -> int:
     # (halving the budget, retrying the same rows) and produce the same vectors.
     spec = registry.dense[1]
     oom_manager = GpuLeaseManager(work / "locks", timeout_s=60, memory_fraction=args.oom_fraction)
-    path = work / "dense" / "oom.arrow"
-    with oom_manager.lease(owner="dense/oom") as lease:
-        writer, record = run_dense_stage(spec, chunks, lease.device, path, token_budget=131072)
-    writer.publish()
-    again = read_embeddings(path)
+    ctx = StageContext("smoke", plan, StorageLayout(work / "oom"), token_budget=131072,
+                       lease=lambda: oom_manager.lease(owner="dense/oom"))
+    oom = run_stage(ctx, DENSE, spec, chunks)
+    again, record = read_embeddings(oom.value.publish()), oom.record
     mitigations = record.encode.oom_mitigations
     worst = float(np.min(np.sum(again.vectors * stored[spec.name].vectors, axis=1)))
     report["oom"] = {"memory_fraction": args.oom_fraction, "mitigations": mitigations,
                      "token_budget": [record.encode.token_budget_start, record.encode.token_budget_final],
-                     "worst_row_cosine_vs_unconstrained": worst, "lease": lease.summary.to_dict()}
+                     "worst_row_cosine_vs_unconstrained": worst, "lease": record.lease}
     report["checks"]["oom_backoff_happened"] = len(mitigations) > 0
     report["checks"]["oom_same_vectors"] = worst > 0.999
     print(f"forced OOM: {len(mitigations)} backoffs, budget {report['oom']['token_budget']}, worst cosine {worst:.5f}")

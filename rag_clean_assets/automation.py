@@ -1,4 +1,6 @@
-"""Opt-in automation (RAG_CLEAN_AUTOMATION=1): the daemon rematerializes what changed, nothing else.
+"""Automation, on by default (opt out: RAG_CLEAN_AUTOMATION=0): the daemon rematerializes what changed,
+nothing else. Without a daemon (`dagster-webserver` alone, `dagster asset materialize`) nothing runs by
+itself; the unsynced marks (rag_clean_assets/staleness.py) and "Materialize unsynced" remain.
 
 Every asset gets one condition, `changed_inputs_or_code`: requested for a partition when
 
@@ -60,4 +62,4 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     return dg.AutomationConditionSensorDefinition(
         AUTOMATION_SENSOR, target=dg.AssetSelection.all(), minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING, emit_backfills=False,  # plain runs, one per partition
-        description=f"{BY_KEY['automation'].env}=1: requests runs for the partitions whose inputs or code changed.")
+        description=f"Requests one run per collection whose files, inputs or code changed (off: {BY_KEY['automation'].env}=0).")

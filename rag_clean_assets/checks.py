@@ -2,7 +2,6 @@
 
 
 import hashlib
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -25,6 +24,7 @@ from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.assets.fused import FUSED_KEY
+from rag_clean_assets.degraded import DEGRADED_CHECKS
 from rag_clean_assets.assets.index import INDEX_KEY
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.quality import QUALITY_CHECKS
@@ -36,8 +36,6 @@ NORM_TOLERANCE = 1e-3
 # whatever the collection size or the vector width.
 CHECK_BLOCK = 8192
 
-# Partitioned asset checks are "preview" in Dagster 1.13, and without them a check loads every partition.
-warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 
 def _vector_problems(vectors: EmbeddingSet, expected_rows: int, expected_ids: pa.ChunkedArray, expected_dim: int | None) -> tuple[list[str], dict]:
@@ -274,4 +272,4 @@ def index_matches_chunks(context: dg.AssetCheckExecutionContext, chunks: pa.Tabl
 
 def build_checks(registry: Registry) -> list:
     return [chunks_valid, fused_valid, sparse_valid, reranked_valid, queries_valid, exports_valid, index_matches_chunks,
-            *(build_dense_check(s) for s in registry.dense), *QUALITY_CHECKS]
+            *(build_dense_check(s) for s in registry.dense), *QUALITY_CHECKS, *DEGRADED_CHECKS]

@@ -162,6 +162,7 @@ def _step_errors(result) -> list[str]:
 
 def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: float) -> None:
     from rag_clean.storage.layout import StorageLayout
+    from rag_clean.telemetry.readable import metrics_text
     from rag_clean.telemetry.summary import read_summary
 
     path = StorageLayout(storage_root).summary_file(collection)
@@ -175,16 +176,14 @@ def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: flo
         f"== {collection}: {s['chunk_count']} chunks (run {run_id}, {wall_s:.1f} s)",
         f"   dense: {', '.join(dense['models_executed'])} on {dense['device']}; "
         f"{dense['total_embeddings_generated']} embedded, {dense.get('chunks_reused', 0)} reused; "
-        f"batch latency p50 {dense['latency_seconds']['p50']} s",
+        f"batch latency p50 {float(dense['latency_seconds']['p50']):.2f} s",
         f"   sparse: {sparse['status']} (enable_sparse={str(toggles['enable_sparse']).lower()} from {prov.get('enable_sparse')}; "
         f"models {', '.join(sparse['model_names']) or '-'}; coverage {sparse['vectors']['coverage_ratio']}; "
         f"fallback_used {str(sparse['fallback_used']).lower()})",
         f"   rerank: {rerank['status']} (enable_rerank={str(toggles['enable_rerank']).lower()} from {prov.get('enable_rerank')}; "
         f"model {rerank['model_name'] or '-'}; fallback_count {rerank['fallback_count']})",
     ]
-    for phase, values in metrics.items():
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, (int, float)))
-        lines.append(f"   {phase}: {shown}")
+    lines += [f"   {line}" for line in metrics_text(metrics)]
     lines.append(f"   summary: {path} (schema {s['schema_version']})")
     lines.append(f"   asset files: {storage_root}")
     if exports.get("status") == "ok":
@@ -225,6 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     from rag_clean_assets.partitions import COLLECTIONS_PARTITION
     from rag_clean_assets.run_progress import LOGGER_KEY as PROGRESS_LOGGER
     from rag_clean_assets.run_progress import RunProgress, asset_steps
+    from rag_clean_assets.console_log import short_console_logger_def
     from rag_clean_assets.run_progress import logger_def as progress_logger_def
     from resources.paths import PathsResource
     from resources.settings import EmbedderSettingsResource
@@ -271,7 +271,7 @@ def _run(args: argparse.Namespace) -> int:
     # The progress display listens to every run as a second Dagster logger (rag_clean_assets/run_progress.py).
     view = RunProgress({}, tty=None if args.progress == "auto" else args.progress == "bar")
     defs = build_definitions(registry_path or None, data_root=str(data_root), storage_root=str(storage_root),
-                             settings=settings, loggers={"console": dg.colored_console_logger,
+                             settings=settings, loggers={"console": short_console_logger_def(),
                                                          PROGRESS_LOGGER: progress_logger_def(view)})
     view.step_names = asset_steps(defs)
     job = defs.resolve_job_def(EMBED_JOB_NAME)

@@ -13,7 +13,6 @@ Needs DAGSTER_HOME: without it the Dagster CLI uses a throwaway instance that kn
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from rag_clean.telemetry.summary import read_summary
 from rag_clean_assets.instance import CONFIG_MARKER, dagster_yaml, reclaim_dead_runs
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
 from rag_clean_assets.sensors import skipped_folder_line
+from rag_clean.telemetry.readable import metrics_text
 from resources.paths import PathsResource
 
 def _instance() -> dg.DagsterInstance:
@@ -83,7 +83,8 @@ def report(collection: str, wall_seconds: float | None = None) -> dict:
         f"  telemetry/{collection}/processing_summary.json (schema {summary['schema_version']}), events.jsonl",
         f"dense models: {', '.join(summary['dense_run']['models_executed'])} on {summary['dense_run']['device']}",
         f"sparse: {summary['sparse_run']['status']}; rerank: {rerank['status']} (scorer: {rerank.get('scorer')})",
-        f"retrieval metrics: {json.dumps(metrics)}",
+        "retrieval metrics:",
+        *[f"  {line}" for line in metrics_text(metrics)],
     ]
     if wall_seconds is not None:
         lines.append(f"wall time of the materialization: {wall_seconds:.0f} s")

@@ -22,9 +22,11 @@ from rag_clean_assets.assets.retrieval import build_queries_asset, build_reranke
 from rag_clean_assets.assets.sparse import build_sparse_asset
 from rag_clean_assets.automation import automation_enabled, automation_sensor, with_automation
 from rag_clean_assets.checks import build_checks
+from rag_clean_assets.console_log import short_console_logger_def
 from rag_clean_assets.observe import collection_files
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.sensors import build_collection_sensor
+from rag_clean_assets import staleness  # noqa: F401  (per-partition staleness in this process too)
 from resources.gpu_lease import GpuLeaseResource
 from resources.io_manager import TelemetryIOManager
 from resources.paths import PathsResource
@@ -32,6 +34,7 @@ from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 EMBED_JOB_NAME = "embed_collection"
+CHECK_JOB_NAME = "check_collection"
 
 
 
@@ -83,7 +86,8 @@ def default_executor():
 
 def build_definitions(registry_path: str | None = None, *, automation: bool | None = None,
                       loggers: dict | None = None, **resource_kwargs) -> dg.Definitions:
-    """loggers: Dagster loggers for every run (None: Dagster's console logger), e.g. rag-clean's progress bars.
+    """loggers: Dagster loggers for every run (None: the short console logger,
+    INFO unless the log_level setting says otherwise), e.g. rag-clean's progress bars.
     A bad RAG_CLEAN_* value fails here (loading the code location), not in the step that reads it."""
     given_process_settings()
     registry = load_registry(registry_path)
@@ -92,14 +96,19 @@ def build_definitions(registry_path: str | None = None, *, automation: bool | No
     job = dg.define_asset_job(EMBED_JOB_NAME, selection=dg.AssetSelection.all(),
                               partitions_def=collections_partitions,
                               description="Materialize every asset of one collection.")
+    # Checks alone, one collection per run: Dagster 1.13's UI greys out "Execute" for the checks of a partitioned
+    # asset, so they run from this job's launchpad (pick the partition) without materializing anything.
+    check_job = dg.define_asset_job(CHECK_JOB_NAME, selection=dg.AssetSelection.all_asset_checks(),
+                                    partitions_def=collections_partitions,
+                                    description="Run every asset check of one collection on the stored files.")
     return dg.Definitions(
         assets=assets,
         asset_checks=build_checks(registry),
-        jobs=[job],
+        jobs=[job, check_job],
         sensors=[build_collection_sensor(job), *([automation_sensor()] if automation else [])],
         resources=build_resources(registry_path=registry_path or "", **resource_kwargs),
         executor=default_executor(),
-        loggers=loggers,
+        loggers=loggers if loggers is not None else {"console": short_console_logger_def()},
     )
 
 

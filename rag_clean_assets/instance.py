@@ -36,6 +36,9 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventL
 
 from rag_clean.config.settings import process_setting
 from rag_clean.processes import process_alive
+# Imported for its effect: the webserver and the daemon load this module (the event log storage class of
+# the dagster.yaml written here), and their stale-status answers must include partitions (staleness.py).
+from rag_clean_assets import staleness  # noqa: F401
 
 GPU_POOL = "gpu"
 CONFIG_MARKER = "# Written by rag_clean"
@@ -116,6 +119,10 @@ run_monitoring:
   max_resume_run_attempts: 0
   poll_interval_seconds: 30
   free_slots_after_run_end_seconds: 10
+# Runs without logger config (launched from the UI, `dagster asset materialize`) print INFO and up in their
+# terminal / compute logs; the event log (the UI's run view) keeps every event.
+python_logs:
+  python_log_level: INFO
 telemetry:
   enabled: false
 nux:

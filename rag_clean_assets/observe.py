@@ -16,7 +16,6 @@ Who observes:
 
 from __future__ import annotations
 
-import warnings
 
 import dagster as dg
 from dagster._core.definitions.external_asset import create_external_asset_from_source_asset
@@ -28,8 +27,6 @@ from resources.paths import PathsResource
 
 COLLECTION_FILES = dg.AssetKey("collection_files")
 
-# observable_source_asset is "beta" in Dagster 1.13; it is the documented way to version external data.
-warnings.filterwarnings("ignore", message=".*`observable_source_asset` is currently in beta.*")
 
 
 def collection_version(paths: PathsResource, collection: str) -> FolderVersion:

@@ -14,6 +14,8 @@ cite the current chunks.
 """
 
 
+from datetime import datetime, timezone
+
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +31,22 @@ QUALITY_METRICS = ("recall@10", "mrr@10")
 RERANKED_KEY = dg.AssetKey("reranked")
 
 
+# Materializations of one collection in the check's trend table (newest first).
+TREND_RUNS = 10
+
+
+def trend_table(records: list[dg.EventLogRecord]) -> str:
+    """Held-out quality of this collection's last materializations, newest first: the per-collection trend
+    (the UI's metadata plots join every partition's points into one line)."""
+    lines = ["| run | when (UTC) | " + " | ".join(QUALITY_METRICS) + " |", "|---|---|" + "---:|" * len(QUALITY_METRICS)]
+    for record in records:
+        quality = _quality_of(record)
+        when = datetime.fromtimestamp(record.timestamp, timezone.utc).strftime("%m-%d %H:%M")
+        cells = [f"{quality[m]:.3f}" if m in quality else "-" for m in QUALITY_METRICS]
+        lines.append(f"| {record.run_id[:8]} | {when} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _quality_of(record: dg.EventLogRecord) -> dict[str, float]:
     metadata = record.asset_materialization.metadata if record.asset_materialization else {}
     return {m: float(metadata[f"quality/{m}"].value) for m in QUALITY_METRICS if f"quality/{m}" in metadata}
@@ -41,15 +59,17 @@ def reranked_quality(context: dg.AssetCheckExecutionContext, settings: EmbedderS
     resolved = settings.resolve()
     severity = dg.AssetCheckSeverity.ERROR if resolved.quality_severity == "error" else dg.AssetCheckSeverity.WARN
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=RERANKED_KEY, asset_partitions=[context.partition_key]), limit=2).records
+        dg.AssetRecordsFilter(asset_key=RERANKED_KEY, asset_partitions=[context.partition_key]),
+        limit=TREND_RUNS).records
     if not records:
         return dg.AssetCheckResult(passed=False, severity=severity, description="reranked has no materialization")
     current = _quality_of(records[0])
-    metadata = {f"current/{m}": v for m, v in current.items()} | {"margin": resolved.quality_margin}
+    metadata = {f"current/{m}": v for m, v in current.items()} | {"margin": resolved.quality_margin,
+                                                                   "trend": dg.MetadataValue.md(trend_table(records))}
     if len(records) < 2 or not _quality_of(records[1]):
         return dg.AssetCheckResult(passed=True, metadata=metadata,
                                    description="first materialization with quality metrics: nothing to compare")
-    previous = _quality_of(records[1])
+    previous = _quality_of(records[1])  # the one before this materialization
     metadata |= {f"previous/{m}": v for m, v in previous.items()}
     drops = [f"{m} {previous[m]:.3f} -> {current[m]:.3f}" for m in QUALITY_METRICS
              if m in current and m in previous and previous[m] - current[m] > resolved.quality_margin]

@@ -7,16 +7,15 @@ every rerun -- even a no-op -- would mark the whole downstream graph changed.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import warnings
 
 import dagster as dg
 import pyarrow as pa
 
+from rag_clean.config.models import declared_identity
 from rag_clean.config.registry import ModelSpec, Registry
-from rag_clean.stages.common import StageOutput, encoder_code_version
+from rag_clean.stages.context import StageOutput
 
 CHUNKS = "1"
 DENSE = "1"
@@ -27,8 +26,6 @@ RERANKED = "1"
 EXPORTS = "1"
 INDEX = "1"
 
-# Output(data_version=) is "beta" in Dagster 1.13; it is what the staleness of the graph is built on.
-warnings.filterwarnings("ignore", message=".*Parameter `data_version` of initializer `Output.__init__`.*")
 
 # Dagster's tag for an asset event's data version (dagster._core.definitions.data_version.DATA_VERSION_TAG).
 DATA_VERSION_TAG = "dagster/data_version"
@@ -39,23 +36,18 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def declared(spec: ModelSpec) -> dict:
-    """A registry entry as declared (what the file says) plus its encoder's code version: what the code
-    versions are built from. Nothing is read from the model folder, so building the definitions hashes no
-    weights; a run still compares weight digests (the model fingerprint) before reusing stored rows."""
-    entry = {k: v for k, v in dataclasses.asdict(spec).items() if k != "registry_dir"}
-    return entry | {"encoder_code_version": encoder_code_version(spec)}
-
-
 def dense_code_version(spec: ModelSpec) -> str:
-    """The dense asset's version plus its registry entry: swapping the model in the registry is a code
-    change of that asset (its vectors change), so it and its downstream become unsynced."""
-    return f"{DENSE}-{_digest(declared(spec))}"
+    """The dense asset's version plus what the registry declares about its model (source, fallbacks,
+    pooling, max length, dtype, dims, encoder code version): editing the entry is a code change of that
+    asset (its vectors change), so it and its downstream become unsynced. Declared configuration only:
+    building the graph reads no weight file. New weights under an unchanged source are caught where rows
+    are reused (the model fingerprint hashes the folder: rag_clean.config.models)."""
+    return f"{DENSE}-{_digest(declared_identity(spec))}"
 
 
 # The other assets that read registry entries, likewise: an edit there is a code change of that asset.
 def sparse_code_version(registry: Registry) -> str:
-    return f"{SPARSE}-{_digest([declared(s) for s in registry.sparse])}"
+    return f"{SPARSE}-{_digest([declared_identity(s) for s in registry.sparse])}"
 
 
 def fused_code_version(registry: Registry) -> str:
@@ -65,7 +57,7 @@ def fused_code_version(registry: Registry) -> str:
 
 def reranked_code_version(registry: Registry) -> str:
     spec = registry.rerank
-    return f"{RERANKED}-{_digest(None if spec is None else declared(spec))}"
+    return f"{RERANKED}-{_digest(None if spec is None else declared_identity(spec))}"
 
 
 def table_data_version(table: pa.Table) -> dg.DataVersion:

@@ -38,6 +38,22 @@ def owner_label(context: Any) -> str:
     return f"{name} run {run_id[:8]}" if run_id else name
 
 
+# A wait for a device shorter than this is the lease's own bookkeeping: not worth a word in the log.
+WAIT_WORTH_SAYING_S = 0.5
+_CPU_NOTED: set[str] = set()  # runs whose log already says they run on the CPU
+
+
+def _first_cpu_note(run_id: str | None) -> bool:
+    if run_id is None:
+        return True
+    if run_id in _CPU_NOTED:
+        return False
+    if len(_CPU_NOTED) > 1000:  # a long-lived process: forget old runs
+        _CPU_NOTED.clear()
+    _CPU_NOTED.add(run_id)
+    return True
+
+
 class GpuLeaseResource(dg.ConfigurableResource):
     """Exclusive CUDA devices for a step, across processes; the CPU (and why) when there is no CUDA."""
 
@@ -74,15 +90,28 @@ class GpuLeaseResource(dg.ConfigurableResource):
         else:
             owner, log = owner_label(context_or_owner), context_or_owner.log
 
+        run_id = getattr(context_or_owner, "run_id", None)
+        cpu = {"yes": False}
+
         def log_event(ev: LeaseEvent) -> None:
             if log is None:
                 return
             if ev.event == "waiting":
                 log.info(f"GPU lease {owner!r}: waiting for {n_devices} device(s); busy: {'; '.join(ev.detail['holders'])}")
             elif ev.event == "cpu_fallback":
-                log.warning(f"GPU lease {owner!r}: running on CPU: {ev.detail['reason']}")
+                cpu["yes"] = True
+                # A machine without CUDA is a fact of the run, not a problem of each step: said once per run.
+                if _first_cpu_note(run_id):
+                    log.info(f"running on CPU: {ev.detail['reason']} (GPU steps of this run use the CPU)")
+                else:
+                    log.debug(f"GPU lease {owner!r}: running on CPU")
             elif ev.event == "acquired":
-                log.info(f"GPU lease {owner!r}: acquired {ev.devices} after {ev.detail['wait_seconds']:.2f}s")
+                wait = ev.detail["wait_seconds"]
+                if cpu["yes"]:  # the CPU is never waited for: the time is the lease's setup, not a queue
+                    log.debug(f"GPU lease {owner!r}: CPU granted ({wait:.2f}s setup)")
+                else:
+                    log.info(f"GPU lease {owner!r}: acquired {ev.devices}"
+                             + (f" after waiting {wait:.1f}s" if wait >= WAIT_WORTH_SAYING_S else ""))
             elif ev.event == "ceiling_applied":
                 log.info(f"GPU lease {owner!r}: memory ceiling on {ev.devices}: {ev.detail['fraction']:.3f} ({ev.detail['ceiling_mib']} MiB)")
 
@@ -94,7 +123,7 @@ class GpuLeaseResource(dg.ConfigurableResource):
             if log is not None and lease is not None and lease.summary is not None:
                 s = lease.summary
                 outcome = f" (body raised {s.error})" if s.error else ""
-                log.info(
-                    f"GPU lease {owner!r}: released {s.devices} after {s.held_seconds:.2f}s{outcome}; "
-                    f"torch peak MiB {s.vram_peak_torch_mib}"
-                )
+                peaks = {d: round(v) for d, v in (s.vram_peak_torch_mib or {}).items() if v is not None}
+                line = (f"GPU lease {owner!r}: released {s.devices} after {s.held_seconds:.1f}s{outcome}"
+                        + (f"; torch peak MiB {peaks}" if peaks else ""))
+                (log.debug if s.cpu_fallback and not s.error else log.info)(line)

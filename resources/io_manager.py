@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.telemetry.memory import PROBE
 from rag_clean.telemetry.records import MetaJson, MetaMarkdown, MetaPath
-from rag_clean.stages.common import StageOutput
+from rag_clean.stages.context import StageOutput
 from rag_clean.storage.layout import is_embedding_file
 from rag_clean.storage.arrow_io import read_arrow_table, write_arrow_table
 from rag_clean.storage.embeddings import read_embeddings

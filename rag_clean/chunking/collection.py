@@ -10,6 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import pyarrow as pa
 
@@ -203,6 +204,7 @@ def stream_collection(
     count_tokens: CountTokens | None = None,
     root: Path | None = None,
     previous: PreviousChunks | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> StreamedChunks:
     """Read every supported file under `folder` into `spool` (CHUNK_SCHEMA rows), file by file.
 
@@ -212,6 +214,9 @@ def stream_collection(
     the previous chunks file (zero-copy slices of the memory-mapped table) and its skips replayed, so
     the result is byte-identical to parsing everything. Anonymous memory holds one file's rows at a
     time. Finishes the spool (staged file) and returns the new manifest; on error the spool is aborted.
+
+    `digests` (relative path -> sha256, FolderVersion.file_digests) are the files' digests just taken for
+    the folder's version: a file listed there is not hashed a second time.
 
     `root` is the data root: symlinks that resolve outside it are skipped (and counted). By default
     it is the folder's parent, which is the data root for every collection folder
@@ -243,10 +248,15 @@ def stream_collection(
             # JSONL files can be any size (one file per collection is common): hashed and parsed in
             # blocks, never held whole. Documents are chunked as a whole text, so they are read whole.
             streamed = kind == "jsonl"
-            data = None if streamed else _read_bytes(folder, rel)
-            digest = _digest(folder, rel) if streamed else hashlib.sha256(data).hexdigest()
-            files_read.append(rel)
+            known = (digests or {}).get(rel)
             entry = old.get(rel)
+            digest = known if known is not None else (_digest(folder, rel) if streamed else None)
+            # An unchanged file's rows are copied: its bytes are never read (its digest came with the version).
+            reuse = digest is not None and entry is not None and entry["sha256"] == digest and entry["config"] == key
+            data = None if streamed or reuse else _read_bytes(folder, rel)
+            if digest is None:
+                digest = hashlib.sha256(data).hexdigest()
+            files_read.append(rel)
             if entry is not None and entry["sha256"] == digest and entry["config"] == key:
                 flush()
                 n = int(entry["rows"])

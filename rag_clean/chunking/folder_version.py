@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from rag_clean.chunking.collection import _walk as walk_collection_files
 from rag_clean.storage.digests import DigestCache
@@ -25,6 +26,8 @@ class FolderVersion:
     digest: str      # the data version: 24 hex chars, like table_data_version
     files: int       # files covered
     hashed: int      # files read this time (the rest came from the cache)
+    # relative path -> sha256 of each file: the chunks stage takes them instead of hashing every file again
+    file_digests: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 def folder_version(folder: Path, cache_file: Path | None = None, root: Path | None = None) -> FolderVersion:
@@ -35,11 +38,14 @@ def folder_version(folder: Path, cache_file: Path | None = None, root: Path | No
     digests = DigestCache(cache_file)
     overall = hashlib.sha256()
     rels = walk_collection_files(folder, boundary, [])
+    file_digests = {}
     for rel in rels:
         try:
             digest = digests.digest(rel, os.path.join(folder, rel))
         except OSError:  # vanished or a broken link: part of the version as such, so it is seen
             digest = "<unreadable>"
+        else:
+            file_digests[rel] = digest
         overall.update(f"{rel}\0{digest}\n".encode("utf-8", "surrogateescape"))
     digests.save(keep_unused=False)
-    return FolderVersion(overall.hexdigest()[:24], len(rels), digests.hashed)
+    return FolderVersion(overall.hexdigest()[:24], len(rels), digests.hashed, file_digests)

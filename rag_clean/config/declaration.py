@@ -126,9 +126,13 @@ SETTINGS: tuple[Setting, ...] = (
             shown_default="`rag_clean/models.toml`"),
     Setting("executor", "choice", "in_process", "Dagster executor: `in_process`, `multiprocess` (CPU steps side "
             "by side) or `k8s` (one pod per step)", scope=PROCESS, choices=("in_process", "multiprocess", "k8s")),
-    Setting("automation", "bool", False, "with the daemon, rematerialize a collection whose files changed or an "
-            "asset whose code version changed (a registry entry), with what depends on it; read when the code "
-            "location loads", scope=PROCESS),
+    Setting("automation", "bool", True, "with the daemon, rematerialize a collection whose files changed or an "
+            "asset whose code version changed (a registry entry), with what depends on it, in one run per "
+            "collection; `0` turns it off; read when the code location loads", scope=PROCESS),
+    Setting("log_level", "choice", "INFO", "the run log in the terminal: `DEBUG` adds Dagster's own events (the "
+            "main job's `--verbose`)", scope=PROCESS, choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting("owners", "str", "team:rag-clean", "asset owners in the catalog: comma list of emails or `team:name`",
+            scope=PROCESS),
     Setting("pod_config", "str", "", "pod requirements per step for the k8s executor", scope=PROCESS,
             shown_default="`deploy/pods.toml`"),
     Setting("gpu_pool_limit", "int", None, "GPU steps at once (the `gpu` pool); 0 = no limit", scope=PROCESS,
@@ -151,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
             scope=PROCESS),
     Setting("splade_segment_max", "bool", True, "SPLADE pooling by a segment max over unpadded rows (off: the "
             "scatter max; for comparison)", scope=PROCESS),
+    Setting("splade_vocab_slice", "int", None, "SPLADE's MLM head over vocabulary slices of this many terms (0: off, "
+            "the head runs over token chunks); unset: 1024 on the CPU (2.7x sentence-transformers on SPLADE-tiny), "
+            "off on CUDA", scope=PROCESS, optional=True, low=0, shown_default="1024 on CPU, 0 on CUDA"),
     Setting("gil_switch_ms", "float", 0.5, "interpreter switch interval while a GPU encodes; 0 keeps the "
             "interpreter's", scope=PROCESS, low=0),
     Setting("query_key", "str", "", "the HMAC key of hashed query text", scope=PROCESS, optional=True, secret=True,

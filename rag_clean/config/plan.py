@@ -8,9 +8,11 @@ or wrong-role model names fail here, with the setting's provenance, before any s
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from rag_clean.config.declaration import BY_KEY
+from rag_clean.config.models import ModelResolver, ModelSourceError
 from rag_clean.config.registry import ModelSpec, Registry, RegistryError
 from rag_clean.config.settings import EmbedderSettings
 
@@ -78,6 +80,11 @@ class RunPlan:
     export_dir: str
     fusion_weights: Mapping[str, float] = field(default_factory=dict)
     ray: RayPlan | None = None                    # None: encode in-process (the default)
+    # Each model's source, folder and fingerprint, resolved on first use and kept for the run.
+    models: ModelResolver = field(default_factory=ModelResolver, compare=False)
+    # bge-m3 partners, decided once (Registry.joint_sparse_partner): sparse model name -> the dense entry
+    # whose forward pass also yields its rows.
+    sparse_partners: Mapping[str, ModelSpec] = field(default_factory=dict)
 
     # -- per-stage questions -------------------------------------------------------------------
 
@@ -111,15 +118,14 @@ class RunPlan:
         return f"vector index disabled: index_sink=off ({self.provenance('index_sink')})"
 
     def joint(self, dense_spec: ModelSpec) -> JointPlan:
-        """Side outputs of `dense_spec`'s pass: lexical rows when its bge-m3 sparse partner runs in this
-        plan, ColBERT vectors when the entry says `colbert = true`."""
-        partner = self.registry.joint_sparse_partner(dense_spec)
-        if partner is not None and partner not in self.sparse:
-            partner = None
+        """Side outputs of `dense_spec`'s pass: lexical rows when it is the bge-m3 partner of a sparse model
+        that runs in this plan, ColBERT vectors when the entry says `colbert = true`."""
+        partner = next((s for s in self.sparse if self.sparse_partners.get(s.name) == dense_spec), None)
         return JointPlan(sparse_spec=partner, colbert=bool(dense_spec.colbert))
 
     def joint_dense_partner(self, sparse_spec: ModelSpec) -> ModelSpec | None:
-        return self.registry.joint_dense_partner(sparse_spec)
+        """The dense entry whose forward pass may already have written `sparse_spec`'s rows (its side file)."""
+        return self.sparse_partners.get(sparse_spec.name)
 
     def provenance(self, key: str) -> str:
         return self.settings.provenance.get(key, "default")
@@ -148,24 +154,32 @@ def _select(registry: Registry, names: Sequence[str], role: str, key: str, setti
     return tuple(dict.fromkeys(chosen))
 
 
-def source_problem(spec: ModelSpec) -> str | None:
+def _sparse_partners(registry: Registry) -> dict[str, ModelSpec]:
+    partners: dict[str, ModelSpec] = {}
+    for dense in registry.dense:
+        sparse = registry.joint_sparse_partner(dense)
+        if sparse is not None:
+            partners.setdefault(sparse.name, dense)  # the first dense partner in registry order
+    return partners
+
+
+def source_problem(models: ModelResolver, spec: ModelSpec) -> str | None:
     """Why none of `spec`'s sources (primary, then fallbacks) resolves to a local model folder (offline),
     or None when one does. Cheap: paths, installed packages and the local hub cache, nothing loaded."""
-    from rag_clean.encoders.factory import resolve_local_source  # lazy: the plan itself needs no encoder
-
-    failures = []
-    for source in spec.candidate_sources():
-        try:
-            resolve_local_source(spec, source)
-            return None
-        except Exception as exc:  # ModelLoadError (and anything a package import raises): the next source
-            failures.append(str(exc).removeprefix(f"model {spec.name}: "))
-    return f"model {spec.name} ({spec.role}): " + " | ".join(failures)
+    try:
+        models.get(spec).require_folder()
+        return None
+    except ModelSourceError as exc:
+        return f"model {spec.name} ({spec.role}): " + str(exc).removeprefix(f"model {spec.name}: ")
 
 
-def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
-    """The plan of one run. Every dense and sparse model it runs must have a source that resolves locally, so a missing folder fails here, before the first step writes anything. The
-    reranker is exempt: when none of its sources loads, `reranked` keeps retrieval order (documented)."""
+def build_run_plan(registry: Registry, settings: EmbedderSettings, digest_cache: Path | None = None, *,
+                   check_sources: bool = True) -> RunPlan:
+    """The plan of one run. Every dense and sparse model it runs must have a source that resolves locally,
+    so a missing folder fails here, before the first step writes anything. The reranker is exempt: when
+    none of its sources loads, `reranked` keeps retrieval order (documented). `digest_cache`: where model
+    file digests are kept across runs (StorageLayout.weights_digest_file); None: the configured storage
+    root's, if any. `check_sources=False`: no source check (plans of stand-in specs that are never loaded)."""
     dense = _select(registry, settings.ensemble_models, "dense", "ensemble_models", settings)
     if not dense:
         raise PlanError(f"the registry {registry.path} names no dense model")
@@ -173,7 +187,8 @@ def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
     if settings.enable_sparse and not sparse:
         raise PlanError("sparse is enabled but the registry names no sparse model; add one or set EMBEDDER_ENABLE_SPARSE=0")
     retrieval = RetrievalConfig(**{f.name: getattr(settings, f.name) for f in fields(RetrievalConfig)})
-    problems = [p for p in map(source_problem, (*dense, *sparse)) if p]
+    models = ModelResolver(digest_cache)
+    problems = [p for p in (source_problem(models, spec) for spec in (*dense, *sparse)) if p] if check_sources else []
     if problems:
         raise PlanError("\n".join(problems))
     return RunPlan(
@@ -184,4 +199,5 @@ def build_run_plan(registry: Registry, settings: EmbedderSettings) -> RunPlan:
         fusion_weights={s.name: s.weight for s in dense},
         ray=RayPlan(address=settings.ray_address, shard_rows=settings.ray_shard_rows, actors=settings.ray_actors)
         if settings.ray_address else None,
+        models=models, sparse_partners=_sparse_partners(registry),
     )

@@ -1,8 +1,10 @@
 """Pick and load an encoder backend for a ModelSpec, offline.
 
-Every load resolves the registry `source` to a local folder first: a `package:` / `path:` source
-or an existing folder is used as is; a hub id must already be in the local Hugging Face cache
-(looked up with local_files_only, so a missing model fails at once with a clear error and never
+Every load resolves the registry entry to a local folder first: its first candidate source (primary,
+then fallbacks) that resolves offline, as rag_clean.config.models.ResolvedModel decides (the run plan's
+resolution when the caller passes it, so the load uses the folder the fingerprint hashed). A `package:` /
+`path:` source or an existing folder is used as is; a hub id must already be in the local Hugging Face
+cache (looked up with local_files_only, so a missing model fails at once with a clear error and never
 waits on the network).
 """
 
@@ -10,11 +12,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 
 from rag_clean.encoders.base import DenseEncoder, EncoderError, Reranker, SparseEncoder
 from rag_clean.encoders.budget import BudgetStore
-from rag_clean.config.registry import ModelSpec, RegistryError
+from rag_clean.config.models import ModelSourceError, ResolvedModel, resolve_folder
+from rag_clean.config.registry import ModelSpec
 
 # Models are never fetched at run time; set before huggingface_hub is imported where possible.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,26 +27,29 @@ class ModelLoadError(EncoderError):
 
 
 def resolve_local_source(spec: ModelSpec, source: str) -> str:
-    """Registry source -> local folder, without touching the network."""
+    """Registry source -> local folder, without touching the network (rag_clean.config.models)."""
     try:
-        resolved = spec.resolve_source(source)
-    except RegistryError as exc:
-        raise ModelLoadError(f"model {spec.name}: {exc}") from exc
-    if Path(resolved).is_dir():
-        return resolved
-    if Path(resolved).exists():
-        raise ModelLoadError(f"model {spec.name}: source {source!r} -> {resolved} is a file, expected a model folder")
-    if source.startswith(("path:", "package:")) or resolved.startswith(("/", ".", "~")):
-        raise ModelLoadError(f"model {spec.name}: source {source!r} -> {resolved} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
+        return resolve_folder(spec, source)
+    except ModelSourceError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
-        return snapshot_download(repo_id=resolved, local_files_only=True)
-    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
-        raise ModelLoadError(
-            f"model {spec.name}: source {source!r} is not a local folder and is not in the local Hugging Face "
-            f"cache (loading is offline): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+
+def _resolved(spec: ModelSpec, model: ResolvedModel | None) -> tuple[str, str]:
+    """(folder, source) to load: the run plan's resolution when given, else resolved now; the first
+    candidate source that resolves locally, as the fingerprint and the FlagEmbedding loaders take it."""
+    model = model if model is not None else ResolvedModel.resolve(spec)
+    try:
+        return model.require_folder(), model.source
+    except ModelSourceError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+def _note_fallback(encoder, spec: ModelSpec, source: str, model: ResolvedModel | None):
+    """Record on the encoder's stats that a fallback source was loaded (as the reranker does)."""
+    if source != spec.source and getattr(encoder, "stats", None) is not None:
+        reason = (model.attempts[0][1] if model is not None and model.attempts else f"{spec.source} does not resolve")
+        encoder.stats.fallback = {"applied": True, "reason": reason, "source": source}
+    return encoder
 
 
 def _flag_module(spec: ModelSpec):
@@ -77,28 +82,31 @@ def _check_role(spec: ModelSpec, role: str) -> None:
 
 
 def load_dense_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_store: BudgetStore | None = None,
-                       token_budget: int | None = None) -> DenseEncoder:
-    """Dense encoder for `spec`; `device` may name several GPUs ('cuda:0,cuda:1'): one replica each."""
+                       token_budget: int | None = None, model: ResolvedModel | None = None) -> DenseEncoder:
+    """Dense encoder for `spec`; `device` may name several GPUs ('cuda:0,cuda:1'): one replica each.
+    `model`: the run plan's resolution of `spec` (RunPlan.models), so the load uses the folder the
+    fingerprint hashed."""
     _check_role(spec, "dense")
     if spec.backend == "flagembedding":
         return _flag_module(spec).flag_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_dense import STDenseEncoder
 
-    path = resolve_local_source(spec, spec.source)
-    return _loaded(spec, path, lambda: STDenseEncoder(spec, device, source=path, budget_store=budget_store,
-                                                      token_budget=token_budget))
+    path, source = _resolved(spec, model)
+    return _note_fallback(_loaded(spec, path, lambda: STDenseEncoder(spec, device, source=path, budget_store=budget_store,
+                                                                     token_budget=token_budget)), spec, source, model)
 
 
 def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
-                        budget_store: BudgetStore | None = None, token_budget: int | None = None) -> SparseEncoder:
+                        budget_store: BudgetStore | None = None, token_budget: int | None = None,
+                        model: ResolvedModel | None = None) -> SparseEncoder:
     _check_role(spec, "sparse")
     if spec.backend == "flagembedding":
         return _flag_module(spec).flag_sparse_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_sparse import STSparseEncoder
 
-    path = resolve_local_source(spec, spec.source)
-    return _loaded(spec, path, lambda: STSparseEncoder(spec, device, source=path, budget_store=budget_store,
-                                                       token_budget=token_budget))
+    path, source = _resolved(spec, model)
+    return _note_fallback(_loaded(spec, path, lambda: STSparseEncoder(spec, device, source=path, budget_store=budget_store,
+                                                                      token_budget=token_budget)), spec, source, model)
 
 
 def load_reranker(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_store: BudgetStore | None = None,

@@ -28,11 +28,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rag_clean.telemetry.records import ReuseCount
 from rag_clean.config.registry import ModelSpec
 from rag_clean.storage.parquet import write_table
+from rag_clean.storage.previous import read_previous
 
 # Bump when how a cached value is computed changes (e.g. the one-text-per-forward rule below).
 CACHE_VERSION = "retrieval-cache/1"
@@ -102,18 +102,18 @@ class KeyedCache:
     @classmethod
     def open(cls, path: Path | None, value: str, fingerprint: str) -> "KeyedCache":
         cache = cls(path, value, fingerprint)
-        if path is None or not Path(path).exists():
-            return cache
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as exc:
+        prior = read_previous(path, {FINGERPRINT_KEY.decode(): fingerprint})
+        if prior.why == "unreadable":
+            exc = prior.error
             cache.note = f"{path}: unreadable cache ignored ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
             return cache
-        stored = (table.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
-        if stored != fingerprint:
+        if prior.why == "absent":
+            return cache
+        if not prior.matched:
             cache.note = f"{Path(path).name}: computed with another model configuration; recomputed"
             return cache
-        cache.extra = json.loads((table.schema.metadata or {}).get(EXTRA_KEY, b"{}").decode())
+        table = prior.opened
+        cache.extra = json.loads(prior.metadata.get(EXTRA_KEY.decode(), "{}"))
         keys = table.column("key").to_pylist()
         if value == "score":
             cache.rows = dict(zip(keys, table.column("score").to_numpy().astype(np.float32)))
@@ -182,8 +182,8 @@ def _list_rows(column: pa.ChunkedArray, dtype) -> list[np.ndarray]:
 class RetrievalCaches:
     """Opens the caches of one collection; `path_of(kind, model_asset_name)` comes from StorageLayout."""
 
-    def __init__(self, path_of: Callable[[str, str], Path] | None, digest_cache: Path | None = None):
-        self.path_of, self.digest_cache = path_of, digest_cache
+    def __init__(self, path_of: Callable[[str, str], Path] | None):
+        self.path_of = path_of
         self.opened: list[KeyedCache] = []
 
     def open(self, kind: str, spec: ModelSpec, value: str, fp: str) -> KeyedCache:

@@ -28,7 +28,7 @@ from rag_clean.retrieval.ranking import (encode_dense_texts, encode_sparse_texts
                                          model_query_vectors, rerank_order, rerank_unavailable_warning)
 from rag_clean.retrieval.ranking_state import RankingState, read_ranking_state
 from rag_clean.search.pool import QueryVectors, rank_pool
-from rag_clean.stages.common import model_fingerprint, sparse_fingerprint
+from rag_clean.config.models import ModelResolver
 from rag_clean.storage.arrow_io import read_arrow_table
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.names import check_name
@@ -65,6 +65,8 @@ class Searcher:
         except StorageError as exc:
             raise SearchError(str(exc)) from None
         self.layout = _layout(storage_root)
+        # Resolved once: the fingerprints checked against the stored ranking state and the loads agree on a folder.
+        self.models = ModelResolver(self.layout.weights_digest_file())
         self.registry = registry if isinstance(registry, Registry) else _load_registry(registry)
         self.settings = settings if settings is not None else resolve_settings()
         self.device = device
@@ -101,11 +103,11 @@ class Searcher:
         return open_collection_index(self.settings, self.layout, self.collection)
 
     def _check_fingerprints(self) -> None:
-        digests = self.layout.weights_digest_file()
-        now = {s.name: model_fingerprint(s, digests) for s in self.dense_specs}
-        now |= {s.name: sparse_fingerprint(s, digests) for s in self.sparse_specs}
+        models = self.models
+        now = {s.name: models.get(s).fingerprint for s in self.dense_specs}
+        now |= {s.name: models.get(s).sparse_fingerprint for s in self.sparse_specs}
         if self.rerank_spec is not None:
-            now[self.rerank_spec.name] = model_fingerprint(self.rerank_spec, digests)
+            now[self.rerank_spec.name] = models.get(self.rerank_spec).fingerprint
         changed = sorted(n for n, fp in now.items() if self.state.fingerprints.get(n) != fp)
         if changed:
             raise SearchError(f"collection {self.collection!r}: model(s) {changed} changed (registry entry or weights) "
@@ -115,9 +117,9 @@ class Searcher:
         from rag_clean.encoders.factory import load_dense_encoder, load_sparse_encoder
 
         for spec in self.dense_specs:
-            self._dense.append(load_dense_encoder(spec, self.device))
+            self._dense.append(load_dense_encoder(spec, self.device, model=self.models.get(spec)))
         for spec in self.sparse_specs:
-            self._sparse.append(load_sparse_encoder(spec, self.device))
+            self._sparse.append(load_sparse_encoder(spec, self.device, model=self.models.get(spec)))
 
     def _loaded_reranker(self):
         """The cross-encoder, loaded on first use through the same fallback chain `reranked` used; None (with

@@ -1,28 +1,14 @@
-"""Each pipeline stage as a plain function: inputs in, (value, typed stage record) out.
+"""Each pipeline stage as a plain function `(ctx, io, *inputs) -> (value, typed stage record)`, declared
+as a `Stage` and run by `run_stage` (rag_clean.stages.context), which owns the shared plumbing.
 
-The Dagster assets are thin wrappers over these, and the same functions run on a GPU box with
-no Dagster. Records (rag_clean.telemetry.records) hold measured values only; telemetry renders them.
-One module per stage: dense, joint (bge-m3 one-pass outputs), fusion, sparse, retrieval.
+The Dagster assets are one call each (`run_asset` -> `run_stage`), and the same functions run on a GPU
+box with no Dagster. Records (rag_clean.telemetry.records) hold measured values only; telemetry renders
+them. One module per stage: chunks, dense, joint (bge-m3 one-pass outputs), fusion, sparse, retrieval
+(queries, reranked; with query_side and rerank), exports.
 """
 
-from rag_clean.config.plan import RetrievalConfig
-from rag_clean.stages.common import ROW_BLOCK, StageOutput, StageTimer, model_fingerprint, sparse_fingerprint
-from rag_clean.stages.dense import run_dense_stage
-from rag_clean.stages.fusion import run_fusion_stage
-from rag_clean.stages.joint import JOINT_SPARSE_SCHEMA, JointOutputs, colbert_schema, joint_outputs
-from rag_clean.stages.retrieval import run_retrieval_stage
-from rag_clean.stages.sparse import (
-    SPARSE_SCHEMA,
-    SharedSparseSource,
-    load_shared_sparse_rows,
-    run_sparse_stage,
-    shared_sparse_sources,
-    sparse_from_metadata,
-)
+from rag_clean.stages.common import ROW_BLOCK
+from rag_clean.stages.context import EmbeddedChunks, Stage, StageContext, StageIO, StageOutput, StageTimer, run_stage
 
-__all__ = [
-    "ROW_BLOCK", "StageOutput", "StageTimer", "model_fingerprint", "run_dense_stage", "run_fusion_stage",
-    "JOINT_SPARSE_SCHEMA", "JointOutputs", "colbert_schema", "joint_outputs", "sparse_fingerprint",
-    "RetrievalConfig", "run_retrieval_stage", "SPARSE_SCHEMA", "SharedSparseSource", "load_shared_sparse_rows",
-    "run_sparse_stage", "shared_sparse_sources", "sparse_from_metadata",
-]
+__all__ = ["ROW_BLOCK", "EmbeddedChunks", "Stage", "StageContext", "StageIO", "StageOutput", "StageTimer",
+           "run_stage"]

@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
-from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, StreamedChunks, stream_collection
+from rag_clean.chunking.collection import MANIFEST_SCHEMA, PreviousChunks, stream_collection
+from rag_clean.chunking.folder_version import FolderVersion
 from rag_clean.telemetry.records import ChunksRecord, ReuseCount
 from rag_clean.storage.arrow_io import ColumnSpool, read_arrow_table
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.parquet import TableWriter
-from rag_clean.storage.staged import abort_on_error
+from rag_clean.stages.context import Stage, StageContext, StageIO
 
 _SIZE, _MTIME = b"chunks_file_size", b"chunks_file_mtime_ns"
 
@@ -47,23 +48,29 @@ def load_previous_chunks(chunks_path: Path, manifest_path: Path) -> PreviousChun
     return PreviousChunks(table=table, entries=entries)
 
 
-def run_chunks_stage(folder: Path, chunks_path: Path, manifest_path: Path, config: ChunkingConfig,
-                     reuse: bool = True) -> tuple[ColumnSpool, StreamedChunks, ChunksRecord]:
-    """Stream the collection into a staged chunks file; its manifest is staged too and published with it.
-
-    Returns the spool (the IO manager publishes it), what was read, and the stage record with reused vs
-    parsed files."""
-    previous = load_previous_chunks(chunks_path, manifest_path) if reuse else None
-    spool = ColumnSpool(chunks_path, CHUNK_SCHEMA)
-    result = stream_collection(folder, spool, config, previous=previous)
-    with abort_on_error(spool):
-        stat = os.stat(spool.staged_path)
-        manifest = result.manifest.replace_schema_metadata(
-            {_SIZE: str(stat.st_size), _MTIME: str(stat.st_mtime_ns), b"chunks_sha256": spool.content_digest})
-        side = TableWriter(manifest_path, manifest.schema)
-        spool.attach(side)  # published right after the chunks file, aborted with it
-        side.write(manifest)
+def chunks_stage(ctx: StageContext, io: StageIO, config: ChunkingConfig,
+                 version: FolderVersion | None = None) -> tuple[ColumnSpool, ChunksRecord]:
+    """Stream the collection folder (`ctx.folder`) into a staged chunks file; its manifest is staged too and
+    published with it. `version`: the folder version just recorded (rag_clean.chunking.folder_version),
+    whose file digests spare hashing every file again. Returns the spool (the IO manager publishes it) and
+    the stage record with reused vs parsed files."""
+    manifest_path = ctx.layout.chunks_manifest_file(ctx.collection)
+    previous = load_previous_chunks(io.target, manifest_path) if ctx.plan.reuse_unchanged else None
+    spool = io.stage(ColumnSpool(io.target, CHUNK_SCHEMA))  # run_stage aborts it (and what it attached) on error
+    result = stream_collection(ctx.folder, spool, config, previous=previous,
+                               digests=version.file_digests if version is not None else None)
+    stat = os.stat(spool.staged_path)
+    manifest = result.manifest.replace_schema_metadata(
+        {_SIZE: str(stat.st_size), _MTIME: str(stat.st_mtime_ns), b"chunks_sha256": spool.content_digest})
+    side = TableWriter(manifest_path, manifest.schema)
+    spool.attach(side)  # published right after the chunks file, aborted with it
+    side.write(manifest)
+    for skip in result.skipped:
+        ctx.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
     record = ChunksRecord(rows=result.rows, files_read=len(result.files_read), device="cpu",
                           skips=[{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped])
     record.reuse_counts["files"] = ReuseCount(result.files_reused, result.files_parsed, "files")
-    return spool, result, record
+    return spool, record
+
+
+CHUNKS = Stage("chunks", chunks_stage, asset=lambda *inputs: ["chunks"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -15,20 +14,29 @@ from rag_clean.retrieval.fusion import fuse_block, fused_dim
 from rag_clean.telemetry.records import FusedRecord, ReuseCount
 from rag_clean.storage.embeddings import EmbeddingSet, EmbeddingWriter
 from rag_clean.storage.errors import StorageError
-from rag_clean.storage.reuse import complement, match_rows
+from rag_clean.storage.previous import read_previous
+from rag_clean.storage.reuse import complement
 from rag_clean.stages.common import ROW_BLOCK
+from rag_clean.stages.context import Stage, StageContext, StageIO
 
 log = logging.getLogger(__name__)
 
 
-def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, float], method: str,
-                     staging_path: Path, chunks: pa.Table, *, previous: EmbeddingSet | None = None,
-                     ) -> tuple[EmbeddingWriter, FusedRecord]:
-    """Weighted fusion, row block by row block, of the models' stored (memory-mapped) vectors.
+def fusion_stage(ctx: StageContext, io: StageIO, chunks: pa.Table,
+                 dense_sets: Mapping[str, EmbeddingSet | None]) -> tuple[EmbeddingWriter, FusedRecord]:
+    """Weighted fusion, row block by row block, of the plan's dense models' stored (memory-mapped) vectors.
 
-    With `previous` (the stored fused file), rows of unchanged chunks are copied from it when it was fused
-    with the same method, models, weights and dense model fingerprints; only the other rows are fused.
-    Copying a row is cheaper than fusing it (benchmarks/bench_fusion_reuse.py, docs/performance.md)."""
+    `dense_sets`: each dense model's stored matrix by its asset name (ModelSpec.asset_name). Rows of
+    unchanged chunks are copied from the previous fused file when it was fused with the same method,
+    models, weights and dense model fingerprints; only the other rows are fused. Copying a row is cheaper
+    than fusing it (benchmarks/bench_fusion_reuse.py, docs/performance.md)."""
+    plan = ctx.plan
+    missing = [s.name for s in plan.dense if dense_sets.get(s.asset_name) is None]
+    if missing:
+        raise ValueError(f"dense_embeddings of {missing} have no stored file for {ctx.collection!r}: "
+                         "materialize them first (or leave them out of ensemble_models)")
+    sets = {s.name: dense_sets[s.asset_name] for s in plan.dense}
+    weights, method, staging_path = plan.fusion_weights, plan.fusion_method, io.target
     names = list(sets)
     if not names:
         raise ValueError("fusion needs at least one dense model")
@@ -47,35 +55,34 @@ def run_fusion_stage(sets: Mapping[str, EmbeddingSet], weights: Mapping[str, flo
     metadata = {"method": method, "models": json.dumps(names), "weights": json.dumps(w), "normalized": "l2",
                 "inputs": inputs}
     rows = len(chunks)
-    reuse_dst = reuse_src = np.zeros(0, dtype=np.int64)
-    if (previous is not None and previous.dim == dim
-            and all(previous.metadata.get(k) == v for k, v in metadata.items())):
-        reuse_dst, reuse_src = match_rows(hashes, previous.hashes)
+    prior = read_previous(io.previous, metadata, hashes, dim=dim)
+    if prior.why == "unreadable":
+        ctx.log.warning(f"previous fused vectors unreadable, fusing every row: {prior.error}")
+    previous, reuse_dst, reuse_src = prior.opened, prior.current, prior.stored
     todo = complement(reuse_dst, rows)
-    writer = EmbeddingWriter(staging_path, chunk_ids, hashes, dim, metadata)
+    writer = io.stage(EmbeddingWriter(staging_path, chunk_ids, hashes, dim, metadata))
     t0 = time.perf_counter()
-    try:
-        for start in range(0, len(reuse_dst), ROW_BLOCK):
-            writer.write(reuse_dst[start:start + ROW_BLOCK],
-                         np.asarray(previous.vectors[reuse_src[start:start + ROW_BLOCK]]))
-        if len(todo) == rows:  # contiguous blocks: slices of the memory maps, no gather
-            for start in range(0, rows, ROW_BLOCK):
-                stop = min(start + ROW_BLOCK, rows)
-                writer.write(np.arange(start, stop), fuse_block([np.asarray(sets[m].vectors[start:stop]) for m in names],
-                                                                w, method))
-        else:
-            for start in range(0, len(todo), ROW_BLOCK):
-                block = todo[start:start + ROW_BLOCK]
-                writer.write(block, fuse_block([np.asarray(sets[m].vectors[block]) for m in names], w, method))
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
+    for start in range(0, len(reuse_dst), ROW_BLOCK):
+        writer.write(reuse_dst[start:start + ROW_BLOCK],
+                     np.asarray(previous.vectors[reuse_src[start:start + ROW_BLOCK]]))
+    if len(todo) == rows:  # contiguous blocks: slices of the memory maps, no gather
+        for start in range(0, rows, ROW_BLOCK):
+            stop = min(start + ROW_BLOCK, rows)
+            writer.write(np.arange(start, stop), fuse_block([np.asarray(sets[m].vectors[start:stop]) for m in names],
+                                                            w, method))
+    else:
+        for start in range(0, len(todo), ROW_BLOCK):
+            block = todo[start:start + ROW_BLOCK]
+            writer.write(block, fuse_block([np.asarray(sets[m].vectors[block]) for m in names], w, method))
+    writer.finish()
     total = float(sum(w))
     record = FusedRecord(method=method, models=names, weights={m: round(weights[m] / total, 6) for m in names},
                          rows=rows, dim=dim, fuse_seconds=round(time.perf_counter() - t0, 6))
     record.reuse_counts["fused"] = ReuseCount(int(len(reuse_dst)), int(len(todo)), "chunks")
     return writer, record
+
+
+FUSION = Stage("fusion", fusion_stage, asset=lambda *inputs: ["fused_embeddings"])
 
 
 def _same(stored: pa.Array, current: pa.ChunkedArray) -> bool:

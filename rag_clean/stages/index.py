@@ -8,8 +8,11 @@ from typing import Callable
 
 import pyarrow as pa
 
+from rag_clean.config.plan import RunPlan
 from rag_clean.index.base import VectorIndex
 from rag_clean.index.sync import SyncResult, SyncSources, sync_index
+from rag_clean.stages.context import EmbeddedChunks, Stage, StageContext, StageIO
+from rag_clean.storage.errors import StorageError
 from rag_clean.telemetry.records import IndexRecord, ReuseCount
 
 # The asset's stored value: one row saying where the index is and which state of the assets it holds.
@@ -44,3 +47,33 @@ def run_index_stage(index: VectorIndex, sources: SyncSources, *,
                       "vectors": [json.dumps(schema.to_dict())], "points": [result.points],
                       "state": [source_state(sources)]}, schema=INDEX_TABLE_SCHEMA)
     return table, record
+
+
+def index_stage(ctx: StageContext, io: StageIO, inputs: EmbeddedChunks) -> tuple[pa.Table, IndexRecord]:
+    """Open the collection's index where the settings say and sync the stored assets into it."""
+    from rag_clean.index import open_collection_index
+
+    plan = ctx.plan
+    missing = [s.name for s in plan.dense if inputs.dense_sets.get(s.asset_name) is None]
+    if missing or (plan.sparse and inputs.sparse is None):
+        raise StorageError(f"vector_index for {ctx.collection!r}: no stored file for "
+                           f"{missing or 'sparse_vectors'}: materialize it first")
+    sources = SyncSources(inputs.chunks, inputs.fused, {s.name: inputs.dense_sets[s.asset_name] for s in plan.dense},
+                          inputs.sparse if plan.sparse else None, [s.name for s in plan.sparse])
+    index = open_collection_index(plan.settings, ctx.layout, ctx.collection)
+    try:
+        table, record = run_index_stage(index, sources)
+    finally:
+        index.close()
+    ctx.log.info(f"vector_index ({record.sink}, {record.location}): {record.upserted} upserted, "
+                 f"{record.deleted} deleted, {record.unchanged} unchanged, rewritten {record.rewritten}; "
+                 f"{record.index_rows} points")
+    return table, record
+
+
+def _disabled(plan: RunPlan, *inputs) -> IndexRecord | None:
+    reason = plan.index_disabled_reason()
+    return None if reason is None else IndexRecord(status="disabled", reason=f"vector_index skipped: {reason}")
+
+
+INDEX = Stage("vector_index", index_stage, disabled=_disabled)

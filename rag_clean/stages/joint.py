@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
+
+from rag_clean.config.models import ResolvedModel
 
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.config.plan import JointPlan
@@ -20,8 +19,9 @@ from rag_clean.storage.arrow_io import ArrowFileWriter
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.parquet import TableWriter
 from rag_clean.storage.staged import StagedFile
-from rag_clean.storage.reuse import complement, match_parquet, match_rows
-from rag_clean.stages.common import ROW_BLOCK, model_fingerprint, sparse_fingerprint
+from rag_clean.storage.previous import PreviousRows, read_previous
+from rag_clean.storage.reuse import complement
+from rag_clean.stages.common import ROW_BLOCK
 from rag_clean.stages.sparse_rows import SparseScratch, VectorRowsScratch, scatter_previous
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,13 @@ class JointSideFiles:
     """
 
     def __init__(self, spec: ModelSpec, joint: JointOutputs, chunk_ids: pa.ChunkedArray, hashes: pa.ChunkedArray,
-                 digest_cache: Path | None = None):
+                 model_of: Callable[[ModelSpec], ResolvedModel]):
+        """`model_of`: the run plan's model resolution (StageContext.model), for the fingerprints."""
         self.spec, self.joint = spec, joint
         self.chunk_ids, self.hashes = chunk_ids, hashes
         self.n = len(chunk_ids)
-        self.sparse_fp = sparse_fingerprint(joint.sparse_spec, digest_cache) if joint.sparse_spec is not None else None
-        self.colbert_fp = model_fingerprint(spec, digest_cache)
+        self.sparse_fp = model_of(joint.sparse_spec).sparse_fingerprint if joint.sparse_spec is not None else None
+        self.colbert_fp = model_of(spec).fingerprint
         self.loaded_source: str | None = None
         self.missing = np.zeros(0, dtype=np.int64)
         self.warnings: list[str] = []
@@ -118,19 +119,13 @@ class JointSideFiles:
 
     # ---- previous files
 
-    def _read_previous_schema(self, path: Path, fingerprint: str, what: str, read_schema) -> bool:
-        if not path.exists():
-            return False
-        try:
-            schema = read_schema(path)
-        except (OSError, pa.ArrowException) as exc:
-            self.warnings.append(f"previous {what} {path} unreadable, recomputing its rows: {exc}")
-            return False
-        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-        if meta.get("fingerprint") != fingerprint:
+    def _previous(self, path: Path, fingerprint: str, what: str) -> PreviousRows:
+        prior = read_previous(path, {"fingerprint": fingerprint}, self.hashes)
+        if prior.why == "unreadable":
+            self.warnings.append(f"previous {what} {path} unreadable, recomputing its rows: {prior.error}")
+        elif prior.why is not None and prior.why != "absent":
             self.warnings.append(f"previous {what} {path} is from another model configuration; recomputing its rows")
-            return False
-        return True
+        return prior
 
     def _covered(self, reused: np.ndarray, current: np.ndarray) -> np.ndarray:
         """Of the `reused` chunk rows, those `current` (matched rows) lacks."""
@@ -143,23 +138,17 @@ class JointSideFiles:
             return
         missing = []
         if self.joint.sparse_path is not None:
-            path = self.joint.sparse_path
-            if self._read_previous_schema(path, self.sparse_fp, "lexical rows", pq.read_schema):
-                try:
-                    self._prev_sparse = match_parquet(self.hashes, path)
-                except (OSError, pa.ArrowException) as exc:
-                    self.warnings.append(f"previous lexical rows {path} unreadable, recomputing its rows: {exc}")
-            current = self._prev_sparse[0] if self._prev_sparse is not None else np.zeros(0, dtype=np.int64)
-            missing.append(self._covered(reused, current))
+            prior = self._previous(self.joint.sparse_path, self.sparse_fp, "lexical rows")
+            if prior.matched:
+                self._prev_sparse = (prior.current, prior.stored)
+            missing.append(self._covered(reused, prior.current))
         if self.joint.colbert_path is not None:
-            path = self.joint.colbert_path
-            if self._read_previous_schema(path, self.colbert_fp, "ColBERT vectors",
-                                          lambda p: ipc.open_file(pa.memory_map(str(p), "r")).schema):
-                self._prev_colbert = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-                self._prev_colbert_rows = match_rows(self.hashes, self._prev_colbert.column("content_hash"))
+            prior = self._previous(self.joint.colbert_path, self.colbert_fp, "ColBERT vectors")
+            if prior.matched:
+                self._prev_colbert = prior.opened
+                self._prev_colbert_rows = (prior.current, prior.stored)
                 self.colbert_dim = self._prev_colbert.schema.field("token_vectors").type.value_type.list_size
-            current = self._prev_colbert_rows[0] if self._prev_colbert_rows is not None else np.zeros(0, dtype=np.int64)
-            missing.append(self._covered(reused, current))
+            missing.append(self._covered(reused, prior.current))
         self.missing = np.unique(np.concatenate(missing)) if missing else self.missing
 
     # ---- writing

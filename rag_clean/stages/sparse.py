@@ -12,21 +12,21 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from rag_clean.storage.layout import StorageLayout
-from rag_clean.config.plan import RayPlan
+from rag_clean.config.plan import RunPlan
 from rag_clean.telemetry.progress import ProgressLog, track
 from rag_clean.telemetry.records import ReuseCount, SparseRecord, truncation_warning
-from rag_clean.config.registry import ModelSpec, Registry
-from rag_clean.storage.reuse import ArrowTexts, complement, match_parquet
+from rag_clean.config.registry import ModelSpec
+from rag_clean.storage.previous import read_previous
+from rag_clean.storage.reuse import ArrowTexts, complement
 from rag_clean.storage.parquet import TableWriter
-from rag_clean.stages.common import ROW_BLOCK, sparse_fingerprint
+from rag_clean.stages.common import ROW_BLOCK
+from rag_clean.stages.context import Stage, StageContext, StageIO
 from rag_clean.stages.sparse_rows import SparseScratch, scatter_previous
 
 log = logging.getLogger(__name__)
@@ -87,15 +87,12 @@ class SharedSparseSource:
     path: Path
 
 
-def shared_sparse_sources(registry: Registry, specs: Sequence[ModelSpec], layout: StorageLayout,
-                          collection: str) -> dict[str, SharedSparseSource]:
-    """Sparse model name -> its dense partner's side file, for every selected spec that has a partner."""
-    out = {}
-    for spec in specs:
-        dense = registry.joint_dense_partner(spec)
-        if dense is not None:
-            out[spec.name] = SharedSparseSource(dense.name, layout.joint_sparse_file(dense.asset_name, collection))
-    return out
+def shared_sparse_source(ctx: StageContext, spec: ModelSpec) -> SharedSparseSource | None:
+    """`spec`'s dense partner's side file (RunPlan.joint_dense_partner), or None when it has no partner."""
+    dense = ctx.plan.joint_dense_partner(spec)
+    if dense is None:
+        return None
+    return SharedSparseSource(dense.name, ctx.layout.joint_sparse_file(dense.asset_name, ctx.collection))
 
 
 @dataclass
@@ -107,60 +104,50 @@ class StoredRows:
     rows: np.ndarray
 
 
-def _file_fingerprint(schema: pa.Schema, key: str) -> str | None:
-    meta = schema.metadata or {}
-    value = meta.get(key.encode())
-    return value.decode() if value is not None else None
-
-
 def load_shared_sparse_rows(spec: ModelSpec, source: SharedSparseSource, chunks: pa.Table,
-                            digest_cache: Path | None = None) -> tuple[StoredRows | None, str | None]:
+                            fingerprint: str) -> tuple[StoredRows | None, str | None]:
     """(where each chunk's row lies in the side file, None), or (None, why it cannot be used).
 
-    Usable only when the file was written for this exact sparse configuration (fingerprint) and holds a
+    Usable only when the file was written for this exact sparse configuration (`fingerprint`) and holds a
     row for every current chunk's content hash: rows are looked up by hash, so they are never stale.
     """
     path = source.path
     prefix = f"{spec.name}: shared pass with {source.dense_model} not used:"
-    if not path.exists():
+    prior = read_previous(path, {"fingerprint": fingerprint}, chunks.column("content_hash"),
+                          required=("term_ids", "weights"))
+    if prior.why == "absent":
         return None, (f"{prefix} {path} does not exist (dense_embeddings for {source.dense_model} has not run "
                       "with this sparse model enabled)")
-    try:
-        schema = pq.read_schema(path)
-        missing_cols = {"content_hash", "term_ids", "weights"} - set(schema.names)
-        if missing_cols:
-            return None, f"{prefix} {path} lacks columns {sorted(missing_cols)}"
-        if _file_fingerprint(schema, "fingerprint") != sparse_fingerprint(spec, digest_cache):
-            return None, f"{prefix} {path} was written for another model configuration (fingerprint differs)"
-        current, rows = match_parquet(chunks.column("content_hash"), path)
-    except (OSError, pa.ArrowException) as exc:
-        return None, f"{prefix} {path} is unreadable ({type(exc).__name__}: {exc})"
-    if len(current) < len(chunks):
-        absent = complement(current, len(chunks))
+    if prior.why in ("no_hashes", "missing_columns"):
+        lacking = ["content_hash"] if prior.why == "no_hashes" else prior.detail
+        return None, f"{prefix} {path} lacks columns {lacking}"
+    if prior.why == "other_config":
+        return None, f"{prefix} {path} was written for another model configuration (fingerprint differs)"
+    if prior.why == "unreadable":
+        return None, f"{prefix} {path} is unreadable ({type(prior.error).__name__}: {prior.error})"
+    if len(prior.current) < len(chunks):
+        absent = complement(prior.current, len(chunks))
         first = chunks.column("chunk_id")[int(absent[0])].as_py()
         return None, f"{prefix} {path} lacks {len(absent)} of {len(chunks)} chunks (first: {first})"
-    return StoredRows(path, current, rows), None
+    return StoredRows(path, prior.current, prior.stored), None
 
 
 def previous_model_rows(spec: ModelSpec, previous: Path | None, chunks: pa.Table, fingerprint: str
                         ) -> tuple[StoredRows | None, str | None]:
     """Rows of `spec` in the previous sparse_vectors file that current chunks may reuse (same fingerprint,
     same content hash, not fallback rows), or (None, why none)."""
-    if previous is None or not previous.exists():
-        return None, None
-    try:
-        schema = pq.read_schema(previous)
-        if "content_hash" not in schema.names:
-            return None, f"{spec.name}: previous {previous} predates content hashes; encoding every chunk"
-        if _file_fingerprint(schema, FINGERPRINT_KEY.format(spec.name)) != fingerprint:
-            return None, None  # another model configuration (or none stored): nothing to reuse
-        current, rows = match_parquet(
-            chunks.column("content_hash"), previous, columns=["model", "fallback"],
-            keep=lambda b: pc.and_(pc.equal(b.column("model"), spec.name),
-                                   pc.invert(b.column("fallback"))).to_numpy(zero_copy_only=False))
-    except (OSError, pa.ArrowException) as exc:
-        return None, f"{spec.name}: previous {previous} unreadable, encoding every chunk ({type(exc).__name__}: {exc})"
-    return (StoredRows(previous, current, rows), None) if len(current) else (None, None)
+    prior = read_previous(
+        previous, {FINGERPRINT_KEY.format(spec.name): fingerprint}, chunks.column("content_hash"),
+        columns=["model", "fallback"],
+        keep=lambda b: pc.and_(pc.equal(b.column("model"), spec.name),
+                               pc.invert(b.column("fallback"))).to_numpy(zero_copy_only=False))
+    if prior.why == "no_hashes":
+        return None, f"{spec.name}: previous {previous} predates content hashes; encoding every chunk"
+    if prior.why == "unreadable":
+        return None, (f"{spec.name}: previous {previous} unreadable, encoding every chunk "
+                      f"({type(prior.error).__name__}: {prior.error})")
+    # Absent, or another model configuration (or none stored): nothing to reuse.
+    return (StoredRows(previous, prior.current, prior.stored), None) if len(prior.current) else (None, None)
 
 
 def _model_table(spec: ModelSpec, chunks: pa.Table, start: int, stop: int, term_ids: pa.Array, weights: pa.Array,
@@ -175,23 +162,25 @@ def sparse_schema(fingerprints: Mapping[str, str]) -> pa.Schema:
     return SPARSE_SCHEMA.with_metadata({FINGERPRINT_KEY.format(m): fp for m, fp in fingerprints.items()})
 
 
-def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str | list[str], *,
-                     budget_store=None, shared: Mapping[str, SharedSparseSource] | None = None,
-                     sink_path: Path | None = None, previous: Path | None = None, ray: RayPlan | None = None,
-                     progress: Callable[[str], None] | None = None, digest_cache: Path | None = None,
-                     token_cache=None) -> tuple[pa.Table | TableWriter, SparseRecord]:
-    """Term weights per chunk from each spec, into a staged Parquet file at `sink_path` (published by the caller).
+def _disabled(plan: RunPlan, chunks=None) -> SparseRecord | None:
+    reason = plan.sparse_disabled_reason()
+    return None if reason is None else SparseRecord(reason=reason)
+
+
+def sparse_stage(ctx: StageContext, io: StageIO, chunks: pa.Table) -> tuple[pa.Table | TableWriter, SparseRecord]:
+    """Term weights per chunk from each sparse model of the plan, into a staged Parquet file at `io.target`
+    (published by the caller).
 
     Each model's rows are gathered in scratch files in any order (encoded rows, rows reused from
-    `previous` -- the stored sparse_vectors file -- or from a bge-m3 partner's side file) and then streamed
-    to the file in chunk order. A model whose inference fails is replaced whole by the metadata fallback.
-    A spec listed in `shared` (see shared_sparse_sources) takes its rows from its bge-m3 dense partner's
-    pass when that file covers every chunk: no encoder, no forward pass.
-    Without `sink_path`, the rows are returned as an in-memory table (small inputs, tests).
-    With `ray` (RunPlan.ray) each model encodes on a Ray actor pool (rag_clean.distributed); a failure
+    `io.previous` -- the stored sparse_vectors file -- or from a bge-m3 partner's side file) and then
+    streamed to the file in chunk order. A model whose inference fails is replaced whole by the metadata
+    fallback. A model with a bge-m3 dense partner (RunPlan.joint_dense_partner) takes its rows from that
+    partner's pass when its side file covers every chunk: no encoder, no forward pass.
+    Without `io.target`, the rows are returned as an in-memory table (small inputs, tests).
+    With `ctx.plan.ray` each model encodes on a Ray actor pool (rag_clean.distributed); a failure
     there takes the same metadata fallback as a local one.
-    `token_cache` (encoders.token_cache.TokenCache) shares chunk token ids with other models of the same tokenizer.
     """
+    specs, ray, previous, sink_path = ctx.plan.sparse, ctx.plan.ray, io.previous, io.target
     scratch_dir = None
     if sink_path is None:
         import tempfile
@@ -203,8 +192,8 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
 
         connect(ray)  # a missing extra or an unreachable cluster fails the run here, never as a metadata fallback
     n = len(chunks)
-    fingerprints = {spec.name: sparse_fingerprint(spec, digest_cache) for spec in specs}
-    out = TableWriter(sink_path, sparse_schema(fingerprints))
+    fingerprints = {spec.name: ctx.model(spec).sparse_fingerprint for spec in specs}
+    out = io.stage(TableWriter(sink_path, sparse_schema(fingerprints)))
     record = SparseRecord(model_names=[s.name for s in specs], top_k={s.name: s.top_k for s in specs})
     available = 0
     try:
@@ -212,10 +201,10 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
             scratch = SparseScratch(out.path, n, spec.top_k, spec.asset_name)
             try:
                 fallback, reused = False, 0
-                source = (shared or {}).get(spec.name)
+                source = shared_sparse_source(ctx, spec)
                 stored = None
                 if source is not None:
-                    stored, reason = load_shared_sparse_rows(spec, source, chunks, digest_cache)
+                    stored, reason = load_shared_sparse_rows(spec, source, chunks, fingerprints[spec.name])
                     record.shared_pass[spec.name] = {"dense_model": source.dense_model, "file": str(source.path),
                                                      "used": stored is not None, "reason": reason}
                     if stored is None:
@@ -235,8 +224,7 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
                     to_compute = complement(reuse_rows, n)
                     try:
                         if len(to_compute):
-                            _encode_into(scratch, spec, chunks, to_compute, device, budget_store, ray, progress, record,
-                                         token_cache)
+                            _encode_into(ctx, scratch, spec, chunks, to_compute, record)
                         if prior is not None:
                             scatter_previous(scratch, prior.path, prior.current, prior.rows)
                             reused = len(prior.current)
@@ -258,12 +246,14 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
             finally:
                 scratch.close()
     except BaseException:
-        out.abort()
-        if scratch_dir is not None:
+        if scratch_dir is not None:  # run_stage aborts `out`; a caller without it has only this scratch
+            out.abort()
             scratch_dir.rmdir()
         raise
     record.rows, record.vectors_available = out.rows, available
     record.status = "fallback" if record.fallback_used else "ok"
+    for name, info in record.shared_pass.items():
+        ctx.log.info(f"{name}: rows from the forward pass of {info['dense_model']}" if info["used"] else info["reason"])
     if scratch_dir is not None:
         table = out.read()
         out.abort()
@@ -272,21 +262,23 @@ def run_sparse_stage(specs: Sequence[ModelSpec], chunks: pa.Table, device: str |
     return out, record
 
 
-def _encode_into(scratch: SparseScratch, spec: ModelSpec, chunks: pa.Table, rows: np.ndarray, device,
-                 budget_store, ray: RayPlan | None, progress, record: SparseRecord, token_cache=None) -> None:
+def _encode_into(ctx: StageContext, scratch: SparseScratch, spec: ModelSpec, chunks: pa.Table,
+                 rows: np.ndarray, record: SparseRecord) -> None:
     from rag_clean.encoders.factory import load_sparse_encoder
     from rag_clean.encoders.token_cache import chunk_tokens
 
-    if ray is not None:
+    budget_store = ctx.budget_store()
+    if ctx.plan.ray is not None:
         from rag_clean.distributed import ray_sparse_encoder
 
-        encoder = ray_sparse_encoder(spec, ray, budget_store=budget_store)
+        encoder = ray_sparse_encoder(spec, ctx.plan.ray, budget_store=budget_store)
     else:
-        encoder = load_sparse_encoder(spec, device, budget_store=budget_store)
+        encoder = load_sparse_encoder(spec, ctx.device, budget_store=budget_store, token_budget=ctx.token_budget,
+                                      model=ctx.model(spec))
     try:
-        meter = ProgressLog(spec.name, len(rows), progress)
+        meter = ProgressLog(spec.name, len(rows), ctx.progress)
         texts, hashes = ArrowTexts(chunks.column("text"), rows), ArrowTexts(chunks.column("content_hash"), rows)
-        with chunk_tokens(token_cache, encoder, texts, hashes) as tokens:
+        with chunk_tokens(ctx.token_cache(), encoder, texts, hashes) as tokens:
             for batch in track(encoder.encode(tokens), meter, encoder.stats):
                 scratch.write(rows[batch.rows], [t for t, _ in batch.lexical], [w for _, w in batch.lexical])
         record.per_model[spec.name] = encoder.stats.to_dict()
@@ -306,3 +298,7 @@ def _fallback_into(scratch: SparseScratch, spec: ModelSpec, chunks: pa.Table) ->
         block = column.slice(start, ROW_BLOCK).to_pylist()
         ids_rows, weight_rows = _metadata_rows(spec, vocab, block)
         scratch.write(np.arange(start, start + len(block)), ids_rows, weight_rows)
+
+
+SPARSE = Stage("sparse", sparse_stage, asset=lambda *inputs: ["sparse_vectors"], disabled=_disabled,
+               lease=lambda plan, *inputs: "remote" if plan.ray is not None else "gpu")

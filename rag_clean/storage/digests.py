@@ -1,5 +1,5 @@
 """File digests cached by (size, mtime_ns): the one implementation behind the model-weights digest
-(stages.common.weights_digest) and a collection folder's content version (folder_version).
+(config.models.ResolvedModel.weights_digest) and a collection folder's content version (folder_version).
 
 Re-hashing gigabytes of weights or a large collection on every run or sensor tick would dominate an
 incremental run, so each file's sha256 is kept with the size and mtime_ns it had; a file whose stat

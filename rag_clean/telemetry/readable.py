@@ -63,15 +63,34 @@ METRIC_COLUMNS = (("recall@1", "recall@1"), ("recall@5", "recall@5"), ("recall@1
                   ("recall@20", "recall@20"), ("mrr", "MRR"), ("mrr@10", "MRR@10"), ("ndcg@10", "nDCG@10"))
 
 
+def _phases(metrics: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(column label, values) per phase: before / after rerank on all queries, then on the held-out split."""
+    short = {"before_rerank": "before", "after_rerank": "after"}
+    phases = [(short.get(p, p), v) for p, v in metrics.items() if p != "heldout"]
+    return phases + [(f"held-out {short.get(p, p)}", v) for p, v in (metrics.get("heldout") or {}).items()]
+
+
+def metrics_text(metrics: dict[str, dict]) -> list[str]:
+    """The retrieval metrics as a small aligned table for a terminal: a metric per row, a phase per column."""
+    phases = _phases(metrics)
+    if not phases:
+        return []
+    rows = [["metric", *(label for label, _ in phases)]]
+    rows += [[label, *("n/a" if v.get(key) is None else f"{v[key]:.3f}" for _, v in phases)]
+             for key, label in METRIC_COLUMNS]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
 def metrics_markdown(metrics: dict[str, dict], candidate_sources: list[str], scorer: str) -> str:
-    """One row per phase (before / after rerank), one column per metric; then what was ranked, and how."""
-    lines = ["| phase | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-             "|---|" + "---:|" * len(METRIC_COLUMNS)]
-    rows = [(phase, values) for phase, values in metrics.items() if phase != "heldout"]
-    rows += [(f"held-out {phase}", values) for phase, values in (metrics.get("heldout") or {}).items()]
-    for phase, values in rows:
-        cells = [("n/a" if values.get(key) is None else f"{values[key]:.3f}") for key, _ in METRIC_COLUMNS]
-        lines.append(f"| {phase.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    """One row per metric, one column per phase (before / after rerank, then held-out): few, narrow columns,
+    so the table fits the UI's metadata column; then what was ranked, and how."""
+    phases = _phases(metrics)
+    lines = ["| metric | " + " | ".join(label for label, _ in phases) + " |", "|---|" + "---:|" * len(phases)]
+    for key, label in METRIC_COLUMNS:
+        cells = [("n/a" if values.get(key) is None else f"{values[key]:.3f}") for _, values in phases]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Candidate sources: " + (", ".join(f"`{s}`" for s in candidate_sources) or "none"),
               "", f"Final order by: `{scorer}`"]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rag_clean.encoders.base import EncodeStats
-from rag_clean.telemetry.readable import compact, human_bytes, human_duration, human_rate, metrics_markdown
+from rag_clean.telemetry.readable import metrics_markdown
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,36 @@ def truncation_warning(stats: EncodeStats | None, total: int) -> str | None:
 
 
 def _encode_metadata(stats: EncodeStats | None) -> dict:
+    """Throughput only where something was encoded: after full reuse a rate over zero work means nothing."""
     if stats is None:
         return {}
-    tps = float(stats.tokens_per_second())
-    out = {"oom_mitigations": len(stats.oom_mitigations), "tokens_per_second": tps,
-           "throughput": human_rate(tps, "tokens"), "chunks_truncated": int(stats.truncated_inputs)}
+    out = {"oom_mitigations": len(stats.oom_mitigations), "chunks_truncated": int(stats.truncated_inputs)}
+    if stats.items:
+        out["tokens_per_second"] = round(float(stats.tokens_per_second()), 1)
     if stats.oom_mitigations:
         out["batch_mitigations"] = MetaJson(stats.oom_mitigations)
+    return out
+
+
+def lease_metadata(lease: dict | None) -> dict:
+    """The lease as the UI shows it: where, how long it waited for the device, how long it held it (the
+    summary keeps every field: holder, VRAM snapshots, events)."""
+    if not lease:
+        return {}
+    return {"lease_devices": ", ".join(lease.get("devices") or []),
+            "lease_wait_s": round(float(lease.get("wait_seconds") or 0.0), 3),
+            "lease_held_s": round(float(lease.get("held_seconds") or 0.0), 3)}
+
+
+def reuse_metadata(counts: dict[str, ReuseCount]) -> dict:
+    """Reused vs computed, named by what was counted (`files_reused` for chunks, whose rows are chunks)."""
+    out: dict[str, Any] = {}
+    for count in counts.values():
+        for kind, value in (("reused", count.reused), ("computed", count.computed)):
+            key = f"{count.unit}_{kind}"
+            out[key] = int(out.get(key, 0) + value)
+    if len(counts) > 1:  # several models or units: the breakdown says something the sums do not
+        out["reuse"] = MetaJson({name: c.to_dict() for name, c in counts.items()})
     return out
 
 
@@ -144,33 +167,22 @@ class StageRecord:
         return out
 
     def to_metadata(self, summary_file: str) -> dict:
-        out: dict[str, Any] = {"status": self.status, "rows": int(self.rows), "bytes": int(self.bytes),
-                               "duration_s": float(self.duration_s or 0.0), "summary": MetaPath(summary_file)}
-        out["duration"] = human_duration(out["duration_s"])
-        if not self.disabled:
-            out["size"] = human_bytes(out["bytes"])
+        """One typed value per fact: counts as int, seconds and ratios as float, files as paths."""
+        out: dict[str, Any] = {"status": self.status, "duration_s": round(float(self.duration_s or 0.0), 3),
+                               "summary": MetaPath(summary_file)}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.disabled:  # it stored nothing this run: no rows, size or reuse to claim
+            return out | self.stage_metadata()
+        out |= {"rows": int(self.rows), "bytes": int(self.bytes)}
         if self.path:
             out["path"] = MetaPath(self.path)
         if self.device is not None:
             out["device"] = self.device
-        if self.reason is not None:
-            out["reason"] = self.reason
         if self.peak_rss_anon_bytes is not None:
             out["peak_rss_anon_bytes"] = int(self.peak_rss_anon_bytes)
-            out["peak_rss_anon"] = human_bytes(int(self.peak_rss_anon_bytes))
-        if self.lease:
-            # The summary keeps every lease field; the UI shows only those that say something.
-            out["lease"] = MetaJson(compact(self.lease))
-        if self.disabled:
-            out["executed"] = False
-            # Still a materialization (downstream must run, see docs/architecture.md): say plainly it did nothing.
-            out["note"] = ("disabled: this stage did not run and wrote nothing; the stored file, if any, is "
-                           "from an earlier run" + (f" ({self.reason})" if self.reason else ""))
-        counts = self.counts()
-        if counts and not self.disabled:
-            out["rows_reused"] = int(sum(c.reused for c in counts.values()))
-            out["rows_computed"] = int(sum(c.computed for c in counts.values()))
-            out["reuse"] = MetaJson({name: c.to_dict() for name, c in counts.items()})
+        out |= lease_metadata(self.lease)
+        out |= reuse_metadata(self.counts())
         out.update(self.stage_metadata())
         return out
 
@@ -219,7 +231,6 @@ class DenseRecord(StageRecord):
             return out
         if self.dim is not None:
             out["dim"] = int(self.dim)
-        out |= {"chunks_reused": int(self.reused), "chunks_computed": int(self.computed)}
         out |= _encode_metadata(self.encode)
         if self.joint is not None:
             info = self.joint
@@ -277,7 +288,7 @@ class SparseRecord(StageRecord):
         if self.disabled:
             return {}
         out: dict[str, Any] = {
-            "executed": True, "models": ", ".join(self.model_names),
+            "models": ", ".join(self.model_names),
             "coverage_ratio": round(self.vectors_available / self.rows, 6) if self.rows else 0.0,
             "fallback_used": bool(self.fallback_used)}
         if self.shared_pass:
@@ -347,8 +358,16 @@ class RerankRecord(StageRecord):
                 out[f"quality/{name}"] = float(value)  # held-out, final ranking: read by the quality check
         if self.hybrid is not None:
             out["hybrid_weights"] = ", ".join(f"{k} {v:.2f}" for k, v in self.hybrid["weights"].items())
+            out["hybrid_tuned"] = bool(self.hybrid.get("tuned"))
+            out["hybrid_reason"] = str(self.hybrid.get("reason") or "")
             out["hybrid_candidates"] = MetaMarkdown(candidates_table(self.hybrid, self.ensemble))
-        out["rerank_fallback_applied"] = bool((self.resolution or {}).get("fallback_applied", False))
+        resolution = self.resolution or {}
+        out["rerank_fallback_applied"] = bool(resolution.get("fallback_applied", False))
+        if resolution.get("resolved"):
+            out["reranker_source"] = str(resolution["resolved"])
+        if resolution.get("fallback_applied") and resolution.get("reason"):
+            first = str(resolution["reason"]).strip().splitlines()[0]
+            out["rerank_fallback_reason"] = first if len(first) <= 300 else first[:299] + "\u2026"
         out["metrics_table"] = MetaMarkdown(metrics_markdown(self.metrics, self.candidate_sources, self.scorer))
         return out | _encode_metadata(self.encode)
 
@@ -376,8 +395,7 @@ class ExportsRecord(StageRecord):
     def stage_metadata(self) -> dict:
         if self.disabled:
             return {}
-        return {"executed": True, "export_dir": MetaPath(self.export_dir), "files": len(self.files),
-                "bytes_written": self.bytes_written, "exported_size": human_bytes(self.bytes_written)}
+        return {"export_dir": MetaPath(self.export_dir), "files": len(self.files), "bytes_written": self.bytes_written}
 
 
 @dataclass
@@ -413,7 +431,7 @@ class IndexRecord(StageRecord):
 
 def candidates_table(hybrid: dict, ensemble: dict | None = None) -> str:
     """Markdown: each candidate system's held-out metrics, the chosen weights and the split sizes."""
-    metrics = ("recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "ndcg@10")
+    metrics = ("recall@10", "mrr@10", "ndcg@10")  # three columns: the table fits the UI's metadata column
     lines = [f"{hybrid['reason']}. Weights: " + ", ".join(f"{k} {v:.2f}" for k, v in hybrid["weights"].items())
              + f"; split {hybrid['split']['tune']} tune / {hybrid['split']['heldout']} held-out; metrics on "
              + f"{hybrid.get('report_split', 'heldout')}.", "",

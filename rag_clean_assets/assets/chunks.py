@@ -4,12 +4,11 @@
 import dagster as dg
 
 from rag_clean.chunking import ChunkingConfig
-from rag_clean.stages.chunks import run_chunks_stage
-from rag_clean.stages.common import StageOutput, StageTimer
-from rag_clean_assets.assets.common import log_warnings, run_plan, staged_file, stage_asset, start_record
+from rag_clean.stages.chunks import CHUNKS
+from rag_clean.stages.context import StageOutput
+from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets import versions
 from rag_clean_assets.observe import COLLECTION_FILES, record_read_version
-from rag_clean_assets.versions import versioned
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -22,23 +21,12 @@ class ChunksConfig(dg.Config):
 
 def chunks(context: dg.AssetExecutionContext, config: ChunksConfig, paths: PathsResource,
            registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
-    timer = StageTimer()
-    plan = run_plan(context, registry, settings)
-    folder = paths.collection_dir(context.partition_key)
-    # Before reading: the provenance then names the folder version read, so Dagster sees later edits.
-    record_read_version(context, paths)
-    # The engine's model-independent token estimate: chunk ids (and the gold ids of queries.jsonl)
-    # stay the same when the registry's models change.
-    spool, result, record = run_chunks_stage(
-        folder, staged_file(paths, context.asset_key, context.partition_key),
-        paths.layout().chunks_manifest_file(context.partition_key),
-        ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens),
-        reuse=plan.reuse_unchanged)
-    for skip in result.skipped:
-        context.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
-    record = start_record(record, plan)
-    log_warnings(context, record)
-    return versioned(context, StageOutput(spool, timer.stamp(record)))
+    # Before reading: the provenance then names the folder version read, so Dagster sees later edits; the
+    # file digests behind that version are handed on, so the stage does not hash every file again.
+    # Chunking uses the engine's model-independent token estimate: chunk ids (and the gold ids of
+    # queries.jsonl) stay the same when the registry's models change.
+    return run_asset(context, CHUNKS, ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens),
+                     record_read_version(context, paths), paths=paths, registry=registry, settings=settings)
 
 
 def build_chunks_asset() -> dg.AssetsDefinition:

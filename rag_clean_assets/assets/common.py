@@ -1,19 +1,18 @@
-"""Pieces every asset uses: the run plan, staged-file locations, the lease on a record."""
+"""Pieces every asset uses: the decorator arguments, the run plan, and `run_asset` (one call per body)."""
 
 
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
 
 import dagster as dg
 
+from rag_clean.config.settings import process_setting
 from rag_clean.config.plan import RunPlan, build_run_plan
-from rag_clean.telemetry.records import StageRecord
+from rag_clean.stages.context import Stage, StageContext, run_stage
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.pods import cpu_pod_tags, gpu_pod_tags
+from rag_clean_assets.versions import versioned
+from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -31,94 +30,44 @@ _PLANS: "OrderedDict[tuple, RunPlan]" = OrderedDict()
 _PLANS_KEPT = 16
 
 
-def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool) -> dict:
+def owners() -> list[str]:
+    """Asset owners shown in the catalog (the `owners` setting: comma-separated emails or team:name)."""
+    return [o.strip() for o in str(process_setting("owners")).split(",") if o.strip()]
+
+
+def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool, tags: dict | None = None) -> dict:
     """The decorator arguments every stage asset shares: one partition per collection, stored by the
-    telemetry IO manager, a code version, and its pod: GPU steps also sit in the `gpu` pool."""
+    telemetry IO manager, a code version, owners and a `stage` tag (plus `model` where one model makes it),
+    and its pod: GPU steps also sit in the `gpu` pool."""
     kwargs = dict(partitions_def=collections_partitions, io_manager_key=IO_MANAGER_KEY, group_name=group,
                   kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags(),
-                  backfill_policy=BACKFILL_POLICY)
+                  backfill_policy=BACKFILL_POLICY, owners=owners(),
+                  tags={"stage": group, "device": "gpu" if gpu else "cpu", **(tags or {})})
     return kwargs | ({"pool": "gpu"} if gpu else {})
 
 
 def run_plan(context: dg.AssetExecutionContext, registry: ModelRegistryResource,
-             settings: EmbedderSettingsResource) -> RunPlan:
-    key = (context.run_id, registry.model_dump_json(), settings.model_dump_json())
+             settings: EmbedderSettingsResource, paths: PathsResource) -> RunPlan:
+    key = (context.run_id, registry.model_dump_json(), settings.model_dump_json(), paths.model_dump_json())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = build_run_plan(registry.load(), settings.resolve())
+        plan = build_run_plan(registry.load(), settings.resolve(), paths.layout().weights_digest_file())
         _PLANS[key] = plan
         while len(_PLANS) > _PLANS_KEPT:
             _PLANS.popitem(last=False)
     return plan
 
 
-def start_record(record: StageRecord, plan: RunPlan) -> StageRecord:
-    """The settings (and their sources) every stage record carries; retired settings noted once, on chunks."""
-    toggles = plan.toggles()
-    record.toggles, record.provenance = toggles["toggles"], toggles["provenance"]
-    if record.stage == "chunks":
-        record.warnings += list(plan.settings.notes)
-    return record
+def run_asset(context: dg.AssetExecutionContext, stage: Stage, *inputs, paths: PathsResource,
+              registry: ModelRegistryResource, settings: EmbedderSettingsResource,
+              gpu_lease: GpuLeaseResource | None = None) -> dg.Output:
+    """An asset body: the stage run for this partition (rag_clean.stages.context.run_stage), with its data
+    version and status tag. The GPU lease resource is handed to the engine as a callable."""
+    collection = context.partition_key
+    ctx = StageContext(
+        collection=collection, plan=run_plan(context, registry, settings, paths), layout=paths.layout(),
+        lease=(lambda: gpu_lease.lease(context)) if gpu_lease is not None else None,
+        progress=context.log.info, log=context.log, collection_dir=lambda: paths.collection_dir(collection),
+        run_id=context.run_id)
+    return versioned(context, run_stage(ctx, stage, *inputs))
 
-
-def previous_embeddings(context: dg.AssetExecutionContext, plan: RunPlan, target: Path, unreadable: str):
-    """The asset's stored matrix, memory-mapped, for reuse; None when reuse is off, there is none, or it is
-    unreadable (then one warning line: `unreadable` says what happens instead)."""
-    from rag_clean.storage.embeddings import read_embeddings
-    from rag_clean.storage.errors import StorageError
-
-    if not (plan.reuse_unchanged and target.exists()):
-        return None
-    try:
-        return read_embeddings(target)
-    except StorageError as exc:
-        context.log.warning(f"{unreadable}: {exc}")
-        return None
-
-
-def staged_file(paths: PathsResource, asset_key: dg.AssetKey, collection: str) -> Path:
-    """The asset's final file (folder created): streaming writers stage their temp files beside it, so the
-    IO manager's publish is a rename on one filesystem."""
-    return paths.layout().staged_asset_file(list(asset_key.path), collection)
-
-
-@dataclass
-class RemoteLease:
-    """Stands in for a GPU lease when the encode runs on the Ray cluster: no local device is held."""
-
-    devices: list[str] = field(default_factory=lambda: ["cpu"])
-    device: str = "cpu"
-    summary: None = None
-    events: list = field(default_factory=list)
-
-
-@contextmanager
-def encode_lease(gpu_lease, context: dg.AssetExecutionContext, plan: RunPlan, *, remote: bool) -> Iterator:
-    """The machine's GPU lease for a step that encodes here. With `remote` (the plan names a Ray cluster
-    and the stage sends its work there) none: holding a local card while the work runs elsewhere would
-    block other steps for nothing."""
-    if not remote:
-        with gpu_lease.lease(context) as lease:
-            yield lease
-        return
-    context.log.info(f"encoding on the Ray cluster {plan.ray.address!r} ({plan.ray.actors} actors): no local GPU lease")
-    yield RemoteLease()
-
-
-def lease_target(lease) -> str | list[str]:
-    """What the encoders take: one device string, or the list when the lease holds several GPUs."""
-    return lease.devices if len(lease.devices) > 1 else lease.device
-
-
-def add_lease(record: StageRecord, lease) -> StageRecord:
-    """Attach a finished lease (summary computed at release, its events) to a stage record."""
-    record.lease = lease.summary.to_dict() if lease.summary else None
-    record.events = [{"ts": e.ts, "event": f"lease.{e.event}", "detail": {"devices": e.devices, **e.detail}}
-                     for e in lease.events]
-    record.device = record.device or lease.device
-    return record
-
-
-def log_warnings(context: dg.AssetExecutionContext, record: StageRecord) -> None:
-    for warning in record.warnings:
-        context.log.warning(warning)

@@ -7,13 +7,12 @@ import dagster as dg
 import pyarrow as pa
 
 from rag_clean.config.registry import Registry
-from rag_clean.stages import run_fusion_stage
-from rag_clean.stages.common import StageOutput, StageTimer
+from rag_clean.stages.context import StageOutput
+from rag_clean.stages.fusion import FUSION
 from rag_clean.storage.embeddings import EmbeddingSet
-from rag_clean_assets.assets.common import previous_embeddings, run_plan, stage_asset, staged_file, start_record
+from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
-from rag_clean_assets.versions import versioned
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -34,17 +33,6 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
     )
     def fused_embeddings(context: dg.AssetExecutionContext, chunks: pa.Table, registry: ModelRegistryResource,
                          settings: EmbedderSettingsResource, paths: PathsResource, **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
-        timer = StageTimer()
-        plan = run_plan(context, registry, settings)
-        missing = [s.name for s in plan.dense if dense_sets.get(s.asset_name) is None]
-        if missing:
-            raise ValueError(f"dense_embeddings of {missing} have no stored file for {context.partition_key!r}: "
-                             "materialize them first (or leave them out of ensemble_models)")
-        sets = {s.name: dense_sets[s.asset_name] for s in plan.dense}
-        target = staged_file(paths, FUSED_KEY, context.partition_key)
-        previous = previous_embeddings(context, plan, target, "previous fused vectors unreadable, fusing every row")
-        writer, record = run_fusion_stage(sets, plan.fusion_weights, plan.fusion_method, target, chunks,
-                                          previous=previous)
-        return versioned(context, StageOutput(writer, timer.stamp(start_record(record, plan))))
+        return run_asset(context, FUSION, chunks, dense_sets, paths=paths, registry=registry, settings=settings)
 
     return fused_embeddings

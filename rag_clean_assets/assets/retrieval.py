@@ -7,25 +7,14 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rag_clean.telemetry.privacy import query_key
-from rag_clean.telemetry.records import QueriesRecord
 from rag_clean.config.registry import Registry
-from rag_clean.retrieval.flat import check_queries_match, load_queries, queries_table
-from rag_clean.stages import run_retrieval_stage
-from rag_clean.stages.common import StageOutput, StageTimer
+from rag_clean.stages.context import EmbeddedChunks, StageOutput
+from rag_clean.stages.retrieval import QUERIES, RERANKED
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets.assets.dense import dense_asset_key
-from rag_clean_assets.assets.common import (
-    add_lease,
-    lease_target,
-    log_warnings,
-    run_plan,
-    stage_asset,
-    start_record,
-)
+from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets import versions
 from rag_clean_assets.observe import COLLECTION_FILES
-from rag_clean_assets.versions import versioned
 from resources.gpu_lease import GpuLeaseResource
 from resources.io_manager import LAZY_INPUT
 from resources.paths import PathsResource
@@ -35,12 +24,7 @@ from resources.settings import EmbedderSettingsResource
 
 def queries(context: dg.AssetExecutionContext, chunks: pa.Table, paths: PathsResource,
             registry: ModelRegistryResource, settings: EmbedderSettingsResource) -> dg.Output[StageOutput]:
-    timer = StageTimer()
-    plan = run_plan(context, registry, settings)
-    found, source = load_queries(paths.collection_dir(context.partition_key), chunks)
-    record = QueriesRecord(rows=len(found), source=source, with_gold=sum(1 for q in found if q.gold_chunk_ids),
-                           text_mode=plan.query_text_mode, device="cpu")
-    return versioned(context, StageOutput(queries_table(found, plan.query_text_mode, paths.layout().root), timer.stamp(start_record(record, plan))))
+    return run_asset(context, QUERIES, chunks, paths=paths, registry=registry, settings=settings)
 
 
 def build_queries_asset() -> dg.AssetsDefinition:
@@ -73,25 +57,7 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
                  fused_embeddings: EmbeddingSet, sparse_vectors: pq.ParquetFile | None, gpu_lease: GpuLeaseResource,
                  registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource,
                  **dense_sets: Optional[EmbeddingSet]) -> dg.Output[StageOutput]:
-        timer = StageTimer()
-        plan = run_plan(context, registry, settings)
-        found, _ = load_queries(paths.collection_dir(context.partition_key), chunks)
-        check_queries_match(found, queries, paths.layout().root)
-        if plan.sparse_enabled and sparse_vectors is None:
-            raise ValueError("sparse is enabled but sparse_vectors has no stored file for this collection: "
-                             "materialize it first")
-        per_model = {s.name: dense_sets.get(s.asset_name) for s in plan.dense}
-        layout, collection = paths.layout(), context.partition_key
-        with gpu_lease.lease(context) as lease:
-            table, record = run_retrieval_stage(
-                found, chunks, fused_embeddings, plan.dense, plan.fusion_method, plan.fusion_weights,
-                sparse_vectors if plan.sparse_enabled else None, plan.sparse, plan.rerank, plan.retrieval,
-                lease_target(lease), dense_sets=per_model if all(per_model.values()) else None,
-                cache_path=lambda kind, model: layout.retrieval_cache_file(kind, model, collection),
-                hash_key=query_key(layout.root), digest_cache=layout.weights_digest_file(),
-                state_path=layout.ranking_state_file(collection))
-        add_lease(start_record(record, plan), lease)
-        log_warnings(context, record)
-        return versioned(context, StageOutput(table, timer.stamp(record)))
+        return run_asset(context, RERANKED, queries, EmbeddedChunks(chunks, fused_embeddings, dense_sets, sparse_vectors),
+                         paths=paths, registry=registry, settings=settings, gpu_lease=gpu_lease)
 
     return reranked

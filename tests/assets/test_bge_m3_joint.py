@@ -25,7 +25,7 @@ from rag_clean.storage.layout import StorageLayout
 from rag_clean.storage.arrow_io import read_arrow_table
 from rag_clean.config.plan import build_run_plan
 from rag_clean.config.settings import EmbedderSettings
-from rag_clean.stages import joint_outputs
+from rag_clean.stages.joint import joint_outputs
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets.assets.sparse import SPARSE_KEY, build_sparse_asset
 from tiny_models import TINY_MAX_LENGTH

@@ -30,8 +30,11 @@ def test_exports_off_by_default_then_on_by_run_config(pipeline, tmp_path):
     _add_queries(pipeline)
     result = pipeline.materialize()
     assert result.success
-    record = pipeline.summary()["stages"]["exports"]
-    assert record["status"] == "disabled" and "enable_exports=false (default)" in record["reason"]
+    # Off: no materialization and no summary record (it did not run), the reason in the run log.
+    assert "exports" not in {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "exports" not in pipeline.summary()["stages"]
+    assert any("exports skipped:" in (e.user_message or "") and "enable_exports=false (default)" in e.user_message
+               for e in pipeline.instance.all_logs(result.run_id))
     assert not pipeline.file("exports").exists()  # neither a value file nor the default export folder
 
     export_dir = tmp_path / "exported"

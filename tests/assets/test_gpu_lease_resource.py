@@ -1,6 +1,7 @@
 """GpuLeaseResource: config/env precedence, owner labels and run-log lines from a real materialization."""
 
 import json
+import logging
 
 from pathlib import Path
 
@@ -63,13 +64,27 @@ def test_asset_leases_fake_devices_and_logs_acquire_release(tmp_path):
     assert list(tmp_path.glob("*.holder.json")) == []  # notes removed on release
 
 
-def test_asset_on_machine_without_cuda_runs_on_cpu_and_warns(tmp_path):
+@dg.asset(partitions_def=PARTITIONS)
+def second_leased_step(context: dg.AssetExecutionContext, gpu: GpuLeaseResource) -> None:
+    with gpu.lease(context):
+        pass
+
+
+def test_asset_on_machine_without_cuda_says_cpu_once_per_run_at_info(tmp_path):
     if TorchCudaBackend().unavailable_reason() is None:
         pytest.skip("this machine has CUDA")
-    metadata, logs = _materialize(GpuLeaseResource(lock_dir=str(tmp_path)))
+    metadata, _ = _materialize(GpuLeaseResource(lock_dir=str(tmp_path)))
     summary = metadata["lease"].value
     assert summary["devices"] == ["cpu"] and summary["cpu_fallback"] is True
-    assert any("running on CPU" in m and "no CUDA device" in m for m in logs)
+    # Two leased steps in one run: the CPU is said once, at INFO, and no line reads like a wait for a GPU.
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([leased_step, second_leased_step], partition_key="c1", instance=instance,
+                            resources={"gpu": GpuLeaseResource(lock_dir=str(tmp_path))})
+    entries = [e for e in instance.all_logs(result.run_id) if e.user_message and not e.is_dagster_event]
+    cpu = [e for e in entries if "running on CPU" in e.user_message and e.level >= logging.INFO]
+    assert len(cpu) == 1 and cpu[0].level == logging.INFO and "no CUDA device" in cpu[0].user_message
+    assert not [e for e in entries if e.level >= logging.WARNING]
+    assert not [e for e in entries if e.level >= logging.INFO and "acquired ['cpu']" in e.user_message]
 
 
 def test_waiting_is_logged_with_the_holder(tmp_path):

@@ -29,10 +29,13 @@ def _paths(pipeline) -> PathsResource:
 
 
 def _statuses(pipeline, defs, collection) -> dict[str, str]:
-    return {name: s.status for name, s in partition_status(pipeline.instance, defs, collection).items()}
+    """Every asset but exports, which is off by default and so never materialized ("missing")."""
+    statuses = {name: s.status for name, s in partition_status(pipeline.instance, defs, collection).items()}
+    assert statuses.pop("exports") == "missing"
+    return statuses
 
 
-def _dagster(pipeline, defs, key: str, collection: str) -> StaleStatus:
+def _dagster(pipeline, defs, key: str, collection: str | None) -> StaleStatus:
     return resolver(pipeline.instance, defs.resolve_asset_graph()).get_status(dg.AssetKey.from_user_string(key),
                                                                                collection)
 
@@ -90,12 +93,23 @@ def test_folder_edit_and_registry_edit_mark_only_their_assets_stale(pipeline, tm
     assert _dagster(pipeline, defs, "queries", "demo") == StaleStatus.STALE
     cause = partition_status(pipeline.instance, defs, "demo")["chunks"].causes
     assert any("collection_files" in c for c in cause), cause
-    # ... and everything below them is out of date too.
+    # ... and everything below them is out of date too, in Dagster's own resolver (what the UI asks).
     assert {k: v for k, v in demo.items() if v == "fresh"} == {}
     assert demo["chunks"] == demo["queries"] == "stale"
-    assert all(demo[k] == "upstream stale" for k in ("dense_embeddings/tiny_a", "dense_embeddings/tiny_b",
-                                                     "fused_embeddings", "sparse_vectors", "reranked"))
+    below = ("dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings", "sparse_vectors", "reranked")
+    assert all(demo[k] == "upstream stale" for k in below)
+    graph = defs.resolve_asset_graph()
+    stale = resolver(pipeline.instance, graph)
+    for key in below:
+        assert _dagster(pipeline, defs, key, "demo") == StaleStatus.STALE, key
+        # the root cause the UI's "Unsynced" popover shows: the folder's new data version
+        roots = stale.get_stale_root_causes(dg.AssetKey.from_user_string(key), "demo")
+        assert {c.asset_key for c in roots} == {COLLECTION_FILES}, (key, roots)
     assert set(_statuses(pipeline, defs, OTHER).values()) == {"fresh"}
+    # Asked without a partition (the catalog, the graph, "Materialize unsynced"): stale when one partition is.
+    assert _dagster(pipeline, defs, "reranked", None) == StaleStatus.STALE
+    causes = stale.get_stale_root_causes(dg.AssetKey("reranked"))
+    assert {c.partition_key for c in causes} == {"demo"}
 
     # Once chunks reran with the new rows, Dagster marks its readers STALE directly.
     pipeline.materialize("demo", selection=["chunks"])
@@ -105,6 +119,7 @@ def test_folder_edit_and_registry_edit_mark_only_their_assets_stale(pipeline, tm
         assert _dagster(pipeline, defs, key, OTHER) == StaleStatus.FRESH, key
     pipeline.materialize("demo")
     assert set(_statuses(pipeline, defs, "demo").values()) == {"fresh"}
+    assert _dagster(pipeline, defs, "reranked", None) == StaleStatus.FRESH
 
     # A registry edit (max_length of one dense model) is a new code version of that dense asset.
     text = pipeline.registry_path.read_text(encoding="utf-8")
@@ -129,7 +144,7 @@ def test_folder_edit_and_registry_edit_mark_only_their_assets_stale(pipeline, tm
     edited_sparse.write_text(text.replace("top_k = 32", "top_k = 16"), encoding="utf-8")
     status = _statuses(pipeline, _defs(pipeline, edited_sparse), "demo")
     assert status["sparse_vectors"] == "stale"
-    assert status["reranked"] == status["exports"] == "upstream stale"
+    assert status["reranked"] == "upstream stale"
     assert all(status[k] == "fresh" for k in ("chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b",
                                                "fused_embeddings", "queries"))
 
@@ -152,7 +167,8 @@ def test_automation_requests_only_the_changed_partition(pipeline):
     assert observe_collections(pipeline.instance, paths) == [OTHER]
     result = dg.evaluate_automation_conditions(defs=defs, instance=pipeline.instance, cursor=quiet.cursor)
     graph = defs.resolve_asset_graph()
-    expected = {k for k in graph.toposorted_asset_keys if graph.get(k).is_materializable}
+    # exports is off by default: never materialized, so not "changed" (the condition skips missing partitions)
+    expected = {k for k in graph.toposorted_asset_keys if graph.get(k).is_materializable} - {dg.AssetKey("exports")}
     requested = {k for k in expected if result.get_requested_partitions(k)}
     # One run for the edited collection: chunks and everything below it, and no other partition.
     assert requested == expected

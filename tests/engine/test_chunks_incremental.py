@@ -8,7 +8,11 @@ import os
 import pytest
 
 from rag_clean.chunking import ChunkingConfig, ChunkingError
-from rag_clean.stages.chunks import run_chunks_stage
+from types import SimpleNamespace
+
+from rag_clean.stages.chunks import chunks_stage
+from rag_clean.stages.context import StageIO
+from stage_helpers import stage_ctx
 from rag_clean.storage.arrow_io import read_arrow_table
 
 DOC = "# Guide\n\nInstall the driver first. Then restart the server and check the logs.\n\n## Notes\n\n{}\n"
@@ -27,10 +31,15 @@ def _collection(root):
     return coll
 
 
-def _run(coll, out, reuse=True, config=ChunkingConfig(max_tokens=64, overlap_tokens=8)):
-    spool, result, record = run_chunks_stage(coll, out / "chunks" / "demo.arrow", out / "chunks" / "_files" / "demo.parquet",
-                                             config, reuse=reuse)
+def _run(coll, out, reuse=True, config=ChunkingConfig(max_tokens=64, overlap_tokens=8), version=None):
+    ctx = stage_ctx(out, reuse_unchanged=reuse, collection="demo")
+    ctx.collection_dir = lambda: coll
+    target = ctx.layout.staged_asset_file(["chunks"], "demo")
+    spool, record = chunks_stage(ctx, StageIO(target, target if target.exists() else None), config, version)
     spool.publish()
+    counts = record.reuse_counts["files"]
+    result = SimpleNamespace(files_reused=counts.reused, files_parsed=counts.computed,
+                             skipped=[SimpleNamespace(**s) for s in record.skips])
     return result, record
 
 

@@ -21,7 +21,7 @@ from rag_clean.exports.files import (
 )
 from rag_clean.exports.write import write_exports
 from rag_clean.retrieval.fusion import fuse_block
-from rag_clean.stages import SPARSE_SCHEMA
+from rag_clean.stages.sparse import SPARSE_SCHEMA
 from rag_clean.storage.digests import file_digest
 from rag_clean.storage.embeddings import read_embeddings, write_embeddings
 

@@ -13,10 +13,10 @@ import pytest
 
 import rag_clean.storage.digests as digests
 import rag_clean.encoders.factory as factory
-import rag_clean.stages.common as common
+import rag_clean.config.models as common
 from rag_clean.config.registry import load_registry
-from rag_clean.stages import run_dense_stage, run_sparse_stage
-from rag_clean.stages.common import model_fingerprint, sparse_fingerprint
+from rag_clean.config.models import model_fingerprint, sparse_fingerprint
+from stage_helpers import dense as run_dense, fuse, sparse as run_sparse
 from rag_clean.storage.embeddings import read_embeddings
 
 TEXTS = ["install the gpu driver", "rerank the results", "query the index", "the embedding model"]
@@ -94,21 +94,21 @@ def test_weight_digests_are_cached_by_size_and_mtime(model_copy, tmp_path, monke
 def test_dense_reuses_only_under_the_same_fingerprint(model_copy, tmp_path):
     spec = model_copy["tiny-a"]
     chunks = _chunks()
-    writer, record = run_dense_stage(spec, chunks, "cpu", tmp_path / "a.arrow")
+    writer, record = run_dense(spec, chunks, tmp_path / "a.arrow")
     writer.publish()
     assert (record.reused, record.computed) == (0, 4)
-    previous = read_embeddings(tmp_path / "a.arrow")
-    writer, record = run_dense_stage(spec, chunks, "cpu", tmp_path / "b.arrow", previous=previous)
+    previous = tmp_path / "a.arrow"
+    writer, record = run_dense(spec, chunks, tmp_path / "b.arrow", previous=previous)
     writer.abort()
     assert (record.reused, record.computed) == (4, 0)
     changed = dataclasses.replace(spec, max_length=spec.max_length - 1)
-    writer, record = run_dense_stage(changed, chunks, "cpu", tmp_path / "c.arrow", previous=previous)
+    writer, record = run_dense(changed, chunks, tmp_path / "c.arrow", previous=previous)
     writer.abort()
     assert (record.reused, record.computed) == (0, 4)
 
 
 def _sparse(specs, chunks, path, previous=None):
-    staged, record = run_sparse_stage(specs, chunks, "cpu", sink_path=path, previous=previous)
+    staged, record = run_sparse(specs, chunks, path, previous, root=path.parent / "_state")
     staged.publish()
     return pq.read_table(path), record
 
@@ -162,43 +162,41 @@ def test_sparse_stage_on_no_chunks(model_copy, tmp_path):
 
 
 def test_fusion_reuses_rows_only_with_the_same_inputs(model_copy, tmp_path):
-    from rag_clean.stages import run_fusion_stage
-
     spec = model_copy["tiny-a"]
     texts = TEXTS + ["one more chunk"]
-    writer, _ = run_dense_stage(spec, _chunks(texts), "cpu", tmp_path / "a.arrow")
+    writer, _ = run_dense(spec, _chunks(texts), tmp_path / "a.arrow")
     writer.publish()
     dense = {"tiny-a": read_embeddings(tmp_path / "a.arrow")}
-    writer, record = run_fusion_stage(dense, {"tiny-a": 1.0}, "concat", tmp_path / "f.arrow", _chunks(texts))
+    writer, record = fuse(dense, {"tiny-a": 1.0}, "concat", tmp_path / "f.arrow", _chunks(texts))
     writer.publish()
     assert record.reuse_counts["fused"].computed == 5
-    previous = read_embeddings(tmp_path / "f.arrow")
+    previous = tmp_path / "f.arrow"
 
     # The stored fused rows stand for 4 of the current chunks (one text differs).
     chunks = _chunks(TEXTS[:4] + ["an edited chunk"])
-    writer, _ = run_dense_stage(spec, chunks, "cpu", tmp_path / "b.arrow", previous=dense["tiny-a"])
+    writer, _ = run_dense(spec, chunks, tmp_path / "b.arrow", previous=tmp_path / "a.arrow")
     writer.publish()
     current = {"tiny-a": read_embeddings(tmp_path / "b.arrow")}
-    writer, record = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "g.arrow", chunks, previous=previous)
+    writer, record = fuse(current, {"tiny-a": 1.0}, "concat", tmp_path / "g.arrow", chunks, previous=previous)
     writer.publish()
     counts = record.reuse_counts["fused"]
     assert (counts.reused, counts.computed) == (4, 1)
-    full, _ = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "h.arrow", chunks)
+    full, _ = fuse(current, {"tiny-a": 1.0}, "concat", tmp_path / "h.arrow", chunks)
     full.publish()
     assert (tmp_path / "g.arrow").read_bytes() == (tmp_path / "h.arrow").read_bytes()
 
     # Other weights, or a dense model with another fingerprint: nothing is reused.
-    writer, record = run_fusion_stage(current, {"tiny-a": 2.0}, "concat", tmp_path / "i.arrow", chunks, previous=previous)
+    writer, record = fuse(current, {"tiny-a": 2.0}, "concat", tmp_path / "i.arrow", chunks, previous=previous)
     writer.abort()
     assert record.reuse_counts["fused"].reused == 0
     current["tiny-a"].metadata["fingerprint"] = "another model"
-    writer, record = run_fusion_stage(current, {"tiny-a": 1.0}, "concat", tmp_path / "j.arrow", chunks, previous=previous)
+    writer, record = fuse(current, {"tiny-a": 1.0}, "concat", tmp_path / "j.arrow", chunks, previous=previous)
     writer.abort()
     assert record.reuse_counts["fused"].reused == 0
 
 
 def test_dense_stage_on_no_chunks_without_a_previous_file(model_copy, tmp_path):
-    writer, record = run_dense_stage(model_copy["tiny-a"], _chunks([]), "cpu", tmp_path / "a.arrow")
+    writer, record = run_dense(model_copy["tiny-a"], _chunks([]), tmp_path / "a.arrow")
     writer.publish()
     assert (record.rows, record.reused, record.computed) == (0, 0, 0)
     assert len(read_embeddings(tmp_path / "a.arrow")) == 0

@@ -13,7 +13,7 @@ from rag_clean.retrieval.hybrid import QueryPool, choose_weights, default_weight
 from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
 from rag_clean.retrieval.flat import heading_queries, mask_heading, masked_gold_texts
-from rag_clean.stages import run_dense_stage, run_fusion_stage, run_retrieval_stage, run_sparse_stage
+from stage_helpers import dense as run_dense, fuse, retrieve, sparse as run_sparse
 from rag_clean.storage.embeddings import read_embeddings
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "collections" / "sample"
@@ -111,15 +111,13 @@ def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_
     registry = load_registry(tiny_registry_path)
     chunks = _topic_chunks()
     dense_spec, sparse_spec = registry.get("tiny-a"), registry.get("tiny-splade")
-    writer, _ = run_dense_stage(dense_spec, chunks, "cpu", tmp_path / "a.arrow")
+    writer, _ = run_dense(dense_spec, chunks, tmp_path / "a.arrow")
     dense = read_embeddings(writer.publish())
-    writer, _ = run_fusion_stage({"tiny-a": dense}, {"tiny-a": 1.0}, "concat", tmp_path / "f.arrow", chunks)
+    writer, _ = fuse({"tiny-a": dense}, {"tiny-a": 1.0}, "concat", tmp_path / "f.arrow", chunks)
     fused = read_embeddings(writer.publish())
-    sparse, _ = run_sparse_stage([sparse_spec], chunks, "cpu")
-    queries = heading_queries(chunks)
-    table, record = run_retrieval_stage(queries, chunks, fused, [dense_spec], "concat", {"tiny-a": 1.0}, sparse,
-                                        [sparse_spec], None, RetrievalConfig(enable_rerank=False, tune_min_queries=30),
-                                        "cpu")
+    sparse, _ = run_sparse([sparse_spec], chunks, root=tmp_path / "s")
+    table, record = retrieve(chunks, fused, [dense_spec], sparse, [sparse_spec], None,
+                             RetrievalConfig(enable_rerank=False, tune_min_queries=30), root=tmp_path / "r1")
     hybrid = record.hybrid
     assert hybrid["tuned"] and hybrid["split"]["tune"] + hybrid["split"]["heldout"] == 40
     assert set(hybrid["heldout"]) == {"dense", "sparse:tiny-splade", "rrf", "weighted"}
@@ -134,8 +132,8 @@ def test_retrieval_stage_reports_every_candidate_system(tiny_registry_path, tmp_
     assert record.quality()["recall@10"] == record.metrics["heldout"]["before_rerank"]["recall@10"]
     assert table.num_rows == 40 * 40
 
-    _, few = run_retrieval_stage(queries, chunks, fused, [dense_spec], "concat", {"tiny-a": 1.0}, sparse,
-                                 [sparse_spec], None, RetrievalConfig(enable_rerank=False, tune_min_queries=100), "cpu")
+    _, few = retrieve(chunks, fused, [dense_spec], sparse, [sparse_spec], None,
+                      RetrievalConfig(enable_rerank=False, tune_min_queries=100), root=tmp_path / "r2")
     assert not few.hybrid["tuned"] and few.hybrid["weights"] == {"dense": 0.3, "sparse:tiny-splade": 0.7}
     assert any("fewer than 100 needed to tune" in w for w in few.warnings)
 
@@ -146,19 +144,18 @@ def test_ensemble_weights_tuned_and_reported_on_held_out(tiny_registry_path, tmp
     specs = [registry.get("tiny-a"), registry.get("tiny-b")]
     sets = {}
     for spec in specs:
-        writer, _ = run_dense_stage(spec, chunks, "cpu", tmp_path / f"{spec.asset_name}.arrow")
+        writer, _ = run_dense(spec, chunks, tmp_path / f"{spec.asset_name}.arrow")
         sets[spec.name] = read_embeddings(writer.publish())
     weights = {s.name: s.weight for s in specs}
-    writer, _ = run_fusion_stage(sets, weights, "concat", tmp_path / "f.arrow", chunks)
+    writer, _ = fuse(sets, weights, "concat", tmp_path / "f.arrow", chunks)
     fused = read_embeddings(writer.publish())
     config = RetrievalConfig(enable_rerank=False, enable_sparse=False, tune_ensemble_weights=True)
-    _, record = run_retrieval_stage(heading_queries(chunks), chunks, fused, specs, "concat", weights, None, [], None,
-                                    config, "cpu", dense_sets=sets)
+    _, record = retrieve(chunks, fused, specs, None, [], None, config, root=tmp_path / "r1", dense_sets=sets)
     ensemble = record.ensemble
     assert ensemble["tuned"] and ensemble["systems"] == ["tiny-a", "tiny-b"]
     assert abs(sum(ensemble["weights"].values()) - 1) < 1e-6 and ensemble["grid_size"] == 11
     assert set(ensemble["heldout"]) == {"registry weights", "tuned weights"}
     assert ensemble["split"]["tune"] + ensemble["split"]["heldout"] == 40
-    _, off = run_retrieval_stage(heading_queries(chunks), chunks, fused, specs, "concat", weights, None, [], None,
-                                 RetrievalConfig(enable_rerank=False, enable_sparse=False), "cpu", dense_sets=sets)
+    _, off = retrieve(chunks, fused, specs, None, [], None, RetrievalConfig(enable_rerank=False, enable_sparse=False),
+                      root=tmp_path / "r2", dense_sets=sets)
     assert off.ensemble is None  # off by default

@@ -7,7 +7,7 @@ import pyarrow as pa
 import rag_clean.telemetry.progress as progress
 from rag_clean.telemetry.progress import ProgressLog
 from rag_clean.config.registry import load_registry
-from rag_clean.stages import run_dense_stage
+from stage_helpers import dense
 
 
 class FakeClock:
@@ -67,7 +67,7 @@ def test_dense_stage_reports_progress(tiny_registry_path, tmp_path, monkeypatch)
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(60)], "content_hash": [f"h{i}" for i in range(60)],
                        "text": texts})
     lines = []
-    writer, record = run_dense_stage(spec, chunks, "cpu", tmp_path / "a.arrow", token_budget=256, progress=lines.append)
+    writer, record = dense(spec, chunks, tmp_path / "a.arrow", token_budget=256, progress=lines.append)
     writer.abort()
     assert record.computed == 60
     assert len(lines) >= 2, lines

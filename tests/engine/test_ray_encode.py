@@ -22,9 +22,9 @@ ray = pytest.importorskip("ray")
 from rag_clean.distributed import ray_encode  # noqa: E402
 from rag_clean.config.plan import RayPlan  # noqa: E402
 from rag_clean.config.registry import load_registry  # noqa: E402
-from rag_clean.stages import run_dense_stage, run_sparse_stage  # noqa: E402
+from stage_helpers import dense as run_dense, sparse as run_sparse  # noqa: E402
 from rag_clean.storage.digests import file_digest  # noqa: E402
-from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings
+from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings  # noqa: E402
 from tiny_models import TEST_WORDS  # noqa: E402
 
 ATOL = 1e-5
@@ -61,8 +61,13 @@ def registry(tiny_registry_path):
     return load_registry(tiny_registry_path)
 
 
-def _dense(spec, chunks, path, **kwargs):
-    writer, record = run_dense_stage(spec, chunks, "cpu", path, **kwargs)
+def _on(ray: RayPlan | None) -> dict:
+    """The settings that put a stage on `ray` (none: in-process)."""
+    return {} if ray is None else {"ray_address": ray.address, "ray_shard_rows": ray.shard_rows, "ray_actors": ray.actors}
+
+
+def _dense(spec, chunks, path, previous=None, ray=None):
+    writer, record = run_dense(spec, chunks, path, previous, **_on(ray))
     return read_embeddings(writer.publish()), record
 
 
@@ -89,9 +94,8 @@ def test_dense_one_shard_is_byte_identical(registry, tmp_path):
     """Same batches (one shard holds every row): the file is byte for byte the in-process one."""
     spec = registry.get("tiny-b")
     chunks = _chunks(seed=1, n=60)
-    w_local, _ = run_dense_stage(spec, chunks, "cpu", tmp_path / "local.arrow")
-    w_ray, _ = run_dense_stage(spec, chunks, "cpu", tmp_path / "ray.arrow",
-                               ray=RayPlan(address="local", shard_rows=1000, actors=1))
+    w_local, _ = run_dense(spec, chunks, tmp_path / "local.arrow")
+    w_ray, _ = run_dense(spec, chunks, tmp_path / "ray.arrow", **_on(RayPlan(address="local", shard_rows=1000, actors=1)))
     assert file_digest(w_local.publish()) == file_digest(w_ray.publish())
 
 
@@ -100,8 +104,8 @@ def test_only_changed_rows_go_to_ray(registry, tmp_path):
     previous, _ = _dense(spec, _chunks(), tmp_path / "v1.arrow")
     changed = set(range(3, N_CHUNKS, 12))                        # 20 rows spread over the collection
     chunks = _chunks(changed=changed)
-    local, local_rec = _dense(spec, chunks, tmp_path / "v2_local.arrow", previous=previous)
-    remote, record = _dense(spec, chunks, tmp_path / "v2_ray.arrow", previous=previous, ray=PLAN)
+    local, local_rec = _dense(spec, chunks, tmp_path / "v2_local.arrow", previous=tmp_path / "v1.arrow")
+    remote, record = _dense(spec, chunks, tmp_path / "v2_ray.arrow", previous=tmp_path / "v1.arrow", ray=PLAN)
     assert (record.reused, record.computed) == (local_rec.reused, local_rec.computed) == (N_CHUNKS - len(changed), len(changed))
     assert record.encode.items == len(changed)                   # Ray saw the changed rows only
     _assert_same_vectors(local, remote)
@@ -113,11 +117,11 @@ def _rows_by_chunk(table: pa.Table) -> dict:
     return {r["chunk_id"]: (r["term_ids"], r["weights"]) for r in table.to_pylist()}
 
 
-def test_sparse_on_ray_matches_in_process(registry):
+def test_sparse_on_ray_matches_in_process(registry, tmp_path):
     spec = registry.get("tiny-splade")
     chunks = _chunks(seed=2)
-    local, local_rec = run_sparse_stage([spec], chunks, "cpu")
-    remote, record = run_sparse_stage([spec], chunks, "cpu", ray=PLAN)
+    local, local_rec = run_sparse([spec], chunks, root=tmp_path / "local")
+    remote, record = run_sparse([spec], chunks, root=tmp_path / "ray", **_on(PLAN))
     assert not record.fallback_used and record.status == "ok"
     assert remote.num_rows == local.num_rows == N_CHUNKS
     a, b = _rows_by_chunk(local), _rows_by_chunk(remote)          # file order differs: readers join on chunk_id

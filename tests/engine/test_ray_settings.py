@@ -13,7 +13,7 @@ from rag_clean.distributed.ray_encode import RayUnavailableError, connect
 from rag_clean.config.plan import RayPlan, build_run_plan
 from rag_clean.config.registry import load_registry
 from rag_clean.config.settings import EmbedderSettings, SettingsError, resolve_settings
-from rag_clean.stages import run_dense_stage, run_sparse_stage
+from stage_helpers import dense, sparse
 from resources.settings import EmbedderSettingsResource
 
 
@@ -70,13 +70,13 @@ def test_missing_ray_names_the_extra(no_ray, registry, tmp_path):
     with pytest.raises(RayUnavailableError, match=r"rag-clean\[ray\]"):
         connect(plan)
     with pytest.raises(RayUnavailableError, match="EMBEDDER_RAY_ADDRESS"):
-        run_dense_stage(registry.get("tiny-a"), _chunks(), "cpu", tmp_path / "d.arrow", ray=plan)
+        dense(registry.get("tiny-a"), _chunks(), tmp_path / "d.arrow", ray_address="local")
     # A configuration error, not a model failure: the sparse stage does not fall back to metadata.
     with pytest.raises(RayUnavailableError):
-        run_sparse_stage([registry.get("tiny-splade")], _chunks(), "cpu", ray=plan)
+        sparse([registry.get("tiny-splade")], _chunks(), root=tmp_path, ray_address="local")
 
 
 def test_default_path_does_not_need_ray(no_ray, registry, tmp_path):
-    writer, record = run_dense_stage(registry.get("tiny-a"), _chunks(), "cpu", tmp_path / "d.arrow")
+    writer, record = dense(registry.get("tiny-a"), _chunks(), tmp_path / "d.arrow")
     writer.abort()
     assert record.computed == 3 and EmbedderSettings().ray_address == ""

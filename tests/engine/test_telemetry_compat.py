@@ -12,11 +12,11 @@ import pytest
 
 from v41_spec import V41_NESTED
 from rag_clean.chunking import read_collection
+from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
-from rag_clean.retrieval.flat import heading_queries
-from rag_clean.stages import RetrievalConfig, run_dense_stage, run_fusion_stage, run_retrieval_stage, run_sparse_stage
 from rag_clean.storage.embeddings import read_embeddings
 from rag_clean.telemetry.summary import SCHEMA_VERSION, V41_KEYS, TelemetryError, build_summary, read_summary
+from stage_helpers import dense, fuse, retrieve, sparse as run_sparse
 
 # A v4.1 summary as the old embedder wrote it (hand-written from the issue's key list).
 V41_SUMMARY = {
@@ -129,9 +129,9 @@ def broken_splade(tiny_models_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def test_sparse_metadata_fallback_is_recorded(chunks, tiny_registry_path, broken_splade):
+def test_sparse_metadata_fallback_is_recorded(chunks, tiny_registry_path, broken_splade, tmp_path):
     spec = replace(load_registry(tiny_registry_path).get("tiny-splade"), source=f"path:{broken_splade}")
-    table, record = run_sparse_stage([spec], chunks, "cpu")
+    table, record = run_sparse([spec], chunks, root=tmp_path)
     rows = table.to_pylist()
     assert [r["fallback"] for r in rows] == [True, True, True]
     from transformers import AutoTokenizer
@@ -152,9 +152,9 @@ def test_sparse_metadata_fallback_is_recorded(chunks, tiny_registry_path, broken
 def fused(chunks, tiny_registry_path, tmp_path_factory):
     spec = load_registry(tiny_registry_path).get("tiny-a")
     store = tmp_path_factory.mktemp("store")
-    writer, _ = run_dense_stage(spec, chunks, "cpu", store / "tiny_a.arrow")
-    dense = read_embeddings(writer.publish())
-    writer, _ = run_fusion_stage({"tiny-a": dense}, {"tiny-a": 1.0}, "concat", store / "fused.arrow", chunks)
+    writer, _ = dense(spec, chunks, store / "tiny_a.arrow")
+    vectors = read_embeddings(writer.publish())
+    writer, _ = fuse({"tiny-a": vectors}, {"tiny-a": 1.0}, "concat", store / "fused.arrow", chunks)
     return spec, read_embeddings(writer.publish())
 
 
@@ -164,13 +164,12 @@ def fused(chunks, tiny_registry_path, tmp_path_factory):
     (["BAAI/not-in-cache-1", "BAAI/not-in-cache-2"], None, "fallback"),
 ], ids=["first-fallback", "second-fallback", "none-loads"])
 def test_reranker_fallback_chain_is_recorded(chunks, fused, tiny_registry_path, tiny_models_dir,
-                                             sources, resolved_index, status):
+                                             sources, resolved_index, status, tmp_path):
     dense_spec, fused_set = fused
     sources = [s.replace("{tiny}", f"path:{tiny_models_dir / 'tiny-reranker'}") for s in sources]
     rerank = replace(load_registry(tiny_registry_path).rerank, source=sources[0], fallbacks=tuple(sources[1:]))
-    queries = heading_queries(chunks)
-    _, record = run_retrieval_stage(queries, chunks, fused_set, [dense_spec], "concat", {"tiny-a": 1.0}, None, [],
-                                    rerank, RetrievalConfig(enable_sparse=False), "cpu")
+    _, record = retrieve(chunks, fused_set, [dense_spec], None, [], rerank, RetrievalConfig(enable_sparse=False),
+                         root=tmp_path)
     run = build_summary("docs", {"reranked": record.to_summary()}, {"enable_rerank": True}, {})["rerank_run"]
     assert run["status"] == status
     failures = len(sources) if resolved_index is None else resolved_index
@@ -184,14 +183,13 @@ def test_reranker_fallback_chain_is_recorded(chunks, fused, tiny_registry_path, 
         assert run["executed"] is True and run["model_name"] == sources[resolved_index]
 
 
-def test_retrieval_survives_a_sparse_model_that_fell_back(chunks, fused, tiny_registry_path, broken_splade):
+def test_retrieval_survives_a_sparse_model_that_fell_back(chunks, fused, tiny_registry_path, broken_splade, tmp_path):
     """After the metadata fallback the sparse encoder still cannot encode queries: rerank keeps dense candidates."""
     dense_spec, fused_set = fused
     spec = replace(load_registry(tiny_registry_path).get("tiny-splade"), source=f"path:{broken_splade}")
-    sparse_table, _ = run_sparse_stage([spec], chunks, "cpu")
-    table, record = run_retrieval_stage(heading_queries(chunks), chunks, fused_set, [dense_spec], "concat",
-                                        {"tiny-a": 1.0}, sparse_table, [spec], None,
-                                        RetrievalConfig(enable_sparse=True, enable_rerank=False), "cpu")
+    sparse_table, _ = run_sparse([spec], chunks, root=tmp_path / "s")
+    table, record = retrieve(chunks, fused_set, [dense_spec], sparse_table, [spec], None,
+                             RetrievalConfig(enable_sparse=True, enable_rerank=False), root=tmp_path / "r")
     assert record.candidate_sources == ["dense:fused"]
     assert table.num_rows > 0
     summary = build_summary("docs", {"reranked": record.to_summary()}, {"enable_rerank": False}, {})

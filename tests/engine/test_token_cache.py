@@ -161,21 +161,23 @@ def test_off_switch_and_content_hash(monkeypatch, tmp_path):
     assert TokenCache.for_collection(StorageLayout(tmp_path), "docs") is None
 
 
-def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
+def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry, monkeypatch):
     import pyarrow as pa
 
-    from rag_clean.stages import run_dense_stage, run_sparse_stage
+    from stage_helpers import dense, sparse
     from rag_clean.storage.embeddings import read_embeddings
 
     texts = TEXTS * 2
     chunks = pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))],
                        "content_hash": [content_hash(t) for t in texts], "text": texts})
-    cache = TokenCache.for_collection(StorageLayout(tmp_path / "store"), "docs")
+    store = tmp_path / "store"  # the stages' token cache: StorageLayout(store).token_cache_file("c", ...)
     records = {}
     for name in ("tiny-a", "tiny-b"):
-        for label, tc in (("cached", cache), ("plain", None)):
-            writer, record = run_dense_stage(registry.get(name), chunks, "cpu", tmp_path / f"{name}-{label}.arrow",
-                                             token_cache=tc)
+        for label in ("cached", "plain"):
+            with monkeypatch.context() as env:
+                if label == "plain":
+                    env.setenv("RAG_CLEAN_TOKEN_CACHE", "0")
+                writer, record = dense(registry.get(name), chunks, tmp_path / f"{name}-{label}.arrow", root=store)
             writer.publish()
             records[name, label] = record
         cached = read_embeddings(tmp_path / f"{name}-cached.arrow").vectors
@@ -184,5 +186,5 @@ def test_dense_and_sparse_stages_share_one_tokenization(tmp_path, registry):
     assert records["tiny-b", "cached"].encode.token_cache == {**records["tiny-a", "cached"].encode.token_cache,
                                                               "hits": len(texts), "misses": 0}
     assert records["tiny-a", "plain"].encode.token_cache is None
-    _, sparse_record = run_sparse_stage([registry.get("tiny-splade")], chunks, "cpu", token_cache=cache)
+    _, sparse_record = sparse([registry.get("tiny-splade")], chunks, root=store)
     assert sparse_record.per_model["tiny-splade"]["token_cache"]["misses"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from rag_clean.config.registry import load_registry
-from rag_clean.stages import run_dense_stage, run_sparse_stage
+from stage_helpers import dense as run_dense, sparse as run_sparse
 from rag_clean.telemetry.summary import build_summary
 
 
@@ -21,14 +21,14 @@ TEXTS = ["install the gpu driver", "rerank the results", "gpu " * 5000, "query t
 def test_dense_and_sparse_count_truncated_chunks(tiny_registry_path, tmp_path):
     registry = load_registry(tiny_registry_path)
     dense, sparse = registry.get("tiny-a"), registry.get("tiny-splade")
-    writer, record = run_dense_stage(dense, _chunks(TEXTS), "cpu", tmp_path / "a.arrow")
+    writer, record = run_dense(dense, _chunks(TEXTS), tmp_path / "a.arrow")
     writer.abort()
     assert record.encode.truncated_inputs == 1
     limit = record.encode.max_length
     assert [w for w in record.warnings if "max_length" in w] == [
         f"tiny-a: 1 of 4 chunks are longer than its max_length ({limit} tokens) and were encoded from their "
         f"first {limit} tokens"]
-    _, sparse_record = run_sparse_stage([sparse], _chunks(TEXTS), "cpu")
+    _, sparse_record = run_sparse([sparse], _chunks(TEXTS), root=tmp_path)
     assert sparse_record.per_model["tiny-splade"]["truncated_inputs"] == 1
     assert any(w.startswith("tiny-splade: 1 of 4 chunks are longer") for w in sparse_record.warnings)
 
@@ -41,6 +41,6 @@ def test_dense_and_sparse_count_truncated_chunks(tiny_registry_path, tmp_path):
 
 def test_nothing_truncated_means_no_warning(tiny_registry_path, tmp_path):
     dense = load_registry(tiny_registry_path).get("tiny-a")
-    writer, record = run_dense_stage(dense, _chunks(TEXTS[:2]), "cpu", tmp_path / "a.arrow")
+    writer, record = run_dense(dense, _chunks(TEXTS[:2]), tmp_path / "a.arrow")
     writer.abort()
     assert record.encode.truncated_inputs == 0 and not record.warnings
