@@ -251,8 +251,10 @@ def dense_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, top_k: int,
     """Exact inner-product top-k, scanning documents in blocks with a running top-k so memory stays flat
     (`doc_vectors` may be memory-mapped: one block is read at a time). `device` "cuda[:i]": the products and
     top-k run there (torch), the matrix still streams from host memory block by block."""
-    if device and str(device).startswith("cuda"):
-        return _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows, str(device))
+    if (device and str(device).startswith("cuda")) or type(doc_vectors).__module__.startswith("torch"):
+        # a torch tensor (already on its device, e.g. candidates.resident_matrix) is searched where it is
+        return _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows,
+                                   str(device) if device else str(doc_vectors.device))
     n_docs, n_q = doc_vectors.shape[0], len(query_vectors)
     k = min(top_k, n_docs)
     best_idx = np.zeros((n_q, 0), dtype=np.int64)
@@ -291,7 +293,10 @@ def _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows, device):
     best_val = torch.empty((len(q), 0), dtype=torch.float32, device=device)
     best_idx = torch.empty((len(q), 0), dtype=torch.int64, device=device)
     for start in range(0, n_docs, block_rows):
-        block = torch.from_numpy(np.ascontiguousarray(doc_vectors[start:start + block_rows], dtype=np.float32))
+        if isinstance(doc_vectors, torch.Tensor):
+            block = doc_vectors[start:start + block_rows].to(device, torch.float32)
+        else:
+            block = torch.from_numpy(np.ascontiguousarray(doc_vectors[start:start + block_rows], dtype=np.float32))
         scores = q @ block.to(device, non_blocking=True).T
         ids = torch.arange(start, start + len(block), device=device).expand(len(q), -1)
         val, idx = torch.cat([best_val, scores], 1), torch.cat([best_idx, ids], 1)

@@ -18,6 +18,7 @@ from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.cache import RetrievalCaches, fingerprint
 from rag_clean.retrieval.candidates import SparseBlock, SparseScorer
 from rag_clean.retrieval.flat import chunk_rows
+from rag_clean.retrieval.sparse_scan import sparse_scan_device
 from rag_clean.retrieval.ranking import encode_dense_texts, encode_sparse_texts, first_line, model_query_vectors
 from rag_clean.telemetry.progress import ProgressLog
 from rag_clean.telemetry.records import RerankRecord
@@ -161,7 +162,8 @@ def sparse_scorers(specs, model_of: Callable[[ModelSpec], ResolvedModel], sparse
         record.reuse_counts[f"sparse_queries/{spec.name}"] = qc.count("queries")
         if rows:
             record.reuse_counts[f"sparse_masked/{spec.name}"] = mc.count("chunks")
-        scorers.append(SparseScorer(sparse_blocks(sparse, spec.name, chunks), chunks.num_rows, q_rows, overrides))
+        scorers.append(SparseScorer(sparse_blocks(sparse, spec.name, chunks), chunks.num_rows, q_rows, overrides,
+                                    device=sparse_scan_device(device)))
         names.append(f"sparse:{spec.name}")
     return scorers, names
 
