@@ -100,7 +100,11 @@ def test_good_run_materializes_every_asset_and_checks_pass(full_run):
     assert {("chunks", "chunks_valid"), ("fused_embeddings", "vectors_valid"), ("sparse_vectors", "sparse_valid"),
             ("reranked", "reranked_valid"), ("dense_embeddings/tiny_a", "vectors_valid"),
             ("dense_embeddings/tiny_b", "vectors_valid"), ("vector_index", "index_matches_chunks")} <= checked
-    assert all(c.passed for c in checks), [(c.asset_key, c.check_name, c.description) for c in checks if not c.passed]
+    failed = [(c.asset_key.to_user_string(), c.check_name, c.severity, c.description) for c in checks if not c.passed]
+    # The one honest degraded state of this run: 3 planted queries are too few to tune the hybrid weights,
+    # which is a WARN check saying why (issue 21), never an error.
+    assert [f[:3] for f in failed] == [("reranked", "hybrid_weights_tuned", dg.AssetCheckSeverity.WARN)], failed
+    assert "fewer than 30 needed to tune" in failed[0][3]
 
 
 def test_rerank_scores_fill_top_k_and_metrics_are_metadata(full_run):
@@ -219,7 +223,7 @@ def test_sparse_and_rerank_off_leave_dense_and_fused_byte_identical(full_run, tm
     assert summary["sparse_run"]["status"] == "disabled"
     assert summary["rerank_run"]["enabled"] is False and summary["rerank_run"]["executed"] is False
     meta = _materializations(result)
-    assert meta["sparse_vectors"]["executed"] is False
+    assert meta["sparse_vectors"]["status"] == "disabled"
     assert meta["reranked"]["scorer"] == "retrieval (rerank disabled)"
     assert meta["reranked"]["candidate_sources"] == "dense:fused"
     reranked = pq.read_table(off.file("reranked", "demo.parquet"))
@@ -234,7 +238,7 @@ def test_disabled_sparse_keeps_previous_file_and_run_config_beats_env(full_run, 
 
     monkeypatch.setenv("EMBEDDER_ENABLE_SPARSE", "0")
     result = pipeline.materialize(selection=sparse_only)
-    assert result.success and _materializations(result)["sparse_vectors"]["executed"] is False
+    assert result.success and _materializations(result)["sparse_vectors"]["status"] == "disabled"
     assert sparse_file.read_bytes() == before and sparse_file.stat().st_mtime_ns == mtime
     summary = pipeline.summary()
     assert summary["sparse_run"]["status"] == "disabled"
@@ -242,7 +246,7 @@ def test_disabled_sparse_keeps_previous_file_and_run_config_beats_env(full_run, 
 
     monkeypatch.setenv("EMBEDDER_ENABLE_SPARSE", "1")
     result = pipeline.materialize(selection=sparse_only, enable_sparse=False)
-    assert result.success and _materializations(result)["sparse_vectors"]["executed"] is False
+    assert result.success and _materializations(result)["sparse_vectors"]["status"] == "disabled"
     assert sparse_file.read_bytes() == before and sparse_file.stat().st_mtime_ns == mtime
     summary = pipeline.summary()
     assert summary["feature_toggles"]["enable_sparse"] is False
