@@ -21,7 +21,8 @@ from rag_clean.exports.npy import write_npy
 from rag_clean.storage.atomic import write_json
 from rag_clean.storage.digests import file_digest
 from rag_clean.storage.embeddings import EmbeddingSet
-from rag_clean.telemetry.records import ExportsRecord, ReuseCount
+from rag_clean.telemetry.downstream_records import ExportsRecord
+from rag_clean.telemetry.records import ReuseCount
 
 
 def write_exports(

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from rag_clean.exports.write import write_exports
 from rag_clean.stages.context import EmbeddedChunks, Stage, StageContext, StageIO, start_record
-from rag_clean.telemetry.records import ExportsRecord
+from rag_clean.telemetry.downstream_records import ExportsRecord
 from rag_clean.telemetry.summary import build_summary, read_summary, utc_now
 
 EXPORTS_ASSET = "exports"

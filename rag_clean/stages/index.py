@@ -13,7 +13,8 @@ from rag_clean.index.base import VectorIndex
 from rag_clean.index.sync import SyncResult, SyncSources, sync_index
 from rag_clean.stages.context import EmbeddedChunks, Stage, StageContext, StageIO
 from rag_clean.storage.errors import StorageError
-from rag_clean.telemetry.records import IndexRecord, ReuseCount
+from rag_clean.telemetry.downstream_records import IndexRecord
+from rag_clean.telemetry.records import ReuseCount
 
 # The asset's stored value: one row saying where the index is and which state of the assets it holds.
 INDEX_TABLE_SCHEMA = pa.schema([("sink", pa.string()), ("location", pa.string()), ("collection", pa.string()),

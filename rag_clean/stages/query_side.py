@@ -21,7 +21,7 @@ from rag_clean.retrieval.flat import chunk_rows
 from rag_clean.retrieval.sparse_scan import sparse_scan_device
 from rag_clean.retrieval.ranking import encode_dense_texts, encode_sparse_texts, first_line, model_query_vectors
 from rag_clean.telemetry.progress import ProgressLog
-from rag_clean.telemetry.records import RerankRecord
+from rag_clean.telemetry.downstream_records import RerankRecord
 
 log = logging.getLogger(__name__)
 

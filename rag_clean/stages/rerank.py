@@ -16,7 +16,7 @@ from rag_clean.retrieval.cache import RetrievalCaches, fingerprint
 from rag_clean.retrieval.flat import take_column
 from rag_clean.retrieval.ranking import NO_RERANKER_SCORER, rerank_order, rerank_unavailable_warning
 from rag_clean.telemetry.progress import ProgressLog
-from rag_clean.telemetry.records import RerankRecord
+from rag_clean.telemetry.downstream_records import RerankRecord
 
 log = logging.getLogger(__name__)
 

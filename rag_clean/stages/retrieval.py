@@ -41,7 +41,7 @@ from rag_clean.stages.rerank import first_device, rerank
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean.storage.errors import StorageError
 from rag_clean.telemetry.privacy import query_hash, query_key
-from rag_clean.telemetry.records import QueriesRecord, RerankRecord
+from rag_clean.telemetry.downstream_records import QueriesRecord, RerankRecord
 
 log = logging.getLogger(__name__)
 
