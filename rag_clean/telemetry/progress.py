@@ -1,7 +1,8 @@
 """Progress lines for long encodes: done/total, rate and ETA, at most one line per interval.
 
 The stages call `update` after every batch; a line is emitted when `interval_s` has passed since the
-last one, or when the rows done cross the next `step_fraction` (5%) of the total, and once at the end:
+last one, or when the rows done cross the next `step_fraction` (5%) of the total at least a second after
+the last line, and once at the end:
 a 5-minute encode logs every 10 s, a fast one at most ~20 lines. `emit` is any callable taking a
 string: Dagster's `context.log.info` in the assets, `print` elsewhere. `parse_line` reads a line back
 (the `rag-clean` progress bars follow the run log through it).
@@ -16,6 +17,9 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 DEFAULT_INTERVAL_S = 10.0
 DEFAULT_STEP_FRACTION = 0.05
+# A 5% mark gives a line only this long after the previous one: a loop that finishes in a second (12
+# queries, one per forward) says it once, at the end, instead of once per item.
+MIN_STEP_GAP_S = 1.0
 # "<label>: <done>/<total> <unit>..." -- the head of every line `ProgressLog.line` writes.
 _LINE = re.compile(r"^(?P<label>.+?): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\S+)")
 
@@ -89,7 +93,8 @@ class ProgressLog:
         crossed = self.next_mark is not None and self.done >= self.next_mark
         if crossed:  # the next mark above what is done: a big batch crossing several marks gives one line
             self.next_mark = (self.done // self.step_rows + 1) * self.step_rows
-        if self.emit is not None and self.done < self.total and (crossed or now - self.last >= self.interval_s):
+        due = (crossed and now - self.last >= MIN_STEP_GAP_S) or now - self.last >= self.interval_s
+        if self.emit is not None and self.done < self.total and due:
             self.last = now
             self.emit(self.line())
 

@@ -39,10 +39,21 @@ def test_lines_come_at_most_once_per_interval_with_rate_and_eta():
 def test_a_line_every_5_percent_of_rows_even_within_the_interval():
     clock, lines = FakeClock(), []
     meter = ProgressLog("m", 2000, lines.append, interval_s=10, clock=clock)  # 5% = 100 rows
-    for _ in range(9):  # 9 x 40 rows in 0.9 s: marks 100, 200, 300 crossed once each
-        clock.now += 0.1
+    for _ in range(9):  # 9 x 40 rows in 3.6 s: marks 100, 200, 300 crossed once each
+        clock.now += 0.4
         meter.update(40)
-    assert [progress.parse_line(line).done for line in lines] == [120, 200, 320]
+    # A mark gives a line only a second or more after the previous line (200 came 0.8 s after 120).
+    assert [progress.parse_line(line).done for line in lines] == [120, 320]
+
+
+def test_a_loop_faster_than_a_second_says_it_once_at_the_end():
+    clock, lines = FakeClock(), []
+    meter = ProgressLog("queries", 12, lines.append, unit="queries", clock=clock)  # 5% of 12 = every query
+    for _ in range(12):
+        clock.now += 0.02
+        meter.update(1)
+    meter.finish()
+    assert len(lines) == 1 and lines[0].startswith("queries: 12/12 queries (100.0%)")
     meter.update(1000)  # one batch across ten marks: one line
     assert [progress.parse_line(line).done for line in lines][-1] == 1360 and len(lines) == 4
     clock.now += 20  # time rule still holds when rows are slow
