@@ -44,6 +44,16 @@ def test_a_line_every_5_percent_of_rows_even_within_the_interval():
         meter.update(40)
     # A mark gives a line only a second or more after the previous line (200 came 0.8 s after 120).
     assert [progress.parse_line(line).done for line in lines] == [120, 320]
+    clock.now += 1.0
+    meter.update(1000)  # one batch across ten marks: one line
+    assert [progress.parse_line(line).done for line in lines][-1] == 1360 and len(lines) == 3
+    clock.now += 20  # time rule still holds when rows are slow
+    meter.update(1)
+    assert len(lines) == 4 and lines[-1].startswith("m: 1361/2000 chunks (68.0%)")
+    meter.update(639)
+    meter.finish()
+    assert progress.parse_line(lines[-1]) == progress.ProgressUpdate("m", 2000, 2000, "chunks")
+    assert sum(1 for line in lines if progress.parse_line(line).done == 2000) == 1  # the end only once
 
 
 def test_a_loop_faster_than_a_second_says_it_once_at_the_end():
@@ -54,15 +64,6 @@ def test_a_loop_faster_than_a_second_says_it_once_at_the_end():
         meter.update(1)
     meter.finish()
     assert len(lines) == 1 and lines[0].startswith("queries: 12/12 queries (100.0%)")
-    meter.update(1000)  # one batch across ten marks: one line
-    assert [progress.parse_line(line).done for line in lines][-1] == 1360 and len(lines) == 4
-    clock.now += 20  # time rule still holds when rows are slow
-    meter.update(1)
-    assert len(lines) == 5 and lines[-1].startswith("m: 1361/2000 chunks (68.0%)")
-    meter.update(639)
-    meter.finish()
-    assert progress.parse_line(lines[-1]) == progress.ProgressUpdate("m", 2000, 2000, "chunks")
-    assert sum(1 for line in lines if progress.parse_line(line).done == 2000) == 1  # the end only once
 
 
 def test_parse_line_reads_only_progress_lines():
