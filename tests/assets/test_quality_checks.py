@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from pipeline_helpers import Pipeline, write_collection
+from project_env import clear_settings
 
 
 def _check(result, name: str) -> dg.AssetCheckEvaluation:
@@ -12,9 +13,7 @@ def _check(result, name: str) -> dg.AssetCheckEvaluation:
 
 
 def _pipeline(tmp_path, tiny_registry_path, monkeypatch) -> Pipeline:
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+    clear_settings(monkeypatch, tmp_path)
     write_collection(tmp_path / "data")
     return Pipeline(tmp_path / "data", tmp_path / "storage", tiny_registry_path, tmp_path / "locks")
 
