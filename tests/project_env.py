@@ -29,11 +29,17 @@ def project_env(root: Path, registry: Path, data: Path, **extra: str) -> dict[st
     return env
 
 
+# `collections init-home` then `collections add ...`: the CLI's own main(), in one process (one import of
+# Dagster instead of two; each costs seconds on a loaded 2-core machine).
+_INIT = ("import sys; from rag_clean_assets.collections import main; "
+         "sys.exit(main(['init-home']) or main(['add', *sys.argv[1:]]))")
+
+
 def init_instance(env: dict[str, str], cwd: Path, collections: list[str], timeout: float = 120) -> None:
     """`collections init-home`, then `collections add` the given partitions."""
-    for args in (["init-home"], ["add", *collections]):
-        subprocess.run([sys.executable, "-m", "rag_clean_assets.collections", *args], env=env, cwd=cwd,
-                       check=True, capture_output=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", _INIT, *collections], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"init-home / add {collections} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
 
 def clear_settings(monkeypatch, root: Path) -> None:
