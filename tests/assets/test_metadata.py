@@ -293,7 +293,9 @@ def test_edited_collection_marks_downstream_unsynced(twice):
 
 def test_rerank_fallback_warning_is_one_line_per_source_logged_once(tiny_models_dir, tmp_path, monkeypatch, caplog):
     clear_settings(monkeypatch, tmp_path)
-    missing = tmp_path / "no-such-reranker"
+    # A short name: the line length bound below counts this path twice, and pytest-xdist's worker folder
+    # (popen-gwN/) already makes tmp_path longer.
+    missing = tmp_path / "gone"
     sources = ["BAAI/not-in-any-cache", "cross-encoder/also-not-cached", f"path:{missing}"]
     registry = write_tiny_registry(tmp_path / "registry", tiny_models_dir, rerank_sources=sources)
     write_collection(tmp_path / "data")
