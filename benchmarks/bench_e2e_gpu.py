@@ -309,7 +309,7 @@ def first_select(registry_path: Path) -> str:
     return ",".join(["chunks"] + [f"dense_embeddings/{name}" for name in dense])
 
 
-REST_SELECT = "queries,sparse_vectors,fused_embeddings,reranked,exports"
+REST_SELECT = "queries,sparse_vectors,fused_embeddings,reranked,vector_index,exports"
 
 
 def merge_phases(first: dict, rest: dict, log) -> dict:

@@ -432,11 +432,17 @@ def bench_sparse(shape, path, texts, lengths, args, log) -> dict:
         _, res["st_bf16_sdpa"] = time_st_best(load, lambda m, limit: m.encode(texts[:limit], batch_size=args.st_best_batch),
                                               tokens, args, log, f"sparse {shape:10s}")
 
-    variants = [("ours", "1")] + ([("scatter_max_index_reduce", "0")] if args.levers or args.sparse_levers else [])
-    for name, segment_max in variants:
-        os.environ["RAG_CLEAN_SPLADE_SEGMENT_MAX"] = segment_max
+    variants = [("ours", {})]
+    if args.levers or args.sparse_levers:
+        variants.append(("scatter_max_index_reduce", {"RAG_CLEAN_SPLADE_SEGMENT_MAX": "0"}))
+    for width in [int(w) for w in args.vocab_slices.split(",") if w.strip()]:
+        variants.append((f"vocab_slice_{width}", {"RAG_CLEAN_SPLADE_VOCAB_SLICE": str(width)}))
+    ours_top10 = None
+    for name, env in variants:
+        os.environ.update(env)
         enc = STSparseEncoder(spec, device, source=str(path), token_budget=args.token_budget)
-        os.environ.pop("RAG_CLEAN_SPLADE_SEGMENT_MAX")
+        for key in env:
+            os.environ.pop(key)
         list(enc.encode(texts[:256]))
         rows = {}
 
@@ -454,7 +460,12 @@ def bench_sparse(shape, path, texts, lengths, args, log) -> dict:
             overlap10.append(len(want & got) / max(1, len(want)))
         entry = {"tokens_per_s": tokens / s, "seconds": s, "peak_rss_mb": rss, "peak_vram_mb": vram,
                  "top10_overlap_mean": float(np.mean(overlap10)), "top10_overlap_min": float(np.min(overlap10)),
-                 "attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "segment_max": segment_max == "1"}
+                 "attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "env": env}
+        top10 = [set(rows[i][0][:10].tolist()) for i in range(ref_n)]
+        if ours_top10 is None:
+            ours_top10 = top10
+        else:  # the rule for a head variant: same top-10 terms as the product's head on >= 99% of rows
+            entry["top10_same_as_ours"] = float(np.mean([a == b for a, b in zip(top10, ours_top10)]))
         entry["ratio_vs_st_baseline"] = entry["tokens_per_s"] / res["st_fp16_b128"]["tokens_per_s"]
         if "st_bf16_sdpa" in res:
             entry["ratio_vs_st_bf16_sdpa"] = entry["tokens_per_s"] / res["st_bf16_sdpa"]["tokens_per_s"]
@@ -590,6 +601,8 @@ def main(argv=None) -> int:
     p.add_argument("--levers", action="store_true", help="dense: time each lever variant")
     p.add_argument("--lever-budgets", default="32768,65536")
     p.add_argument("--sparse-levers", action="store_true", help="sparse: also time the scatter-max variant")
+    p.add_argument("--vocab-slices", default="", help="sparse: also time the MLM head over vocabulary slices of these "
+                   "widths (RAG_CLEAN_SPLADE_VOCAB_SLICE), e.g. 4096,8192")
     p.add_argument("--variants", default="", help="dense: extra variants to time before ours (names as in --levers)")
     p.add_argument("--lever-compile", action="store_true", help="levers: also torch.compile the layer functions")
     p.add_argument("--oom-budget", type=int, default=1_000_000)

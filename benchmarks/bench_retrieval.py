@@ -17,6 +17,7 @@ memory-mapped file pages, which the kernel drops under pressure; peak RSS (ru_ma
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import resource
@@ -108,6 +109,7 @@ def run_one(folder: Path, queries: int, k: int, device: str, vocab: int) -> dict
 
     from rag_clean.retrieval.candidates import DenseScorer, SparseScorer, build_pools
     from rag_clean.retrieval.flat import take_column
+    from rag_clean.retrieval.sparse_scan import sparse_scan_device
     from rag_clean.stages.query_side import sparse_blocks as _sparse_blocks
     from rag_clean.storage.arrow_io import read_arrow_table
     from rag_clean.storage.embeddings import read_embeddings
@@ -131,9 +133,14 @@ def run_one(folder: Path, queries: int, k: int, device: str, vocab: int) -> dict
         q_rows = [(np.sort(rng.choice(vocab, 24, replace=False)).astype(np.int64), rng.random(24).astype(np.float32))
                   for _ in range(queries)]
         t0 = time.perf_counter()
-        sparse = SparseScorer(_sparse_blocks(folder / "sparse.parquet", "splade", chunks), chunks.num_rows, q_rows)
-        pools, _ = build_pools(dense_idx, dense.scores, [sparse], k, "minmax")
+        sparse = SparseScorer(_sparse_blocks(folder / "sparse.parquet", "splade", chunks), chunks.num_rows, q_rows,
+                              device=sparse_scan_device(device))
+        pools, sparse_tops = build_pools(dense_idx, dense.scores, [sparse], k, "minmax")
         out["sparse_and_pools_s"] = round(time.perf_counter() - t0, 3)
+        out["dense_resident"] = dense.resident is not None
+        # Same digest on every device = the same candidates (random float weights: a near-tie may still round apart).
+        out["sparse_top_sha256"] = hashlib.sha256(np.concatenate(sparse_tops[0]).astype(np.int64).tobytes()).hexdigest()
+        out["dense_top_sha256"] = hashlib.sha256(np.asarray(dense_idx, np.int64).tobytes()).hexdigest()
         t0 = time.perf_counter()
         top = np.unique(np.concatenate([p.ranking((0.3, 0.7), 20)[0] for p in pools]))
         ids, texts = take_column(chunks, "chunk_id", top), take_column(chunks, "text", top)

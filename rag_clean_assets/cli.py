@@ -162,7 +162,7 @@ def _step_errors(result) -> list[str]:
 
 def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: float) -> None:
     from rag_clean.storage.layout import StorageLayout
-    from rag_clean.telemetry.readable import metrics_text
+    from rag_clean.telemetry.quality_text import quality_lines
     from rag_clean.telemetry.summary import read_summary
 
     path = StorageLayout(storage_root).summary_file(collection)
@@ -171,7 +171,6 @@ def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: flo
     dense, sparse, rerank = s["dense_run"], s["sparse_run"], s["rerank_run"]
     stages = s.get("stages", {})
     exports = stages.get("exports") or {}
-    metrics = rerank.get("metrics") or {}
     lines = [
         f"== {collection}: {s['chunk_count']} chunks (run {run_id}, {wall_s:.1f} s)",
         f"   dense: {', '.join(dense['models_executed'])} on {dense['device']}; "
@@ -183,7 +182,12 @@ def _print_summary(collection: str, storage_root: Path, run_id: str, wall_s: flo
         f"   rerank: {rerank['status']} (enable_rerank={str(toggles['enable_rerank']).lower()} from {prov.get('enable_rerank')}; "
         f"model {rerank['model_name'] or '-'}; fallback_count {rerank['fallback_count']})",
     ]
-    lines += [f"   {line}" for line in metrics_text(metrics)]
+    chunks = stages.get("chunks") or {}
+    if chunks.get("skipped"):
+        lines.append(f"   input: {chunks.get('files_read', 0)} files read, {chunks['skipped']} inputs skipped "
+                     "(each named in the summary's stages.chunks.skips)")
+    # The queries, the weights used and why, each system's metrics and the final ranking's table.
+    lines += [f"   {line}" for line in quality_lines(s)]
     lines.append(f"   summary: {path} (schema {s['schema_version']})")
     lines.append(f"   asset files: {storage_root}")
     if exports.get("status") == "ok":
@@ -266,6 +270,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"data root: {data_root}\nstorage root: {storage_root}\nDagster instance: {os.environ['DAGSTER_HOME']}\n"
           f"registry: {registry.path}")
     for line in [*resolved.provenance_lines(), *environment]:
+        if line.startswith("hybrid_dense_weight="):
+            # A fallback, not the weight of every run: each collection's summary says which weights were used.
+            line += "; used only where tuning is not trusted (see each collection's hybrid weights below)"
         print(f"   {line}")
 
     # The progress display listens to every run as a second Dagster logger (rag_clean_assets/run_progress.py).

@@ -44,7 +44,7 @@ def build_assets(registry_path: str | None = None, *, automation: bool | None = 
 
 
 def _assets(registry, automation: bool) -> list:
-    assets = [collection_files, build_chunks_asset(), *(build_dense_asset(s) for s in registry.dense),
+    assets = [collection_files, build_chunks_asset(registry), *(build_dense_asset(s) for s in registry.dense),
               build_fused_asset(registry), build_sparse_asset(registry), build_queries_asset(),
               build_reranked_asset(registry), build_exports_asset(registry),
               build_index_asset(registry)]

@@ -17,7 +17,7 @@ from rag_clean.config.models import declared_identity
 from rag_clean.config.registry import ModelSpec, Registry
 from rag_clean.stages.context import StageOutput
 
-CHUNKS = "1"
+CHUNKS = "2"  # 2: documents packed by the strictest model's real tokenizer (chunks_code_version)
 DENSE = "1"
 FUSED = "2"   # 2: schema metadata `inputs` (dense fingerprints), rows reused from the previous file
 SPARSE = "2"  # 2: content_hash column, each model's rows in chunk order, fingerprint.<model> metadata
@@ -43,6 +43,16 @@ def dense_code_version(spec: ModelSpec) -> str:
     building the graph reads no weight file. New weights under an unchanged source are caught where rows
     are reused (the model fingerprint hashes the folder: rag_clean.config.models)."""
     return f"{DENSE}-{_digest(declared_identity(spec))}"
+
+
+def chunks_code_version(registry: Registry) -> str:
+    """The chunks asset's version plus the tokenizer and max length documents are packed by: a registry edit
+    that changes the strictest tokenizer changes chunk boundaries (and the ids `<file>#<index>` after them);
+    one that does not leaves chunks in sync. The one code version that opens model folders: their tokenizer
+    and config files only (rag_clean.encoders.chunk_tokens), no weight file."""
+    from rag_clean.encoders.chunk_tokens import packing_identity
+
+    return f"{CHUNKS}-{_digest(packing_identity(registry))}"
 
 
 # The other assets that read registry entries, likewise: an edit there is a code change of that asset.

@@ -67,11 +67,12 @@ def fuse(sets: Mapping[str, object], weights: Mapping[str, float], method: str, 
 
 def retrieve(chunks, fused, dense_specs: Sequence[ModelSpec], sparse_table, sparse_specs: Sequence[ModelSpec],
              rerank_spec: ModelSpec | None, config: RetrievalConfig, *, root: Path,
-             dense_sets: Mapping[str, object] | None = None, device="cpu"):
+             dense_sets: Mapping[str, object] | None = None, device="cpu", progress=None):
     """The reranked stage with the chunks' heading queries (no collection folder)."""
     from rag_clean.stages.retrieval import reranked_stage
 
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    ctx = stage_ctx(root, *dense_specs, *sparse_specs, rerank=rerank_spec, device=device, **settings)
+    ctx = stage_ctx(root, *dense_specs, *sparse_specs, rerank=rerank_spec, device=device, progress=progress,
+                    **settings)
     sets = {s.asset_name: (dense_sets or {}).get(s.name) for s in dense_specs}
     return reranked_stage(ctx, StageIO(None), None, EmbeddedChunks(chunks, fused, sets, sparse_table))

@@ -126,7 +126,9 @@ def config_key(config: ChunkingConfig, count: CountTokens) -> str:
     """What must match for a file's previous rows to be reused (besides its bytes and path)."""
     return json.dumps({"chunker": CHUNKER_VERSION, "max_tokens": config.max_tokens,
                        "overlap_tokens": config.overlap_tokens, "min_chunk_tokens": config.min_chunk_tokens,
-                       "count_tokens": f"{count.__module__}.{getattr(count, '__qualname__', repr(count))}"},
+                       # A real tokenizer's counter carries its identity (encoders.chunk_tokens.TokenCounter.key).
+                      "count_tokens": getattr(count, "key", None)
+                      or f"{count.__module__}.{getattr(count, '__qualname__', repr(count))}"},
                       sort_keys=True)
 
 

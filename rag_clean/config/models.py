@@ -6,7 +6,8 @@ folder a model comes from (its first candidate source that resolves offline: the
 fallback) and hash its weights at most once.
 
 Code versions come from `declared_identity` (what the registry declares), never from the weight files:
-building the asset graph reads no model folder.
+building the asset graph reads no weight file (the chunks code version reads the packing tokenizer's
+files: rag_clean.encoders.chunk_tokens).
 """
 
 from __future__ import annotations

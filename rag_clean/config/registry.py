@@ -11,11 +11,7 @@ from pathlib import Path
 
 from rag_clean.config.declaration import BY_KEY
 from rag_clean.config.settings import process_setting
-
-ROLES = ("dense", "sparse", "rerank")
-BACKENDS = ("sentence-transformers", "flagembedding")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-FUSION_METHODS = ("concat", "mean")
+from rag_clean.config.registry_schema import RegistryFile, render_errors
 
 REGISTRY_ENV = BY_KEY["model_registry"].env
 DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parents[1] / "models.toml"
@@ -158,7 +154,6 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
     # engine runs on a GPU box that has torch but no pydantic (the benchmarks).
     from pydantic import ValidationError
 
-    from rag_clean.config.registry_schema import RegistryFile, render_errors
 
     from_env = "" if path else process_setting("model_registry")
     path = Path(path or from_env or DEFAULT_REGISTRY_PATH).expanduser()

@@ -10,7 +10,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rag_clean.config.registry import BACKENDS, DTYPES, FUSION_METHODS, ROLES  # one list of the allowed values
+# One list of the allowed values: the schema checks them, rag_clean.config.registry re-exports them.
+ROLES = ("dense", "sparse", "rerank")
+BACKENDS = ("sentence-transformers", "flagembedding")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+FUSION_METHODS = ("concat", "mean")
 
 FLAG_CLASSES = ("bge-m3",)
 

@@ -69,6 +69,7 @@ class EncodeStats:
     load_seconds: float = 0.0
     tokenize_seconds: float = 0.0
     truncated_inputs: int = 0      # inputs longer than the model's max length, encoded from their first tokens
+    truncated_rows: list[int] = field(default_factory=list)  # which (input positions): carried with reused rows
     max_length: int | None = None
     wall_seconds: float = 0.0
     batches: list[BatchRecord] = field(default_factory=list)
@@ -99,6 +100,7 @@ class EncodeStats:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("batches")
+        out.pop("truncated_rows")  # per row: the stage keeps what it needs (content hashes), not the summary
         out.update(
             items=self.items,
             tokens=self.tokens,
@@ -135,16 +137,20 @@ class DenseEncoder(Encoder):
 
     dim: int
 
-    def encode_all(self, texts: Sequence[str]) -> np.ndarray:
-        """Convenience for small inputs (queries, tests): the whole matrix in input order."""
+    def encode_all(self, texts: Sequence[str], progress=None) -> np.ndarray:
+        """Convenience for small inputs (queries, tests): the whole matrix in input order. `progress`: a
+        telemetry.progress.ProgressLog counting the rows done."""
+        from rag_clean.telemetry.progress import track
+
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for batch in self.encode(texts):
+        batches = self.encode(texts)
+        for batch in (batches if progress is None else track(batches, progress)):
             out[batch.rows] = batch.dense
         return out
 
-    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_queries(self, texts: Sequence[str], progress=None) -> np.ndarray:
         prefix = self.spec.query_instruction or ""
-        return self.encode_all([prefix + t for t in texts])
+        return self.encode_all([prefix + t for t in texts], progress)
 
 
 class SparseEncoder(Encoder):

@@ -19,9 +19,10 @@ import torch
 
 from rag_clean.encoders.base import EncoderError
 from rag_clean.config.registry import ModelSpec
+# Re-exported: the rule lives in limits (no torch), which the chunker reads without loading torch.
+from rag_clean.encoders.limits import ROBERTA_FAMILY, effective_max_length, position_offset, usable_positions  # noqa: F401
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert")
 
 
 def parse_devices(device: str | torch.device | Sequence[str], model: str) -> list[torch.device]:
@@ -67,24 +68,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def flag_precision(dtype: torch.dtype) -> dict[str, bool]:
     """FlagEmbedding constructor flags for `dtype` (they only steer FlagEmbedding's own encode)."""
     return {"use_fp16": dtype == torch.float16, "use_bf16": dtype == torch.bfloat16}
-
-
-def position_offset(config) -> int:
-    """First position id of a row: RoBERTa-family models count positions after the padding index."""
-    if getattr(config, "model_type", "") in ROBERTA_FAMILY:
-        return (getattr(config, "pad_token_id", None) or 0) + 1
-    return 0
-
-
-def usable_positions(config) -> int | None:
-    positions = getattr(config, "max_position_embeddings", None)
-    return None if not positions else int(positions) - position_offset(config)
-
-
-def effective_max_length(spec: ModelSpec, config, module_limit: int | None = None) -> int:
-    """Tokens per row: the registry's max_length, clamped to the module's and the model's limits."""
-    limits = [spec.max_length, module_limit, usable_positions(config)]
-    return max(1, min(int(x) for x in limits if x))
 
 
 def check_max_length(spec: ModelSpec, config, source: str) -> None:

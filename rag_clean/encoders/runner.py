@@ -153,6 +153,8 @@ class Runner:
             for window in source.windows(self.tokenizer, self.window_items, self.first_window_items):
                 self.stats.tokenize_seconds += window.seconds
                 self.stats.truncated_inputs += window.truncated
+                if window.cut is not None and window.truncated:
+                    self.stats.truncated_rows.extend((window.start + np.flatnonzero(window.cut)).tolist())
                 source = BatchSource(window.lengths, self.backend.varlen, self.max_batch_items)
                 if len(self.replicas) == 1:
                     yield from self._run_on(self.replicas[0], self.controllers[0], window, source)

@@ -19,6 +19,9 @@ from rag_clean.config.registry import ModelSpec
 
 # Bytes of vocab-wide activations computed at once: no [tokens, vocab] tensor is ever larger.
 SPLADE_CHUNK_BYTES = 256 * 1024 * 1024
+# Vocabulary slice of the MLM head on the CPU: measured fastest of 1024 / 4096 / token chunks on SPLADE-tiny
+# (docs/performance.md, Round 3); on CUDA the sliced head stays off until measured there.
+CPU_VOCAB_SLICE = 1024
 
 
 class STSparseEncoder(STBackend, SparseEncoder):
@@ -28,7 +31,9 @@ class STSparseEncoder(STBackend, SparseEncoder):
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
-        from sentence_transformers import SparseEncoder as STSparse
+        from rag_clean.encoders.st_import import sentence_transformers
+
+        STSparse = sentence_transformers().SparseEncoder
 
         path = source or spec.resolve_source()
         super().__init__(spec, device, lambda: STSparse(path, device="cpu", local_files_only=True),
@@ -60,6 +65,13 @@ class STSparseEncoder(STBackend, SparseEncoder):
         self.segment_max = process_setting("splade_segment_max")
         if self.split_head:
             self.enable_fast(lambda m: m.base_model)
+        # Vocabulary slices of the MLM decoder per pass (0: off, rows chunked over tokens as before). Each slice's
+        # logits [tokens, slice] are max-pooled at once, so the [tokens, vocab] logits never exist whole and a
+        # slice small enough stays in cache; the head's transform runs once per batch, not once per chunk.
+        chosen = process_setting("splade_vocab_slice")
+        on_cpu = all(r.device.type == "cpu" for r in self.replicas)
+        self.vocab_slice = (CPU_VOCAB_SLICE if on_cpu else 0) if chosen is None else chosen
+        self.sliced_head = self.vocab_slice > 0 and _decoder_parts(hf) is not None
 
     def _activate_pooled(self, pooled_logits: torch.Tensor) -> torch.Tensor:
         """Activation applied after the max: log1p(relu(.)) is monotone, so max-then-activate equals
@@ -104,13 +116,27 @@ class STSparseEncoder(STBackend, SparseEncoder):
             r0 = r1
         return self._activate_pooled(torch.cat(parts) if len(parts) > 1 else parts[0])
 
+    def _pool_vocab_slices(self, hf, flat: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        """_pool_rows computed one vocabulary slice at a time: [rows, vocab] activated maxima."""
+        transform, weight, bias = _decoder_parts(hf)
+        h = transform(flat)
+        lengths = (cu[1:] - cu[:-1]).long()
+        pooled = torch.empty(len(lengths), self.vocab_size, dtype=h.dtype, device=h.device)
+        for v0 in range(0, self.vocab_size, self.vocab_slice):
+            v1 = min(v0 + self.vocab_slice, self.vocab_size)
+            logits = torch.nn.functional.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1])
+            pooled[:, v0:v1] = torch.segment_reduce(logits, "max", lengths=lengths, axis=0)
+        return self._activate_pooled(pooled)
+
     def forward(self, replica: Replica, batch: Batch) -> tuple[torch.Tensor, ...]:
         hf = replica.hf
         b = len(batch.rows)
         x = batch.inputs
         if replica.fast is not None:
             hidden = self.fast_hidden(replica, batch)
-            if self.segment_max:
+            if self.sliced_head:
+                pooled = self._pool_vocab_slices(hf, hidden, x["cu_seqlens"])
+            elif self.segment_max:
                 pooled = self._pool_rows(hf, hidden, x["cu_seqlens"], batch.lengths)
             else:
                 pooled = self._pool_tokens(hf, hidden, segment_ids(x["cu_seqlens"], hidden.shape[0]), b)
@@ -141,3 +167,12 @@ class STSparseEncoder(STBackend, SparseEncoder):
 
     def decode_terms(self, term_ids: Sequence[int]) -> list[str]:
         return self.tokenizer.hf.convert_ids_to_tokens([int(t) for t in term_ids])
+
+
+def _decoder_parts(hf):
+    """(transform, decoder weight [vocab, hidden], bias [vocab] or None) of a BERT-style MLM head, or None."""
+    pred = getattr(getattr(hf, "cls", None), "predictions", None)
+    decoder = getattr(pred, "decoder", None)
+    if pred is None or decoder is None or not hasattr(pred, "transform"):
+        return None
+    return pred.transform, decoder.weight, decoder.bias

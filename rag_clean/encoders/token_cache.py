@@ -153,8 +153,8 @@ class TokenCachePass:
             return (np.concatenate([ids[:limit - n], ids[len(ids) - n:]]) if n else ids[:limit]), True
         return ids, self.cached.was_cut(where)
 
-    def lookup(self, hashes: list[str], tokenize: Callable[[list[int]], tuple]) -> tuple[list[np.ndarray], int]:
-        """(id rows, truncated count) for the rows keyed by `hashes` (the chunks' content hashes, never
+    def lookup(self, hashes: list[str], tokenize: Callable[[list[int]], tuple]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(id rows, cut flags bool [rows]) for the rows keyed by `hashes` (the chunks' content hashes, never
         recomputed here): cached rows where usable, `tokenize(missing positions)` -> (ids, types, cuts) for the rest."""
         limit = self.tokenizer.max_length
         id_rows: list = [None] * len(hashes)
@@ -182,7 +182,7 @@ class TokenCachePass:
             self._pending.append(np.asarray(cached_rows, dtype=np.int64))
         else:
             self._write(hashes, id_rows, cut_rows)
-        return id_rows, int(cut_rows.sum())
+        return id_rows, cut_rows
 
     def _write(self, hashes, id_rows, cut_rows) -> None:
         if self._writer is None:

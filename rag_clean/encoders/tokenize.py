@@ -39,6 +39,7 @@ class TokenWindow:
     type_ids: np.ndarray | None   # int32 [total_tokens], only for models with token types (pairs)
     seconds: float = 0.0
     truncated: int = 0            # rows cut to the tokenizer's max_length
+    cut: np.ndarray | None = None  # bool [rows]: which rows were cut (the count above, per row)
     hashes: Sequence[str] | None = None  # the rows' content hashes, when the caller gave them (TokenSource)
 
     @classmethod
@@ -197,5 +198,6 @@ class Tokenizer:
         id_rows = [r for ids, _, _ in results for r in ids]
         type_rows = [r for _, ty, _ in results for r in ty] if self.with_type_ids else None
         window = TokenWindow.from_rows(start, id_rows, type_rows, seconds=time.perf_counter() - t0)
-        window.truncated = sum(sum(cut) for _, _, cut in results)
+        window.cut = np.fromiter((c for _, _, cut in results for c in cut), dtype=bool, count=n)
+        window.truncated = int(window.cut.sum())
         return window

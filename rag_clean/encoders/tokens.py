@@ -28,8 +28,8 @@ class CachedIds(Protocol):
 
     tokenizer: object
 
-    def lookup(self, hashes: list[str], tokenize: Callable[[list[int]], tuple]) -> tuple[list[np.ndarray], int]:
-        """(id rows, truncated count) for `hashes`; `tokenize(missing positions)` gives (ids, types, cuts)
+    def lookup(self, hashes: list[str], tokenize: Callable[[list[int]], tuple]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(id rows, cut flags bool [rows]) for `hashes`; `tokenize(missing positions)` gives (ids, types, cuts)
         for the rows the cache cannot serve."""
 
 
@@ -73,9 +73,9 @@ class TokenSource:
                     check_strings(texts, None, start)
                 return tokenizer.encode_chunk([texts[i] for i in missing])
 
-            id_rows, truncated = self.cache.lookup(hashes, tokenize)
+            id_rows, cut = self.cache.lookup(hashes, tokenize)
             window = TokenWindow.from_rows(start, id_rows, None, seconds=time.perf_counter() - t0)
-            window.truncated = truncated
+            window.cut, window.truncated = cut, int(cut.sum())
         window.hashes = hashes
         return window
 

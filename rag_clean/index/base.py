@@ -8,6 +8,11 @@ One collection (Qdrant collection / Edge shard) per rag_clean collection. Each c
     "fused"                 the fused_embeddings row
     vector_name(<model>)    one per dense model of the ensemble (its stored dense_embeddings row)
 * named sparse vectors (indices = term ids, values = weights), one per sparse model: vector_name(<model>);
+* an HNSW graph for "fused" only (IndexSchema.graph, HNSW_M / HNSW_EF_CONSTRUCT), the vector search ranks by;
+  the per-model vectors get m=0 (no graph: Qdrant searches them exactly, by brute force) since building a
+  graph per model multiplied the build time (20k rows, 2 x 384-d + 768-d: commit 172 s with three graphs)
+  for vectors that are read back, not searched approximately. Sparse vectors have their own inverted index.
+  Approximate queries use hnsw_ef=SEARCH_HNSW_EF (recall@10 vs exact in docs/performance.md);
 * payload: chunk_id, source_file, heading, section_path, chunk_index, content_hash, text, metadata (the
   chunk's original metadata, parsed from metadata_json), and `fingerprints`: {vector name: digest of what
   produced that vector (model fingerprint, fusion inputs)}. The payload is the index's own record of what
@@ -45,6 +50,14 @@ FINGERPRINTS = "fingerprints"
 # strips it), so it cannot clash with one.
 PAYLOAD_KEY = "_payload"
 SINKS = ("qdrant-edge", "qdrant", "off")
+# HNSW of the graph vectors (Qdrant's defaults for m / ef_construct) and the query-time beam: hnsw_ef=128
+# reached recall@10 >= 0.98 against exact search on clustered 768-d vectors (benchmarks/bench_index.py).
+# Both sinks create collections with these values and compare them: another value recreates the collection.
+HNSW_M = 16
+HNSW_EF_CONSTRUCT = 100
+SEARCH_HNSW_EF = 128
+# Segments below this size (KiB) are searched exactly (Qdrant's default).
+HNSW_FULL_SCAN_KB = 10000
 
 _PLAIN = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -67,10 +80,13 @@ def vector_name(model: str) -> str:
 
 @dataclass(frozen=True)
 class IndexSchema:
-    """The named vectors of a collection: dense (name -> dim, "fused" first) and sparse names."""
+    """The named vectors of a collection: dense (name -> dim, "fused" first) and sparse names; `graph`: the
+    dense vectors with an HNSW graph, `hnsw`: its (m, ef_construct)."""
 
     dense: tuple[tuple[str, int], ...]
     sparse: tuple[str, ...] = ()
+    graph: tuple[str, ...] = (FUSED,)
+    hnsw: tuple[int, int] = (HNSW_M, HNSW_EF_CONSTRUCT)
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.dense] + list(self.sparse)
@@ -79,6 +95,13 @@ class IndexSchema:
         for name, dim in self.dense:
             if int(dim) <= 0:
                 raise ValueError(f"vector {name!r}: dimension {dim} must be > 0")
+        dense = dict(self.dense)
+        if any(name not in dense for name in self.graph):
+            raise ValueError(f"HNSW graph for {list(self.graph)}: not all are dense vectors of {list(dense)}")
+
+    def hnsw_m(self, name: str) -> int:
+        """The HNSW m of a dense vector: 0 (no graph, exact search only) unless it is in `graph`."""
+        return self.hnsw[0] if name in self.graph else 0
 
     @classmethod
     def build(cls, fused_dim: int, dense: Mapping[str, int], sparse: Sequence[str] = ()) -> "IndexSchema":
@@ -97,11 +120,15 @@ class IndexSchema:
         return [n for n, _ in self.dense] + list(self.sparse)
 
     def to_dict(self) -> dict:
-        return {"dense": [[n, d] for n, d in self.dense], "sparse": list(self.sparse)}
+        return {"dense": [[n, d] for n, d in self.dense], "sparse": list(self.sparse), "graph": list(self.graph),
+                "hnsw": list(self.hnsw)}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "IndexSchema":
-        return cls(tuple((str(n), int(d)) for n, d in data["dense"]), tuple(data["sparse"]))
+        # A schema stored before HNSW was configured reads as (no graph, (0, 0)): never equal to a current one,
+        # so that index is rebuilt once with the current HNSW settings.
+        return cls(tuple((str(n), int(d)) for n, d in data["dense"]), tuple(data["sparse"]),
+                   tuple(data.get("graph", ())), tuple(int(x) for x in data.get("hnsw", (0, 0))))
 
 
 @dataclass
@@ -167,11 +194,17 @@ class VectorIndex(Protocol):
 
     def count(self) -> int: ...
 
+    def reserve_space(self, points: int, bytes_per_point: int) -> None:
+        """Raise VectorIndexError (one line naming the location) when the index's disk cannot take this many
+        points of about this raw size; called before the first write of a sync (no-op where the engine
+        reports a full disk itself)."""
+
     def commit(self) -> None:
         """Make the writes durable and searchable (Edge: flush, then build the HNSW index)."""
 
     def dense_search(self, vector_name: str, query: np.ndarray, k: int, exact: bool = True) -> list[Hit]:
-        """Top k by cosine of a float32 1-d query; exact=False uses the HNSW index where one is built."""
+        """Top k by cosine of a float32 1-d query; exact=False uses the HNSW graph (hnsw_ef=SEARCH_HNSW_EF) where
+        the vector has one (IndexSchema.graph), else it is exact anyway."""
 
     def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
         """Top k by dot product of term weights (exact: Qdrant's sparse index is an inverted index)."""

@@ -18,11 +18,20 @@ import numpy as np
 import pyarrow as pa
 import qdrant_edge as qe
 
-from rag_clean.index.base import (FINGERPRINTS, Hit, IndexPoint, IndexSchema, VectorIndexError, existing_batch,
-                                  point_id)
+from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema,
+                                  VectorIndexError, existing_batch, point_id)
 
 SINK = "qdrant-edge"
 SCHEMA_FILE = "rag_clean_schema.json"   # our record of the schema, beside Edge's own files
+# Edge writes through memory maps: on a full disk a write is a SIGBUS that kills the process with no error
+# and no file named (measured on 2 and 24 MiB tmpfs roots), so free space is checked before Edge touches the
+# disk. Opening a shard allocates a 32 MiB chunk per dense vector (its appendable segment's vector storage;
+# measured: +98 MiB for 3 vectors), and writing may start the next chunk of each.
+CHUNK_BYTES = 32 << 20
+SLACK_BYTES = 8 << 20
+# Disk bytes per raw byte of written points: the points, the write-ahead log, the optimizer's copy of a
+# segment while it builds the HNSW graph, and the graph's links.
+WRITE_FACTOR = 3
 
 
 def _vectors(point: IndexPoint) -> dict:
@@ -31,6 +40,11 @@ def _vectors(point: IndexPoint) -> dict:
         out[name] = qe.SparseVector(np.asarray(indices, dtype=np.int64).tolist(),
                                     np.asarray(values, dtype=np.float32).tolist())
     return out
+
+
+def _hnsw(schema: IndexSchema, name: str) -> qe.HnswIndexConfig:
+    # m=0: no graph for this vector (Qdrant then searches it exactly); see rag_clean.index.base.
+    return qe.HnswIndexConfig(m=schema.hnsw_m(name), ef_construct=schema.hnsw[1], full_scan_threshold=HNSW_FULL_SCAN_KB)
 
 
 def _from_vector(value):
@@ -59,6 +73,7 @@ class EdgeIndex:
             if not (self.path / SCHEMA_FILE).exists():
                 raise VectorIndexError(f"no index at {self.path}: materialize vector_index for "
                                        f"{self.collection!r} first")
+            self._require_space(self._open_bytes(_stored_schema(self.path)), "opening it")
             self._shard = qe.EdgeShard.load(str(self.path))
         return self._shard
 
@@ -72,9 +87,11 @@ class EdgeIndex:
         # vectors, so the shard is rebuilt from scratch (the sync then writes every point).
         if self.path.exists():
             shutil.rmtree(self.path)
+        self._require_space(self._open_bytes(schema), "creating it")
         self.path.mkdir(parents=True)
         config = qe.EdgeConfig(
-            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name, dim in schema.dense},
+            vectors={name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, hnsw_config=_hnsw(schema, name))
+                     for name, dim in schema.dense},
             sparse_vectors={name: qe.EdgeSparseVectorParams() for name in schema.sparse})
         self._shard = qe.EdgeShard.create(str(self.path), config)
         # Written last: a folder without it is a shard whose creation did not finish, recreated next time.
@@ -83,6 +100,24 @@ class EdgeIndex:
         tmp.replace(schema_file)
         self._names = schema.names
         return True
+
+    def reserve_space(self, points: int, bytes_per_point: int) -> None:
+        self._require_space(self._open_bytes(_stored_schema(self.path)) + WRITE_FACTOR * points * bytes_per_point,
+                            f"writing {points} points")
+
+    @staticmethod
+    def _open_bytes(schema: IndexSchema) -> int:
+        return CHUNK_BYTES * len(schema.dense) + SLACK_BYTES
+
+    def _require_space(self, need: int, what: str) -> None:
+        folder = self.path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise VectorIndexError(f"no space for the vector index at {self.location}: {what} needs about "
+                                   f"{-(-need >> 20)} MiB, {free >> 20} MiB free there; free some space (or move the "
+                                   "storage root) and run again")
 
     def commit(self) -> None:
         self.shard.flush()
@@ -149,7 +184,7 @@ class EdgeIndex:
         q = np.asarray(query, dtype=np.float32).reshape(-1).tolist()
         return self._hits(self.shard.query(qe.QueryRequest(
             limit=int(k), query=qe.Query.Nearest(q, using=vector_name), with_payload=["chunk_id"],
-            params=qe.SearchParams(exact=bool(exact)))))
+            params=qe.SearchParams(exact=bool(exact), hnsw_ef=None if exact else SEARCH_HNSW_EF))))
 
     def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
         self._known([vector_name])

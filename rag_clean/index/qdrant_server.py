@@ -15,9 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pyarrow as pa
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
 
-from rag_clean.index.base import (FINGERPRINTS, Hit, IndexPoint, IndexSchema, VectorIndexError, existing_batch,
-                                  point_id)
+from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema,
+                                  VectorIndexError, existing_batch, point_id)
 
 SINK = "qdrant"
 
@@ -65,7 +66,10 @@ class ServerIndex:
             client = QdrantClient(url=url, api_key=api_key, timeout=max(1, int(round(timeout_s))),
                                   check_compatibility=False)
             client.get_collections()
-        except Exception as exc:  # connection refused, timeout, TLS, 401: all one line naming the URL
+        except UnexpectedResponse as exc:  # something answered, not with a collection list (404, 401, 500)
+            raise VectorIndexError(f"Qdrant at {location} answered HTTP {exc.status_code} {exc.reason_phrase}: "
+                                   "check that the URL is a Qdrant server and the API key is right") from None
+        except Exception as exc:  # connection refused, timeout, TLS: all one line naming the URL
             raise VectorIndexError(f"Qdrant at {location} did not answer within {timeout_s:g}s "
                                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         return cls(client, collection, location)
@@ -80,13 +84,18 @@ class ServerIndex:
     def _stored_schema(self) -> IndexSchema:
         params = self.client.get_collection(self.collection).config.params
         dense = params.vectors if isinstance(params.vectors, dict) else {}
-        return IndexSchema(tuple((n, int(v.size)) for n, v in dense.items()), tuple((params.sparse_vectors or {}).keys()))
+        # The per-vector HNSW config this class sets; a collection made elsewhere (none set) reads as no graph.
+        hnsw = {n: v.hnsw_config for n, v in dense.items() if v.hnsw_config is not None and (v.hnsw_config.m or 0) > 0}
+        first = next(iter(hnsw.values()), None)
+        return IndexSchema(tuple((n, int(v.size)) for n, v in dense.items()), tuple((params.sparse_vectors or {}).keys()),
+                           tuple(hnsw), (int(first.m), int(first.ef_construct or 0)) if first else (0, 0))
 
     def _same(self, schema: IndexSchema) -> bool:
         stored = self._stored_schema()
         params = self.client.get_collection(self.collection).config.params
         cosine = all(v.distance == models.Distance.COSINE for v in (params.vectors or {}).values())
-        return cosine and stored.dense_dims == schema.dense_dims and set(stored.sparse) == set(schema.sparse)
+        return (cosine and stored.dense_dims == schema.dense_dims and set(stored.sparse) == set(schema.sparse)
+                and set(stored.graph) == set(schema.graph) and stored.hnsw == schema.hnsw)
 
     def ensure_schema(self, schema: IndexSchema) -> bool:
         if self.client.collection_exists(self.collection):
@@ -97,10 +106,15 @@ class ServerIndex:
             self.client.delete_collection(self.collection)
         self.client.create_collection(
             self.collection,
-            vectors_config={n: models.VectorParams(size=d, distance=models.Distance.COSINE) for n, d in schema.dense},
+            vectors_config={n: models.VectorParams(size=d, distance=models.Distance.COSINE, hnsw_config=models.HnswConfigDiff(
+                m=schema.hnsw_m(n), ef_construct=schema.hnsw[1], full_scan_threshold=HNSW_FULL_SCAN_KB))
+                for n, d in schema.dense},
             sparse_vectors_config={n: models.SparseVectorParams() for n in schema.sparse})
         self._names = schema.names
         return True
+
+    def reserve_space(self, points: int, bytes_per_point: int) -> None:
+        """The server's disk is its own: it answers a write it cannot store with an error (raised per call)."""
 
     def commit(self) -> None:
         """Writes are sent with wait=True: nothing is pending; the server indexes on its own."""
@@ -166,7 +180,8 @@ class ServerIndex:
         q = np.asarray(query, dtype=np.float32).reshape(-1).tolist()
         return self._hits(self.client.query_points(self.collection, query=q, using=vector_name, limit=int(k),
                                                    with_payload=["chunk_id"],
-                                                   search_params=None if self._local else models.SearchParams(exact=bool(exact))))
+                                                   search_params=None if self._local else models.SearchParams(
+                                                       exact=bool(exact), hnsw_ef=None if exact else SEARCH_HNSW_EF)))
 
     def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
         self._known([vector_name])

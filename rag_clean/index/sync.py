@@ -99,6 +99,18 @@ def _check_aligned(name: str, emb: EmbeddingSet, chunks: pa.Table) -> None:
                            f"{chunks.num_rows}); rematerialize it before the vector index")
 
 
+def point_bytes(sources: SyncSources) -> int:
+    """Raw bytes of one average point: its float32 dense vectors, sparse rows (the sparse file's uncompressed
+    size per chunk), text and a payload allowance."""
+    n = max(1, sources.chunks.num_rows)
+    dense = 4 * (sources.fused.dim + sum(e.dim for e in sources.dense.values()))
+    sparse = 0
+    if sources.sparse is not None:
+        meta = sources.sparse.metadata
+        sparse = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) // n
+    return dense + sparse + sources.chunks.column("text").nbytes // n + 512
+
+
 def payload_digests(block: pa.Table) -> np.ndarray:
     """uint64 per row over the payload fields besides the text (its content_hash covers that): joined in
     Arrow, digested per row."""
@@ -218,6 +230,8 @@ def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[
     work = plan.full.copy()
     for mask in plan.stale.values():
         work |= mask
+    if work.any():
+        index.reserve_space(int(work.sum()), point_bytes(sources))
 
     for start in range(0, len(plan.delete), BLOCK):
         index.delete(plan.delete[start:start + BLOCK])

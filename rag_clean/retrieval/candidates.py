@@ -4,6 +4,7 @@
   vectors (the heading-masked text of generated queries' gold chunks, see retrieval.mask_heading).
 - `SparseScorer`: exact sparse scores from a pass over the stored rows in blocks (one inverted index per
   block, never one for the whole collection): each query's top-k, then its scores for the pool documents.
+  With a torch `device` each block is one sparse x dense product for all queries (`sparse_scan`).
 - `build_pools`: per query, the union of every system's top-k, scored by every system and normalized.
 """
 
@@ -25,11 +26,15 @@ class DenseScorer:
         self.override_rows = np.array(sorted(overrides or {}), dtype=np.int64)
         self.override_vectors = (np.stack([overrides[r] for r in self.override_rows]).astype(np.float32)
                                  if len(self.override_rows) else np.zeros((0, self.queries.shape[1]), np.float32))
+        # On CUDA the matrix is copied to the device once and every search and pool score reads it there
+        # (before: each search streamed it from host memory block by block, and pools were scored on the host).
+        self.resident = resident_matrix(doc_vectors, device) if device and str(device).startswith("cuda") else None
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k per query, overridden rows scored with their replacement vectors."""
         n_over = len(self.override_rows)
-        idx, scores = dense_search(self.queries, self.docs, k + n_over, device=self.device)
+        idx, scores = dense_search(self.queries, self.docs if self.resident is None else self.resident, k + n_over,
+                                   device=self.device)
         if not n_over:
             return idx[:, :k], scores[:, :k]
         over_scores = self.queries @ self.override_vectors.T
@@ -44,13 +49,36 @@ class DenseScorer:
         return np.array(out_idx), np.array(out_scores)
 
     def scores(self, qi: int, docs: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.docs[docs], dtype=np.float32) @ self.queries[qi]
+        if self.resident is not None:
+            import torch
+
+            rows = torch.from_numpy(np.asarray(docs, np.int64)).to(self.resident.device)
+            query = torch.from_numpy(self.queries[qi]).to(self.resident.device)
+            out = (self.resident.index_select(0, rows) @ query).cpu().numpy()
+        else:
+            out = np.asarray(self.docs[docs], dtype=np.float32) @ self.queries[qi]
         if len(self.override_rows):
             hit = np.isin(docs, self.override_rows)
             if hit.any():
                 pos = np.searchsorted(self.override_rows, docs[hit])
                 out[hit] = self.override_vectors[pos] @ self.queries[qi]
         return out
+
+
+def resident_matrix(doc_vectors: np.ndarray, device: str, block_rows: int = 65536, headroom: float = 0.5):
+    """`doc_vectors` as one float32 tensor on `device`, copied block by block (no whole host copy), or None
+    when it would take more than `headroom` of the device's free memory (searches then stream it)."""
+    import torch
+
+    n, d = doc_vectors.shape
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    if n * d * 4 > headroom * free:
+        return None
+    out = torch.empty((n, d), dtype=torch.float32, device=device)
+    for start in range(0, n, block_rows):
+        block = np.ascontiguousarray(doc_vectors[start:start + block_rows], dtype=np.float32)
+        out[start:start + len(block)].copy_(torch.from_numpy(block))
+    return out
 
 
 # One block of stored sparse rows: (chunk rows int64 [b], terms per row int64 [b], flat term ids, flat weights).
@@ -67,8 +95,10 @@ class SparseScorer:
 
     def __init__(self, blocks: Callable[[], Iterator[SparseBlock]], n_docs: int,
                  query_rows: Sequence[tuple[np.ndarray, np.ndarray]],
-                 overrides: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None):
+                 overrides: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None, device: str | None = None):
         self.blocks, self.n_docs = blocks, int(n_docs)
+        # None: the numpy inverted index per query (CPU); a torch device: one product per block (sparse_scan).
+        self.device = device
         self.query_rows = [(np.asarray(t, np.int64), np.asarray(w, np.float32)) for t, w in query_rows]
         self.override_rows = np.array(sorted(overrides or {}), dtype=np.int64)
         self._over_index = SparseIndex([np.asarray(overrides[r][0]) for r in self.override_rows],
@@ -78,6 +108,17 @@ class SparseScorer:
         self._known: list[dict[int, float]] = [{} for _ in self.query_rows]
 
     def _scan(self, wanted: Sequence[np.ndarray], k: int | None) -> None:
+        if self.device is not None:
+            from rag_clean.retrieval.sparse_scan import scan_blocks
+
+            top, found = scan_blocks(self._all_blocks(), self.n_docs, self.query_rows, wanted, k, self.device)
+            for qi, (docs, vals) in enumerate(found):
+                self._known[qi].update(zip(docs.tolist(), vals.tolist()))
+            if k is not None:
+                for qi, (docs, vals) in enumerate(top):
+                    self._known[qi].update(zip(docs.tolist(), vals.tolist()))
+                self._top = [docs for docs, _ in top]
+            return
         nq = len(self.query_rows)
         best_idx = [np.zeros(0, np.int64) for _ in range(nq)]
         best_val = [np.zeros(0, np.float32) for _ in range(nq)]

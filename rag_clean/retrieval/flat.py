@@ -148,27 +148,70 @@ def heading_queries(chunks: pa.Table, limit: int = MAX_GENERATED_QUERIES, block_
             for i, (text, gold) in enumerate(groups.items())]
 
 
-_HEADING_LINE = re.compile(r"^ {0,3}#{1,6}[ \t].*$|^ {0,3}#{1,6}$", re.MULTILINE)
+# A Markdown ATX heading marker at the start of a line ("## "): only the marker goes, the line's other
+# words stay. The old embedder's chunks are often one line: "## System Purpose  Docling is ..."; removing
+# the whole heading line left 525 of 624 gold texts empty there.
+_HEADING_MARKER = re.compile(r"^ {0,3}#{1,6}(?=[ \t]|$)[ \t]*", re.MULTILINE)
+
+
+def heading_pattern(heading: str) -> re.Pattern[str]:
+    """The heading as whole words, plural included ("Snapshot": "snapshots" too), case-insensitive; not
+    inside longer words ("Install" leaves "installer" whole, where blanking substrings garbled the text)."""
+    return re.compile(r"(?<!\w)" + re.escape(heading.strip()) + r"(?:e?s)?(?!\w)", re.IGNORECASE)
 
 
 def mask_heading(text: str, heading: str) -> str:
-    """A chunk's text as a generated query is scored against it: its Markdown heading lines removed and
-    every other occurrence of the heading (the query) blanked, so no query is answered by matching
-    its own words verbatim."""
-    masked = _HEADING_LINE.sub("", text)
+    """A chunk's text as a generated query is scored against it: every occurrence of the heading (the
+    query) blanked and Markdown heading markers removed, so no query is answered by matching its own
+    words verbatim. Nothing else is removed: the text after the heading on its line stays."""
+    masked = text
     if heading.strip():
-        masked = re.sub(re.escape(heading.strip()), " ", masked, flags=re.IGNORECASE)
-    return re.sub(r"\n{3,}", "\n\n", masked).strip()
+        masked = heading_pattern(heading).sub(" ", masked)
+    masked = _HEADING_MARKER.sub("", masked)
+    masked = re.sub(r"[ \t]{2,}", " ", masked)
+    return re.sub(r"\n[ \t]*(?:\n[ \t]*)+", "\n\n", masked).strip()
 
 
 def masked_gold_texts(queries: Sequence[Query], chunks: pa.Table) -> dict[int, str]:
     """Row -> scoring text for the gold chunks of heading-generated queries (file queries are scored
-    against the chunks as they are). Reads only those rows."""
+    against the chunks as they are). Reads only those rows. A text can be empty: the chunk held nothing
+    but its heading (see scoring_gold)."""
     pairs = [(q.text, cid) for q in queries if q.origin.startswith("heading:") for cid in q.gold_chunk_ids]
     rows = chunk_rows(chunks, [cid for _, cid in pairs])
     wanted = np.unique(rows[rows >= 0])
     texts = dict(zip(wanted.tolist(), take_column(chunks, "text", wanted)))
     return {int(r): mask_heading(texts[int(r)], heading) for (heading, _), r in zip(pairs, rows) if r >= 0}
+
+
+@dataclass
+class ScoringGold:
+    """The gold rows each query is scored against, after masking.
+
+    A gold chunk whose masked text is empty (it held only its heading) cannot be found by its content:
+    it leaves the gold set, and a query left with no gold chunk is dropped from every metric and from
+    tuning (never scored against an empty text), and counted."""
+
+    rows: list[list[int]]          # per query: gold chunk rows that count
+    dropped_queries: int = 0       # queries with gold chunks, all of them empty once masked
+    empty_gold_chunks: int = 0     # distinct gold rows whose masked text is empty
+
+    def to_dict(self) -> dict:
+        return {"dropped_queries": self.dropped_queries, "empty_gold_chunks": self.empty_gold_chunks,
+                "scored_queries": sum(1 for g in self.rows if g)}
+
+    def warning(self, total: int) -> str | None:
+        if not self.dropped_queries:
+            return None
+        return (f"{self.dropped_queries} of {total} generated queries dropped from the metrics: each of their gold "
+                f"chunks is empty once its heading is masked ({self.empty_gold_chunks} chunks hold only a heading)")
+
+
+def scoring_gold(gold_rows: Sequence[Sequence[int]], masked: dict[int, str]) -> ScoringGold:
+    """Gold rows without those whose masked text is empty (`masked`: masked_gold_texts)."""
+    empty = {r for r, t in masked.items() if not t}
+    rows = [[r for r in g if r not in empty] for g in gold_rows]
+    dropped = sum(1 for g, kept in zip(gold_rows, rows) if g and not kept)
+    return ScoringGold(rows, dropped, len(empty))
 
 
 def queries_table(queries: Sequence[Query], text_mode: str = "hash", storage_root: Path | None = None) -> pa.Table:
@@ -208,8 +251,10 @@ def dense_search(query_vectors: np.ndarray, doc_vectors: np.ndarray, top_k: int,
     """Exact inner-product top-k, scanning documents in blocks with a running top-k so memory stays flat
     (`doc_vectors` may be memory-mapped: one block is read at a time). `device` "cuda[:i]": the products and
     top-k run there (torch), the matrix still streams from host memory block by block."""
-    if device and str(device).startswith("cuda"):
-        return _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows, str(device))
+    if (device and str(device).startswith("cuda")) or type(doc_vectors).__module__.startswith("torch"):
+        # a torch tensor (already on its device, e.g. candidates.resident_matrix) is searched where it is
+        return _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows,
+                                   str(device) if device else str(doc_vectors.device))
     n_docs, n_q = doc_vectors.shape[0], len(query_vectors)
     k = min(top_k, n_docs)
     best_idx = np.zeros((n_q, 0), dtype=np.int64)
@@ -248,7 +293,10 @@ def _dense_search_torch(query_vectors, doc_vectors, top_k, block_rows, device):
     best_val = torch.empty((len(q), 0), dtype=torch.float32, device=device)
     best_idx = torch.empty((len(q), 0), dtype=torch.int64, device=device)
     for start in range(0, n_docs, block_rows):
-        block = torch.from_numpy(np.ascontiguousarray(doc_vectors[start:start + block_rows], dtype=np.float32))
+        if isinstance(doc_vectors, torch.Tensor):
+            block = doc_vectors[start:start + block_rows].to(device, torch.float32)
+        else:
+            block = torch.from_numpy(np.ascontiguousarray(doc_vectors[start:start + block_rows], dtype=np.float32))
         scores = q @ block.to(device, non_blocking=True).T
         ids = torch.arange(start, start + len(block), device=device).expand(len(q), -1)
         val, idx = torch.cat([best_val, scores], 1), torch.cat([best_idx, ids], 1)

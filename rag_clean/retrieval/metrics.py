@@ -26,17 +26,21 @@ def recall_at_k(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]], 
     return float(np.mean([bool(set(r[:k]) & g) for r, g in pairs]))
 
 
+def reciprocal_ranks(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]],
+                     cutoff: int | None = None) -> np.ndarray:
+    """Per query with gold: 1 / rank of its first gold chunk (0 when none is in the first `cutoff`, if given)."""
+    rr = []
+    for r, g in _pairs(ranked, gold):
+        head = r if cutoff is None else r[:cutoff]
+        rr.append(next((1.0 / i for i, cid in enumerate(head, start=1) if cid in g), 0.0))
+    return np.asarray(rr, dtype=np.float64)
+
+
 def mean_reciprocal_rank(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]],
                          cutoff: int | None = None) -> float:
     """Mean of 1 / rank of the first gold chunk (0 when none is in the first `cutoff`, if given)."""
-    pairs = _pairs(ranked, gold)
-    if not pairs:
-        return float("nan")
-    rr = []
-    for r, g in pairs:
-        head = r if cutoff is None else r[:cutoff]
-        rr.append(next((1.0 / i for i, cid in enumerate(head, start=1) if cid in g), 0.0))
-    return float(np.mean(rr))
+    rr = reciprocal_ranks(ranked, gold, cutoff)
+    return float(rr.mean()) if len(rr) else float("nan")
 
 
 def ndcg_at_k(ranked: Sequence[Sequence[str]], gold: Sequence[Iterable[str]], k: int = 10) -> float:

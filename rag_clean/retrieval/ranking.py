@@ -27,20 +27,25 @@ SparseRow = tuple[np.ndarray, np.ndarray]   # (term ids, weights)
 
 # ---------------------------------------------------------------- query side
 
-def encode_dense_texts(encoder, texts: Sequence[str], device, *, queries: bool) -> np.ndarray:
+def encode_dense_texts(encoder, texts: Sequence[str], device, *, queries: bool, progress=None) -> np.ndarray:
     """Native-width vectors of `texts`, one text per forward (cache.one_text_per_forward: the same bits
-    whatever else is encoded). `queries`: with the model's query instruction (DenseEncoder.encode_queries)."""
+    whatever else is encoded). `queries`: with the model's query instruction (DenseEncoder.encode_queries).
+    `progress`: a telemetry.progress.ProgressLog counting the texts done."""
     with one_text_per_forward(encoder, device):
-        return encoder.encode_queries(list(texts)) if queries else encoder.encode_all(list(texts))
+        return (encoder.encode_queries(list(texts), progress) if queries
+                else encoder.encode_all(list(texts), progress))
 
 
-def encode_sparse_texts(encoder, texts: Sequence[str], device) -> list[SparseRow]:
-    """(term ids, weights) of each text in input order, one text per forward."""
+def encode_sparse_texts(encoder, texts: Sequence[str], device, progress=None) -> list[SparseRow]:
+    """(term ids, weights) of each text in input order, one text per forward; `progress` as above."""
+    from rag_clean.telemetry.progress import track
+
     out: list = [None] * len(texts)
     if not texts:
         return out
     with one_text_per_forward(encoder, device):
-        for batch in encoder.encode(list(texts)):
+        batches = encoder.encode(list(texts))
+        for batch in (batches if progress is None else track(batches, progress)):
             for i, row in zip(batch.rows, batch.lexical):
                 out[int(i)] = row
     return out

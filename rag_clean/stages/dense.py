@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -10,9 +12,9 @@ import pyarrow as pa
 from rag_clean.retrieval.fusion import truncate_and_normalize
 from rag_clean.config.plan import RunPlan
 from rag_clean.telemetry.progress import ProgressLog, track
-from rag_clean.telemetry.records import DenseRecord, truncation_warning
+from rag_clean.telemetry.records import DenseRecord
 from rag_clean.config.registry import ModelSpec
-from rag_clean.storage.embeddings import EmbeddingWriter
+from rag_clean.storage.embeddings import EmbeddingSet, EmbeddingWriter
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.previous import read_previous
 from rag_clean.storage.reuse import ArrowTexts, complement
@@ -128,6 +130,8 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
                                           {"model": spec.name, "fingerprint": fingerprint, "normalized": "l2"}))
     for start in range(0, len(reuse_dst), ROW_BLOCK):
         writer.write(reuse_dst[start:start + ROW_BLOCK], np.asarray(previous.vectors[reuse_src[start:start + ROW_BLOCK]]))
+    truncation = _truncation(stats, pass_rows, computes_dense, reuse_dst, hashes, previous)
+    writer.metadata.update(truncation.metadata())
     writer.finish()
     if side is not None:
         # Published right after the dense file, with it (writer.publish: the IO manager's one call).
@@ -137,7 +141,8 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
     record = DenseRecord(model=spec.name, rows=n, dim=out_dim, native_dim=native_dim, weight=spec.weight,
                          reused=len(reuse_dst), computed=int(len(to_compute)), encode=stats,
                          device=stats.device if stats is not None else None)
-    warning = truncation_warning(stats, len(pass_rows))
+    record.truncated, record.truncated_reused = truncation.total, truncation.reused
+    warning = truncation.warning(spec.name, n)
     if warning:
         record.warnings.append(warning)
     if side is not None:
@@ -147,6 +152,58 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
             ctx.log.info(f"{spec.name}: same pass wrote lexical rows for {record.joint['sparse_partner']} to "
                          f"{record.joint['sparse_file']}")
     return writer, record
+
+
+_TRUNCATED_KEY, _MAX_LENGTH_KEY = "truncated_hashes", "max_length"
+
+
+@dataclass
+class _Truncation:
+    """Which stored vectors come from a truncated text: the rows encoded now that the tokenizer cut, and
+    the reused rows the previous file said were cut. Kept in the file's metadata (short content hashes), so
+    a rerun that reuses every vector still reports them."""
+
+    hashes: list[str]
+    reused: int
+    max_length: int | None
+
+    @property
+    def total(self) -> int:
+        return len(self.hashes)
+
+    def metadata(self) -> dict[str, str]:
+        out = {_TRUNCATED_KEY: json.dumps(self.hashes)}
+        if self.max_length is not None:
+            out[_MAX_LENGTH_KEY] = str(self.max_length)
+        return out
+
+    def warning(self, model: str, rows: int) -> str | None:
+        if not self.hashes:
+            return None
+        reused = f"; {self.reused} of them reused from an earlier run" if self.reused else ""
+        return (f"{model}: {self.total} of {rows} chunks are longer than its max_length ({self.max_length} tokens) "
+                f"and were encoded from their first {self.max_length} tokens{reused}")
+
+
+def _short(h: str) -> str:
+    return h[:16]  # a count, not a key: 64 bits keep collisions out of reach and the metadata small
+
+
+def _truncation(stats, pass_rows: np.ndarray, computes_dense: np.ndarray, reuse_dst: np.ndarray,
+                hashes: pa.ChunkedArray, previous: EmbeddingSet | None) -> _Truncation:
+    cut = np.zeros(0, np.int64)
+    if stats is not None and stats.truncated_rows:
+        rows = pass_rows[np.asarray(stats.truncated_rows, np.int64)]
+        cut = rows[computes_dense[rows]]  # a joint pass also encodes rows whose dense vector is reused
+    now = {_short(h) for h in hashes.take(pa.array(cut)).to_pylist()} if len(cut) else set()
+    before: set[str] = set()
+    previous_length = None
+    if previous is not None and len(reuse_dst):
+        before = set(json.loads(previous.metadata.get(_TRUNCATED_KEY) or "[]"))
+        previous_length = previous.metadata.get(_MAX_LENGTH_KEY)
+    reused = {_short(h) for h in hashes.take(pa.array(reuse_dst)).to_pylist()} & before if before else set()
+    length = stats.max_length if stats is not None else (int(previous_length) if previous_length else None)
+    return _Truncation(sorted(now | reused), len(reused), length)
 
 
 DENSE = Stage("dense", dense_stage, asset=dense_asset, disabled=_disabled, lease=_lease)

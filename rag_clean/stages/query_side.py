@@ -18,7 +18,9 @@ from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.cache import RetrievalCaches, fingerprint
 from rag_clean.retrieval.candidates import SparseBlock, SparseScorer
 from rag_clean.retrieval.flat import chunk_rows
+from rag_clean.retrieval.sparse_scan import sparse_scan_device
 from rag_clean.retrieval.ranking import encode_dense_texts, encode_sparse_texts, first_line, model_query_vectors
+from rag_clean.telemetry.progress import ProgressLog
 from rag_clean.telemetry.records import RerankRecord
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,10 @@ def sparse_blocks(sparse: SparseSource, model: str, chunks: pa.Table) -> Callabl
 
 
 def dense_query_side(specs: Sequence[ModelSpec], model_of: Callable[[ModelSpec], ResolvedModel], q_texts: list[str], q_keys: list[str], masked: dict[int, str],
-                      m_keys: dict[int, str], device, caches: RetrievalCaches, record: RerankRecord):
+                      m_keys: dict[int, str], device, caches: RetrievalCaches, record: RerankRecord, progress=None):
     """Per model: query vectors and the masked gold chunks' vectors, from the cache where it has them; the
-    rest encoded one text per forward (one model on the device at a time, and only if something is missing)."""
+    rest encoded one text per forward (one model on the device at a time, and only if something is missing).
+    `progress` (StageContext.progress) gets done/total, rate and ETA lines while they are encoded."""
     from rag_clean.encoders.factory import load_dense_encoder
 
     queries, overrides = [], []
@@ -90,11 +93,15 @@ def dense_query_side(specs: Sequence[ModelSpec], model_of: Callable[[ModelSpec],
             encoder = load_dense_encoder(spec, device, model=model_of(spec))
             try:
                 if need_q:
-                    vectors = encode_dense_texts(encoder, [q_texts[first_q[k]] for k in need_q], device, queries=True)
+                    meter = ProgressLog(f"{spec.name} queries", len(need_q), progress, unit="queries")
+                    vectors = encode_dense_texts(encoder, [q_texts[first_q[k]] for k in need_q], device, queries=True,
+                                                 progress=meter)
                     for k, v in zip(need_q, vectors):
                         qc.put(k, v)
                 if need_m:
-                    vectors = encode_dense_texts(encoder, [text_of_m[k] for k in need_m], device, queries=False)
+                    meter = ProgressLog(f"{spec.name} masked gold", len(need_m), progress)
+                    vectors = encode_dense_texts(encoder, [text_of_m[k] for k in need_m], device, queries=False,
+                                                 progress=meter)
                     for k, v in zip(need_m, vectors):
                         mc.put(k, v)
             finally:
@@ -114,8 +121,10 @@ def dense_query_side(specs: Sequence[ModelSpec], model_of: Callable[[ModelSpec],
 
 
 def sparse_scorers(specs, model_of: Callable[[ModelSpec], ResolvedModel], sparse: SparseSource, chunks: pa.Table, q_texts, q_keys, masked: dict[int, str],
-                    m_keys: dict[int, str], device, caches: RetrievalCaches, record):
-    """One scorer per sparse model that can encode the queries (with the masked gold rows swapped in)."""
+                    m_keys: dict[int, str], device, caches: RetrievalCaches, record, emptied: Sequence[int] = (),
+                    progress=None):
+    """One scorer per sparse model that can encode the queries (with the masked gold rows swapped in; the
+    rows in `emptied`, gold chunks the mask left empty, have no terms). `progress` as for dense_query_side."""
     from rag_clean.encoders.factory import load_sparse_encoder
 
     scorers, names = [], []
@@ -139,18 +148,22 @@ def sparse_scorers(specs, model_of: Callable[[ModelSpec], ResolvedModel], sparse
                 record.warnings.append(msg)
                 continue
             try:
-                for cache, keys, texts in ((qc, need_q, [q_texts[first_q[k]] for k in need_q]),
-                                           (mc, need_m, [text_of_m[k] for k in need_m])):
-                    for key, row in zip(keys, encode_sparse_texts(encoder, texts, device)):
+                for cache, keys, texts, what, unit in (
+                        (qc, need_q, [q_texts[first_q[k]] for k in need_q], "queries", "queries"),
+                        (mc, need_m, [text_of_m[k] for k in need_m], "masked gold", "chunks")):
+                    meter = ProgressLog(f"{spec.name} {what}", len(texts), progress, unit=unit)
+                    for key, row in zip(keys, encode_sparse_texts(encoder, texts, device, meter)):
                         cache.put(key, row)
             finally:
                 encoder.close()
         q_rows = [qc.get(k) for k in q_keys]
         overrides = {r: mc.get(m_keys[r]) for r in rows}
+        overrides |= {r: (np.zeros(0, np.int64), np.zeros(0, np.float32)) for r in emptied}  # no terms left
         record.reuse_counts[f"sparse_queries/{spec.name}"] = qc.count("queries")
         if rows:
             record.reuse_counts[f"sparse_masked/{spec.name}"] = mc.count("chunks")
-        scorers.append(SparseScorer(sparse_blocks(sparse, spec.name, chunks), chunks.num_rows, q_rows, overrides))
+        scorers.append(SparseScorer(sparse_blocks(sparse, spec.name, chunks), chunks.num_rows, q_rows, overrides,
+                                    device=sparse_scan_device(device)))
         names.append(f"sparse:{spec.name}")
     return scorers, names
 

@@ -15,9 +15,12 @@ from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.cache import RetrievalCaches, fingerprint
 from rag_clean.retrieval.flat import take_column
 from rag_clean.retrieval.ranking import NO_RERANKER_SCORER, rerank_order, rerank_unavailable_warning
+from rag_clean.telemetry.progress import ProgressLog
 from rag_clean.telemetry.records import RerankRecord
 
 log = logging.getLogger(__name__)
+
+RERANK_STEP = 2048  # (query, passage) pairs scored per call: a progress line can follow each
 
 
 def first_device(device: str | list[str]) -> str:
@@ -27,9 +30,10 @@ def first_device(device: str | list[str]) -> str:
 
 def rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str], m_keys: dict[int, str],
            rerank_spec: ModelSpec | None, model_of: Callable[[ModelSpec], ResolvedModel], config: RetrievalConfig,
-           device, record: RerankRecord, caches: RetrievalCaches):
+           device, record: RerankRecord, caches: RetrievalCaches, progress=None):
     """Cross-encoder scores of each query's top `rerank_top_k`, reordered; retrieval order otherwise. Scores
-    of (query, passage) pairs scored before (same reranker, same query hash, same passage hash) are reused."""
+    of (query, passage) pairs scored before (same reranker, same query hash, same passage hash) are reused.
+    `progress` (StageContext.progress) gets done/total, rate and ETA lines while pairs are scored."""
     from rag_clean.encoders.factory import load_reranker
 
     rerank_scores: list[dict[int, float]] = [{} for _ in candidates]
@@ -72,7 +76,12 @@ def rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str]
                     if d in texts:
                         first.setdefault(pk, (q_texts[qi], texts[d]))
             pairs = [first[pk] for pk in need]
-            scores = reranker.score(pairs) if pairs else np.zeros(0, np.float32)
+            meter = ProgressLog(f"{rerank_spec.name} pairs", len(pairs), progress, unit="pairs")
+            scores = np.zeros(0, np.float32)
+            for start in range(0, len(pairs), RERANK_STEP):  # in steps, so the run log shows progress
+                scores = np.concatenate([scores, reranker.score(pairs[start:start + RERANK_STEP])])
+                meter.update(min(RERANK_STEP, len(pairs) - start))
+            meter.finish()
             for pk, s in zip(need, scores):
                 cache.put(pk, np.float32(s))
             record.encode = reranker.stats

@@ -27,6 +27,7 @@ from rag_clean.retrieval.flat import (
     load_queries,
     masked_gold_texts,
     queries_table,
+    scoring_gold,
     take_column,
 )
 from rag_clean.retrieval.hybrid import QueryPool, choose_weights, default_weights, evaluate, split_queries
@@ -111,13 +112,20 @@ def reranked_stage(ctx: StageContext, io: StageIO, stored_queries: pa.Table | No
     k = config.top_k_candidates
     record = RerankRecord(queries=len(queries), top_k_candidates=k, rerank_top_k=config.rerank_top_k,
                           rerank_enabled=config.enable_rerank)
-    masked = masked_gold_texts(queries, chunks)
-    m_keys = {r: query_hash(t, key) for r, t in masked.items()}
-    record.masked_gold_chunks = len(masked)
+    masked_all = masked_gold_texts(queries, chunks)
+    m_keys = {r: query_hash(t, key) for r, t in masked_all.items()}
+    record.masked_gold_chunks = len(masked_all)
+    scored = scoring_gold(gold, masked_all)
+    gold = scored.rows
+    record.gold = scored.to_dict()
+    if scored.warning(len(queries)):
+        record.warnings.append(scored.warning(len(queries)))
+    # Chunks left empty by the mask are encoded as nothing (see empty_overrides): they cannot be found.
+    masked = {r: t for r, t in masked_all.items() if t}
     clock.lap("gold_rows")
 
-    per_model_q, per_model_over = dense_query_side(dense_specs, model_of, q_texts, q_keys, masked, m_keys, device, caches,
-                                                    record)
+    per_model_q, per_model_over = dense_query_side(dense_specs, model_of, q_texts, q_keys, masked, m_keys, device,
+                                                   caches, record, ctx.progress)
     weights = [fusion_weights[s.name] for s in dense_specs]
     q_fused = fused_query_vectors(dense_specs, per_model_q, fusion_weights, fusion_method)
     if q_fused.shape[1] != fused.dim:
@@ -127,6 +135,10 @@ def reranked_stage(ctx: StageContext, io: StageIO, stored_queries: pa.Table | No
     rows = sorted(masked)
     fused_over = {} if not rows else dict(zip(rows, fused_query_vectors(
         dense_specs, [np.stack([over[r] for r in rows]) for over in per_model_over], fusion_weights, fusion_method)))
+    emptied = sorted(set(masked_all) - set(masked))
+    fused_over |= {r: np.zeros(q_fused.shape[1], np.float32) for r in emptied}
+    for over, q in zip(per_model_over, per_model_q):
+        over |= {r: np.zeros(q.shape[1], np.float32) for r in emptied}
     dense = DenseScorer(fused.vectors, q_fused, fused_over, device=search_device)
     dense_idx, dense_scores = dense.top_k(k)
     clock.lap("dense_search")
@@ -134,7 +146,7 @@ def reranked_stage(ctx: StageContext, io: StageIO, stored_queries: pa.Table | No
     scorers, systems = [], ["dense"]
     if config.enable_sparse and sparse is not None and sparse_specs and _has_rows(sparse):
         scorers, names = sparse_scorers(sparse_specs, model_of, sparse, chunks, q_texts, q_keys, masked, m_keys, device,
-                                         caches, record)
+                                        caches, record, emptied, ctx.progress)
         systems += names
     clock.lap("sparse_queries_and_search")
     tune, heldout = split_queries([q.query_id for q in queries], config.tune_fraction)
@@ -179,12 +191,12 @@ def reranked_stage(ctx: StageContext, io: StageIO, stored_queries: pa.Table | No
                                 fallback=default_weights(systems, config.hybrid_dense_weight),
                                 min_queries=config.tune_min_queries, what="hybrid weights")
     chosen = [tuning.weights[s] for s in systems]
-    tuning.heldout = {"dense": evaluate([list(r) for r in dense_idx], gold, None, report)}
-    for name, tops in zip(systems[1:], sparse_tops):
-        tuning.heldout[name] = evaluate(tops, gold, None, report)
+    rankings = {"dense": [list(r) for r in dense_idx], **dict(zip(systems[1:], sparse_tops))}
     if len(systems) > 1:
-        tuning.heldout["rrf"] = evaluate([r for r, _ in rrf], gold, None, report)
-        tuning.heldout["weighted"] = evaluate(weighted(chosen), gold, None, report)
+        rankings |= {"rrf": [r for r, _ in rrf], "weighted": weighted(chosen)}
+    # Every system on the reported split (held-out when tuned) and on all queries, each labelled.
+    tuning.heldout = {name: evaluate(r, gold, None, report) for name, r in rankings.items()}
+    tuning.all_queries = {name: evaluate(r, gold, None, np.arange(len(queries))) for name, r in rankings.items()}
     method = hybrid_method(systems, config.hybrid_fusion)
     record.hybrid = tuning.to_dict() | {"method": method,
                                         "normalization": config.score_normalization,
@@ -199,8 +211,8 @@ def reranked_stage(ctx: StageContext, io: StageIO, stored_queries: pa.Table | No
     clock.lap("hybrid_pools_and_tuning")
     before = [list(c) for c in candidates]
     record.metrics = {"before_rerank": ranking_metrics(before, gold)}
-    candidates, rerank_scores, scorer = rerank(candidates, q_texts, q_keys, chunks, masked, m_keys, rerank_spec,
-                                               model_of, config, device, record, caches)
+    candidates, rerank_scores, scorer = rerank(candidates, q_texts, q_keys, chunks, masked_all, m_keys, rerank_spec,
+                                               model_of, config, device, record, caches, ctx.progress)
     record.scorer = scorer
     clock.lap("rerank")
     after = [list(c) for c in candidates]

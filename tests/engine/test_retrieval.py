@@ -175,3 +175,26 @@ def test_chunk_rows_scans_the_column_in_blocks():
     rows = chunk_rows(chunks, ["c7", "zz", "c0", "c7", "c9"], block_rows=3)
     assert rows.tolist() == [7, -1, 0, 7, 9]
     assert take_column(chunks, "text", [9, 0]) == ["t9", "t0"] and chunk_rows(chunks, []).tolist() == []
+
+
+def test_dense_scorer_on_a_resident_matrix_equals_the_streamed_one():
+    """The CUDA path keeps the fused matrix on the device (DenseScorer.resident); run here on a CPU tensor:
+    same top-k with overrides and the same pool scores as the numpy path."""
+    import torch
+
+    from rag_clean.retrieval.candidates import DenseScorer
+
+    rng = np.random.default_rng(8)
+    docs = rng.standard_normal((200, 12)).astype(np.float32)
+    queries = rng.standard_normal((6, 12)).astype(np.float32)
+    overrides = {3: rng.standard_normal(12).astype(np.float32), 150: docs[0] * 2}
+    host = DenseScorer(docs, queries, overrides)
+    on_device = DenseScorer(docs, queries, overrides)
+    on_device.resident = torch.from_numpy(docs.copy())
+    want_idx, want_val = host.top_k(15)
+    idx, val = on_device.top_k(15)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(val, want_val, rtol=1e-5, atol=1e-5)
+    pool = np.array([0, 3, 17, 150, 199])
+    for qi in range(len(queries)):
+        np.testing.assert_allclose(on_device.scores(qi, pool), host.scores(qi, pool), rtol=1e-5, atol=1e-5)

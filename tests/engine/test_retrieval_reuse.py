@@ -124,7 +124,12 @@ def test_a_corrupt_cache_is_recomputed_and_reported(tiny_registry_path, tmp_path
     assert any("unreadable cache ignored" in w and path.name in w for w in rec.warnings)
 
 
-def test_blockwise_sparse_scores_equal_one_whole_index(monkeypatch):
+# None: the numpy inverted index; "cpu": the torch path (one sparse x dense product per block, as on CUDA).
+SCAN_DEVICES = [None, "cpu"]
+
+
+@pytest.mark.parametrize("device", SCAN_DEVICES)
+def test_blockwise_sparse_scores_equal_one_whole_index(monkeypatch, device):
     rng = np.random.default_rng(3)
     n = 53
     chunks = pa.table({"chunk_id": [f"d{i}" for i in range(n)]})
@@ -142,7 +147,7 @@ def test_blockwise_sparse_scores_equal_one_whole_index(monkeypatch):
     queries = [(np.array([3, 7, 11]), np.array([1.0, 0.5, 2.0], np.float32)),
                (np.array([0, 39]), np.array([0.3, 0.9], np.float32)), (np.array([99]), np.array([1.0], np.float32))]
     overrides = {5: (np.array([3, 11], np.int32), np.array([4.0, 4.0], np.float32))}
-    scorer = SparseScorer(_sparse_blocks(table, "m", chunks), n, queries, overrides)
+    scorer = SparseScorer(_sparse_blocks(table, "m", chunks), n, queries, overrides, device=device)
     dense_top = [np.array([0, 1, 2]), np.array([50]), np.array([4])]
     scorer.prepare(10, dense_top)
     scorer.fill([np.arange(n)] * 3)
@@ -157,15 +162,18 @@ def test_blockwise_sparse_scores_equal_one_whole_index(monkeypatch):
         np.testing.assert_array_equal(scorer.scores(qi, np.arange(n)), want)
 
 
-def test_sparse_rows_missing_a_chunk_are_refused():
+@pytest.mark.parametrize("device", SCAN_DEVICES)
+def test_sparse_rows_missing_a_chunk_are_refused(device):
     chunks = pa.table({"chunk_id": ["a", "b"]})
     table = pa.table({"chunk_id": ["a"], "model": ["m"], "term_ids": [[1]], "weights": [[1.0]]})
-    scorer = SparseScorer(_sparse_blocks(table, "m", chunks), 2, [(np.array([1]), np.array([1.0], np.float32))])
+    scorer = SparseScorer(_sparse_blocks(table, "m", chunks), 2, [(np.array([1]), np.array([1.0], np.float32))],
+                          device=device)
     with pytest.raises(Exception, match="sparse_vectors lacks 1 of the current chunks"):
         scorer.prepare(5, [np.array([0])])
 
 
-def test_blockwise_top_k_smaller_than_a_block_keeps_ties_by_row(monkeypatch):
+@pytest.mark.parametrize("device", SCAN_DEVICES)
+def test_blockwise_top_k_smaller_than_a_block_keeps_ties_by_row(monkeypatch, device):
     # k below a block's hit count: only scores >= the block's k-th largest are merged; with many equal
     # scores the winners must still be the lowest rows, as over one whole index.
     n = 40
@@ -176,7 +184,7 @@ def test_blockwise_top_k_smaller_than_a_block_keeps_ties_by_row(monkeypatch):
                       "term_ids": [t.tolist() for t in rows_t], "weights": [w.tolist() for w in rows_w]})
     monkeypatch.setattr(retrieval_stage, "SPARSE_BLOCK_ROWS", 16)
     queries = [(np.array([1, 2]), np.array([1.0, 1.0], np.float32)), (np.array([1]), np.array([0.5], np.float32))]
-    scorer = SparseScorer(_sparse_blocks(table, "m", chunks), n, queries)
+    scorer = SparseScorer(_sparse_blocks(table, "m", chunks), n, queries, device=device)
     scorer.prepare(3, [np.array([], np.int64)] * 2)
     index = SparseIndex(rows_t, rows_w)
     for qi, (t, w) in enumerate(queries):
@@ -189,3 +197,31 @@ def test_blockwise_top_k_smaller_than_a_block_keeps_ties_by_row(monkeypatch):
 def test_sparse_index_with_a_repeated_term_in_a_row_sums_both_postings():
     index = SparseIndex([np.array([4, 4]), np.array([4])], [np.array([1.0, 2.0]), np.array([1.0])])
     np.testing.assert_allclose(index.score_all(np.array([4]), np.array([1.0])), [3.0, 1.0])
+
+
+def test_torch_scan_gives_the_numpy_scans_candidates_on_a_larger_collection(monkeypatch):
+    # Many queries and blocks, weights on a 1/16 grid (sums exact in any order), so any difference between
+    # the two scans is a selection bug, not rounding: top-k, tie order and the pool scores must be identical.
+    rng = np.random.default_rng(11)
+    n, vocab = 700, 300
+    chunks = pa.table({"chunk_id": [f"d{i}" for i in range(n)]})
+    rows_t = [np.sort(rng.choice(vocab, size=rng.integers(0, 30), replace=False)) for _ in range(n)]
+    rows_w = [rng.integers(1, 16, len(t)).astype(np.float32) / 16 for t in rows_t]
+    table = pa.table({"chunk_id": [f"d{i}" for i in range(n)], "model": ["m"] * n,
+                      "term_ids": [t.tolist() for t in rows_t], "weights": [w.tolist() for w in rows_w]})
+    monkeypatch.setattr(retrieval_stage, "SPARSE_BLOCK_ROWS", 128)
+    terms = [rng.choice(vocab, size=rng.integers(1, 12)) for _ in range(40)]
+    queries = [(t, rng.integers(1, 8, len(t)).astype(np.float32) / 8) for t in terms]
+    overrides = {3: (np.array([1, 2, 3]), np.array([0.5, 0.5, 0.5], np.float32))}
+    wanted = [rng.choice(n, 20) for _ in queries]
+    extra = [rng.choice(n, 5) for _ in queries]
+    got = []
+    for device in SCAN_DEVICES:
+        scorer = SparseScorer(_sparse_blocks(table, "m", chunks), n, queries, overrides, device=device)
+        scorer.prepare(25, wanted)
+        pools = [np.unique(np.concatenate([w, scorer.top_k(qi, 25), extra[qi]])) for qi, w in enumerate(wanted)]
+        scorer.fill(pools)
+        got.append(([scorer.top_k(qi, 25).tolist() for qi in range(len(queries))],
+                    [scorer.scores(qi, p).tolist() for qi, p in enumerate(pools)]))
+    assert got[0] == got[1]
+    assert sum(len(t) for t in got[0][0]) > 500  # the queries do hit documents

@@ -44,3 +44,23 @@ def test_nothing_truncated_means_no_warning(tiny_registry_path, tmp_path):
     writer, record = run_dense(dense, _chunks(TEXTS[:2]), tmp_path / "a.arrow")
     writer.abort()
     assert record.encode.truncated_inputs == 0 and not record.warnings
+
+
+def test_a_reuse_rerun_still_reports_the_truncated_vectors_it_keeps(tiny_registry_path, tmp_path):
+    dense = load_registry(tiny_registry_path).get("tiny-a")
+    writer, first = run_dense(dense, _chunks(TEXTS), tmp_path / "a.arrow")
+    previous = writer.publish()
+    assert first.truncated == 1
+    # Every vector reused: nothing is encoded, the stored vector of the long chunk is still from its first tokens.
+    writer, again = run_dense(dense, _chunks(TEXTS), tmp_path / "b.arrow", previous)
+    assert again.reused == 4 and again.encode is None
+    assert (again.truncated, again.truncated_reused) == (1, 1)
+    assert any("1 of 4 chunks are longer than its max_length" in w and "reused" in w for w in again.warnings)
+    summary = build_summary("docs", {"dense_embeddings/tiny_a": again.to_summary()}, {}, {})
+    assert summary["telemetry"]["metrics"]["chunks_truncated"] == {"tiny-a": 1}
+    assert again.to_metadata("summary.json")["chunks_truncated"] == 1
+    # Carried from file to file; a long chunk added now is counted beside the reused one.
+    texts = TEXTS + ["index " * 5000]
+    chunks = _chunks(texts)
+    writer, third = run_dense(dense, chunks, tmp_path / "c.arrow", writer.publish())
+    assert (third.reused, third.truncated, third.truncated_reused) == (4, 2, 1)
