@@ -27,6 +27,7 @@ from rag_clean_assets.partitions import collections_partitions
 from tiny_models import write_tiny_registry
 
 from pipeline_helpers import Pipeline, write_collection
+from project_env import clear_settings
 
 PLANTED_QUERY = "zebra-quasar-7731 how do I install"
 # Any stored fragment of the planted query (a truncated copy included) contains this.
@@ -37,14 +38,7 @@ QUERIES = [
     {"query_id": "q-embed", "text": "embedding model vector", "gold_chunk_ids": ["legacy-1"]},
 ]
 RERANK_TOP_K = 3
-TOGGLE_VARS = ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "EMBEDDER_ENABLE_EXPORTS",
-               "RAG_CLEAN_FORCE_CPU")
 
-
-def _clean_env(mp: pytest.MonkeyPatch, tmp: Path) -> None:
-    for var in TOGGLE_VARS:
-        mp.delenv(var, raising=False)
-    mp.setenv("EMBEDDER_CONFIG_FILE", str(tmp / "absent-config.json"))
 
 
 def _materializations(result) -> dict[str, dict]:
@@ -75,7 +69,7 @@ def full_run(tmp_path_factory, tiny_registry_path):
     home = tmp / "dagster_home"
     home.mkdir()
     with pytest.MonkeyPatch.context() as mp, dg.instance_for_test(temp_dir=str(home)) as instance:
-        _clean_env(mp, tmp)
+        clear_settings(mp, tmp)
         # The query key at its default place (user config), to check it lands outside storage and instance.
         mp.delenv("RAG_CLEAN_QUERY_KEY", raising=False)
         mp.delenv("RAG_CLEAN_QUERY_KEY_FILE", raising=False)
@@ -322,7 +316,7 @@ def test_registry_dim_mismatch_fails_dense_and_keeps_previous_vectors(pipeline, 
 
 
 def test_rerank_falls_back_to_retrieval_order_when_no_reranker_loads(tiny_models_dir, tmp_path, monkeypatch):
-    _clean_env(monkeypatch, tmp_path)
+    clear_settings(monkeypatch, tmp_path)
     missing = tmp_path / "no-such-reranker"
     registry = write_tiny_registry(tmp_path / "registry", tiny_models_dir,
                                    rerank_sources=["BAAI/not-in-any-cache", f"path:{missing}"])

@@ -84,10 +84,7 @@ max_length = {TINY_MAX_LENGTH}
 
 
 @pytest.fixture
-def make_pipeline(tmp_path, tiny_models_dir, monkeypatch):
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "RAG_CLEAN_FORCE_CPU"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+def make_pipeline(tmp_path, tiny_models_dir, clean_settings):
     data_root = tmp_path / "data"
     write_collection(data_root)
 

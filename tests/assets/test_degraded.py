@@ -22,16 +22,8 @@ def _materialized(result) -> set[str]:
     return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
 
 
-def _clean_env(monkeypatch, tmp_path) -> None:
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS",
-                "EMBEDDER_ENABLE_EXPORTS", "RAG_CLEAN_FORCE_CPU"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
-
-
 def test_degraded_states_show_as_warn_checks_and_disabled_exports_leave_nothing(tiny_models_dir, tmp_path,
-                                                                                 monkeypatch):
-    _clean_env(monkeypatch, tmp_path)
+                                                                                 clean_settings):
     missing = tmp_path / "no-such-reranker"
     registry = write_tiny_registry(tmp_path / "registry", tiny_models_dir,
                                    rerank_sources=["BAAI/not-in-any-cache", f"path:{missing}"])

@@ -26,10 +26,7 @@ def _metadata(result, node):
     return result.asset_materializations_for_node(node)[0].metadata
 
 
-def test_incremental_downstream_assets_equal_a_fresh_run(tmp_path, tiny_registry_path, monkeypatch):
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+def test_incremental_downstream_assets_equal_a_fresh_run(tmp_path, tiny_registry_path, clean_settings):
     folder = write_collection(tmp_path / "data")
     inc = Pipeline(tmp_path / "data", tmp_path / "storage", tiny_registry_path, tmp_path / "locks")
     settings = dict(enable_exports=True)

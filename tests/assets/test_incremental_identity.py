@@ -55,10 +55,7 @@ def one_row_batches(monkeypatch):
 
 @pytest.mark.parametrize("registry", ["tiny", "bge-m3"])
 def test_incremental_run_equals_full_run(registry, one_row_batches, tmp_path, tiny_models_dir, tiny_registry_path,
-                                         monkeypatch):
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "RAG_CLEAN_FORCE_CPU"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+                                         clean_settings):
     registry_path = (tiny_registry_path if registry == "tiny"
                      else write_bge_m3_registry(tmp_path / "models.toml", tiny_models_dir, with_splade=True, colbert=True))
     data_root = tmp_path / "data"

@@ -30,21 +30,15 @@ from rag_clean_assets.partitions import collections_partitions
 from tiny_models import write_tiny_registry
 
 from pipeline_helpers import Pipeline, write_collection
+from project_env import clear_settings
 
 QUERIES = [
     {"query_id": "q-rerank", "text": "rerank the retrieval results with a cross encoder", "gold_chunk_ids": ["legacy-2"]},
     {"query_id": "q-embed", "text": "embedding model vector", "gold_chunk_ids": ["legacy-1"]},
 ]
-TOGGLE_VARS = ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "EMBEDDER_ENABLE_EXPORTS",
-               "RAG_CLEAN_FORCE_CPU")
 TABLE_ASSETS = ("chunks", "sparse_vectors", "queries", "reranked", "exports")
 EMBEDDING_ASSETS = ("dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings")
 
-
-def _clean_env(mp: pytest.MonkeyPatch, tmp) -> None:
-    for var in TOGGLE_VARS:
-        mp.delenv(var, raising=False)
-    mp.setenv("EMBEDDER_CONFIG_FILE", str(tmp / "absent-config.json"))
 
 
 def _events(result) -> dict[str, dg.AssetMaterialization]:
@@ -70,7 +64,7 @@ def _run_checks_only(pipeline: Pipeline, asset_key: dg.AssetKey):
 def twice(tmp_path_factory, tiny_registry_path):
     tmp = tmp_path_factory.mktemp("metadata")
     with pytest.MonkeyPatch.context() as mp:
-        _clean_env(mp, tmp)
+        clear_settings(mp, tmp)
         write_collection(tmp / "data", queries=QUERIES)
         pipeline = Pipeline(tmp / "data", tmp / "storage", tiny_registry_path, tmp / "locks")
         export_dir = str(tmp / "exported")
@@ -298,8 +292,10 @@ def test_edited_collection_marks_downstream_unsynced(twice):
 
 
 def test_rerank_fallback_warning_is_one_line_per_source_logged_once(tiny_models_dir, tmp_path, monkeypatch, caplog):
-    _clean_env(monkeypatch, tmp_path)
-    missing = tmp_path / "no-such-reranker"
+    clear_settings(monkeypatch, tmp_path)
+    # A short name: the line length bound below counts this path twice, and pytest-xdist's worker folder
+    # (popen-gwN/) already makes tmp_path longer.
+    missing = tmp_path / "gone"
     sources = ["BAAI/not-in-any-cache", "cross-encoder/also-not-cached", f"path:{missing}"]
     registry = write_tiny_registry(tmp_path / "registry", tiny_models_dir, rerank_sources=sources)
     write_collection(tmp_path / "data")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dagster as dg
 
 from pipeline_helpers import Pipeline, write_collection
+from project_env import clear_settings
+
+RERANKED = dg.AssetSelection.assets("reranked")  # checks of a selected asset run with it
 
 
 def _check(result, name: str) -> dg.AssetCheckEvaluation:
@@ -12,9 +15,7 @@ def _check(result, name: str) -> dg.AssetCheckEvaluation:
 
 
 def _pipeline(tmp_path, tiny_registry_path, monkeypatch) -> Pipeline:
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+    clear_settings(monkeypatch, tmp_path)
     write_collection(tmp_path / "data")
     return Pipeline(tmp_path / "data", tmp_path / "storage", tiny_registry_path, tmp_path / "locks")
 
@@ -37,19 +38,21 @@ def test_quality_check_compares_with_the_previous_materialization(tmp_path, tiny
     assert "rerank_pairs" in reranked["reuse"].value
 
     # One candidate per query: recall@10 can only be what recall@1 was, far below the previous run.
-    worse = pipeline.materialize(top_k_candidates=1, raise_on_error=False)
+    # (From here on only reranked and its checks run: the assets above it are stored and unchanged.)
+    worse = pipeline.materialize(selection=RERANKED, top_k_candidates=1, raise_on_error=False)
     check = _check(worse, "quality_vs_previous")
     assert recall10 > check.metadata["current/recall@10"].value + 0.02
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert "got worse than the previous materialization" in check.description and "recall@10" in check.description
 
-    strict = _check(pipeline.materialize(top_k_candidates=1, quality_severity="error", quality_margin=0.0,
-                                         raise_on_error=False), "quality_vs_previous")
+    strict = _check(pipeline.materialize(selection=RERANKED, top_k_candidates=1, quality_severity="error",
+                                         quality_margin=0.0, raise_on_error=False), "quality_vs_previous")
     assert strict.passed  # the previous run was just as bad: no drop
-    again = _check(pipeline.materialize(quality_severity="error", raise_on_error=False), "quality_vs_previous")
+    again = _check(pipeline.materialize(selection=RERANKED, quality_severity="error", raise_on_error=False),
+                   "quality_vs_previous")
     assert again.passed  # better than the previous run
-    dropped = _check(pipeline.materialize(top_k_candidates=1, quality_severity="error", raise_on_error=False),
-                     "quality_vs_previous")
+    dropped = _check(pipeline.materialize(selection=RERANKED, top_k_candidates=1, quality_severity="error",
+                                          raise_on_error=False), "quality_vs_previous")
     assert not dropped.passed and dropped.severity == dg.AssetCheckSeverity.ERROR
 
 

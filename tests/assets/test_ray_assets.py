@@ -9,7 +9,6 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from rag_clean.distributed import ray_encode  # noqa: E402
 from rag_clean.storage.embeddings import read_embeddings  # noqa: E402
 
 from pipeline_helpers import Pipeline, write_collection  # noqa: E402
@@ -17,20 +16,11 @@ from pipeline_helpers import Pipeline, write_collection  # noqa: E402
 ENCODE = ["chunks", "dense_embeddings/tiny_a", "sparse_vectors"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray_encode.shutdown_workers()
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False, logging_level="WARNING",
-             runtime_env=ray_encode.job_runtime_env())
-    yield
-    ray_encode.shutdown_workers()
-    ray.shutdown()
+# The session's local cluster (tests/conftest.py), no warm worker from another module.
+pytestmark = pytest.mark.usefixtures("ray_workers")
 
 
-def _run(tmp_path, tiny_registry_path, monkeypatch, name: str, **settings) -> Pipeline:
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_RAY_ADDRESS", "EMBEDDER_SPARSE_MODELS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+def _run(tmp_path, tiny_registry_path, name: str, **settings) -> Pipeline:
     write_collection(tmp_path / name / "data")
     pipeline = Pipeline(tmp_path / name / "data", tmp_path / name / "storage", tiny_registry_path, tmp_path / "locks")
     import dagster as dg
@@ -39,9 +29,9 @@ def _run(tmp_path, tiny_registry_path, monkeypatch, name: str, **settings) -> Pi
     return pipeline
 
 
-def test_assets_on_ray_match_the_in_process_run(tmp_path, tiny_registry_path, monkeypatch):
-    local = _run(tmp_path, tiny_registry_path, monkeypatch, "local")
-    remote = _run(tmp_path, tiny_registry_path, monkeypatch, "remote", ray_address="auto", ray_shard_rows=2)
+def test_assets_on_ray_match_the_in_process_run(tmp_path, tiny_registry_path, clean_settings):
+    local = _run(tmp_path, tiny_registry_path, "local")
+    remote = _run(tmp_path, tiny_registry_path, "remote", ray_address="auto", ray_shard_rows=2)
 
     a = read_embeddings(local.file("dense_embeddings", "tiny_a", "demo.arrow"))
     b = read_embeddings(remote.file("dense_embeddings", "tiny_a", "demo.arrow"))

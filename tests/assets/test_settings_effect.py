@@ -15,10 +15,7 @@ QUERIES = [{"query_id": "q-long", "text": LONG_QUERY, "gold_chunk_ids": ["note-1
 
 
 @pytest.fixture
-def pipeline(tmp_path, tiny_registry_path, monkeypatch) -> Pipeline:
-    for var in ("EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK", "EMBEDDER_SPARSE_MODELS", "RAG_CLEAN_FORCE_CPU"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("EMBEDDER_CONFIG_FILE", str(tmp_path / "absent-config.json"))
+def pipeline(tmp_path, tiny_registry_path, clean_settings) -> Pipeline:
     write_collection(tmp_path / "data", queries=QUERIES)
     return Pipeline(tmp_path / "data", tmp_path / "storage", tiny_registry_path, tmp_path / "locks")
 

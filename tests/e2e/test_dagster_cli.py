@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from project_env import project_env
+from project_env import init_instance, project_env
 
 from rag_clean.storage.arrow_io import read_arrow_table
 from rag_clean.storage.embeddings import read_embeddings
@@ -73,8 +73,7 @@ def cli_home(tmp_path_factory, tiny_registry_path):
         (data / name / "notes.jsonl").write_text(NOTES, encoding="utf-8")
     env = project_env(tmp, tiny_registry_path, data)
     cwd = tmp  # not the repo: a stray .env or config/ there must not leak into the run
-    _run([sys.executable, "-m", "rag_clean_assets.collections", "init-home"], env, cwd)
-    _run([sys.executable, "-m", "rag_clean_assets.collections", "add", "demo", "other"], env, cwd)
+    init_instance(env, cwd, ["demo", "other"])
     _materialize("*fused_embeddings", "other", env, cwd)
     _materialize("*", "demo", env, cwd)
     return tmp, env, cwd

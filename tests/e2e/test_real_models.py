@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from project_env import clear_settings
 from rag_clean.config.registry import DEFAULT_REGISTRY_PATH, load_registry
 from rag_clean.retrieval.metrics import ranking_metrics
 from rag_clean.storage.arrow_io import read_arrow_table
@@ -42,10 +43,7 @@ DENSE = {"all_minilm_l6_v2": 384, "sre_embedding_model": 384}
 def real_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real_models")
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("RAG_CLEAN_MODEL_REGISTRY", "EMBEDDER_ENABLE_SPARSE", "EMBEDDER_ENABLE_RERANK",
-                    "EMBEDDER_SPARSE_MODELS", "EMBEDDER_ENABLE_EXPORTS", "RAG_CLEAN_FORCE_CPU"):
-            mp.delenv(var, raising=False)
-        mp.setenv("EMBEDDER_CONFIG_FILE", str(tmp / "absent-config.json"))
+        clear_settings(mp, tmp)  # RAG_CLEAN_MODEL_REGISTRY included: the bundled default registry
         registry = load_registry(None)  # registry unset: the bundled default
         assert registry.path == DEFAULT_REGISTRY_PATH
         instance = dg.DagsterInstance.ephemeral()

@@ -29,11 +29,6 @@ TEXTS = [
 ] + [f"query {i}: search documents with sparse and dense fusion " + "tokens " * (i % 9) for i in range(30)]
 
 
-@pytest.fixture(scope="module")
-def registry(tiny_registry_path):
-    return load_registry(tiny_registry_path)
-
-
 def _st_reference(path: str, texts, max_length: int) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 

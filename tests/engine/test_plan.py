@@ -7,13 +7,7 @@ import dataclasses
 import pytest
 
 from rag_clean.config.plan import PlanError, build_run_plan
-from rag_clean.config.registry import load_registry
 from rag_clean.config.settings import EmbedderSettings, resolve_settings
-
-
-@pytest.fixture
-def registry(tiny_registry_path):
-    return load_registry(tiny_registry_path)
 
 
 def test_default_plan_runs_every_model_of_each_role(registry):

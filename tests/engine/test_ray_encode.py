@@ -21,7 +21,6 @@ ray = pytest.importorskip("ray")
 
 from rag_clean.distributed import ray_encode  # noqa: E402
 from rag_clean.config.plan import RayPlan  # noqa: E402
-from rag_clean.config.registry import load_registry  # noqa: E402
 from stage_helpers import dense as run_dense, sparse as run_sparse  # noqa: E402
 from rag_clean.storage.digests import file_digest  # noqa: E402
 from rag_clean.storage.embeddings import EmbeddingWriter, read_embeddings  # noqa: E402
@@ -30,17 +29,8 @@ from tiny_models import TEST_WORDS  # noqa: E402
 ATOL = 1e-5
 N_CHUNKS = 240
 PLAN = RayPlan(address="local", shard_rows=32, actors=2)   # 8 shards over 2 actors
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    """One small local cluster for the module: 2 CPUs (= 2 actors), a 200 MB object store, no dashboard;
-    workers get this checkout of rag_clean the way `connect` ships it."""
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False, logging_level="WARNING",
-             runtime_env=ray_encode.job_runtime_env())
-    yield
-    ray_encode.shutdown_workers()  # warm workers belong to this cluster: none may outlive it
-    ray.shutdown()
+# The session's local cluster (tests/conftest.py: 2 CPUs = 2 actors), no warm worker from another module.
+pytestmark = pytest.mark.usefixtures("ray_workers")
 
 
 def _chunks(seed: int = 0, n: int = N_CHUNKS, changed: set[int] = frozenset()) -> pa.Table:
@@ -54,11 +44,6 @@ def _chunks(seed: int = 0, n: int = N_CHUNKS, changed: set[int] = frozenset()) -
         "content_hash": [hashlib.sha256(t.encode()).hexdigest() for t in texts],
         "metadata_json": ["{}"] * n,
     })
-
-
-@pytest.fixture(scope="module")
-def registry(tiny_registry_path):
-    return load_registry(tiny_registry_path)
 
 
 def _on(ray: RayPlan | None) -> dict:

@@ -11,15 +11,9 @@ import pytest
 
 from rag_clean.distributed.ray_encode import RayUnavailableError, connect
 from rag_clean.config.plan import RayPlan, build_run_plan
-from rag_clean.config.registry import load_registry
 from rag_clean.config.settings import EmbedderSettings, SettingsError, resolve_settings
 from stage_helpers import dense, sparse
 from resources.settings import EmbedderSettingsResource
-
-
-@pytest.fixture
-def registry(tiny_registry_path):
-    return load_registry(tiny_registry_path)
 
 
 def _resolve(tmp_path, environ=None, **overrides):

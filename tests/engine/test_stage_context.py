@@ -17,7 +17,6 @@ from fake_devices import FakeDeviceBackend
 from rag_clean.chunking import ChunkingConfig
 from rag_clean.chunking.folder_version import folder_version
 from rag_clean.config.models import ModelResolver, ResolvedModel, declared_identity
-from rag_clean.config.registry import load_registry
 from rag_clean.encoders.factory import load_dense_encoder
 from rag_clean.gpu.lease import GpuLeaseManager
 from rag_clean.stages.chunks import CHUNKS
@@ -34,11 +33,6 @@ TEXTS = ["install the gpu driver", "rerank the results", "query the index"]
 def _chunks(texts=TEXTS):
     return pa.table({"chunk_id": [f"c{i}" for i in range(len(texts))],
                      "content_hash": [hashlib.sha256(t.encode()).hexdigest() for t in texts], "text": texts})
-
-
-@pytest.fixture(scope="module")
-def registry(tiny_registry_path):
-    return load_registry(tiny_registry_path)
 
 
 class Lines:

@@ -26,11 +26,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_registry_path):
-    return load_registry(tiny_registry_path)
-
-
-@pytest.fixture(scope="module")
 def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(load_registry().get("all-minilm-l6-v2").resolve_source())
 
