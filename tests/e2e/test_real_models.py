@@ -61,7 +61,16 @@ def real_run(tmp_path_factory):
 def test_real_models_outputs_are_consistent(real_run):
     assert real_run.result.success
     checks = real_run.result.get_asset_check_evaluations()
-    assert checks and all(c.passed for c in checks), [(c.asset_key, c.description) for c in checks if not c.passed]
+    assert checks
+    failed = {(c.asset_key.to_user_string(), c.check_name): c for c in checks if not c.passed}
+    # Only the documented degraded states may fail, and only as WARN (rag_clean_assets/degraded.py): the
+    # sample's 12 gold queries are too few to tune the hybrid weights, and no cross-encoder ships on PyPI,
+    # so offline the registry's reranker (and its fallbacks) may not load. Every other check passes.
+    assert set(failed) <= {("reranked", "hybrid_weights_tuned"), ("reranked", "cross_encoder_loaded")}, \
+        [(key, c.description) for key, c in failed.items()]
+    assert all(c.severity == dg.AssetCheckSeverity.WARN for c in failed.values()), failed
+    hybrid = failed.get(("reranked", "hybrid_weights_tuned"))
+    assert hybrid and "fewer than 30 needed to tune" in hybrid.description
     storage = real_run.storage
     chunk_ids = read_arrow_table(storage / "chunks" / f"{COLLECTION}.arrow").column("chunk_id").to_pylist()
     assert len(chunk_ids) > 50
@@ -83,8 +92,17 @@ def test_real_models_outputs_are_consistent(real_run):
     assert summary["dense_run"]["models_executed"] == ["all-minilm-l6-v2", "sre-embedding-model"]
     assert summary["sparse_run"]["status"] == "ok"
     rerank = summary["rerank_run"]
-    # No cross-encoder ships on PyPI: offline it falls back to retrieval order, and says so.
-    assert rerank["executed"] or (rerank["device_state"]["fallback_applied"] and rerank["fallback_reason"])
+    # No cross-encoder ships on PyPI: offline it falls back to retrieval order, and says so in the summary and
+    # in a WARN check that names the registry's model and why its source did not load.
+    warn = failed.get(("reranked", "cross_encoder_loaded"))
+    if rerank["executed"] and not rerank["device_state"]["fallback_applied"]:
+        assert warn is None
+    else:
+        assert rerank["device_state"]["fallback_applied"] and rerank["fallback_reason"]
+        assert warn is not None and rerank["fallback_reason"][:80] in warn.description
+        if not rerank["executed"]:
+            assert warn.description.startswith("no cross-encoder could be loaded: results keep retrieval order")
+            assert "bge-reranker-v2-m3" in warn.description
 
 
 def test_real_models_retrieve_the_gold_chunks(real_run):

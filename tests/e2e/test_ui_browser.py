@@ -10,6 +10,7 @@ Skips only when chromium or playwright is missing (scripts/bootstrap.sh installs
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 VIEWPORT = {"width": 1600, "height": 1000}
 JOB_PATH = "/locations/rag_clean_assets.definitions/jobs/embed_collection"
 RUN_BUDGET_S = 180
+ZOOM_OUT_STEPS = 12  # 0.05 of scale each
 RUNS_QUERY = """
 query { runsOrError(filter: {tags: [{key: "dagster/partition", value: "demo"}]}) {
   ... on Runs { results { runId status } } } }
@@ -80,10 +82,17 @@ def test_ui_graph_partition_launch_and_metadata(ui_server, page, tmp_path, tiny_
     page.goto(f"{ui_server.base}/asset-groups?expanded={expanded}", wait_until="networkidle")
     nodes = page.locator("foreignObject")
     nodes.filter(has_text="chunks").first.wait_for()
-    page.wait_for_timeout(1000)  # let the layout settle for the screenshot
+    # The UI renders only the nodes inside the viewport and opens at a fixed zoom: as the graph grows, zoom
+    # out (its own zoom-out button) until every asset is drawn, or the zoom stops at its minimum.
+    zoom_out = page.locator("button").filter(has=page.get_by_role("img", name=re.compile("zoom.out")))
+    for _ in range(ZOOM_OUT_STEPS):
+        page.wait_for_timeout(500)  # let the layout settle (and the screenshot show it)
+        graph_text = " ".join(nodes.all_text_contents())
+        missing = [key for key in sorted(keys) if key.split("/")[-1] not in graph_text]
+        if not missing:
+            break
+        zoom_out.first.click()
     _shot(page, tmp_path, "asset-graph")
-    graph_text = " ".join(nodes.all_text_contents())
-    missing = [key for key in sorted(keys) if key.split("/")[-1] not in graph_text]
     assert not missing, f"assets not in the graph: {missing}\n{graph_text[:2000]}"
 
     # 2. A collection partition of an asset.
