@@ -150,6 +150,30 @@ class Hit:
     score: float
 
 
+def from_vector(value):
+    """A stored vector as numpy: dense -> float32 array; sparse (indices + values) -> (int64 ids, float32 weights)."""
+    if hasattr(value, "indices") and hasattr(value, "values"):
+        return np.asarray(value.indices, dtype=np.int64), np.asarray(value.values, dtype=np.float32)
+    return np.asarray(value, dtype=np.float32)
+
+
+def payloads_in_order(ids: Sequence[str], records, with_vectors: Sequence[str] | None) -> list[dict]:
+    """Retrieved records (each with .id, .payload, .vector) as payload dicts in the order of `ids` (ids the
+    index lacks are left out), with the requested named vectors under "vectors"; both sinks return this."""
+    by_id = {str(r.id): r for r in records}
+    out = []
+    for i in ids:
+        record = by_id.get(i)
+        if record is None:
+            continue
+        item = dict(record.payload or {})
+        if with_vectors:
+            vectors = record.vector if isinstance(record.vector, dict) else {}
+            item["vectors"] = {n: from_vector(vectors[n]) for n in with_vectors if n in vectors}
+        out.append(item)
+    return out
+
+
 def existing_schema(names: Sequence[str]) -> pa.Schema:
     """What existing() yields: chunk_id, content_hash, then one fingerprint column per vector name and one
     for the payload ("fingerprints.<name>", null where the point has none)."""

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import qdrant_edge as qe
 
-from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema,
+from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema, payloads_in_order,
                                   VectorIndexError, existing_batch, point_id)
 
 SINK = "qdrant-edge"
@@ -45,12 +45,6 @@ def _vectors(point: IndexPoint) -> dict:
 def _hnsw(schema: IndexSchema, name: str) -> qe.HnswIndexConfig:
     # m=0: no graph for this vector (Qdrant then searches it exactly); see rag_clean.index.base.
     return qe.HnswIndexConfig(m=schema.hnsw_m(name), ef_construct=schema.hnsw[1], full_scan_threshold=HNSW_FULL_SCAN_KB)
-
-
-def _from_vector(value):
-    if isinstance(value, qe.SparseVector):
-        return np.asarray(value.indices, dtype=np.int64), np.asarray(value.values, dtype=np.float32)
-    return np.asarray(value, dtype=np.float32)
 
 
 class EdgeIndex:
@@ -196,18 +190,7 @@ class EdgeIndex:
         self._known(with_vectors or [])
         ids = [point_id(self.collection, c) for c in chunk_ids]
         records = self.shard.retrieve(ids, with_payload=True, with_vector=list(with_vectors) if with_vectors else False)
-        by_id = {str(r.id): r for r in records}
-        out = []
-        for i in ids:
-            record = by_id.get(i)
-            if record is None:
-                continue
-            item = dict(record.payload or {})
-            if with_vectors:
-                vectors = record.vector or {}
-                item["vectors"] = {n: _from_vector(vectors[n]) for n in with_vectors if n in vectors}
-            out.append(item)
-        return out
+        return payloads_in_order(ids, records, with_vectors)
 
 
 def _stored_schema(path: Path) -> IndexSchema:

@@ -17,7 +17,7 @@ import pyarrow as pa
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
-from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema,
+from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema, payloads_in_order,
                                   VectorIndexError, existing_batch, point_id)
 
 SINK = "qdrant"
@@ -29,12 +29,6 @@ def _vectors(point: IndexPoint) -> dict:
         out[name] = models.SparseVector(indices=np.asarray(indices, dtype=np.int64).tolist(),
                                         values=np.asarray(values, dtype=np.float32).tolist())
     return out
-
-
-def _from_vector(value):
-    if isinstance(value, models.SparseVector):
-        return np.asarray(value.indices, dtype=np.int64), np.asarray(value.values, dtype=np.float32)
-    return np.asarray(value, dtype=np.float32)
 
 
 def _without_credentials(url: str) -> str:
@@ -195,15 +189,4 @@ class ServerIndex:
         ids = [point_id(self.collection, c) for c in chunk_ids]
         records = self.client.retrieve(self.collection, ids, with_payload=True,
                                        with_vectors=list(with_vectors) if with_vectors else False)
-        by_id = {str(r.id): r for r in records}
-        out = []
-        for i in ids:
-            record = by_id.get(i)
-            if record is None:
-                continue
-            item = dict(record.payload or {})
-            if with_vectors:
-                vectors = record.vector if isinstance(record.vector, dict) else {}
-                item["vectors"] = {n: _from_vector(vectors[n]) for n in with_vectors if n in vectors}
-            out.append(item)
-        return out
+        return payloads_in_order(ids, records, with_vectors)

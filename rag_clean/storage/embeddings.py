@@ -10,7 +10,7 @@ streams rows (in any order) into a memory-mapped scratch matrix.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -63,17 +63,6 @@ class EmbeddingSet:
 
     def __repr__(self) -> str:
         return f"EmbeddingSet(rows={len(self)}, dim={self.dim})"
-
-
-def embedding_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
-    return pa.schema(
-        [
-            ("chunk_id", pa.string()),
-            ("content_hash", pa.string()),
-            ("embedding", pa.list_(pa.float32(), dim)),
-        ],
-        metadata={k: str(v) for k, v in (metadata or {}).items()},
-    )
 
 
 def embedding_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:

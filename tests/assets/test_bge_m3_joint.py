@@ -363,7 +363,9 @@ def test_whole_graph_with_bge_m3_partners(make_pipeline):
     order = [e.asset_key for e in result.get_asset_materialization_events()]
     assert order.index(DENSE_KEY) < order.index(SPARSE_KEY)
     checks = result.get_asset_check_evaluations()
-    assert checks and all(c.passed for c in checks), [(c.asset_key, c.check_name) for c in checks if not c.passed]
+    failed = [(c.asset_key.to_user_string(), c.check_name, c.severity) for c in checks if not c.passed]
+    # Too few planted queries to tune the hybrid weights: the one honest WARN of this run (issue 21).
+    assert checks and failed == [("reranked", "hybrid_weights_tuned", dg.AssetCheckSeverity.WARN)], failed
     summary = pipeline.summary()
     assert summary["sparse_run"]["shared_pass_with_dense"] == [DENSE]
     assert f"sparse:{LEXICAL}" in summary["stages"]["reranked"]["candidate_sources"]

@@ -14,7 +14,7 @@ psutil = pytest.importorskip("psutil")
 pytestmark = pytest.mark.e2e
 
 CORE_ASSETS = {"collection_files", "chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings",
-               "sparse_vectors", "queries", "reranked"}
+               "sparse_vectors", "queries", "reranked", "vector_index"}
 
 ASSETS_QUERY = """
 query {
