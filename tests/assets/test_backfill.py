@@ -23,6 +23,7 @@ from rag_clean.storage.layout import StorageLayout
 from rag_clean.storage.embeddings import read_embeddings
 from rag_clean_assets import definitions
 from rag_clean_assets.assets.common import BACKFILL_POLICY
+from rag_clean_assets.assets.exports import EXPORTS_KEY
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
 
 COLLECTIONS = ["alpha", "beta"]  # two are a range: one run per collection shows without a third
@@ -68,21 +69,32 @@ def test_asset_backfill_of_two_collections(tmp_path, tiny_registry_path, monkeyp
             status = instance.get_backfill(backfill_id).status
             if status != BulkActionStatus.REQUESTED:
                 break
-        assert status == BulkActionStatus.COMPLETED_SUCCESS
+        # Dagster 1.13.22+ (dagster-io/dagster#34219, open): once every run is done, a targeted partition with
+        # no materialization counts as failed, so exports left off (output_required=False, nothing yielded,
+        # as issue 21 asks) ends the backfill COMPLETED_FAILED although every run succeeded. Pin exactly that:
+        # only exports' partitions, nothing downstream, no failed run. When Dagster counts a skip as done this
+        # fails, and the README's backfill note goes.
+        backfill = instance.get_backfill(backfill_id)
+        assert status == BulkActionStatus.COMPLETED_FAILED, status
+        failed = backfill.get_asset_backfill_data(graph).failed_and_downstream_subset
+        assert failed.non_partitioned_asset_keys == set()
+        assert {k: set(s.get_partition_keys()) for k, s in failed.partitions_subsets_by_asset_key.items()} \
+            == {EXPORTS_KEY: set(COLLECTIONS)}
 
         runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
-        assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+        assert runs and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
         # multi_run(1): one run per collection, never two collections in one run
         ranges = [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
                   for r in runs]
         assert sorted(ranges) == [(c, c) for c in COLLECTIONS]
         for key in keys:
-            assert set(instance.get_materialized_partitions(key)) == set(COLLECTIONS), key
+            expected = set() if key == EXPORTS_KEY else set(COLLECTIONS)  # off: no materialization (issue 21)
+            assert set(instance.get_materialized_partitions(key)) == expected, key
 
     layout = StorageLayout(storage)
     for name in COLLECTIONS:
         for key in keys:
             path = layout.asset_file(list(key.path), name)
-            assert path.is_file() or key.path == ["exports"], path  # exports: off, materialized as "disabled"
+            assert path.is_file() == (key != EXPORTS_KEY), path  # exports: off, nothing written
         assert layout.summary_file(name).is_file()
         assert read_embeddings(layout.asset_file(["fused_embeddings"], name)).vectors.shape[0] > 0
