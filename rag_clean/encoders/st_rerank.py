@@ -33,9 +33,9 @@ class STCrossEncoderReranker(STBackend, Reranker):
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS,
                  source_label: str | None = None, **engine_options):
-        from rag_clean.encoders.st_import import sentence_transformers
+        import sentence_transformers
 
-        CrossEncoder = sentence_transformers().CrossEncoder
+        CrossEncoder = sentence_transformers.CrossEncoder
 
         path = source or spec.resolve_source()
         super().__init__(spec, device, lambda: CrossEncoder(path, device="cpu", local_files_only=True),

@@ -31,9 +31,9 @@ class STSparseEncoder(STBackend, SparseEncoder):
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
-        from rag_clean.encoders.st_import import sentence_transformers
+        import sentence_transformers
 
-        STSparse = sentence_transformers().SparseEncoder
+        STSparse = sentence_transformers.SparseEncoder
 
         path = source or spec.resolve_source()
         super().__init__(spec, device, lambda: STSparse(path, device="cpu", local_files_only=True),
