@@ -19,6 +19,16 @@ def dense_asset_key(spec: ModelSpec) -> dg.AssetKey:
     return dg.AssetKey(["dense_embeddings", spec.asset_name])
 
 
+def embedded_chunks_ins(registry) -> dict[str, dg.AssetIn]:
+    """The inputs of a stage that reads stages.context.EmbeddedChunks (reranked, exports, vector_index): chunks,
+    fused, sparse_vectors as an open Parquet file (never decoded whole), and every dense model's matrix."""
+    from resources.io_manager import LAZY_INPUT
+
+    return {"chunks": dg.AssetIn(key="chunks"), "fused_embeddings": dg.AssetIn(key="fused_embeddings"),
+            "sparse_vectors": dg.AssetIn(key="sparse_vectors", metadata={LAZY_INPUT: True}),
+            **{spec.asset_name: dg.AssetIn(key=dense_asset_key(spec)) for spec in registry.dense}}
+
+
 def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
     key = dense_asset_key(spec)
 

@@ -12,9 +12,8 @@ from rag_clean.stages.context import EmbeddedChunks, StageOutput
 from rag_clean.stages.exports import EXPORTS, EXPORTS_ASSET
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets.assets.common import run_asset, stage_asset
-from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets.assets.dense import embedded_chunks_ins
 from rag_clean_assets import versions
-from resources.io_manager import LAZY_INPUT
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -23,12 +22,9 @@ EXPORTS_KEY = dg.AssetKey(EXPORTS_ASSET)
 
 
 def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
-    dense_ins = {spec.asset_name: dg.AssetIn(key=dense_asset_key(spec)) for spec in registry.dense}
-
     @dg.asset(
         key=EXPORTS_KEY,
-        ins={"chunks": dg.AssetIn(key="chunks"), "fused_embeddings": dg.AssetIn(key="fused_embeddings"),
-             "sparse_vectors": dg.AssetIn(key="sparse_vectors", metadata={LAZY_INPUT: True}), **dense_ins},
+        ins=embedded_chunks_ins(registry),
         # After reranked, so the summary copy covers every stage of the run.
         deps=[dg.AssetKey("reranked")],
         **stage_asset(group="exports", kinds={"numpy", "json"}, code_version=versions.EXPORTS,

@@ -14,8 +14,7 @@ from rag_clean.stages.index import INDEX
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets import versions
 from rag_clean_assets.assets.common import run_asset, stage_asset
-from rag_clean_assets.assets.dense import dense_asset_key
-from resources.io_manager import LAZY_INPUT
+from rag_clean_assets.assets.dense import embedded_chunks_ins
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -24,12 +23,9 @@ INDEX_KEY = dg.AssetKey("vector_index")
 
 
 def build_index_asset(registry: Registry) -> dg.AssetsDefinition:
-    dense_ins = {spec.asset_name: dg.AssetIn(key=dense_asset_key(spec)) for spec in registry.dense}
-
     @dg.asset(
         key=INDEX_KEY,
-        ins={"chunks": dg.AssetIn(key="chunks"), "fused_embeddings": dg.AssetIn(key="fused_embeddings"),
-             "sparse_vectors": dg.AssetIn(key="sparse_vectors", metadata={LAZY_INPUT: True}), **dense_ins},
+        ins=embedded_chunks_ins(registry),
         output_required=False,   # index_sink=off: skipped, not materialized empty
         **stage_asset(group="index", kinds={"qdrant"}, code_version=versions.INDEX, gpu=False),
         description="Every chunk as a point of a vector database (Qdrant's model: named dense vectors fused + one "

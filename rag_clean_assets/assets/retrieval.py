@@ -11,12 +11,11 @@ from rag_clean.config.registry import Registry
 from rag_clean.stages.context import EmbeddedChunks, StageOutput
 from rag_clean.stages.retrieval import QUERIES, RERANKED
 from rag_clean.storage.embeddings import EmbeddingSet
-from rag_clean_assets.assets.dense import dense_asset_key
+from rag_clean_assets.assets.dense import embedded_chunks_ins
 from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets import versions
 from rag_clean_assets.observe import COLLECTION_FILES
 from resources.gpu_lease import GpuLeaseResource
-from resources.io_manager import LAZY_INPUT
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
@@ -41,12 +40,8 @@ def build_queries_asset() -> dg.AssetsDefinition:
 
 def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
     # The per-model matrices are inputs for tune_ensemble_weights (memory-mapped: loading them costs nothing).
-    dense_ins = {spec.asset_name: dg.AssetIn(key=dense_asset_key(spec)) for spec in registry.dense}
-
     @dg.asset(
-        ins={"chunks": dg.AssetIn(key="chunks"), "queries": dg.AssetIn(key="queries"),
-             "fused_embeddings": dg.AssetIn(key="fused_embeddings"), "sparse_vectors": dg.AssetIn(key="sparse_vectors", metadata={LAZY_INPUT: True}),
-             **dense_ins},
+        ins={"queries": dg.AssetIn(key="queries"), **embedded_chunks_ins(registry)},
         **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.reranked_code_version(registry), gpu=True),
         description="Per query: hybrid candidates (dense + sparse, a weighted sum of normalized scores tuned on a "
                     "held-out split, or RRF), the top K reranked by a cross-encoder (fallback chain from the "
