@@ -7,7 +7,9 @@ from typing import Any, Iterable, Iterator
 
 from .config import ChunkingError, SkipRecord
 from .rows import make_row
-from .tokens import CountTokens
+from .tokens import CountTokens, count_many
+
+_COUNT_BLOCK = 512  # rows whose token counts one batched tokenizer call fills
 
 
 def _check_unicode(value: Any, where: str, field: str = "") -> None:
@@ -99,11 +101,20 @@ def read_chunk_file(
             mapped.get("chunk_index", i),
             mapped.get("heading"),
             mapped.get("section_path", []),
-            mapped.get("token_count", count_tokens(text)),
+            mapped.get("token_count"),
             kept,
         )
         rows.append((row, where))
+    _fill_token_counts([row for row, _ in rows], count_tokens)
     return rows
+
+
+def _fill_token_counts(rows: list[dict], count_tokens: CountTokens) -> None:
+    """Token counts for the rows whose record gave none, counted in one batch."""
+    missing = [row for row in rows if row["token_count"] is None]
+    if missing:
+        for row, n in zip(missing, count_many(count_tokens, [row["text"] for row in missing])):
+            row["token_count"] = n
 
 
 def read_jsonl(raw: str, rel: str, count_tokens: CountTokens, skipped: list[SkipRecord]) -> list[tuple[dict, str]]:
@@ -132,7 +143,21 @@ def jsonl_file_lines(path, rel: str, block_bytes: int = 1 << 20) -> Iterator[tup
 
 def iter_jsonl(lines: Iterable[tuple[int, str]], rel: str, count_tokens: CountTokens,
                skipped: list[SkipRecord]) -> Iterator[tuple[dict, str]]:
-    """Rows of numbered JSONL lines, one at a time (a file of any size streams through)."""
+    """Rows of numbered JSONL lines, in blocks of _COUNT_BLOCK (a file of any size streams through;
+    the token counts of a block are taken in one batched call)."""
+    block: list[tuple[dict, str]] = []
+    for located in _jsonl_rows(lines, rel, skipped):
+        block.append(located)
+        if len(block) >= _COUNT_BLOCK:
+            _fill_token_counts([row for row, _ in block], count_tokens)
+            yield from block
+            block.clear()
+    _fill_token_counts([row for row, _ in block], count_tokens)
+    yield from block
+
+
+def _jsonl_rows(lines: Iterable[tuple[int, str]], rel: str, skipped: list[SkipRecord]) -> Iterator[tuple[dict, str]]:
+    """Rows of numbered JSONL lines, token_count None where the record gives none."""
     ordinal = 0
     for lineno, line in lines:
         if not line.strip():
@@ -171,7 +196,7 @@ def iter_jsonl(lines: Iterable[tuple[int, str]], rel: str, count_tokens: CountTo
             index,
             mapped.get("heading"),
             mapped.get("section_path", []),
-            mapped.get("token_count", count_tokens(text)),
+            mapped.get("token_count"),
             metadata,
         )
         yield row, where

@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 import re
 import string
-from typing import Callable
+from typing import Callable, Sequence
 
 CountTokens = Callable[[str], int]
+
+
+def count_many(count: CountTokens, texts: Sequence[str]) -> list[int]:
+    """`count` over many texts: in one batched call where the counter has one (a real tokenizer's
+    `many`, encoders.chunk_tokens.TokenCounter), else one by one."""
+    many = getattr(count, "many", None)
+    return list(many(texts)) if many is not None else [count(t) for t in texts]
 
 # Word runs and single punctuation marks. A WordPiece / BPE vocabulary keeps short common words
 # whole and cuts longer or rarer ones (identifiers, paths, hashes) into pieces of a few characters.

@@ -61,6 +61,15 @@ class TokenCounter:
     def __call__(self, text: str) -> int:
         return self._count(text)
 
+    def many(self, texts: Sequence[str]) -> list[int]:
+        """Counts of many texts in one call: the Rust tokenizer encodes them in parallel on all cores
+        without the GIL (rows read as they are, e.g. JSONL, are counted in blocks; one by one they
+        made the chunks step 9x slower)."""
+        t = self.tokenizer
+        batch = [x.lower() for x in texts] if t.lowercase else list(texts)
+        encode = getattr(t.rust, "encode_batch_fast", None) or t.rust.encode_batch  # _fast: no offsets (tokenizers>=0.21)
+        return [len(e.ids) for e in encode(batch, add_special_tokens=True)]
+
 
 def _json(folder: Path, name: str) -> dict:
     path = folder / name

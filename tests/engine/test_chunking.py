@@ -634,3 +634,29 @@ def test_the_packing_tokenizer_is_part_of_the_chunks_identity(tmp_path):
     # The manifest key: a new packing tokenizer re-parses every document rather than reuse old rows.
     assert config_key(config, a.counter()) != config_key(config, b.counter())
     assert config_key(config, a.counter()) == config_key(config, a.counter())
+
+
+def test_rows_read_as_they_are_get_the_same_token_counts_batched(tmp_path):
+    """JSONL / chunk-file rows are counted in blocks by one batched tokenizer call: the counts equal
+    one-by-one counts (lowercasing included), across block boundaries and with counts given in metadata."""
+    from rag_clean.config.registry import load_registry
+    from rag_clean.chunking.readers import _COUNT_BLOCK
+    from rag_clean.encoders.chunk_tokens import packing_specs, strictest_tokenizer
+
+    packing, _ = strictest_tokenizer(packing_specs(load_registry(_minilm_registry(tmp_path))))
+    count = packing.counter()
+    rng = __import__("random").Random(3)
+    words = ["Alpha", "beta", "GPU-lease", "config.yaml", "zqxv", "naïve", "ünïcode", "x" * 30]
+    n = _COUNT_BLOCK * 2 + 17
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(n)]
+    folder = tmp_path / "data" / "c"
+    lines = [json.dumps({"id": f"r{i}", "text": t, **({"token_count": 7} if i % 100 == 5 else {})})
+             for i, t in enumerate(texts)]
+    write(folder, "rows.jsonl", "\n".join(lines) + "\n")
+    write(folder, "old_chunks.json", json.dumps(
+        [{"text": t, "metadata": {"chunk_id": f"o{i}"}} for i, t in enumerate(texts[:50])]))
+    table = read_collection(folder, ChunkingConfig(), count).table
+    got = dict(zip(table.column("chunk_id").to_pylist(), table.column("token_count").to_pylist()))
+    assert count.many(texts[:3]) == [count(t) for t in texts[:3]]
+    assert [got[f"r{i}"] for i in range(n)] == [7 if i % 100 == 5 else count(t) for i, t in enumerate(texts)]
+    assert [got[f"o{i}"] for i in range(50)] == [count(t) for t in texts[:50]]
