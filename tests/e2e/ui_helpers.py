@@ -15,6 +15,8 @@ from project_env import init_instance, project_env
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 90
+# workspace.yaml's location (pyproject's [tool.dagster] too): URLs are /locations/<this>/...
+LOCATION_NAME = "rag_clean"
 
 
 @dataclass
@@ -29,7 +31,7 @@ class UiServer:
         return self.tmp / "storage"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,7 +73,7 @@ def start_ui_server(tmp_path_factory, tiny_registry_path) -> UiServer:
     env = project_env(tmp, tiny_registry_path, tmp / "data")
     init_instance(env, tmp, ["demo"])
 
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "webserver.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
@@ -79,21 +81,28 @@ def start_ui_server(tmp_path_factory, tiny_registry_path) -> UiServer:
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dagster-webserver exited {proc.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                if requests.get(f"{base}/server_info", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"dagster-webserver not up after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-            time.sleep(0.5)
+        wait_for_server(base, proc, log_path)
         yield UiServer(base=base, tmp=tmp, env=env, log=log_path)
     finally:
         stop_process_tree(proc)
+
+
+def wait_for_server(base: str, proc: subprocess.Popen, log_path: Path) -> None:
+    """Until GET /server_info answers; fails with the log's tail if the process exits or it takes too long."""
+    import requests
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[:4]} exited {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+        try:
+            if requests.get(f"{base}/server_info", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{base} not up after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
+        time.sleep(0.5)
 
 
 def graphql(base: str, query: str, variables: dict | None = None) -> dict:
