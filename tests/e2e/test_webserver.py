@@ -89,10 +89,11 @@ def _embed_job_selector(base: str) -> dict:
     pytest.fail("embed_collection job not found in the workspace")
 
 
-def test_run_launched_from_the_webserver_alone_reaches_success(ui_server):
-    """The README's UI command runs no daemon: with our dagster.yaml (DefaultRunCoordinator) a launched run must
-    start at once and finish, not sit QUEUED (what the default queued coordinator does without a daemon)."""
-    assert "DefaultRunCoordinator" in (ui_server.tmp / "home" / "dagster.yaml").read_text()
+def test_run_launched_from_the_ui_command_reaches_success(ui_server):
+    """The README's UI command runs the daemon: with our dagster.yaml (QueuedRunCoordinator, no backfill-dialog
+    warning) a launched run must leave the queue at once and finish, not sit QUEUED."""
+    assert "QueuedRunCoordinator" in (ui_server.tmp / "home" / "dagster.yaml").read_text()
+    assert graphql(ui_server.base, "query { instance { runQueuingSupported } }")["instance"]["runQueuingSupported"]
     wait_for_asset_nodes(ui_server.base, "query { assetNodes { id } }")
     params = {"selector": _embed_job_selector(ui_server.base), "runConfigData": {},
               "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "demo"}]}}

@@ -1,4 +1,5 @@
-"""Shared by the e2e UI tests (GraphQL and browser): one dagster-webserver over a real DAGSTER_HOME, tiny models."""
+"""Shared by the e2e UI tests (GraphQL and browser): the README's UI command (`rag-clean ui`: webserver + daemon)
+over a real DAGSTER_HOME, tiny models."""
 
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def stop_process_tree(proc: subprocess.Popen) -> None:
 
 
 def start_ui_server(tmp_path_factory, tiny_registry_path) -> UiServer:
-    """`dagster-webserver -h 127.0.0.1 -p PORT -m rag_clean_assets.definitions` (the README's UI command without
-    the daemon) over a home written by init-home, with one collection partition `demo`."""
+    """`rag-clean ui --port PORT` (the README's UI command: dagster dev -w workspace.yaml, location
+    LOCATION_NAME) over a home written by init-home, with one collection partition `demo`."""
     requests = pytest.importorskip("requests")
     pytest.importorskip("psutil")
     tmp = tmp_path_factory.mktemp("webserver")
@@ -76,8 +77,8 @@ def start_ui_server(tmp_path_factory, tiny_registry_path) -> UiServer:
     port = free_port()
     log_path = tmp / "webserver.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-                                 "-m", "rag_clean_assets.definitions"], env=env, cwd=tmp, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "rag_clean_assets.cli", "ui", "--port", str(port)],
+                                env=env, cwd=tmp, stdout=log,
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
