@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ui_helpers import graphql, wait_for_asset_nodes
+from ui_helpers import LOCATION_NAME, graphql, wait_for_asset_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ CHROMIUM = os.environ.get("RAG_CLEAN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1600, "height": 1000}
-JOB_PATH = "/locations/rag_clean_assets.definitions/jobs/embed_collection"
+JOB_PATH = f"/locations/{LOCATION_NAME}/jobs/embed_collection"
 RUN_BUDGET_S = 180
 ZOOM_OUT_STEPS = 12  # 0.05 of scale each
 RUNS_QUERY = """
