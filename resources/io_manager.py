@@ -26,6 +26,7 @@ from rag_clean.storage.errors import StorageError
 from rag_clean.storage.parquet import read_table, write_table
 from rag_clean.storage.staged import Staged
 from rag_clean.telemetry.summary import record_materialization, utc_now
+from resources.columns import column_schema_metadata
 from resources.paths import PathsResource
 
 # Stages that can be switched off (sparse toggle, dense models outside ensemble_models): a missing
@@ -51,21 +52,18 @@ def to_dagster_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def stored_table_metadata(path: Path) -> dict[str, Any]:
-    """Dagster's standard `dagster/row_count` (and `dagster/column_schema` for Parquet tables) of the file
-    just published, read from its footer / schema: what the UI shows in its table and lineage views."""
+    """Dagster's standard `dagster/row_count` and `dagster/column_schema` (with the column descriptions the
+    engine's schema gave the file) of the file just published, read from its footer / schema: what the UI
+    shows in its table and lineage views."""
     if path.suffix == ".parquet":
         meta = pq.ParquetFile(str(path)).metadata
-        schema = meta.schema.to_arrow_schema()
-        columns = [dg.TableColumn(name=f.name, type=str(f.type)) for f in schema]
-        return {"dagster/row_count": int(meta.num_rows),
-                "dagster/column_schema": dg.MetadataValue.table_schema(dg.TableSchema(columns=columns))}
+        return {"dagster/row_count": int(meta.num_rows), **column_schema_metadata(meta.schema.to_arrow_schema())}
     if path.suffix == ".arrow":
         with pa.memory_map(str(path)) as source:
             reader = pa.ipc.open_file(source)
             rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-            columns = [dg.TableColumn(name=f.name, type=str(f.type)) for f in reader.schema]
-        return {"dagster/row_count": int(rows),
-                "dagster/column_schema": dg.MetadataValue.table_schema(dg.TableSchema(columns=columns))}
+            schema = reader.schema
+        return {"dagster/row_count": int(rows), **column_schema_metadata(schema)}
     return {}
 
 

@@ -7,17 +7,19 @@ import json
 
 import pyarrow as pa
 
+from rag_clean.storage.columns import column
+
 CHUNK_SCHEMA = pa.schema(
     [
-        ("chunk_id", pa.string()),  # stable: same input -> same id
-        ("text", pa.string()),  # the text that gets embedded
-        ("content_hash", pa.string()),  # sha256 hex of `text`
-        ("source_file", pa.string()),  # relative to the collection folder, forward slashes
-        ("chunk_index", pa.int32()),  # index within its source file
-        ("heading", pa.string()),  # nearest heading text (nullable)
-        ("section_path", pa.list_(pa.string())),  # heading trail, outermost first
-        ("token_count", pa.int32()),
-        ("metadata_json", pa.string()),  # all original metadata as JSON (sorted keys)
+        column("chunk_id", pa.string(), "stable id: the same input gives the same id"),
+        column("text", pa.string(), "the text that gets embedded"),
+        column("content_hash", pa.string(), "sha256 hex of text: keys reuse of vectors of unchanged chunks"),
+        column("source_file", pa.string(), "the input file, relative to the collection folder, forward slashes"),
+        column("chunk_index", pa.int32(), "index of the chunk within its source file"),
+        column("heading", pa.string(), "nearest heading text (null when the chunk has none)"),
+        column("section_path", pa.list_(pa.string()), "heading trail, outermost first"),
+        column("token_count", pa.int32(), "tokens of text under the chunking tokenizer (special tokens included)"),
+        column("metadata_json", pa.string(), "every original metadata field as JSON (sorted keys)"),
     ]
 )
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rag_clean.storage.columns import column
 from rag_clean.storage.errors import StorageError
 from rag_clean.storage.names import check_name, path_under
 # Point ids are the vector index's decision: the export's JSONL points and the synced index's points are the same.
@@ -35,7 +36,9 @@ EXPORT_BLOCK_ROWS = 4096
 FUSED_VECTOR_NAME = "fused"
 SPARSE_VECTOR_NAME = "sparse"
 
-FILES_SCHEMA = pa.schema([("name", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string())])
+FILES_SCHEMA = pa.schema([column("name", pa.string(), "an exported file, relative to the collection's export folder"),
+                          column("bytes", pa.int64(), "its size in bytes"),
+                          column("sha256", pa.string(), "sha256 hex of its bytes")])
 
 class ExportError(StorageError):
     """Stored assets do not line up (other chunks, other order) or a name cannot become a file name."""

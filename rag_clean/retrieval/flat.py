@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rag_clean.storage.columns import column
 from rag_clean.telemetry.privacy import query_hash, query_key, redact_query
 
 QUERIES_FILE = "queries.jsonl"
@@ -31,12 +32,13 @@ class Query:
 
 
 QUERY_SCHEMA = pa.schema([
-    ("query_id", pa.string()),
-    ("text_hash", pa.string()),      # the raw text is never stored; it is re-read from its origin
-    ("text_chars", pa.int32()),
-    ("text_display", pa.string()),   # per query_text_mode: the hash, or the first 100 characters
-    ("gold_chunk_ids", pa.list_(pa.string())),
-    ("origin", pa.string()),
+    column("query_id", pa.string(), "the query's id (from queries.jsonl, or made from its heading)"),
+    column("text_hash", pa.string(), "keyed hash of the query text (the raw text is never stored; it is re-read "
+                                     "from its origin)"),
+    column("text_chars", pa.int32(), "length of the query text in characters"),
+    column("text_display", pa.string(), "per query_text_mode: the hash, or the first 100 characters"),
+    column("gold_chunk_ids", pa.list_(pa.string()), "the chunks that answer the query (recall@k, MRR count them)"),
+    column("origin", pa.string(), "where the query came from: file:queries.jsonl:<line> or heading:<source_file>"),
 ])
 
 
@@ -378,10 +380,11 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = 60, top_k
 
 
 RERANKED_SCHEMA = pa.schema([
-    ("query_id", pa.string()),
-    ("rank", pa.int32()),
-    ("chunk_id", pa.string()),
-    ("retrieval_score", pa.float32()),
-    ("rerank_score", pa.float32()),   # null where the cross-encoder did not score (disabled / beyond rerank_top_k)
-    ("scorer", pa.string()),
+    column("query_id", pa.string(), "the query (queries.query_id)"),
+    column("rank", pa.int32(), "final rank of the chunk for the query, 1 = best"),
+    column("chunk_id", pa.string(), "the ranked chunk (chunks.chunk_id)"),
+    column("retrieval_score", pa.float32(), "hybrid candidate score before reranking"),
+    column("rerank_score", pa.float32(), "cross-encoder score; null where it did not score (rerank disabled, "
+                                         "no reranker loaded, or beyond rerank_top_k)"),
+    column("scorer", pa.string(), "what ordered the list: the cross-encoder's id, or retrieval (and why)"),
 ])

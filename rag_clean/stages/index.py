@@ -12,14 +12,21 @@ from rag_clean.config.plan import RunPlan
 from rag_clean.index.base import VectorIndex
 from rag_clean.index.sync import SyncSources, sync_index
 from rag_clean.stages.context import EmbeddedChunks, Stage, StageContext, StageIO
+from rag_clean.storage.columns import column
 from rag_clean.storage.errors import StorageError
 from rag_clean.telemetry.downstream_records import IndexRecord
 from rag_clean.telemetry.progress import ProgressLog
 from rag_clean.telemetry.records import ReuseCount
 
 # The asset's stored value: one row saying where the index is and which state of the assets it holds.
-INDEX_TABLE_SCHEMA = pa.schema([("sink", pa.string()), ("location", pa.string()), ("collection", pa.string()),
-                                ("vectors", pa.string()), ("points", pa.int64()), ("state", pa.string())])
+INDEX_TABLE_SCHEMA = pa.schema([
+    column("sink", pa.string(), "the vector store (index_sink): qdrant-edge or qdrant"),
+    column("location", pa.string(), "where the index is: a folder under the storage root, or the server URL"),
+    column("collection", pa.string(), "the collection name inside the vector store"),
+    column("vectors", pa.string(), "the named vectors of each point and their sizes, as JSON"),
+    column("points", pa.int64(), "points in the index after the sync"),
+    column("state", pa.string(), "digest of the assets' state the index holds (what the next sync compares)"),
+])
 
 
 def source_state(sources: SyncSources) -> str:

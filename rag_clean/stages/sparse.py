@@ -22,6 +22,7 @@ from rag_clean.config.plan import RunPlan
 from rag_clean.telemetry.progress import ProgressLog, track
 from rag_clean.telemetry.records import ReuseCount, SparseRecord, truncation_warning
 from rag_clean.config.registry import ModelSpec
+from rag_clean.storage.columns import column
 from rag_clean.storage.previous import read_previous
 from rag_clean.storage.reuse import ArrowTexts, complement
 from rag_clean.storage.parquet import TableWriter
@@ -36,12 +37,12 @@ log = logging.getLogger(__name__)
 # "fingerprint.<model>" per model (what its rows were computed with; a fallback model's rows are marked
 # fallback=True and are never reused as model rows).
 SPARSE_SCHEMA = pa.schema([
-    ("chunk_id", pa.string()),
-    ("content_hash", pa.string()),
-    ("model", pa.string()),
-    ("term_ids", pa.list_(pa.int32())),
-    ("weights", pa.list_(pa.float32())),
-    ("fallback", pa.bool_()),     # rebuilt from metadata term weights because inference failed
+    column("chunk_id", pa.string(), "the chunk (chunks.chunk_id)"),
+    column("content_hash", pa.string(), "sha256 of the chunk text these weights were computed from"),
+    column("model", pa.string(), "the sparse registry model of this row"),
+    column("term_ids", pa.list_(pa.int32()), "vocabulary ids of the kept terms (top-k by weight)"),
+    column("weights", pa.list_(pa.float32()), "weight of each term in term_ids, same order"),
+    column("fallback", pa.bool_(), "true: rebuilt from the chunk's metadata term weights because inference failed"),
 ])
 FINGERPRINT_KEY = "fingerprint.{}"
 

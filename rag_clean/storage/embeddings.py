@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from rag_clean.storage.arrow_io import as_string_array
+from rag_clean.storage.columns import column
 from rag_clean.storage.errors import StorageError, unreadable
 from rag_clean.storage.staged import StagedFile, abort_on_error, names_disk_full
 
@@ -65,12 +66,16 @@ class EmbeddingSet:
         return f"EmbeddingSet(rows={len(self)}, dim={self.dim})"
 
 
-def embedding_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
+def embedding_schema(dim: int | None, metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """The stored file's schema. `dim` None: the columns as declared before a run, when the width is not
+    known yet (fused_embeddings: it depends on the run's ensemble and fusion method); stored files always
+    carry a fixed width."""
+    vector = pa.list_(pa.float32(), dim) if dim is not None else pa.list_(pa.float32())
     return pa.schema(
         [
-            ("chunk_id", pa.string()),
-            ("content_hash", pa.string()),
-            ("embedding", pa.list_(pa.float32(), dim)),
+            column("chunk_id", pa.string(), "the chunk (chunks.chunk_id)"),
+            column("content_hash", pa.string(), "sha256 of the chunk text this vector was computed from"),
+            column("embedding", vector, "the chunk's L2-normalized vector (float32, one width per file)"),
         ],
         metadata={k: str(v) for k, v in (metadata or {}).items()},
     )

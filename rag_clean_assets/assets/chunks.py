@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from rag_clean.chunking import ChunkingConfig
+from rag_clean.chunking import CHUNK_SCHEMA, ChunkingConfig
 from rag_clean.config.registry import Registry
 from rag_clean.stages.chunks import CHUNKS
 from rag_clean.stages.context import StageOutput
@@ -35,7 +35,7 @@ def build_chunks_asset(registry: Registry) -> dg.AssetsDefinition:
     code version covers the registry's dense / sparse entries: their strictest tokenizer packs documents."""
     return dg.asset(
         **stage_asset(group="ingest", kinds={"python", "arrow"}, code_version=versions.chunks_code_version(registry),
-                      gpu=False),
+                      gpu=False, columns=CHUNK_SCHEMA),
         deps=[COLLECTION_FILES],
         description="Chunks of one collection: old *_chunks.json files, JSONL, and Markdown/text documents chunked "
                     "heading-aware within a token budget counted by the tokenizer of the registry model with the "

@@ -4,6 +4,7 @@
 from collections import OrderedDict
 
 import dagster as dg
+import pyarrow as pa
 
 from rag_clean.config.settings import process_setting
 from rag_clean.config.plan import RunPlan, build_run_plan
@@ -11,6 +12,7 @@ from rag_clean.stages.context import Stage, StageContext, run_stage
 from rag_clean_assets.partitions import collections_partitions
 from rag_clean_assets.pods import cpu_pod_tags, gpu_pod_tags
 from rag_clean_assets.versions import versioned
+from resources.columns import column_schema_metadata
 from resources.gpu_lease import GpuLeaseResource
 from resources.paths import PathsResource
 from resources.registry import ModelRegistryResource
@@ -33,14 +35,17 @@ def owners() -> list[str]:
     return [o.strip() for o in str(process_setting("owners")).split(",") if o.strip()]
 
 
-def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool, tags: dict | None = None) -> dict:
+def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool, tags: dict | None = None,
+                columns: pa.Schema | None = None, metadata: dict | None = None) -> dict:
     """The decorator arguments every stage asset shares: one partition per collection, stored by the
     telemetry IO manager, a code version, owners and a `stage` tag (plus `model` where one model makes it),
-    and its pod: GPU steps also sit in the `gpu` pool."""
+    and its pod: GPU steps also sit in the `gpu` pool. `columns`: the engine's schema of the stored table,
+    declared (with its column descriptions) so the catalog shows it before any run."""
     kwargs = dict(partitions_def=collections_partitions, io_manager_key=IO_MANAGER_KEY, group_name=group,
                   kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags(),
                   owners=owners(),
-                  tags={"stage": group, "device": "gpu" if gpu else "cpu", **(tags or {})})
+                  tags={"stage": group, "device": "gpu" if gpu else "cpu", **(tags or {})},
+                  metadata={**(metadata or {}), **(column_schema_metadata(columns) if columns is not None else {})})
     return kwargs | ({"pool": "gpu"} if gpu else {})
 
 

@@ -7,6 +7,7 @@ import pyarrow as pa
 from rag_clean.config.registry import ModelSpec
 from rag_clean.stages.context import StageOutput
 from rag_clean.stages.dense import DENSE
+from rag_clean.storage.embeddings import embedding_schema
 from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets import versions
 from resources.gpu_lease import GpuLeaseResource
@@ -36,11 +37,11 @@ def build_dense_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         key=key,
         ins={"chunks": dg.AssetIn(key="chunks")},
         **stage_asset(group="embeddings", kinds={"pytorch", "arrow"}, code_version=versions.dense_code_version(spec),
-                      gpu=True, tags={"model": spec.asset_name}),
+                      gpu=True, tags={"model": spec.asset_name}, columns=embedding_schema(spec.output_dim),
+                      metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,
+                                "dim": int(spec.output_dim or 0), "fusion_weight": float(spec.weight)}),
         description=f"L2-normalized float32 vectors of every chunk from dense model {spec.name} "
                     f"({spec.backend}, {spec.source}). Vectors of unchanged chunks are reused.",
-        metadata={"model": spec.name, "backend": spec.backend, "source": spec.source,
-                  "dim": int(spec.output_dim or 0), "fusion_weight": float(spec.weight)},
     )
     def _dense(context: dg.AssetExecutionContext, chunks: pa.Table, gpu_lease: GpuLeaseResource,
                registry: ModelRegistryResource, settings: EmbedderSettingsResource, paths: PathsResource) -> dg.Output[StageOutput]:

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
+from rag_clean.exports.files import FILES_SCHEMA
 from rag_clean.stages.context import EmbeddedChunks, StageOutput
 from rag_clean.stages.exports import EXPORTS, EXPORTS_ASSET
 from rag_clean.storage.embeddings import EmbeddingSet
@@ -28,7 +29,7 @@ def build_exports_asset(registry: Registry) -> dg.AssetsDefinition:
         # After reranked, so the summary copy covers every stage of the run.
         deps=[dg.AssetKey("reranked")],
         **stage_asset(group="exports", kinds={"numpy", "json"}, code_version=versions.EXPORTS,
-                      gpu=False),
+                      gpu=False, columns=FILES_SCHEMA),
         output_required=False,  # off by default: a disabled export yields nothing
         # Placeholders in braces: the UI renders descriptions as markdown and swallows <...> as HTML.
         description="The old embedder's export files under {export_dir}/{collection}/: fused and per-model .npy, "

@@ -9,7 +9,7 @@ import pyarrow as pa
 from rag_clean.config.registry import Registry
 from rag_clean.stages.context import StageOutput
 from rag_clean.stages.fusion import FUSION
-from rag_clean.storage.embeddings import EmbeddingSet
+from rag_clean.storage.embeddings import EmbeddingSet, embedding_schema
 from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
@@ -27,7 +27,7 @@ def build_fused_asset(registry: Registry) -> dg.AssetsDefinition:
         key=FUSED_KEY,
         ins={"chunks": dg.AssetIn(key="chunks"), **ins},
         **stage_asset(group="embeddings", kinds={"numpy", "arrow"}, code_version=versions.fused_code_version(registry),
-                      gpu=False),
+                      gpu=False, columns=embedding_schema(None)),
         description="Weighted fusion of the dense models. concat (default): each unit vector scaled by sqrt(weight), "
                     "concatenated, so cosine = weighted sum of per-model cosines; mean: the old weighted mean.",
     )

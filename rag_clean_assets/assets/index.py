@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
 from rag_clean.stages.context import EmbeddedChunks
-from rag_clean.stages.index import INDEX
+from rag_clean.stages.index import INDEX, INDEX_TABLE_SCHEMA
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean_assets import versions
 from rag_clean_assets.assets.common import run_asset, stage_asset
@@ -27,7 +27,8 @@ def build_index_asset(registry: Registry) -> dg.AssetsDefinition:
         key=INDEX_KEY,
         ins=embedded_chunks_ins(registry),
         output_required=False,   # index_sink=off: skipped, not materialized empty
-        **stage_asset(group="index", kinds={"qdrant"}, code_version=versions.INDEX, gpu=False),
+        **stage_asset(group="index", kinds={"qdrant"}, code_version=versions.INDEX, gpu=False,
+                      columns=INDEX_TABLE_SCHEMA),
         description="Every chunk as a point of a vector database (Qdrant's model: named dense vectors fused + one "
                     "per dense model, one sparse vector per sparse model, the chunk's payload), synced by content "
                     "hash and model fingerprint: only changed chunks are written, removed ones deleted. Sink: "

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_clean.config.registry import Registry
+from rag_clean.retrieval.flat import QUERY_SCHEMA, RERANKED_SCHEMA
 from rag_clean.stages.context import EmbeddedChunks, StageOutput
 from rag_clean.stages.retrieval import QUERIES, RERANKED
 from rag_clean.storage.embeddings import EmbeddingSet
@@ -30,7 +31,7 @@ def build_queries_asset() -> dg.AssetsDefinition:
     """Built when the definitions are (its pod tags read the executor and pod config), not at import."""
     return dg.asset(
         **stage_asset(group="retrieval", kinds={"python", "parquet"}, code_version=versions.QUERIES,
-                      gpu=False),
+                      gpu=False, columns=QUERY_SCHEMA),
         deps=[COLLECTION_FILES],  # it reads the folder's queries.jsonl, which chunks does not
         description="Evaluation queries: the collection's queries.jsonl, else one query per chunk heading (gold = "
                     "the chunks under it). Stores ids, text hashes, gold ids and the text as query_text_mode allows "
@@ -42,7 +43,8 @@ def build_reranked_asset(registry: Registry) -> dg.AssetsDefinition:
     # The per-model matrices are inputs for tune_ensemble_weights (memory-mapped: loading them costs nothing).
     @dg.asset(
         ins={"queries": dg.AssetIn(key="queries"), **embedded_chunks_ins(registry)},
-        **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.reranked_code_version(registry), gpu=True),
+        **stage_asset(group="retrieval", kinds={"pytorch", "parquet"}, code_version=versions.reranked_code_version(registry), gpu=True,
+                      columns=RERANKED_SCHEMA),
         description="Per query: hybrid candidates (dense + sparse, a weighted sum of normalized scores tuned on a "
                     "held-out split, or RRF), the top K reranked by a cross-encoder (fallback chain from the "
                     "registry): ranked chunk ids with retrieval and rerank scores and the scorer. Metrics of every "

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from rag_clean.config.registry import Registry
 from rag_clean.stages.context import StageOutput
-from rag_clean.stages.sparse import SPARSE
+from rag_clean.stages.sparse import SPARSE, SPARSE_SCHEMA
 from rag_clean_assets.assets.common import run_asset, stage_asset
 from rag_clean_assets.assets.dense import dense_asset_key
 from rag_clean_assets import versions
@@ -34,7 +34,7 @@ def build_sparse_asset(registry: Registry) -> dg.AssetsDefinition:
         ins={"chunks": dg.AssetIn(key="chunks")},
         deps=joint_dense_deps(registry),
         **stage_asset(group="embeddings", kinds={"pytorch", "parquet"}, code_version=versions.sparse_code_version(registry),
-                      gpu=True),
+                      gpu=True, columns=SPARSE_SCHEMA),
         description="Sparse term weights per chunk from each selected sparse model. Opt out with "
                     "EMBEDDER_ENABLE_SPARSE=0 (then nothing is written and the previous file stays). A bge-m3 "
                     "sparse model reuses the lexical rows of its dense partner's forward pass when they cover "

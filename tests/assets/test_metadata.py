@@ -27,6 +27,7 @@ from rag_clean.telemetry.records import DenseRecord
 from rag_clean.config.registry import load_registry
 from rag_clean_assets import versions
 from rag_clean_assets.partitions import collections_partitions
+from resources.columns import type_name
 from tiny_models import write_tiny_registry
 
 from pipeline_helpers import Pipeline, write_collection
@@ -101,10 +102,37 @@ def test_tables_carry_row_count_and_column_schema(twice):
         assert meta["dagster/row_count"].value == stored.num_rows > 0, name
         schema = meta["dagster/column_schema"].value
         assert isinstance(schema, dg.TableSchema), name
-        assert [(c.name, c.type) for c in schema.columns] == [(f.name, str(f.type)) for f in stored.schema], name
+        assert [(c.name, c.type) for c in schema.columns] == [(f.name, type_name(f.type)) for f in stored.schema], name
     n_chunks = twice.events["chunks"].metadata["dagster/row_count"].value
     for name in EMBEDDING_ASSETS:
         assert twice.events[name].metadata["dagster/row_count"].value == n_chunks, name
+
+
+def _stored_schema(pipeline: Pipeline, name: str) -> pa.Schema:
+    """The schema of the file the asset stored for "demo" (Arrow IPC or Parquet, as the layout chose)."""
+    arrow = pipeline.file(*name.split("/"), "demo.arrow")
+    if arrow.exists():
+        return read_arrow_table(arrow).schema
+    return pq.read_schema(pipeline.file(*name.split("/"), "demo.parquet"))
+
+
+def test_declared_columns_are_the_stored_files_columns_with_descriptions(twice):
+    """Before any run the catalog shows each table's columns with what they mean (definition metadata);
+    they are the columns of the file the run stores, and the run's metadata says the same."""
+    declared = {key.to_user_string(): spec.metadata["dagster/column_schema"].value
+                for a in twice.pipeline.assets for key, spec in a.specs_by_key.items()
+                if "dagster/column_schema" in spec.metadata}
+    assert set(TABLE_ASSETS) | set(EMBEDDING_ASSETS) | {"vector_index"} <= set(declared)
+    for name, schema in declared.items():
+        stored = _stored_schema(twice.pipeline, name)
+        assert [c.name for c in schema.columns] == stored.names, name
+        assert all(c.description for c in schema.columns), (name, [c.name for c in schema.columns if not c.description])
+        if name != "fused_embeddings":  # its vector width depends on the run's ensemble: declared without it
+            assert [c.type for c in schema.columns] == [type_name(f.type) for f in stored], name
+        after_run = twice.events[name].metadata["dagster/column_schema"].value
+        assert [(c.name, c.description) for c in after_run.columns] == [(c.name, c.description) for c in schema.columns]
+    assert {c.name: c.type for c in declared["sparse_vectors"].columns}["term_ids"] == "list<int32>"
+    assert "sha256" in {c.name: c.description for c in declared["chunks"].columns}["content_hash"]
 
 
 def test_each_fact_is_one_typed_value(twice):
