@@ -5,16 +5,15 @@ the code location, the CLIs, the instance class the webserver and the daemon loa
 
 - Dagster's Preview / Beta / Supersession warnings about APIs this project chose on purpose (partitioned
   asset checks, backfill policies, observable source assets, data versions, `dagster asset materialize` and
-  `dagster dev`, which Dagster 1.13 supersedes by `dg`; see README, "UI" and rag_clean_assets/ui.py);
-- third-party progress bars (transformers' "Loading weights", hub downloads): the run log has its own.
+  `dagster dev`, which Dagster 1.13 supersedes by `dg`; see README, "UI" and rag_clean_assets/ui.py).
+
+Third-party progress bars (transformers' "Loading weights", hub downloads) are switched off where the engine
+loads models (rag_clean.encoders.factory.quiet_third_party_progress), whatever imported what first.
 """
 
-import os
 import warnings
 
 from dagster._utils.warnings import BetaWarning, PreviewWarning, SupersessionWarning
 
 for _category in (BetaWarning, PreviewWarning, SupersessionWarning):
     warnings.filterwarnings("ignore", category=_category)
-# Read by huggingface_hub and transformers when they are first imported (after this package).
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

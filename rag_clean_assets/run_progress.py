@@ -2,7 +2,9 @@
 
 A step's bar starts at STEP_START, follows the encode progress lines of that step (rag_clean.telemetry.progress:
 "<model>: done/total chunks ...", at least every 10 s or 5% of the rows) and is set to 100% at
-STEP_SUCCESS. A step without progress lines counts as one unit. On a terminal it is a `rich` live
+STEP_SUCCESS. A step without progress lines counts as one unit. While a model loads (the engine's DEBUG
+"loading model <name>", seconds to tens of seconds before the first progress line) the bar says so and pulses
+instead of sitting at 0. On a terminal it is a `rich` live
 display; when stdout is not a TTY (CI, a pipe) it prints plain lines instead, one per step start,
 progress line and step end, so logs stay readable.
 
@@ -30,7 +32,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from rag_clean.telemetry.progress import parse_line
+from rag_clean.telemetry.progress import loading_line, parse_line, parse_loading
 
 LOGGER_KEY = "rag_clean_progress"
 
@@ -43,6 +45,7 @@ class _Step:
     total: int = 1
     state: str = "pending"  # pending, running, done, failed
     models: dict[str, tuple[int, int]] = field(default_factory=dict)
+    loading: str | None = None  # the model being loaded, until its first progress line
 
 
 class RunProgress:
@@ -113,7 +116,7 @@ class RunProgress:
                 self.progress.start_task(step.task)
             self._plain(f"{self.collection} {step.name}: started")
         elif event_type == "STEP_SUCCESS":
-            step.state, step.done = "done", step.total
+            step.state, step.done, step.loading = "done", step.total, None
             self._update(step)
             if self.progress is not None and self.header is not None:
                 self.progress.advance(self.header)
@@ -124,10 +127,17 @@ class RunProgress:
                 self.progress.update(step.task, description=f"  {self.collection} · {step.name} [red]failed[/red]")
             self._plain(f"{self.collection} {step.name}: FAILED")
         elif event_type is None:
+            model = parse_loading(message)
+            if model is not None:
+                step.loading = model
+                self._update(step)
+                self._plain(f"{self.collection} {step.name}: {loading_line(model)}")
+                return
             update = parse_line(message)
             if update is None:
                 return
             # A step may encode several models (sparse): its bar is the sum over them.
+            step.loading = None
             step.models[update.label] = (update.done, update.total)
             step.done = sum(d for d, _ in step.models.values())
             step.total = max(1, sum(t for _, t in step.models.values()))
@@ -141,7 +151,14 @@ class RunProgress:
 
     def _update(self, step: _Step) -> None:
         if self.progress is not None and step.task is not None:
-            self.progress.update(step.task, completed=step.done, total=step.total)
+            description = f"  {self.collection} · {step.name}"
+            if step.loading is not None:
+                self.progress.update(step.task, description=f"{description} · {loading_line(step.loading)}",
+                                     completed=0)
+                # No total: rich pulses the bar and counts "0/?" (update(total=None) means "unchanged").
+                next(t for t in self.progress.tasks if t.id == step.task).total = None
+            else:
+                self.progress.update(step.task, description=description, completed=step.done, total=step.total)
 
     def _plain(self, line: str) -> None:
         if self.progress is None:

@@ -20,6 +20,20 @@ from rag_clean.config.registry import ModelSpec
 
 # Models are never fetched at run time; set before huggingface_hub is imported where possible.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Read by huggingface_hub (and through it transformers) at their first import.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def quiet_third_party_progress() -> None:
+    """Switch off transformers' "Loading weights" bars and huggingface_hub's bars, also when either was imported
+    before the environment said so (a benchmark, a test, a notebook): every model load passes here, and the
+    run's own progress lines (rag_clean.telemetry.progress) are what a person reads. Their bars write to
+    stderr and would land in rag-clean's display, the main job's output and Dagster's step logs."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 class ModelLoadError(EncoderError):
@@ -87,6 +101,7 @@ def load_dense_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *, budg
     `model`: the run plan's resolution of `spec` (RunPlan.models), so the load uses the folder the
     fingerprint hashed."""
     _check_role(spec, "dense")
+    quiet_third_party_progress()
     if spec.backend == "flagembedding":
         return _flag_module(spec).flag_dense_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_dense import STDenseEncoder
@@ -100,6 +115,7 @@ def load_sparse_encoder(spec: ModelSpec, device: str | list[str] = "cpu", *,
                         budget_store: BudgetStore | None = None, token_budget: int | None = None,
                         model: ResolvedModel | None = None) -> SparseEncoder:
     _check_role(spec, "sparse")
+    quiet_third_party_progress()
     if spec.backend == "flagembedding":
         return _flag_module(spec).flag_sparse_encoder(spec, device, budget_store=budget_store, token_budget=token_budget)
     from rag_clean.encoders.st_sparse import STSparseEncoder
@@ -117,6 +133,7 @@ def load_reranker(spec: ModelSpec, device: str | list[str] = "cpu", *, budget_st
     Returns (None, record) when none loads: the caller decides whether reranking is optional.
     """
     _check_role(spec, "rerank")
+    quiet_third_party_progress()
     record: dict = {"requested": spec.source, "resolved": None, "attempts": [], "fallback_applied": False,
                     "reason": None}
     for source in spec.candidate_sources():

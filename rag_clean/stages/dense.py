@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from rag_clean.retrieval.fusion import truncate_and_normalize
 from rag_clean.config.plan import RunPlan
-from rag_clean.telemetry.progress import ProgressLog, track
+from rag_clean.telemetry.progress import ProgressLog, announce_loading, track
 from rag_clean.telemetry.records import DenseRecord
 from rag_clean.config.registry import ModelSpec
 from rag_clean.storage.embeddings import EmbeddingSet, EmbeddingWriter
@@ -47,8 +47,8 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
     also yields the partner sparse model's lexical rows and/or ColBERT vectors, written to side files
     attached to the returned writer (published right after it). With `ctx.plan.ray` the rows to compute are
     encoded data-parallel on a Ray actor pool (rag_clean.distributed) and written into the same writer; a
-    joint pass still runs in-process. `ctx.progress` gets a done/total, rate and ETA line at most every
-    10 s while the model encodes. The token cache (`ctx.token_cache()`) shares chunk token ids with other
+    joint pass still runs in-process. `ctx.progress` gets "loading model <name>", then a done/total, rate and
+    ETA line at most every 10 s while the model encodes. The token cache (`ctx.token_cache()`) shares chunk token ids with other
     models of the same tokenizer.
     """
     from rag_clean.encoders.factory import load_dense_encoder
@@ -88,6 +88,7 @@ def dense_stage(ctx: StageContext, io: StageIO, spec: ModelSpec, chunks: pa.Tabl
     native_dim = spec.dim
     # On error run_stage aborts what io.stage registered (the writer, the side files).
     if len(pass_rows):
+        announce_loading(ctx.progress, spec.name)
         if side is not None:
             encoder = load_joint_encoder(spec, joint, device, budget_store=budget_store,
                                          token_budget=token_budget)

@@ -76,8 +76,10 @@ def joint_outputs(plan: JointPlan, layout: StorageLayout, dense_spec: ModelSpec,
 
 def load_joint_encoder(spec: ModelSpec, joint: JointOutputs, device: str | list[str], *, budget_store=None,
                        token_budget: int | None = None):
+    from rag_clean.encoders.factory import quiet_third_party_progress
     from rag_clean.encoders.flag import BGEM3Encoder
 
+    quiet_third_party_progress()  # it loads without the factory's load_* functions
     if spec.backend != "flagembedding" or spec.flag_class != "bge-m3":
         raise StorageError(f"model {spec.name}: a joint dense/sparse/ColBERT pass needs backend flagembedding "
                            f"with flag_class bge-m3, not {spec.backend}/{spec.flag_class}")

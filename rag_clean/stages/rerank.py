@@ -15,7 +15,7 @@ from rag_clean.config.registry import ModelSpec
 from rag_clean.retrieval.cache import RetrievalCaches, fingerprint
 from rag_clean.retrieval.flat import take_column
 from rag_clean.retrieval.ranking import NO_RERANKER_SCORER, rerank_order, rerank_unavailable_warning
-from rag_clean.telemetry.progress import ProgressLog
+from rag_clean.telemetry.progress import ProgressLog, announce_loading
 from rag_clean.telemetry.downstream_records import RerankRecord
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ def rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str]
            device, record: RerankRecord, caches: RetrievalCaches, progress=None):
     """Cross-encoder scores of each query's top `rerank_top_k`, reordered; retrieval order otherwise. Scores
     of (query, passage) pairs scored before (same reranker, same query hash, same passage hash) are reused.
-    `progress` (StageContext.progress) gets done/total, rate and ETA lines while pairs are scored."""
+    `progress` (StageContext.progress) gets "loading model <name>", then done/total, rate and ETA lines while
+    pairs are scored."""
     from rag_clean.encoders.factory import load_reranker
 
     rerank_scores: list[dict[int, float]] = [{} for _ in candidates]
@@ -59,6 +60,7 @@ def rerank(candidates, q_texts, q_keys, chunks: pa.Table, masked: dict[int, str]
         record.resolution, scorer = cached, cache.extra["scorer"]
         record.device = first_device(device)
     else:
+        announce_loading(progress, rerank_spec.name)
         reranker, resolution = load_reranker(rerank_spec, device, max_batch_pairs=config.rerank_batch_size)
         record.resolution = resolution
         if reranker is None:

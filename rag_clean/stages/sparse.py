@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rag_clean.config.plan import RunPlan
-from rag_clean.telemetry.progress import ProgressLog, track
+from rag_clean.telemetry.progress import ProgressLog, announce_loading, track
 from rag_clean.telemetry.records import ReuseCount, SparseRecord, truncation_warning
 from rag_clean.config.registry import ModelSpec
 from rag_clean.storage.columns import column
@@ -269,6 +269,7 @@ def _encode_into(ctx: StageContext, scratch: SparseScratch, spec: ModelSpec, chu
     from rag_clean.encoders.token_cache import chunk_tokens
 
     budget_store = ctx.budget_store()
+    announce_loading(ctx.progress, spec.name)
     if ctx.plan.ray is not None:
         from rag_clean.distributed import ray_sparse_encoder
 

@@ -22,6 +22,24 @@ DEFAULT_STEP_FRACTION = 0.05
 MIN_STEP_GAP_S = 1.0
 # "<label>: <done>/<total> <unit>..." -- the head of every line `ProgressLog.line` writes.
 _LINE = re.compile(r"^(?P<label>.+?): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\S+)")
+# Said just before a model loads: loading takes seconds to tens of seconds before the first progress line,
+# and a display (rag-clean's bars) shows this phase instead of a bar sitting at 0.
+_LOADING = "loading model "
+
+
+def loading_line(model: str) -> str:
+    return f"{_LOADING}{model}"
+
+
+def announce_loading(emit: Callable[[str], None] | None, model: str) -> None:
+    """`emit` (a stage's progress callable) gets "loading model <model>"; None: nothing to say it to."""
+    if emit is not None:
+        emit(loading_line(model))
+
+
+def parse_loading(text: str) -> str | None:
+    """The model name of a loading_line; None for any other text."""
+    return text[len(_LOADING):] if text.startswith(_LOADING) else None
 
 
 class ProgressUpdate(NamedTuple):

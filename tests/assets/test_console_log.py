@@ -53,9 +53,8 @@ def test_loading_the_code_location_prints_no_warnings():
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # Python's default warning filters, as a user has them
     for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "PYTHONWARNINGS"):
         env.pop(var, None)
-    code = ("import rag_clean_assets.definitions, os; "
-            "from transformers.utils import logging; print(logging.is_progress_bar_enabled())")
+    # (transformers' "Loading weights" bars are switched off where models load: tests/assets/test_run_progress.py)
+    code = "import rag_clean_assets.definitions"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Warning" not in out.stderr, out.stderr
-    assert out.stdout.strip() == "False"  # transformers' "Loading weights" bars stay off

@@ -4,11 +4,14 @@ on a terminal, plain lines when stdout is not a TTY."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import dagster as dg
 from rich.console import Console
+from transformers.utils import logging as transformers_logging
 
 from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
+from rag_clean.telemetry.progress import loading_line
 from rag_clean_assets.run_progress import LOGGER_KEY, RunProgress, asset_steps, logger_def
 from resources.gpu_lease import GpuLeaseResource
 from resources.settings import EmbedderSettingsResource
@@ -31,12 +34,22 @@ def _run(pipeline, view: RunProgress, collection: str = "demo") -> bool:
     return result.success
 
 
-def test_plain_lines_when_not_a_tty(pipeline):
+def test_plain_lines_when_not_a_tty(pipeline, capfd):
+    # As in a process that imported transformers before rag_clean_assets quieted it (a notebook, a benchmark):
+    # its "Loading weights" bars are on until the engine's model loading turns them off.
+    with warnings.catch_warnings():  # huggingface_hub warns that its environment variable wins over this call
+        warnings.simplefilter("ignore")
+        transformers_logging.enable_progress_bar()
     out = io.StringIO()  # not a TTY
     view = RunProgress({}, stream=out)
     assert view.tty is False and view.progress is None
     assert _run(pipeline, view)
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.out + captured.err + out.getvalue()
     lines = out.getvalue().splitlines()
+    # the model load is a phase of its own, said before the encode's first progress line
+    loading = lines.index("demo dense_embeddings/tiny_a: loading model tiny-a")
+    assert loading < min(i for i, line in enumerate(lines) if line.startswith("demo dense_embeddings/tiny_a: tiny-a: "))
     steps = list(view.step_names.values())
     assert {"chunks", "dense_embeddings/tiny_a", "dense_embeddings/tiny_b", "fused_embeddings", "sparse_vectors",
             "queries", "reranked"} <= set(steps)
@@ -85,3 +98,21 @@ def test_failed_step_is_marked_and_reported():
     view.finish_collection(False)
     assert out.getvalue().splitlines() == ["c: 2 steps", "c chunks: started", "c chunks: FAILED",
                                            "c: FAILED (0/2 steps done)"]
+
+
+def test_a_loading_model_is_a_phase_not_a_bar_at_zero():
+    console = Console(record=True, file=io.StringIO(), force_terminal=True, width=140)
+    view = RunProgress({"dense": "dense_embeddings/m"}, tty=True, console=console)
+    with view:
+        view.start_collection("c")
+        view.on_record("dense", "STEP_START", "")
+        view.on_record("dense", None, loading_line("minilm"))
+        task = view.progress.tasks[1]
+        assert task.description == "  c · dense_embeddings/m · loading model minilm"
+        assert task.total is None  # rich pulses the bar instead of showing 0/1
+        view.on_record("dense", None, "minilm: 32/145 chunks (22.1%), 3 chunks/s, ETA 38s")
+        assert (task.description, task.completed, task.total) == ("  c · dense_embeddings/m", 32, 145)
+        view.on_record("dense", None, loading_line("minilm"))  # e.g. a second model of the same step
+        view.on_record("dense", "STEP_SUCCESS", "")  # no progress line followed (a reranker that did not load)
+        assert (task.description, task.percentage) == ("  c · dense_embeddings/m", 100.0)
+        view.finish_collection(True)

@@ -168,6 +168,9 @@ def test_default_run_summary(ws, default_run):
     assert f"== {COLLECTION}: {len(EXPECTED_IDS)} chunks" in default_run.out
     assert "rerank: ok (enable_rerank=true from default" in default_run.out
     assert f"exports: {export_files(ws.root / 'out', COLLECTION).folder}" in default_run.out
+    # a model load is a phase of its own; third-party bars stay out of the output
+    assert f"{COLLECTION} dense_embeddings/tiny_a: loading model tiny-a" in default_run.out.splitlines()
+    assert "Loading weights" not in default_run.out + default_run.err
 
 
 def test_default_run_is_recorded_in_the_dagster_instance(ws, default_run):
