@@ -72,10 +72,18 @@ def report(collection: str, wall_seconds: float | None = None) -> dict:
     paths = PathsResource()
     root = paths.storage_dir()
     summary = read_summary(paths.layout().summary_file(collection))
-    files = sorted(str(p.relative_to(root)) for p in root.rglob(f"{collection}.*") if not p.name.startswith("."))
+    # The assets' files; caches and state (`_cache`, `_files`, `state/`: the project's own bookkeeping) are
+    # left out: nothing there is for a person to open.
+    files = sorted(str(rel) for rel in (p.relative_to(root) for p in root.rglob(f"{collection}.*"))
+                   if not rel.name.startswith(".") and rel.parts[0] != "state"
+                   and not any(part.startswith("_") for part in rel.parts))
     rerank = summary["rerank_run"]
     stages = summary["stages"]
-    metrics = (stages.get("reranked") or {}).get("metrics", {})
+    reranked = stages.get("reranked") or {}
+    metrics = dict(reranked.get("metrics") or {})
+    if (reranked.get("hybrid") or {}).get("report_split") == "all queries":
+        # Too few queries to hold any out: the "held-out" rows would repeat the rows above them.
+        metrics.pop("heldout", None)
     lines = [
         f"collection {collection!r}: {summary['chunk_count']} chunks",
         f"storage root: {root}",

@@ -23,6 +23,10 @@ from rag_clean.config.settings import process_setting
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Dagster events worth a line at INFO although Dagster logs them at DEBUG: how the run ended.
 RUN_END_EVENTS = {"RUN_SUCCESS": "run succeeded", "RUN_CANCELED": "run canceled"}
+# Dagster's own INFO lines that repeat what an asset said: "Skipping step <check> due to skipped dependencies"
+# (the execution plan's message when an asset such as exports, off by default, yielded nothing), right after
+# the asset's own "skipped: <reason>" line. Shown at DEBUG.
+REPEATED_MESSAGES = ("Skipping step ",)
 
 
 def default_log_level(environ=None) -> str:
@@ -53,10 +57,11 @@ class _ShortHandler(logging.StreamHandler):
         self.threshold = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= self.threshold:
-            return True
-        event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
-        return event is not None and event.event_type_value in RUN_END_EVENTS
+        meta = getattr(record, "dagster_meta", None) or {}
+        event = meta.get("dagster_event")
+        if event is None and str(meta.get("orig_message") or "").startswith(REPEATED_MESSAGES):
+            return self.threshold <= logging.DEBUG
+        return record.levelno >= self.threshold or (event is not None and event.event_type_value in RUN_END_EVENTS)
 
     def format(self, record: logging.LogRecord) -> str:
         return short_line(record)

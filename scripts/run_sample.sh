@@ -8,7 +8,8 @@ if [ "${1:-}" = "--verbose" ] || [ "${1:-}" = "--debug" ]; then
   export RAG_CLEAN_LOG_LEVEL=DEBUG
   shift
 fi
-bash scripts/bootstrap.sh
+# RAG_CLEAN_SKIP_BOOTSTRAP=1: the environment is installed already (the test of this script's output).
+[ -n "${RAG_CLEAN_SKIP_BOOTSTRAP:-}" ] || bash scripts/bootstrap.sh
 COLLECTION=${1:-sample}
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

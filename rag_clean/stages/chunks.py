@@ -88,8 +88,10 @@ def chunks_stage(ctx: StageContext, io: StageIO, config: ChunkingConfig, version
     side = TableWriter(manifest_path, manifest.schema)
     spool.attach(side)  # published right after the chunks file, aborted with it
     side.write(manifest)
+    # One WARNING for all skips comes from the record (skips_warning: how many, the first three, where all
+    # are); each skip on its own only at DEBUG, so a run with one skip does not say it twice.
     for skip in result.skipped:
-        ctx.log.warning(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
+        ctx.log.debug(f"skipped {skip.file}" + (f" #{skip.index}" if skip.index is not None else "") + f": {skip.reason}")
     record = ChunksRecord(rows=result.rows, files_read=len(result.files_read), device="cpu",
                           skips=[{"file": s.file, "index": s.index, "reason": s.reason} for s in result.skipped])
     record.reuse_counts["files"] = ReuseCount(result.files_reused, result.files_parsed, "files")

@@ -77,9 +77,9 @@ def index_stage(ctx: StageContext, io: StageIO, inputs: EmbeddedChunks) -> tuple
         table, record = run_index_stage(index, sources, progress=ctx.progress)
     finally:
         index.close()
+    rewritten = f", rewritten {record.rewritten}" if record.rewritten else ""
     ctx.log.info(f"vector_index ({record.sink}, {record.location}): {record.upserted} upserted, "
-                 f"{record.deleted} deleted, {record.unchanged} unchanged, rewritten {record.rewritten}; "
-                 f"{record.index_rows} points")
+                 f"{record.deleted} deleted, {record.unchanged} unchanged{rewritten}; {record.index_rows} points")
     return table, record
 
 

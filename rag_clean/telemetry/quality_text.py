@@ -63,7 +63,7 @@ def quality_lines(summary: dict) -> list[str]:
         systems = hybrid.get(name) or {}
         if systems:
             lines.append(f"candidates on {label}: " + "; ".join(f"{s} {_figures(v)}" for s, v in systems.items()))
-    # The final ranking as the small table (readable.metrics_text), its columns labelled by these counts.
-    lines.append(f"final ranking, before / after rerank: columns on all queries ({scored}), "
+    # The final ranking as the small table (readable.metrics_text), its rows labelled by these counts.
+    lines.append(f"final ranking, before / after rerank: rows on all queries ({scored}), "
                  f"then 'held-out' on {heldout_label}")
     return lines + metrics_text(metrics)

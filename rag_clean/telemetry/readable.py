@@ -71,13 +71,14 @@ def _phases(metrics: dict[str, dict]) -> list[tuple[str, dict]]:
 
 
 def metrics_text(metrics: dict[str, dict]) -> list[str]:
-    """The retrieval metrics as a small aligned table for a terminal: a metric per row, a phase per column."""
+    """The retrieval metrics as a small aligned table for a terminal: a phase per row, a metric per column
+    (a header and two to four rows, under 90 characters wide)."""
     phases = _phases(metrics)
     if not phases:
         return []
-    rows = [["metric", *(label for label, _ in phases)]]
-    rows += [[label, *("n/a" if v.get(key) is None else f"{v[key]:.3f}" for _, v in phases)]
-             for key, label in METRIC_COLUMNS]
+    rows = [["phase", *(label for _, label in METRIC_COLUMNS)]]
+    rows += [[label, *("n/a" if v.get(key) is None else f"{v[key]:.3f}" for key, _ in METRIC_COLUMNS)]
+             for label, v in phases]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in rows]

@@ -135,9 +135,10 @@ class StageRecord:
         return dict(self.reuse_counts)
 
     def reuse_line(self, label: str) -> str | None:
-        """The run log's one line per stage: what was reused and what was computed."""
+        """The run log's one line per stage: what was reused and what was computed; None when nothing was
+        reused (a first run: "145 computed, 0 reused" says nothing the metadata does not)."""
         counts = self.counts()
-        if self.disabled or not counts:
+        if self.disabled or not any(c.reused for c in counts.values()):
             return None
         parts = [f"{name}: {c.computed:,} computed, {c.reused:,} reused {c.unit}" for name, c in counts.items()]
         return f"{label} reuse: " + "; ".join(parts)

@@ -7,10 +7,12 @@ import io
 import warnings
 
 import dagster as dg
+import pytest
 from rich.console import Console
 from transformers.utils import logging as transformers_logging
 
 from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
+import rag_clean.telemetry.progress as progress
 from rag_clean.telemetry.progress import loading_line
 from rag_clean_assets.run_progress import LOGGER_KEY, RunProgress, asset_steps, logger_def
 from resources.gpu_lease import GpuLeaseResource
@@ -34,7 +36,14 @@ def _run(pipeline, view: RunProgress, collection: str = "demo") -> bool:
     return result.success
 
 
-def test_plain_lines_when_not_a_tty(pipeline, capfd):
+@pytest.fixture
+def every_progress_line(monkeypatch):
+    """The tiny encodes take well under a second, which says no progress line (rag_clean.telemetry.progress):
+    here the bars must follow lines as they do on real collections."""
+    monkeypatch.setattr(progress, "MIN_STEP_GAP_S", 0.0)
+
+
+def test_plain_lines_when_not_a_tty(pipeline, capfd, every_progress_line):
     # As in a process that imported transformers before rag_clean_assets quieted it (a notebook, a benchmark):
     # its "Loading weights" bars are on until the engine's model loading turns them off.
     with warnings.catch_warnings():  # huggingface_hub warns that its environment variable wins over this call
@@ -64,7 +73,7 @@ def test_plain_lines_when_not_a_tty(pipeline, capfd):
     assert "\x1b[" not in out.getvalue()  # no terminal control codes in a log
 
 
-def test_bar_per_step_reaches_100_percent_on_a_terminal(pipeline):
+def test_bar_per_step_reaches_100_percent_on_a_terminal(pipeline, every_progress_line):
     console = Console(record=True, file=io.StringIO(), force_terminal=True, width=140)
     view = RunProgress({}, tty=True, console=console)
     shown: dict[str, float] = {}

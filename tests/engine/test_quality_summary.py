@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+import rag_clean.telemetry.progress as progress
+
 from rag_clean.chunking import ChunkingConfig
 from rag_clean.config.plan import RetrievalConfig
 from rag_clean.config.registry import load_registry
@@ -35,7 +37,8 @@ def _stage(tiny_registry_path, tmp_path, progress=None):
                     RetrievalConfig(enable_rerank=False, tune_min_queries=10), root=tmp_path / "r", progress=progress)
 
 
-def test_summary_says_which_weights_why_and_on_which_queries(tiny_registry_path, tmp_path):
+def test_summary_says_which_weights_why_and_on_which_queries(tiny_registry_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "MIN_STEP_GAP_S", 0.0)  # the tiny encodes take well under a second
     lines_seen: list[str] = []
     _, record = _stage(tiny_registry_path, tmp_path, progress=lines_seen.append)
     # The reranked step reports progress while it encodes queries and masked gold chunks.
@@ -55,8 +58,11 @@ def test_summary_says_which_weights_why_and_on_which_queries(tiny_registry_path,
     for label in ("candidates on all queries (40)", f"candidates on held-out ({hybrid['split']['heldout_scored']} queries)"):
         line = next(l for l in lines if l.startswith(label))
         assert all(name in line for name in ("dense", "sparse:tiny-splade", "rrf", "weighted"))
-    assert "columns on all queries (40), then 'held-out' on held-out (" in text
-    assert next(l for l in lines if l.startswith("metric ")).split() == ["metric", "before", "held-out", "before"]
+    assert "rows on all queries (40), then 'held-out' on held-out (" in text
+    table = lines[next(i for i, l in enumerate(lines) if l.startswith("phase "))]
+    assert table.split() == ["phase", "recall@1", "recall@5", "recall@10", "recall@20", "MRR", "MRR@10", "nDCG@10"]
+    rows = lines[lines.index(table) + 1:]
+    assert [r.split()[0] for r in rows] == ["before", "held-out"] and rows[1].startswith("held-out before ")
     assert not any(line.rstrip().endswith(":") for line in lines)  # no empty `heldout:` line
 
 
