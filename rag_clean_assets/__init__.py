@@ -5,7 +5,7 @@ the code location, the CLIs, the instance class the webserver and the daemon loa
 
 - Dagster's Preview / Beta / Supersession warnings about APIs this project chose on purpose (partitioned
   asset checks, backfill policies, observable source assets, data versions, `dagster asset materialize` and
-  `dagster dev`, which Dagster 1.13 supersedes by `dg`; see README, "UI");
+  `dagster dev`, which Dagster 1.13 supersedes by `dg`; see README, "UI" and rag_clean_assets/ui.py);
 - third-party progress bars (transformers' "Loading weights", hub downloads): the run log has its own.
 """
 

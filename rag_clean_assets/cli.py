@@ -23,13 +23,14 @@ precedence (lowest to highest), recorded per setting in processing_summary.json:
   the environment only. Every setting: python -m rag_clean.config.settings --markdown
 
 runs are recorded in the Dagster instance at $DAGSTER_HOME (default: <project>/.dagster_home), so the UI
-(dagster-webserver -m rag_clean_assets.definitions) shows them.
+(rag-clean ui) shows them.
 
 exit status: 0 all collections done; 1 a run failed; 2 bad arguments, settings, registry or a missing
 collection folder.
 
 search the embedded collections: rag-clean search --collection NAME "query" [-k 10] [--no-rerank] [--json];
 serve them to an MCP client over stdio: rag-clean mcp (see rag-clean search --help, rag-clean mcp --help).
+the Dagster UI (webserver + daemon) over the same instance: rag-clean ui [--port 3000] (Ctrl-C stops it).
 """
 
 
@@ -318,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rag_clean_assets.search_cli import main as subcommand
 
         return subcommand(argv)
+    if argv and argv[0] == "ui":
+        from rag_clean_assets.ui import main as ui
+
+        return ui(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -89,8 +89,7 @@ def report(collection: str, wall_seconds: float | None = None) -> dict:
     if wall_seconds is not None:
         lines.append(f"wall time of the materialization: {wall_seconds:.0f} s")
     lines += [
-        "open the UI:  DAGSTER_HOME=" + os.environ.get("DAGSTER_HOME", "<home>") +
-        " .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -m rag_clean_assets.definitions",
+        "open the UI:  DAGSTER_HOME=" + os.environ.get("DAGSTER_HOME", "<home>") + " .venv/bin/rag-clean ui",
         "read vectors: python -c \"from rag_clean.storage.embeddings import read_embeddings; "
         f"e = read_embeddings('{root}/fused_embeddings/{collection}.arrow'); print(e.vectors.shape)\"",
     ]

@@ -13,9 +13,14 @@ Three problems of a plain Dagster 1.13 instance, and what this module does about
   `interval_to_next_pending_claim_check` is never positive), so a waiting run spins at 100% CPU, and it
   swallows SIGINT/SIGTERM until a step runs. A blocked claim here sleeps briefly inside
   `raise_execution_interrupts()`: waiting costs no CPU and Ctrl-C / SIGTERM end the run at once.
-- `dagster-webserver` alone leaves UI-launched runs QUEUED (the queued coordinator needs the daemon):
-  the written config uses the DefaultRunCoordinator, so runs start at once; GPU steps still wait for
-  the pool at step level, which is where the GPU limit belongs.
+- Two runs of one collection at once (a second backfill of the same partitions, a UI launch beside an
+  automation run) would write the same files. The written config keeps Dagster's QueuedRunCoordinator
+  (no "not advised" warning in the backfill dialog) with a run tag limit: one run in progress per value
+  of `dagster/partition` (every run of this graph carries it: no backfill policy, so backfills and
+  automation request one plain run per collection). Runs of different collections start side by side.
+  The daemon (`rag-clean ui` = `dagster dev`) dequeues every second, so a launched run starts at once;
+  GPU steps still wait for the `gpu` pool at step level. `dagster asset materialize` and `rag-clean`
+  execute in their own process, not through the queue.
 
 The pool limit is the number of visible GPUs (min 1); without CUDA there is no limit, since the GPU
 lease then grants every step the CPU and the OS shares the cores.
@@ -41,6 +46,7 @@ from rag_clean.processes import process_alive
 from rag_clean_assets import staleness  # noqa: F401
 
 GPU_POOL = "gpu"
+PARTITION_TAG = "dagster/partition"
 CONFIG_MARKER = "# Written by rag_clean"
 # How long a blocked claim waits before Dagster's loop asks again: short enough that a freed slot is
 # picked up promptly, long enough that waiting costs nothing.
@@ -102,11 +108,21 @@ def dagster_yaml(environ=None) -> str:
 # so init-home leaves the file alone.
 concurrency:
   pools:
-{pools}# Runs start as soon as they are launched, also from dagster-webserver without a daemon: the GPU
-# limit is enforced per step by the pool, not by a run queue.
+{pools}  # One run at a time per collection (a second backfill of the same partitions waits); different
+  # collections run side by side. Every run of this graph is tagged with its collection.
+  runs:
+    tag_concurrency_limits:
+      - key: {PARTITION_TAG}
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
+# Queued runs are started by the daemon (rag-clean ui, i.e. dagster dev): checked every second, so a
+# launched run starts at once. dagster-webserver alone leaves them QUEUED.
 run_coordinator:
   module: dagster._core.run_coordinator
-  class: DefaultRunCoordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
 # Blocked GPU steps free the slots of runs whose process died (kill -9) and wait without spinning.
 event_log_storage:
   module: rag_clean_assets.instance

@@ -2,8 +2,10 @@
 
 deploy/pods.toml (or the file named by RAG_CLEAN_POD_CONFIG) has a [gpu_pod] and a [cpu_pod] table;
 `gpu_pod_tags()` / `cpu_pod_tags()` turn them into the op tag that dagster-k8s's k8s_job_executor
-reads when it builds the step's pod. Other executors ignore the tag, so the same code location runs
-on one box and on a cluster. Imports nothing from dagster_k8s: the project works without the extra.
+reads when it builds the step's pod. The tags are set only when the k8s executor is selected
+(RAG_CLEAN_EXECUTOR=k8s, read when the code location loads): other executors would ignore them, and a
+pod spec in the op tags of a local CPU run only misleads. Imports nothing from dagster_k8s: the project
+works without the extra.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def k8s_config(kind: str, path: str | Path | None = None) -> dict:
 
 
 def _tags(kind: str) -> dict[str, str]:
+    if process_setting("executor") != "k8s":
+        return {}
     config = k8s_config(kind)
     # A JSON string: op tag values must be strings, and dagster_k8s parses this one with json.loads.
     return {K8S_CONFIG_TAG: json.dumps(config, sort_keys=True)} if config else {}

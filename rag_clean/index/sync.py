@@ -79,6 +79,7 @@ class SyncResult:
     recreated: bool = False            # the collection was (re)created: new, or its vectors changed
     points: int = 0                    # the index's point count after the sync
     blocks: int = 0
+    scanned: int = 0                   # chunk rows gone through so far (progress: done of the chunks' rows)
     seconds: float = 0.0
     commit_seconds: float = 0.0        # of which commit(): Edge builds its HNSW index there
 
@@ -210,10 +211,11 @@ def _payloads(chunks: pa.Table, rows: np.ndarray) -> list[dict]:
     return out
 
 
-def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[SyncResult], None] | None = None
-               ) -> SyncResult:
+def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[SyncResult], None] | None = None,
+               phase: Callable[[str], None] | None = None) -> SyncResult:
     """Bring `index` to the state of `sources` (see the module docstring); `progress` is called after each
-    written block with the counts so far."""
+    block of chunk rows with the counts so far, `phase` with one line before the index is committed (where
+    Edge builds its HNSW graph: the long part of a full build, with no progress of its own)."""
     t0 = time.perf_counter()
     chunks = sources.chunks
     n = chunks.num_rows
@@ -245,7 +247,10 @@ def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[
         stop = min(start + BLOCK, n)
         sparse_blocks = [next(it) for it in sparse_iters]  # in step with the chunk blocks, whether used or not
         rows = start + np.flatnonzero(work[start:stop])
+        result.scanned = stop
         if not len(rows):
+            if progress is not None:
+                progress(result)
             continue
         local = rows - start
         vectors = {name: np.asarray(emb.vectors[rows], dtype=np.float32) for name, emb in dense.items()}
@@ -281,6 +286,10 @@ def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[
         if progress is not None:
             progress(result)
     if result.wrote:
+        if phase is not None:
+            phase(f"{result.upserted + sum(result.rewritten.values())} points written in "
+                  f"{time.perf_counter() - t0:.1f}s; committing (the sink builds the HNSW graph of "
+                  f"{', '.join(schema.graph)} now)")
         t_commit = time.perf_counter()
         index.commit()
         result.commit_seconds = round(time.perf_counter() - t_commit, 6)

@@ -10,10 +10,11 @@ import pyarrow as pa
 
 from rag_clean.config.plan import RunPlan
 from rag_clean.index.base import VectorIndex
-from rag_clean.index.sync import SyncResult, SyncSources, sync_index
+from rag_clean.index.sync import SyncSources, sync_index
 from rag_clean.stages.context import EmbeddedChunks, Stage, StageContext, StageIO
 from rag_clean.storage.errors import StorageError
 from rag_clean.telemetry.downstream_records import IndexRecord
+from rag_clean.telemetry.progress import ProgressLog
 from rag_clean.telemetry.records import ReuseCount
 
 # The asset's stored value: one row saying where the index is and which state of the assets it holds.
@@ -34,15 +35,18 @@ def source_state(sources: SyncSources) -> str:
 
 
 def run_index_stage(index: VectorIndex, sources: SyncSources, *,
-                    progress: Callable[[SyncResult], None] | None = None) -> tuple[pa.Table, IndexRecord]:
+                    progress: Callable[[str], None] | None = None) -> tuple[pa.Table, IndexRecord]:
     """Sync `sources` into `index` (upsert what changed, delete what was removed); the table says where the
-    index is, the record what the sync wrote."""
+    index is, the record what the sync wrote. `progress` gets done/total, rate and ETA lines over the chunk
+    rows, then one line when the commit (the HNSW build) starts."""
     schema = sources.schema()
-    result = sync_index(index, sources, progress=progress)
+    meter = ProgressLog("vector_index", sources.chunks.num_rows, progress)
+    result = sync_index(index, sources, progress=lambda r: meter.update(r.scanned - meter.done), phase=progress)
     record = IndexRecord(rows=sources.chunks.num_rows, device="cpu", sink=index.sink, location=index.location,
                          upserted=result.upserted, deleted=result.deleted, unchanged=result.unchanged,
                          rewritten=dict(result.rewritten), recreated=result.recreated, index_rows=result.points,
-                         vectors=schema.to_dict())
+                         vectors=schema.to_dict(), write_s=round(result.seconds - result.commit_seconds, 3),
+                         commit_s=round(result.commit_seconds, 3))
     record.reuse_counts["points"] = ReuseCount(result.unchanged, result.upserted, "chunks")
     table = pa.table({"sink": [index.sink], "location": [index.location], "collection": [index.collection],
                       "vectors": [json.dumps(schema.to_dict())], "points": [result.points],
@@ -63,7 +67,7 @@ def index_stage(ctx: StageContext, io: StageIO, inputs: EmbeddedChunks) -> tuple
                           inputs.sparse if plan.sparse else None, [s.name for s in plan.sparse])
     index = open_collection_index(plan.settings, ctx.layout, ctx.collection)
     try:
-        table, record = run_index_stage(index, sources)
+        table, record = run_index_stage(index, sources, progress=ctx.progress)
     finally:
         index.close()
     ctx.log.info(f"vector_index ({record.sink}, {record.location}): {record.upserted} upserted, "

@@ -133,13 +133,16 @@ class IndexRecord(StageRecord):
     recreated: bool = False
     index_rows: int = 0
     vectors: dict = field(default_factory=dict)               # IndexSchema.to_dict()
+    write_s: float = 0.0      # reading the assets, deciding what changed, writing points
+    commit_s: float = 0.0     # the sink's commit: Qdrant Edge builds the HNSW graph there
 
     def stage_fields(self) -> dict:
         if self.disabled:
             return {}
         return {"sink": self.sink, "location": self.location, "upserted": self.upserted, "deleted": self.deleted,
                 "unchanged": self.unchanged, "rewritten": dict(self.rewritten), "recreated": self.recreated,
-                "index_rows": self.index_rows, "vectors": dict(self.vectors)}
+                "index_rows": self.index_rows, "vectors": dict(self.vectors), "write_s": self.write_s,
+                "commit_s": self.commit_s}
 
     def stage_metadata(self) -> dict:
         if self.disabled:
@@ -147,7 +150,7 @@ class IndexRecord(StageRecord):
         return {"sink": self.sink, "location": self.location, "rows_upserted": int(self.upserted),
                 "rows_deleted": int(self.deleted), "rows_unchanged": int(self.unchanged),
                 "vectors_rewritten": MetaJson(dict(self.rewritten)), "recreated": bool(self.recreated),
-                "index_rows": int(self.index_rows)}
+                "index_rows": int(self.index_rows), "write_s": float(self.write_s), "commit_s": float(self.commit_s)}
 
 
 def candidates_table(hybrid: dict, ensemble: dict | None = None) -> str:

@@ -1,7 +1,6 @@
 """Pieces every asset uses: the decorator arguments, the run plan, and `run_asset` (one call per body)."""
 
 
-import warnings
 from collections import OrderedDict
 
 import dagster as dg
@@ -18,11 +17,10 @@ from resources.registry import ModelRegistryResource
 from resources.settings import EmbedderSettingsResource
 
 IO_MANAGER_KEY = "telemetry_io_manager"
-# One collection per run: the bodies read context.partition_key and the IO manager writes one file per
-# partition, so a run over a range has nothing to batch; a failed collection fails alone and is retried
-# alone (docs/architecture.md, "Backfills").
-warnings.filterwarnings("ignore", message=".*`backfill_policy` of function `asset` is currently in beta.*")
-BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+# No backfill policy: without one, a backfill (and the automation sensor) requests one plain run per collection,
+# tagged `dagster/partition` (a policy, even multi_run(1), makes range runs tagged
+# `dagster/asset_partition_range_start/end` instead), which the run queue's one-run-per-collection limit
+# and the console log's `[collection]` read (docs/architecture.md, "Backfills").
 
 # Plans of recent runs: every asset of a run reads the same plan, built by the first step that asks.
 # Keyed by run id and the resources' config, so a test that reruns with other settings gets a new plan.
@@ -41,7 +39,7 @@ def stage_asset(*, group: str, kinds: set[str], code_version: str, gpu: bool, ta
     and its pod: GPU steps also sit in the `gpu` pool."""
     kwargs = dict(partitions_def=collections_partitions, io_manager_key=IO_MANAGER_KEY, group_name=group,
                   kinds=kinds, code_version=code_version, op_tags=gpu_pod_tags() if gpu else cpu_pod_tags(),
-                  backfill_policy=BACKFILL_POLICY, owners=owners(),
+                  owners=owners(),
                   tags={"stage": group, "device": "gpu" if gpu else "cpu", **(tags or {})})
     return kwargs | ({"pool": "gpu"} if gpu else {})
 

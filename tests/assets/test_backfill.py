@@ -1,6 +1,6 @@
-"""A Dagster asset backfill over two collections, as the UI's partition range launches one: the backfill
-daemon's iteration runs in this process against a real instance (temp DAGSTER_HOME) and the project's
-Definitions loaded as a code location; runs launch synchronously, one partition per run."""
+"""Dagster asset backfills over collections, as the UI's partition range launches them: the backfill daemon's
+(and the run queue's) iterations run in this process against a real instance (temp DAGSTER_HOME) and the
+project's Definitions loaded as a code location; runs launch synchronously, one partition per run."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from project_env import clear_settings
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.storage.embeddings import read_embeddings
 from rag_clean_assets import definitions
-from rag_clean_assets.assets.common import BACKFILL_POLICY
 from rag_clean_assets.assets.exports import EXPORTS_KEY
+from rag_clean_assets.collections import init_home
 from rag_clean_assets.partitions import COLLECTIONS_PARTITION
 
 COLLECTIONS = ["alpha", "beta"]  # two are a range: one run per collection shows without a third
 
 
-def test_asset_backfill_of_two_collections(tmp_path, tiny_registry_path, monkeypatch):
+def _setup(tmp_path, tiny_registry_path, monkeypatch):
     data, storage = tmp_path / "data", tmp_path / "storage"
     for name in COLLECTIONS:
         write_collection(data, name)
@@ -40,27 +40,76 @@ def test_asset_backfill_of_two_collections(tmp_path, tiny_registry_path, monkeyp
     monkeypatch.setenv("RAG_CLEAN_GPU_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.chdir(tmp_path)  # no ./.env or ./config of the repo
 
+
+def _workspace(instance):
+    origin = LoadableTargetOrigin(python_file=definitions.__file__, attribute="defs")
+    return WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget([InProcessCodeLocationOrigin(origin)]))
+
+
+def _add_backfill(instance, graph, partitions, keys) -> str:
+    backfill_id = make_new_backfill_id()
+    instance.add_backfill(PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id, asset_graph=graph, partition_names=partitions, asset_selection=keys,
+        backfill_timestamp=get_current_timestamp(), tags={}, dynamic_partitions_store=instance,
+        all_partitions=False, title=f"{partitions}", description=None, run_config=None))
+    return backfill_id
+
+
+def test_second_backfill_of_a_collection_waits_for_the_first_other_collections_do_not(
+        tmp_path, tiny_registry_path, monkeypatch):
+    """The dagster.yaml init-home writes (the one `rag-clean ui` runs): queued coordinator, one run in progress
+    per collection. Two backfills of `alpha` and one of `beta`: the queue starts one `alpha` run and the `beta`
+    run together and holds the second `alpha` run until the first is done."""
+    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+
+    _setup(tmp_path, tiny_registry_path, monkeypatch)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    config = init_home()
+    assert "QueuedRunCoordinator" in config.read_text()
+    # The only change: runs execute synchronously in this process when the queue launches them (no subprocess),
+    # so what the queue started together is visible as what one dequeue iteration launched.
+    config.write_text(config.read_text() + "run_launcher:\n  module: dagster._core.launcher.sync_in_memory_run_launcher\n"
+                      "  class: SyncInMemoryRunLauncher\n")
+    with dg.DagsterInstance.get() as instance, _workspace(instance) as workspace:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        instance.add_dynamic_partitions(COLLECTIONS_PARTITION, COLLECTIONS)
+        graph = workspace.create_request_context().asset_graph
+        chunks = [dg.AssetKey("chunks")]  # one cheap asset: the queue's decisions are what is tested
+        backfills = [_add_backfill(instance, graph, [c], chunks) for c in ("alpha", "alpha", "beta")]
+        logger = logging.getLogger("test_backfill")
+        errors = [e for e in execute_backfill_iteration(workspace, logger) if e is not None]
+        assert not errors, errors
+        runs = {b: instance.get_runs(RunsFilter(tags={"dagster/backfill": b})) for b in backfills}
+        assert all(len(r) == 1 for r in runs.values()), runs
+        first, second, beta = (runs[b][0].run_id for b in backfills)
+        assert {instance.get_run_by_id(r).status for r in (first, second, beta)} == {DagsterRunStatus.QUEUED}
+
+        daemon = QueuedRunCoordinatorDaemon(interval_seconds=1)
+        list(daemon.run_iteration(workspace))
+        status = {r: instance.get_run_by_id(r).status for r in (first, second, beta)}
+        assert status == {first: DagsterRunStatus.SUCCESS, second: DagsterRunStatus.QUEUED,
+                          beta: DagsterRunStatus.SUCCESS}, status
+        list(daemon.run_iteration(workspace))
+        assert instance.get_run_by_id(second).status == DagsterRunStatus.SUCCESS
+
+
+def test_asset_backfill_of_two_collections(tmp_path, tiny_registry_path, monkeypatch):
+    _setup(tmp_path, tiny_registry_path, monkeypatch)
+    storage = tmp_path / "storage"
     overrides = {
         "run_launcher": {"module": "dagster._core.launcher.sync_in_memory_run_launcher",
                          "class": "SyncInMemoryRunLauncher"},
         "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"},
     }
     (tmp_path / "home").mkdir()
-    origin = LoadableTargetOrigin(python_file=definitions.__file__, attribute="defs")
     with dg.instance_for_test(temp_dir=str(tmp_path / "home"), overrides=overrides) as instance, \
-            WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(
-                [InProcessCodeLocationOrigin(origin)])) as workspace:
+            _workspace(instance) as workspace:
         instance.add_dynamic_partitions(COLLECTIONS_PARTITION, COLLECTIONS)
         request = workspace.create_request_context()
         assert not request.code_location_errors(), request.code_location_errors()
         graph = request.asset_graph
         keys = [k for k in graph.materializable_asset_keys]
-        assert all(graph.get(k).backfill_policy == BACKFILL_POLICY for k in keys)
-        backfill_id = make_new_backfill_id()
-        instance.add_backfill(PartitionBackfill.from_asset_partitions(
-            backfill_id=backfill_id, asset_graph=graph, partition_names=COLLECTIONS, asset_selection=keys,
-            backfill_timestamp=get_current_timestamp(), tags={}, dynamic_partitions_store=instance,
-            all_partitions=False, title="two collections", description=None, run_config=None))
+        backfill_id = _add_backfill(instance, graph, COLLECTIONS, keys)
 
         logger = logging.getLogger("test_backfill")
         for _ in range(10):  # each iteration launches what is ready; runs finish synchronously
@@ -83,10 +132,10 @@ def test_asset_backfill_of_two_collections(tmp_path, tiny_registry_path, monkeyp
 
         runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
         assert runs and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
-        # multi_run(1): one run per collection, never two collections in one run
-        ranges = [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
-                  for r in runs]
-        assert sorted(ranges) == [(c, c) for c in COLLECTIONS]
+        # one run per collection, never two collections in one run, each tagged with its collection (the run
+        # queue's limit and the console log's [collection] read the tag)
+        assert sorted(r.tags["dagster/partition"] for r in runs) == COLLECTIONS
+        assert not any("dagster/asset_partition_range_start" in r.tags for r in runs)
         for key in keys:
             expected = set() if key == EXPORTS_KEY else set(COLLECTIONS)  # off: no materialization (issue 21)
             assert set(instance.get_materialized_partitions(key)) == expected, key

@@ -131,6 +131,7 @@ def test_tags_come_from_one_file(tmp_path, monkeypatch):
     config.write_text('[gpu_pod]\ngpus = 2\nmemory = "80Gi"\nnode_selector = { pool = "h200" }\n'
                       '[cpu_pod]\ncpu = "250m"\n', encoding="utf-8")
     monkeypatch.setenv(pods.POD_CONFIG_ENV, str(config))
+    monkeypatch.setenv("RAG_CLEAN_EXECUTOR", "k8s")
     tags = pods.gpu_pod_tags()
     spec = _step_pod(tags)
     assert spec.containers[0].resources.limits[GPU] == "2"
@@ -139,6 +140,18 @@ def test_tags_come_from_one_file(tmp_path, monkeypatch):
     from rag_clean_assets.assets.dense import build_dense_asset
     asset = build_dense_asset(load_registry().dense[0])
     assert json.loads(asset.op.tags[pods.K8S_CONFIG_TAG]) == json.loads(tags[pods.K8S_CONFIG_TAG])
+
+
+@pytest.mark.parametrize("executor", ["in_process", "multiprocess"])
+def test_local_runs_carry_no_pod_tags(monkeypatch, tiny_registry_path, executor):
+    """The same definitions on one box: no step shows a Kubernetes pod spec in its op tags (deploy/pods.toml
+    exists, but it is the k8s executor's); the k8s executor's steps do (test above)."""
+    monkeypatch.setenv("RAG_CLEAN_EXECUTOR", executor)
+    job = build_definitions(str(tiny_registry_path)).resolve_job_def(EMBED_JOB_NAME)
+    steps = create_execution_plan(job).steps
+    assert steps and not [s.key for s in steps if pods.K8S_CONFIG_TAG in s.tags]
+    assert pods.gpu_pod_tags() == {} and pods.cpu_pod_tags() == {}
+    assert pods.DEFAULT_POD_CONFIG.is_file()
 
 
 def test_pod_config_errors(tmp_path, monkeypatch):

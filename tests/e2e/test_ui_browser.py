@@ -1,7 +1,10 @@
-"""The Dagster UI in a real browser (Debian chromium driven by playwright) against dagster-webserver, walked as a
-user would (issue 21): two collections, one edited; its partition shows unsynced; "Materialize unsynced" reruns
-only that partition's assets; a disabled exports stays unmaterialized; a fallback reranker shows a WARN check.
+"""The Dagster UI in a real browser (Debian chromium driven by playwright) against the README's UI command
+(`rag-clean ui`: webserver + daemon), walked as a user would (issue 21): two collections, one edited; its
+partition shows unsynced; "Materialize unsynced" reruns only that partition's assets; a disabled exports stays
+unmaterialized; a fallback reranker shows a WARN check.
 
+Automation is off here (RAG_CLEAN_AUTOMATION=0, the documented opt-out): with it on, the daemon would
+rematerialize the edited collection by itself within a tick or two, racing the user's "Materialize unsynced".
 The registry's reranker names a folder that does not exist first and the tiny reranker as its fallback, so the
 `reranked/cross_encoder_loaded` check fails with WARN severity in every run. Screenshots go to the test's tmp
 dir; RAG_CLEAN_UI_SHOTS=docs copies them to docs/ui-*.png.
@@ -71,7 +74,7 @@ def walk_server(tmp_path_factory, tiny_models_dir):
     root = tmp_path_factory.mktemp("walk_registry")
     registry = write_tiny_registry(root, tiny_models_dir, rerank_sources=[
         f"path:{root / 'no-such-reranker'}", f"path:{tiny_models_dir / 'tiny-reranker'}"])
-    yield from start_ui_server(tmp_path_factory, registry, collections=(EDITED, OTHER))
+    yield from start_ui_server(tmp_path_factory, registry, collections=(EDITED, OTHER), RAG_CLEAN_AUTOMATION="0")
 
 
 @pytest.fixture()
@@ -148,7 +151,7 @@ def _node_names(nodes) -> dict[str, bool]:
 
 
 def _materialize_from_job_page(page, base: str, partition: str, tmp_path: Path) -> None:
-    """The job's "Materialize all", one partition picked in its dialog: "Launch 1 run" (a plain run, no daemon)."""
+    """The job's "Materialize all", one partition picked in its dialog: "Launch 1 run" (a run, not a backfill)."""
     selector = job_selector(base)
     page.goto(f"{base}/locations/{selector['repositoryLocationName']}/jobs/{selector['pipelineName']}",
               wait_until="networkidle")
@@ -209,8 +212,8 @@ def test_ui_walk_unsynced_partition_materialize_unsynced_degraded_states(walk_se
     assert page.get_by_text("No metadata entries").count() == 0
     _shot(page, tmp_path, "metadata")
 
-    # 2. Edit one file of `demo`, then "Observe" collection_files in the UI (the sensor does this when a daemon
-    #    runs; without one this button, or `python -m rag_clean_assets.collections observe`).
+    # 2. Edit one file of `demo`, then "Observe" collection_files in the UI (the daemon's sensor does the same
+    #    within 30 s; whichever comes first records the new folder version, the other finds nothing new).
     guide = walk_server.tmp / "data" / EDITED / "guide.md"
     guide.write_text(guide.read_text() + "\n## Upgrade\n\nUpgrade the gpu driver before the index.\n")
     before = set(_runs(base))

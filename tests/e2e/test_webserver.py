@@ -63,10 +63,11 @@ def test_graphql_lists_every_asset_and_the_collection_partitions(webserver, tiny
 RUN_BUDGET_S = 180
 
 
-def test_run_launched_from_the_webserver_alone_reaches_success(ui_server):
-    """The README's UI command runs no daemon: with our dagster.yaml (DefaultRunCoordinator) a launched run must
-    start at once and finish, not sit QUEUED (what the default queued coordinator does without a daemon)."""
-    assert "DefaultRunCoordinator" in (ui_server.tmp / "home" / "dagster.yaml").read_text()
+def test_run_launched_from_the_ui_command_reaches_success(ui_server):
+    """The README's UI command runs the daemon: with our dagster.yaml (QueuedRunCoordinator, no backfill-dialog
+    warning) a launched run must leave the queue at once and finish, not sit QUEUED."""
+    assert "QueuedRunCoordinator" in (ui_server.tmp / "home" / "dagster.yaml").read_text()
+    assert graphql(ui_server.base, "query { instance { runQueuingSupported } }")["instance"]["runQueuingSupported"]
     wait_for_asset_nodes(ui_server.base, "query { assetNodes { id } }")
     run_id = launch_partition_run(ui_server.base, "demo")
     seen = wait_for_run(ui_server.base, run_id, RUN_BUDGET_S)

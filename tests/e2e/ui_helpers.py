@@ -1,4 +1,5 @@
-"""Shared by the e2e UI tests (GraphQL and browser): one dagster-webserver over a real DAGSTER_HOME, tiny models."""
+"""Shared by the e2e UI tests (GraphQL and browser): the README's UI command (`rag-clean ui`: webserver + daemon)
+over a real DAGSTER_HOME, tiny models."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from project_env import init_instance, project_env
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 90
+# workspace.yaml's location (pyproject's [tool.dagster] too): URLs are /locations/<this>/...
+LOCATION_NAME = "rag_clean"
 
 
 @dataclass
@@ -29,7 +32,7 @@ class UiServer:
         return self.tmp / "storage"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,41 +65,49 @@ def stop_process_tree(proc: subprocess.Popen) -> None:
 GUIDE = "# Guide\n\n## Install\n\nInstall the gpu driver.\n\n## Query\n\nRun the query server and search the index.\n"
 
 
-def start_ui_server(tmp_path_factory, registry_path, collections=("demo",)) -> UiServer:
-    """`dagster-webserver -h 127.0.0.1 -p PORT -m rag_clean_assets.definitions` (the README's UI command without
-    the daemon) over a home written by init-home, with one partition per collection (a folder with `guide.md`)."""
+def start_ui_server(tmp_path_factory, registry_path, collections=("demo",), **settings: str) -> UiServer:
+    """`rag-clean ui --port PORT` (the README's UI command: dagster dev -w workspace.yaml, location
+    LOCATION_NAME) over a home written by init-home, with one partition per collection (a folder with
+    `guide.md`); `settings`: extra environment (e.g. RAG_CLEAN_AUTOMATION="0")."""
     requests = pytest.importorskip("requests")
     pytest.importorskip("psutil")
     tmp = tmp_path_factory.mktemp("webserver")
     for name in collections:
         (tmp / "data" / name).mkdir(parents=True)
         (tmp / "data" / name / "guide.md").write_text(GUIDE)
-    env = project_env(tmp, registry_path, tmp / "data")
+    env = project_env(tmp, registry_path, tmp / "data", **settings)
     init_instance(env, tmp, list(collections))
 
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "webserver.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-                                 "-m", "rag_clean_assets.definitions"], env=env, cwd=tmp, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "rag_clean_assets.cli", "ui", "--port", str(port)],
+                                env=env, cwd=tmp, stdout=log,
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dagster-webserver exited {proc.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                if requests.get(f"{base}/server_info", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"dagster-webserver not up after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-            time.sleep(0.5)
+        wait_for_server(base, proc, log_path)
         yield UiServer(base=base, tmp=tmp, env=env, log=log_path)
     finally:
         stop_process_tree(proc)
+
+
+def wait_for_server(base: str, proc: subprocess.Popen, log_path: Path) -> None:
+    """Until GET /server_info answers; fails with the log's tail if the process exits or it takes too long."""
+    import requests
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[:4]} exited {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+        try:
+            if requests.get(f"{base}/server_info", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{base} not up after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
+        time.sleep(0.5)
 
 
 def graphql(base: str, query: str, variables: dict | None = None) -> dict:

@@ -162,3 +162,23 @@ def test_schema_change_recreates_the_collection(kind, tmp_path):
     with pytest.raises(VectorIndexError, match="has no vector 'splade'"):
         index.retrieve(["c0"], with_vectors=["splade"])
     index.close()
+
+
+def test_the_index_stage_reports_progress_and_its_write_and_commit_times(tmp_path, monkeypatch):
+    """A full build shows done/total lines over the chunk rows and one line before the commit (where Edge builds
+    the HNSW graph); the record splits the time into writing and committing; a no-op sync commits nothing."""
+    from rag_clean.stages.index import run_index_stage
+    from rag_clean.telemetry import progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "MIN_STEP_GAP_S", 0.0)
+    sources = Store(tmp_path / "store", 80).write()
+    lines: list[str] = []
+    _, record = run_index_stage(EdgeIndex(tmp_path / "idx", "demo"), sources, progress=lines.append)
+    assert any(line.startswith("vector_index: ") and "/80 chunks" in line for line in lines)
+    commit = [line for line in lines if "committing" in line]
+    assert len(commit) == 1 and commit[0].startswith("80 points written") and "HNSW graph of fused" in commit[0]
+    assert record.upserted == 80 and record.write_s > 0 and record.commit_s > 0
+    assert record.to_summary()["commit_s"] == record.commit_s
+    lines.clear()
+    _, again = run_index_stage(EdgeIndex(tmp_path / "idx", "demo"), sources, progress=lines.append)
+    assert again.upserted == 0 and again.commit_s == 0 and not [line for line in lines if "committing" in line]
