@@ -240,6 +240,7 @@ def test_ui_walk_unsynced_partition_materialize_unsynced_degraded_states(walk_se
     page.goto(f"{base}/assets/chunks?view=partitions&partition={EDITED}", wait_until="networkidle")
     page.get_by_text(UNSYNCED).nth(1).hover()  # the cause: the folder's new data version
     page.get_by_text("has a new data version").first.wait_for()
+    page.wait_for_timeout(600)  # the popover's fade-in
     _shot(page, tmp_path, "unsynced-catalog")
 
     # 4. The asset graph: every drawn asset below the folder is "Unsynced", collection_files and exports are not.
@@ -258,6 +259,7 @@ def test_ui_walk_unsynced_partition_materialize_unsynced_degraded_states(walk_se
     assert all(unsynced for name, unsynced in drawn.items() if name not in ("collection_files", "exports")), drawn
     nodes.filter(has_text="fused_embeddings").get_by_text(UNSYNCED).first.hover()
     page.get_by_text("has a new data version").first.wait_for()
+    page.wait_for_timeout(600)
     _shot(page, tmp_path, "unsynced-graph")
 
     # 5. "Materialize unsynced" (the graph's Materialize menu): its dialog lists the affected assets (and
