@@ -71,8 +71,9 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("", "concat", "mean"), shown_default="the registry's (`concat`)"),
     Setting("top_k_candidates", "int", 100, "candidates per query", **_POSITIVE),
     Setting("rerank_top_k", "int", 20, "how many candidates the cross-encoder reranks", **_POSITIVE),
-    Setting("rerank_batch_size", "int", 32, "most (query, passage) pairs per cross-encoder batch (batches are "
-            "also bounded by the token budget)", **_POSITIVE),
+    Setting("rerank_batch_size", "int", 0, "most (query, passage) pairs per cross-encoder batch; `0`: no cap, "
+            "batches are filled across queries up to the token budget (a cap of 32 pairs, ~10k tokens, left a GPU "
+            "mostly idle)", low=0),
     Setting("rrf_k", "int", 60, "the reciprocal-rank-fusion constant", **_POSITIVE),
     Setting("query_text_mode", "choice", "hash", "what the `queries` asset keeps of each query: `hash` (keyed "
             "HMAC-SHA256, see `query_key` and [docs/telemetry.md](docs/telemetry.md#privacy)) or `truncate` (the "

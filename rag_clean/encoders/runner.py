@@ -37,7 +37,7 @@ from rag_clean.config.settings import process_setting
 from rag_clean.encoders.base import BatchRecord, Encoded, EncodeStats
 from rag_clean.encoders.batching import BatchSource, batch_tokens
 from rag_clean.encoders.budget import MIN_TOKEN_BUDGET, BudgetController, BudgetStore
-from rag_clean.encoders.device import release, to_device
+from rag_clean.encoders.device import PinnedStaging, release, to_device
 from rag_clean.encoders.tokenize import DEFAULT_FIRST_WINDOW_ITEMS, DEFAULT_WINDOW_ITEMS, TokenWindow
 from rag_clean.encoders.tokens import TokenSource
 
@@ -188,6 +188,7 @@ class Runner:
         """Run `source`'s batches on one replica, one batch in flight behind the one being launched."""
         cuda = replica.device.type == "cuda"
         pending = None  # (batch, host outputs, copy-done event, start, end, budget)
+        staging = PinnedStaging(replica.device) if cuda else None
 
         def launch(rows):
             batch = self._batch(window, rows)
@@ -198,7 +199,7 @@ class Runner:
                 return batch, tuple(o.contiguous() for o in outs), None, t0, time.perf_counter()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            batch.inputs = to_device(batch.host, replica.device)
+            batch.inputs = staging.to_device(batch.host)
             outs = self.backend.forward(replica, batch)
             end.record()
             host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs)

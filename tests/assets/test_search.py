@@ -76,6 +76,7 @@ def test_without_rerank_search_keeps_the_retrieval_order(searchable_sample, sear
 def test_models_load_once_per_searcher(searchable_sample, searcher, monkeypatch):
     from rag_clean.encoders import factory
 
+    searcher.search(_queries(searchable_sample)[0]["text"], k=3)  # the first search loads (order-independent test)
     loads = []
     for name in ("load_dense_encoder", "load_sparse_encoder", "load_reranker"):
         real = getattr(factory, name)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from ui_helpers import graphql, wait_for_asset_nodes
+from ui_helpers import graphql, launch_partition_run, wait_for_asset_nodes, wait_for_run
 
 requests = pytest.importorskip("requests")
 psutil = pytest.importorskip("psutil")
@@ -62,31 +60,7 @@ def test_graphql_lists_every_asset_and_the_collection_partitions(webserver, tiny
         assert node["partitionKeys"] == ["demo"], key
 
 
-LOCATIONS_QUERY = """
-query { workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError {
-  ... on RepositoryLocation { repositories { name jobs { name } } } } } } } }
-"""
-LAUNCH_MUTATION = """
-mutation Launch($params: ExecutionParams!) {
-  launchPipelineExecution(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId status } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}
-"""
-RUN_QUERY = 'query Run($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }'
 RUN_BUDGET_S = 180
-
-
-def _embed_job_selector(base: str) -> dict:
-    for entry in graphql(base, LOCATIONS_QUERY)["workspaceOrError"]["locationEntries"]:
-        for repo in (entry.get("locationOrLoadError") or {}).get("repositories", []):
-            if any(job["name"] == "embed_collection" for job in repo["jobs"]):
-                return {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
-                        "pipelineName": "embed_collection"}
-    pytest.fail("embed_collection job not found in the workspace")
 
 
 def test_run_launched_from_the_ui_command_reaches_success(ui_server):
@@ -95,17 +69,7 @@ def test_run_launched_from_the_ui_command_reaches_success(ui_server):
     assert "QueuedRunCoordinator" in (ui_server.tmp / "home" / "dagster.yaml").read_text()
     assert graphql(ui_server.base, "query { instance { runQueuingSupported } }")["instance"]["runQueuingSupported"]
     wait_for_asset_nodes(ui_server.base, "query { assetNodes { id } }")
-    params = {"selector": _embed_job_selector(ui_server.base), "runConfigData": {},
-              "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "demo"}]}}
-    launched = graphql(ui_server.base, LAUNCH_MUTATION, {"params": params})["launchPipelineExecution"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline, seen = time.monotonic() + RUN_BUDGET_S, []
-    while time.monotonic() < deadline:
-        status = graphql(ui_server.base, RUN_QUERY, {"id": run_id})["runOrError"]["status"]
-        seen.append(status)
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            break
-        time.sleep(1)
+    run_id = launch_partition_run(ui_server.base, "demo")
+    seen = wait_for_run(ui_server.base, run_id, RUN_BUDGET_S)
     assert seen[-1] == "SUCCESS", f"run {run_id} statuses {sorted(set(seen))}:\n{ui_server.log.read_text()[-3000:]}"
     assert (ui_server.storage / "reranked" / "demo.parquet").is_file()

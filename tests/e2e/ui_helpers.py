@@ -62,17 +62,21 @@ def stop_process_tree(proc: subprocess.Popen) -> None:
         child.kill()
 
 
-def start_ui_server(tmp_path_factory, tiny_registry_path) -> UiServer:
+GUIDE = "# Guide\n\n## Install\n\nInstall the gpu driver.\n\n## Query\n\nRun the query server and search the index.\n"
+
+
+def start_ui_server(tmp_path_factory, registry_path, collections=("demo",), **settings: str) -> UiServer:
     """`rag-clean ui --port PORT` (the README's UI command: dagster dev -w workspace.yaml, location
-    LOCATION_NAME) over a home written by init-home, with one collection partition `demo`."""
+    LOCATION_NAME) over a home written by init-home, with one partition per collection (a folder with
+    `guide.md`); `settings`: extra environment (e.g. RAG_CLEAN_AUTOMATION="0")."""
     requests = pytest.importorskip("requests")
     pytest.importorskip("psutil")
     tmp = tmp_path_factory.mktemp("webserver")
-    (tmp / "data" / "demo").mkdir(parents=True)
-    (tmp / "data" / "demo" / "guide.md").write_text(
-        "# Guide\n\n## Install\n\nInstall the gpu driver.\n\n## Query\n\nRun the query server and search the index.\n")
-    env = project_env(tmp, tiny_registry_path, tmp / "data")
-    init_instance(env, tmp, ["demo"])
+    for name in collections:
+        (tmp / "data" / name).mkdir(parents=True)
+        (tmp / "data" / name / "guide.md").write_text(GUIDE)
+    env = project_env(tmp, registry_path, tmp / "data", **settings)
+    init_instance(env, tmp, list(collections))
 
     port = free_port()
     log_path = tmp / "webserver.log"
@@ -124,3 +128,50 @@ def wait_for_asset_nodes(base: str, query: str) -> list[dict]:
         if nodes or time.monotonic() > deadline:
             return nodes
         time.sleep(1)
+
+
+LOCATIONS_QUERY = """
+query { workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError {
+  ... on RepositoryLocation { repositories { name jobs { name } } } } } } } }
+"""
+LAUNCH_MUTATION = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+RUN_QUERY = 'query Run($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }'
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def job_selector(base: str, job: str = "embed_collection") -> dict:
+    """The job's selector as the UI builds it (code location and repository read from the workspace)."""
+    for entry in graphql(base, LOCATIONS_QUERY)["workspaceOrError"]["locationEntries"]:
+        for repo in (entry.get("locationOrLoadError") or {}).get("repositories", []):
+            if any(j["name"] == job for j in repo["jobs"]):
+                return {"repositoryLocationName": entry["name"], "repositoryName": repo["name"], "pipelineName": job}
+    pytest.fail(f"{job} job not found in the workspace")
+
+
+def launch_partition_run(base: str, partition: str, job: str = "embed_collection") -> str:
+    """Launch one partition of the job through the mutation the UI's launch buttons call; returns the run id."""
+    params = {"selector": job_selector(base, job), "runConfigData": {},
+              "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]}}
+    launched = graphql(base, LAUNCH_MUTATION, {"params": params})["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def wait_for_run(base: str, run_id: str, budget_s: float) -> list[str]:
+    """The statuses seen until the run finished (or the budget ran out); the last one is the final one."""
+    deadline, seen = time.monotonic() + budget_s, []
+    while time.monotonic() < deadline:
+        seen.append(graphql(base, RUN_QUERY, {"id": run_id})["runOrError"]["status"])
+        if seen[-1] in FINISHED:
+            break
+        time.sleep(1)
+    return seen
