@@ -5,6 +5,7 @@ script), then the summaries (v4.1 keys, toggles, provenance), the exports and de
 from __future__ import annotations
 
 import contextlib
+import re
 import filecmp
 import io
 import json
@@ -171,6 +172,10 @@ def test_default_run_summary(ws, default_run):
     # a model load is a phase of its own; third-party bars stay out of the output
     assert f"{COLLECTION} dense_embeddings/tiny_a: loading model tiny-a" in default_run.out.splitlines()
     assert "Loading weights" not in default_run.out + default_run.err
+    # settings: only what was chosen (exports by the CLI flag), the defaults as one count
+    assert not [line for line in default_run.out.splitlines() if line.endswith("(default)")]
+    assert "   enable_exports=true (cli)" in default_run.out.splitlines()
+    assert re.search(r"\(\d+ other settings at their defaults: --log-level DEBUG lists them", default_run.out)
 
 
 def test_default_run_is_recorded_in_the_dagster_instance(ws, default_run):
@@ -257,6 +262,7 @@ def test_env_override(ws, default_run):
     assert "enable_sparse=false (override via env)" in run.summary["feature_toggles"]["provenance_lines"]
     assert run.summary["sparse_run"]["status"] == "disabled" and run.summary["rerank_run"]["executed"]
     assert "sparse: disabled (enable_sparse=false from override via env" in run.out
+    assert "   enable_sparse=false (override via env)" in run.out.splitlines()
 
 
 def test_config_file_and_dotenv(ws, default_run):
