@@ -201,7 +201,7 @@ def test_init_home_pool_limit_follows_the_machine_and_keeps_a_users_file(tmp_pat
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAG_CLEAN_GPU_POOL_LIMIT", "2")
     config = init_home()
-    assert "default_limit: 2" in config.read_text() and "DefaultRunCoordinator" in config.read_text()
+    assert "default_limit: 2" in config.read_text() and "QueuedRunCoordinator" in config.read_text()
     monkeypatch.setenv("RAG_CLEAN_GPU_POOL_LIMIT", "0")
     assert "default_limit" not in init_home().read_text()  # our own file is rewritten
     config.write_text("telemetry:\n  enabled: false\n")

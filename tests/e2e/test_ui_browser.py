@@ -72,8 +72,11 @@ def browser():
 def walk_server(tmp_path_factory, tiny_models_dir):
     """Its own webserver: two collections, and a reranker whose first source cannot be loaded."""
     root = tmp_path_factory.mktemp("walk_registry")
+    # A short missing path: the UI cuts a long check description (pytest's tmp paths made the reason unreadable).
+    missing = Path("/nonexistent-rag-clean/no-such-reranker")
+    assert not missing.exists()
     registry = write_tiny_registry(root, tiny_models_dir, rerank_sources=[
-        f"path:{root / 'no-such-reranker'}", f"path:{tiny_models_dir / 'tiny-reranker'}"])
+        f"path:{missing}", f"path:{tiny_models_dir / 'tiny-reranker'}"])
     yield from start_ui_server(tmp_path_factory, registry, collections=(EDITED, OTHER), RAG_CLEAN_AUTOMATION="0")
 
 
