@@ -66,6 +66,16 @@ class VectorIndexError(RuntimeError):
     """The index cannot be reached, or holds something the sync cannot reconcile; the message says which."""
 
 
+def vector_lists(point: "IndexPoint") -> tuple[dict[str, list], dict[str, tuple[list, list]]]:
+    """The point's dense and sparse vectors as the Python lists both sinks' clients take (lists pass as they are:
+    the sync hands over lists made once per block, not one array per vector)."""
+    def as_list(values, dtype) -> list:
+        return values if isinstance(values, list) else np.asarray(values, dtype=dtype).tolist()
+
+    return ({name: as_list(v, np.float32) for name, v in point.dense.items()},
+            {name: (as_list(i, np.int64), as_list(w, np.float32)) for name, (i, w) in point.sparse.items()})
+
+
 def point_id(collection: str, chunk_id: str) -> str:
     """Qdrant takes unsigned integers or UUIDs as point ids: a UUIDv5 of collection and chunk_id."""
     return str(uuid.uuid5(POINT_ID_NAMESPACE, f"{collection}/{chunk_id}"))
@@ -139,8 +149,8 @@ class IndexPoint:
 
     chunk_id: str
     payload: dict = field(default_factory=dict)
-    dense: dict[str, np.ndarray] = field(default_factory=dict)
-    sparse: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    dense: dict[str, np.ndarray | list] = field(default_factory=dict)
+    sparse: dict[str, tuple[np.ndarray | list, np.ndarray | list]] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import qdrant_edge as qe
 
 from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema, payloads_in_order,
-                                  VectorIndexError, existing_batch, point_id)
+                                  VectorIndexError, existing_batch, point_id, vector_lists)
 
 SINK = "qdrant-edge"
 SCHEMA_FILE = "rag_clean_schema.json"   # our record of the schema, beside Edge's own files
@@ -35,11 +35,8 @@ WRITE_FACTOR = 3
 
 
 def _vectors(point: IndexPoint) -> dict:
-    out: dict = {name: np.asarray(v, dtype=np.float32).tolist() for name, v in point.dense.items()}
-    for name, (indices, values) in point.sparse.items():
-        out[name] = qe.SparseVector(np.asarray(indices, dtype=np.int64).tolist(),
-                                    np.asarray(values, dtype=np.float32).tolist())
-    return out
+    dense, sparse = vector_lists(point)
+    return {**dense, **{name: qe.SparseVector(i, w) for name, (i, w) in sparse.items()}}
 
 
 def _hnsw(schema: IndexSchema, name: str) -> qe.HnswIndexConfig:

@@ -18,17 +18,14 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema, payloads_in_order,
-                                  VectorIndexError, existing_batch, point_id)
+                                  VectorIndexError, existing_batch, point_id, vector_lists)
 
 SINK = "qdrant"
 
 
 def _vectors(point: IndexPoint) -> dict:
-    out: dict = {name: np.asarray(v, dtype=np.float32).tolist() for name, v in point.dense.items()}
-    for name, (indices, values) in point.sparse.items():
-        out[name] = models.SparseVector(indices=np.asarray(indices, dtype=np.int64).tolist(),
-                                        values=np.asarray(values, dtype=np.float32).tolist())
-    return out
+    dense, sparse = vector_lists(point)
+    return {**dense, **{name: models.SparseVector(indices=i, values=w) for name, (i, w) in sparse.items()}}
 
 
 def _without_credentials(url: str) -> str:

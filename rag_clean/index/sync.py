@@ -299,6 +299,6 @@ def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[
     return result
 
 
-def _sparse(row) -> tuple[np.ndarray, np.ndarray]:
-    term_ids, weights = row
-    return np.asarray(term_ids or [], dtype=np.int64), np.asarray(weights or [], dtype=np.float32)
+def _sparse(row) -> tuple[list, list]:
+    term_ids, weights = row  # lists from Arrow's to_pydict: passed on as they are (the sinks take lists)
+    return list(term_ids or []), list(weights or [])
