@@ -19,9 +19,11 @@ from rag_clean.config.registry import ModelSpec
 
 # Bytes of vocab-wide activations computed at once: no [tokens, vocab] tensor is ever larger.
 SPLADE_CHUNK_BYTES = 256 * 1024 * 1024
-# Vocabulary slice of the MLM head on the CPU: measured fastest of 1024 / 4096 / token chunks on SPLADE-tiny
-# (docs/performance.md, Round 3); on CUDA the sliced head stays off until measured there.
+# Vocabulary slice of the MLM head: measured fastest of 1024 / 4096 / token chunks on SPLADE-tiny on the CPU, and
+# of 1024 / 4096 / 8192 / full logits on bge-base's shape on an H100 (1.31M vs 1.04M tokens/s, VRAM 7.9 -> 2.8 GB,
+# the same top-10 terms): docs/performance.md, Round 3.
 CPU_VOCAB_SLICE = 1024
+CUDA_VOCAB_SLICE = 4096
 
 
 class STSparseEncoder(STBackend, SparseEncoder):
@@ -70,7 +72,7 @@ class STSparseEncoder(STBackend, SparseEncoder):
         # slice small enough stays in cache; the head's transform runs once per batch, not once per chunk.
         chosen = process_setting("splade_vocab_slice")
         on_cpu = all(r.device.type == "cpu" for r in self.replicas)
-        self.vocab_slice = (CPU_VOCAB_SLICE if on_cpu else 0) if chosen is None else chosen
+        self.vocab_slice = (CPU_VOCAB_SLICE if on_cpu else CUDA_VOCAB_SLICE) if chosen is None else chosen
         self.sliced_head = self.vocab_slice > 0 and _decoder_parts(hf) is not None
 
     def _activate_pooled(self, pooled_logits: torch.Tensor) -> torch.Tensor:
