@@ -40,10 +40,15 @@ def unit(a: np.ndarray) -> np.ndarray:
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
-def points(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def points(n: int, dim: int, seed: int = 0, data: str = "clustered") -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors: "clustered" (topic centre + noise of the same norm, like bench_index.py's) or "iid" (HNSW's
+    worst case: no neighbourhood structure)."""
     rng = np.random.default_rng(seed)
-    centres = unit(rng.standard_normal((max(16, n // 100), dim), dtype=np.float32))
-    x = unit(centres[rng.integers(0, len(centres), n)] + unit(rng.standard_normal((n, dim), dtype=np.float32)))
+    if data == "iid":
+        x = unit(rng.standard_normal((n, dim), dtype=np.float32))
+    else:
+        centres = unit(rng.standard_normal((max(16, n // 100), dim), dtype=np.float32))
+        x = unit(centres[rng.integers(0, len(centres), n)] + unit(rng.standard_normal((n, dim), dtype=np.float32)))
     queries = unit(x[rng.integers(0, n, 50)] + 0.3 * unit(rng.standard_normal((50, dim), dtype=np.float32)))
     return x, queries
 
@@ -98,11 +103,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=1152)
     ap.add_argument("--variants", default="base,ef64,f16,seg4,threads1")
+    ap.add_argument("--data", choices=["clustered", "iid"], default="clustered")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     import qdrant_edge as qe
 
-    x, queries = points(args.n, args.dim)
+    x, queries = points(args.n, args.dim, data=args.data)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_index_build_") as work:
         for variant in args.variants.split(","):
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
         for r in results:
             r["build_vs_base"] = round(r["build_s"] / base["build_s"], 3) if base["build_s"] else None
     out = {"benchmark": "index_build", "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "n": args.n, "dim": args.dim, "qdrant_edge": getattr(qe, "__version__", "0.9.0"),
+           "cores": os.cpu_count(), "n": args.n, "dim": args.dim, "data": args.data, "qdrant_edge": getattr(qe, "__version__", "0.9.0"),
            "results": results}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
