@@ -223,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     from rag_clean.config.paths import check_roots
     from rag_clean.config.plan import build_run_plan
     from rag_clean.config.registry import load_registry
-    from rag_clean.config.settings import PROVENANCE_DEFAULT, process_provenance_lines
+    from rag_clean.config.settings import process_provenance_lines
     from rag_clean_assets.collections import init_home
     from rag_clean_assets.definitions import EMBED_JOB_NAME, build_definitions
     from rag_clean_assets.partitions import COLLECTIONS_PARTITION
@@ -271,15 +271,15 @@ def _run(args: argparse.Namespace) -> int:
     print(f"data root: {data_root}\nstorage root: {storage_root}\nDagster instance: {os.environ['DAGSTER_HOME']}\n"
           f"registry: {registry.path}")
     # Settings a person chose (or all of them with --log-level DEBUG); the defaults are one count, not 30 lines.
-    every = [*resolved.provenance_lines(), *environment]
-    chosen = every if args.log_level == "DEBUG" else [line for line in every if not line.endswith(f"({PROVENANCE_DEFAULT})")]
+    chosen = [*resolved.provenance_lines(chosen_only=args.log_level != "DEBUG"), *environment]
+    defaults = len(resolved.provenance_lines()) + len(environment) - len(chosen)
     for line in chosen:
         if line.startswith("hybrid_dense_weight="):
             # A fallback, not the weight of every run: each collection's summary says which weights were used.
             line += "; used only where tuning is not trusted (see each collection's hybrid weights below)"
         print(f"   {line}")
-    if len(chosen) < len(every):
-        print(f"   ({len(every) - len(chosen)} other settings at their defaults: --log-level DEBUG lists them; each "
+    if defaults:
+        print(f"   ({defaults} other settings at their defaults: --log-level DEBUG lists them; each "
               "collection's processing_summary.json keeps every value)")
 
     # The progress display listens to every run as a second Dagster logger (rag_clean_assets/run_progress.py).

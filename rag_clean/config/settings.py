@@ -48,8 +48,12 @@ class _Methods:
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in self.keys())}
 
-    def provenance_lines(self) -> list[str]:
-        return [f"{k}={json.dumps(self.as_dict()[k])} ({self.provenance.get(k, PROVENANCE_DEFAULT)})" for k in self.keys()]
+    def provenance_lines(self, chosen_only: bool = False) -> list[str]:
+        """`key=value (source)` per setting; chosen_only: only those not at their default."""
+        values = self.as_dict()
+        sources = {k: self.provenance.get(k, PROVENANCE_DEFAULT) for k in self.keys()}
+        return [f"{k}={json.dumps(values[k])} ({src})" for k, src in sources.items()
+                if not (chosen_only and src == PROVENANCE_DEFAULT)]
 
     def with_overrides(self, overrides: Mapping[str, Any], source: str, where: str | None = None):
         """Apply overrides by key (None values are ignored), marked with `source`; errors name `where`."""

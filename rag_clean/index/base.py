@@ -76,6 +76,14 @@ def vector_lists(point: "IndexPoint") -> tuple[dict[str, list], dict[str, tuple[
             {name: (as_list(i, np.int64), as_list(w, np.float32)) for name, (i, w) in point.sparse.items()})
 
 
+def require_vectors(index, names: Sequence[str]) -> None:
+    """Refuse a query on a vector name the index does not have (both sinks: `_names`, `collection`, `location`)."""
+    unknown = [n for n in names if n not in index._names]
+    if unknown:
+        raise VectorIndexError(f"index {index.collection!r} at {index.location} has no vector {unknown[0]!r}; "
+                               f"it has {index._names}")
+
+
 def point_id(collection: str, chunk_id: str) -> str:
     """Qdrant takes unsigned integers or UUIDs as point ids: a UUIDv5 of collection and chunk_id."""
     return str(uuid.uuid5(POINT_ID_NAMESPACE, f"{collection}/{chunk_id}"))

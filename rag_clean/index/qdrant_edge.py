@@ -19,7 +19,7 @@ import pyarrow as pa
 import qdrant_edge as qe
 
 from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema, payloads_in_order,
-                                  VectorIndexError, existing_batch, point_id, vector_lists)
+                                  VectorIndexError, existing_batch, point_id, require_vectors, vector_lists)
 
 SINK = "qdrant-edge"
 SCHEMA_FILE = "rag_clean_schema.json"   # our record of the schema, beside Edge's own files
@@ -161,30 +161,24 @@ class EdgeIndex:
             return 0
         return int(self.shard.count(qe.CountRequest(exact=True)))
 
-    def _known(self, names: Sequence[str]) -> None:
-        unknown = [n for n in names if n not in self._names]
-        if unknown:
-            raise VectorIndexError(f"index {self.collection!r} at {self.location} has no vector {unknown[0]!r}; "
-                                   f"it has {self._names}")
-
     def _hits(self, points) -> list[Hit]:
         return [Hit(p.payload["chunk_id"], float(p.score)) for p in points]
 
     def dense_search(self, vector_name: str, query: np.ndarray, k: int, exact: bool = True) -> list[Hit]:
-        self._known([vector_name])
+        require_vectors(self, [vector_name])
         q = np.asarray(query, dtype=np.float32).reshape(-1).tolist()
         return self._hits(self.shard.query(qe.QueryRequest(
             limit=int(k), query=qe.Query.Nearest(q, using=vector_name), with_payload=["chunk_id"],
             params=qe.SearchParams(exact=bool(exact), hnsw_ef=None if exact else SEARCH_HNSW_EF))))
 
     def sparse_search(self, vector_name: str, indices: np.ndarray, values: np.ndarray, k: int) -> list[Hit]:
-        self._known([vector_name])
+        require_vectors(self, [vector_name])
         vector = qe.SparseVector(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(values, dtype=np.float32).tolist())
         return self._hits(self.shard.query(qe.QueryRequest(
             limit=int(k), query=qe.Query.Nearest(vector, using=vector_name), with_payload=["chunk_id"])))
 
     def retrieve(self, chunk_ids: Sequence[str], with_vectors: Sequence[str] | None = None) -> list[dict]:
-        self._known(with_vectors or [])
+        require_vectors(self, with_vectors or [])
         ids = [point_id(self.collection, c) for c in chunk_ids]
         records = self.shard.retrieve(ids, with_payload=True, with_vector=list(with_vectors) if with_vectors else False)
         return payloads_in_order(ids, records, with_vectors)
