@@ -17,7 +17,7 @@ a sparse Parquet file); then
     recall@10 of approximate against exact (queries: stored fused vectors plus noise of norm 0.3).
 Wall, rows/s and peak anonymous RSS (rag_clean.telemetry.memory: mmap'd file pages excluded) per phase.
 
-    python benchmarks/bench_index.py --sizes 20000 [--data clustered|iid] [--dims 384,384] [--sparse-terms 64]
+    python benchmarks/bench_index.py --sizes 20000 [--data clustered|iid] [--dims 384,384] [--sparse-terms 64] [--shards 1,2]
 """
 
 from __future__ import annotations
@@ -214,7 +214,8 @@ def load_reranker(work: Path):
     return CrossEncoder(str(folder if folder.exists() else build_cross_encoder(folder)), device="cpu")
 
 
-def run_size(n: int, dims: list[int], terms: int, edit: float, n_queries: int, work: Path, data: str) -> dict:
+def run_size(n: int, dims: list[int], terms: int, edit: float, n_queries: int, work: Path, data: str,
+             shards: int = 1) -> dict:
     import numpy as np
 
     from rag_clean.index.qdrant_edge import EdgeIndex
@@ -228,7 +229,7 @@ def run_size(n: int, dims: list[int], terms: int, edit: float, n_queries: int, w
     edited = write_sources(folder, n, dims, terms, changed, "b", data)
     setup = time.perf_counter() - t0
     PROBE.take()
-    index = EdgeIndex(folder / "shard", "bench")
+    index = EdgeIndex(folder / "shard", "bench", shards)
     full = timed_sync(index, base)
     sync = timed_sync(index, edited)
     noop = timed_sync(index, edited)
@@ -237,7 +238,7 @@ def run_size(n: int, dims: list[int], terms: int, edit: float, n_queries: int, w
     files = [p.stat() for p in (folder / "shard").rglob("*") if p.is_file()]
     shard_bytes = sum(f.st_blocks * 512 for f in files)          # on disk (Edge preallocates sparse files)
     shard_apparent = sum(f.st_size for f in files)
-    out = {"rows": n, "data": data, "dims": dims, "fused_dim": sum(dims), "sparse_terms": terms, "edited_rows": int(len(changed)),
+    out = {"rows": n, "shards": shards, "data": data, "dims": dims, "fused_dim": sum(dims), "sparse_terms": terms, "edited_rows": int(len(changed)),
            "setup_s": round(setup, 1), "full_build": full, "edit_sync": sync, "noop_sync": noop,
            "sync_over_full": round(sync["wall_s"] / full["wall_s"], 4), "search": search, "shard_bytes": shard_bytes, "shard_apparent_bytes": shard_apparent,
            "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
@@ -253,6 +254,7 @@ def main() -> None:
     ap.add_argument("--edit", type=float, default=0.01)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--data", choices=["clustered", "iid"], default="clustered")
+    ap.add_argument("--shards", default="1", help="comma list of Edge shard counts, one full run each (index_shards)")
     ap.add_argument("--workdir", default="", help="where the synthetic assets and the shard go (default: a temp dir)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -265,8 +267,11 @@ def main() -> None:
     load_before = [round(x, 2) for x in os.getloadavg()]
     try:
         for n in (int(s) for s in args.sizes.split(",")):
-            results.append(run_size(n, dims, args.sparse_terms, args.edit, args.queries, work, args.data))
-            print(json.dumps(results[-1]), flush=True)
+            for shards in (int(k) for k in args.shards.split(",")):
+                results.append(run_size(n, dims, args.sparse_terms, args.edit, args.queries, work, args.data, shards))
+                first = next(r for r in results if r["rows"] == n)
+                results[-1]["full_build_vs_first_shards"] = round(results[-1]["full_build"]["wall_s"] / first["full_build"]["wall_s"], 3)
+                print(json.dumps(results[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from importlib.metadata import PackageNotFoundError, version

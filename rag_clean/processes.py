@@ -34,3 +34,8 @@ def process_alive(pid: int, not_after: float | None = None) -> bool:
     except (OSError, ValueError, IndexError, StopIteration):
         return True
     return started <= not_after + 2.0  # btime has 1 s resolution
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's limit), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -20,15 +20,16 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def open_index(sink: str, layout: StorageLayout, collection: str, *, url: str = "",
-               api_key_env: str = DEFAULT_API_KEY_ENV, timeout_s: float = CONNECT_TIMEOUT_S) -> VectorIndex:
+               api_key_env: str = DEFAULT_API_KEY_ENV, timeout_s: float = CONNECT_TIMEOUT_S,
+               shards: int = 0) -> VectorIndex:
     """The collection's index in the chosen sink. "qdrant-edge": a shard folder under the storage root
-    (StorageLayout.index_dir); "qdrant": the server at `url`, API key read from the environment variable
+    (StorageLayout.index_dir) of `shards` Edge shards (0: by size when created); "qdrant": the server at `url`, API key read from the environment variable
     named `api_key_env` (unset: no key). A server that does not answer within `timeout_s` raises
     VectorIndexError with one line."""
     if sink == "qdrant-edge":
         from rag_clean.index.qdrant_edge import EdgeIndex
 
-        return EdgeIndex(layout.index_dir(collection), collection)
+        return EdgeIndex(layout.index_dir(collection), collection, shards)
     if sink == "qdrant":
         from rag_clean.index.qdrant_server import ServerIndex
 
@@ -43,7 +44,7 @@ def open_collection_index(settings, layout: StorageLayout, collection: str) -> V
     """The collection's index in the sink the settings (EmbedderSettings) choose: the vector_index asset, its
     check and search open it alike."""
     return open_index(settings.index_sink, layout, collection, url=settings.qdrant_url,
-                      api_key_env=settings.qdrant_api_key_env)
+                      api_key_env=settings.qdrant_api_key_env, shards=settings.index_shards)
 
 
 __all__ = ["FUSED", "SINKS", "Hit", "IndexPoint", "IndexSchema", "VectorIndex", "VectorIndexError", "open_index",

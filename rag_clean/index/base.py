@@ -218,9 +218,14 @@ class VectorIndex(Protocol):
     collection: str
     location: str      # where it lives, never with credentials
 
-    def ensure_schema(self, schema: IndexSchema) -> bool:
+    def ensure_schema(self, schema: IndexSchema, points: int = 0) -> bool:
         """Create the collection with these named vectors, or recreate it (empty) when it exists with other
-        vectors or dims (Qdrant cannot add or resize a named vector in place). True when it was (re)created."""
+        vectors or dims (Qdrant cannot add or resize a named vector in place). True when it was (re)created.
+        `points`: the collection's size (Edge picks its shard count from it)."""
+
+    def writer(self, points: int, spec):
+        """Where the sync sends its writes (rag_clean.index.blocks): delete(chunk_ids), write(block batch),
+        commit() -> BlockCounts, close(). `points`: how many points the sync will write."""
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Write whole points (every vector, payload with fingerprints); one call per block of rows."""

@@ -19,6 +19,7 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 
 from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema, payloads_in_order,
                                   VectorIndexError, existing_batch, point_id, require_vectors, vector_lists)
+from rag_clean.index.blocks import BlockSpec, InProcessWriter
 
 SINK = "qdrant"
 
@@ -88,7 +89,7 @@ class ServerIndex:
         return (cosine and stored.dense_dims == schema.dense_dims and set(stored.sparse) == set(schema.sparse)
                 and set(stored.graph) == set(schema.graph) and stored.hnsw == schema.hnsw)
 
-    def ensure_schema(self, schema: IndexSchema) -> bool:
+    def ensure_schema(self, schema: IndexSchema, points: int = 0) -> bool:
         if self.client.collection_exists(self.collection):
             if self._same(schema):
                 self._names = schema.names
@@ -103,6 +104,9 @@ class ServerIndex:
             sparse_vectors_config={n: models.SparseVectorParams() for n in schema.sparse})
         self._names = schema.names
         return True
+
+    def writer(self, points: int, spec: BlockSpec) -> InProcessWriter:
+        return InProcessWriter(self, spec)   # the server parallelizes its own writes
 
     def reserve_space(self, points: int, bytes_per_point: int) -> None:
         """The server's disk is its own: it answers a write it cannot store with an error (raised per call)."""

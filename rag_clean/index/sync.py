@@ -8,7 +8,9 @@ inputs, the sparse model's fingerprint) and one of its payload fields ("_payload
    chunks table on chunk_id (Arrow), and marks per chunk row: write the whole point (new chunk, changed
    text or payload), rewrite some of its vectors (their fingerprint changed), or nothing; points whose
    chunk is gone are deleted;
-2. writes, block by block (BLOCK rows): deletes, upserts, vector rewrites, then commit().
+2. writes, block by block (BLOCK rows, one Arrow batch each: rag_clean.index.blocks): deletes, upserts,
+   vector rewrites, then commit(); through the index's writer, which applies them in this process or, for
+   a sharded Edge index, in one writer process per shard (rag_clean.index.shard_writer).
 
 Nothing is written when nothing changed. There is no "in progress" marker: writes are idempotent (upsert
 and delete by point id) and a point's vectors and the payload that describes them go in the same write
@@ -32,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rag_clean.index.base import FINGERPRINTS, FUSED, PAYLOAD_KEY, IndexPoint, IndexSchema, VectorIndex, vector_name
+from rag_clean.index.base import FINGERPRINTS, FUSED, PAYLOAD_KEY, IndexSchema, VectorIndex, vector_name
+from rag_clean.index.blocks import BlockSpec, make_block
 from rag_clean.storage.arrow_io import as_string_array
 from rag_clean.storage.embeddings import EmbeddingSet
 from rag_clean.storage.errors import StorageError
@@ -201,16 +204,6 @@ def _plan(index: VectorIndex, chunks: pa.Table, fps: Mapping[str, str], names: S
     return _Plan(full, stale, payload, scan.removed())
 
 
-def _payloads(chunks: pa.Table, rows: np.ndarray) -> list[dict]:
-    columns = ["chunk_id", "source_file", "heading", "section_path", "chunk_index", "content_hash", "text",
-               "metadata_json"]
-    out = []
-    for row in chunks.select(columns).take(pa.array(rows)).to_pylist():
-        metadata = json.loads(row.pop("metadata_json") or "{}")
-        out.append({**row, "metadata": metadata})
-    return out
-
-
 def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[SyncResult], None] | None = None,
                phase: Callable[[str], None] | None = None) -> SyncResult:
     """Bring `index` to the state of `sources` (see the module docstring); `progress` is called after each
@@ -225,7 +218,7 @@ def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[
     schema = sources.schema()
     fps = sources.fingerprints()
     names = schema.names
-    result = SyncResult(recreated=index.ensure_schema(schema))
+    result = SyncResult(recreated=index.ensure_schema(schema, n))
     plan = _plan(index, chunks, fps, names)
     dense = {FUSED: sources.fused, **{vector_name(m): e for m, e in sources.dense.items()}}
     sparse_names = {vector_name(m): m for m in (sources.sparse_models if sources.sparse is not None else [])}
@@ -235,70 +228,44 @@ def sync_index(index: VectorIndex, sources: SyncSources, *, progress: Callable[[
     if work.any():
         index.reserve_space(int(work.sum()), point_bytes(sources))
 
-    for start in range(0, len(plan.delete), BLOCK):
-        index.delete(plan.delete[start:start + BLOCK])
-        result.deleted += len(plan.delete[start:start + BLOCK])
-    needs_sparse = bool(sparse_names) and bool(
-        plan.full.any() or any(plan.stale[name].any() for name in sparse_names))
-    sparse_iters = ([iter(r.blocks(BLOCK)) for r in sparse_rows_by_model(sources.sparse, list(sparse_names.values()),
-                                                                         chunks, BLOCK, purpose="first")]
-                    if needs_sparse else [])
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
-        sparse_blocks = [next(it) for it in sparse_iters]  # in step with the chunk blocks, whether used or not
-        rows = start + np.flatnonzero(work[start:stop])
-        result.scanned = stop
-        if not len(rows):
+    spec = BlockSpec(fps, list(dense), list(sparse_names))
+    writer = index.writer(int(work.sum()) + len(plan.delete), spec)
+    try:
+        for start in range(0, len(plan.delete), BLOCK):
+            writer.delete(plan.delete[start:start + BLOCK])
+            result.deleted += len(plan.delete[start:start + BLOCK])
+        needs_sparse = bool(sparse_names) and bool(
+            plan.full.any() or any(plan.stale[name].any() for name in sparse_names))
+        sparse_iters = ([iter(r.blocks(BLOCK)) for r in sparse_rows_by_model(
+            sources.sparse, list(sparse_names.values()), chunks, BLOCK, purpose="first")] if needs_sparse else [])
+        for start in range(0, n, BLOCK):
+            stop = min(start + BLOCK, n)
+            sparse_blocks = [next(it) for it in sparse_iters]  # in step with the chunk blocks, whether used or not
+            rows = start + np.flatnonzero(work[start:stop])
+            result.scanned = stop
+            if len(rows):
+                local = pa.array(rows - start)
+                writer.write(make_block(
+                    chunks, rows, plan.full[rows], {name: plan.stale[name][rows] for name in names},
+                    plan.payload[rows], {name: np.asarray(emb.vectors[rows], dtype=np.float32)
+                                         for name, emb in dense.items()},
+                    {name: block.select(["term_ids", "weights"]).take(local)
+                     for name, block in zip(sparse_names, sparse_blocks)}))
+                result.blocks += 1
             if progress is not None:
                 progress(result)
-            continue
-        local = rows - start
-        vectors = {name: np.asarray(emb.vectors[rows], dtype=np.float32) for name, emb in dense.items()}
-        sparse = {}
-        for name, block in zip(sparse_names, sparse_blocks):
-            sub = block.select(["term_ids", "weights"]).take(pa.array(local)).to_pydict()
-            sparse[name] = list(zip(sub["term_ids"], sub["weights"]))
-        full = plan.full[rows]
-        if full.any():
-            which = np.flatnonzero(full)
-            payloads = _payloads(chunks, rows[which])
-            points = []
-            for j, payload in zip(which, payloads):
-                point_fps = {**fps, PAYLOAD_KEY: f"{int(plan.payload[rows[j]]):016x}"}
-                points.append(IndexPoint(payload["chunk_id"], payload,
-                                         {name: v[j] for name, v in vectors.items()},
-                                         {name: _sparse(s[j]) for name, s in sparse.items()}, point_fps))
-            index.upsert(points)
-            result.upserted += len(points)
-        partial = np.flatnonzero(~full)
-        if len(partial):
-            ids = chunks.column("chunk_id").take(pa.array(rows[partial])).to_pylist()
-            points = []
-            for j, chunk_id in zip(partial, ids):
-                stale = [name for name in names if plan.stale[name][rows[j]]]
-                points.append(IndexPoint(chunk_id, {}, {name: vectors[name][j] for name in stale if name in vectors},
-                                         {name: _sparse(sparse[name][j]) for name in stale if name in sparse},
-                                         {name: fps[name] for name in stale}))
-                for name in stale:
-                    result.rewritten[name] = result.rewritten.get(name, 0) + 1
-            index.update_vectors(points)
-        result.blocks += 1
-        if progress is not None:
-            progress(result)
-    if result.wrote:
-        if phase is not None:
-            phase(f"{result.upserted + sum(result.rewritten.values())} points written in "
-                  f"{time.perf_counter() - t0:.1f}s; committing (the sink builds the HNSW graph of "
-                  f"{', '.join(schema.graph)} now)")
-        t_commit = time.perf_counter()
-        index.commit()
-        result.commit_seconds = round(time.perf_counter() - t_commit, 6)
+        if work.any() or plan.delete:
+            if phase is not None:
+                phase(f"{int(work.sum())} points written in {time.perf_counter() - t0:.1f}s; committing (the sink "
+                      f"builds the HNSW graph of {', '.join(schema.graph)} now)")
+            t_commit = time.perf_counter()
+            counts = writer.commit()
+            result.commit_seconds = round(time.perf_counter() - t_commit, 6)
+            result.upserted, result.rewritten = counts.upserted, dict(counts.rewritten)
+    finally:
+        writer.close()
     result.unchanged = int(n - (work.sum()))
     result.points = index.count()
     result.seconds = round(time.perf_counter() - t0, 6)
     return result
 
-
-def _sparse(row) -> tuple[list, list]:
-    term_ids, weights = row  # lists from Arrow's to_pydict: passed on as they are (the sinks take lists)
-    return list(term_ids or []), list(weights or [])

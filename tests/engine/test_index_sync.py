@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from rag_clean.index.blocks import InProcessWriter
 from rag_clean.index.qdrant_edge import EdgeIndex
 from rag_clean.index.qdrant_server import ServerIndex
 from rag_clean.index import VectorIndexError
@@ -80,6 +81,9 @@ class Counting:
 
     def __init__(self, index):
         self.index, self.writes = index, []
+
+    def writer(self, points, spec):
+        return InProcessWriter(self, spec)   # the sink's own writer would call the unwrapped index
 
     def __getattr__(self, name):
         attr = getattr(self.index, name)

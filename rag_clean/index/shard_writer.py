@@ -1,0 +1,232 @@
+"""Shard writer processes: one per Edge shard, so a big sync converts and writes points on several cores
+(Edge's Python API holds the GIL while it converts a point; see rag_clean.index.qdrant_edge).
+
+The parent (`ShardWriterPool`, in the vector_index step) splits each block of the sync by shard and hands
+each part to that shard's process as Arrow IPC bytes; the process applies it with the same code as an
+in-process write (rag_clean.index.blocks.apply_block). No pickle: the protocol is explicit frames on the
+child's stdin (a JSON header, then optional Arrow bytes) and one JSON line per request on its stdout:
+
+    {"op": "open", "path", "collection", "spec"}   load the shard
+    {"op": "write"} + Arrow IPC stream              -> {"ok": true, "upserted": n, "rewritten": {...}}
+    {"op": "delete", "ids": [...]}                  point ids
+    {"op": "commit"}                                flush + build the HNSW graph
+    {"op": "close"}                                 then the process exits
+
+A failure answers {"ok": false, "error": "..."} and ends the process; a process that dies (a SIGBUS on a full
+disk) is reported with its shard's folder. Each part a process has not answered stays queued (at most
+QUEUE_PARTS), which bounds the parent's memory and makes a slow shard hold the sync back, not grow a backlog.
+
+    python -m rag_clean.index.shard_writer    (started by ShardWriterPool only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+import rag_clean
+from rag_clean.index.base import VectorIndexError, point_id
+from rag_clean.index.blocks import BlockCounts, BlockSpec, apply_block
+
+QUEUE_PARTS = 2
+_HEADER = struct.Struct("<IQ")   # header bytes, body bytes
+
+
+def _send(stream: BinaryIO, header: dict, body: bytes = b"") -> None:
+    head = json.dumps(header).encode()
+    stream.write(_HEADER.pack(len(head), len(body)) + head)
+    if body:
+        stream.write(body)
+    stream.flush()
+
+
+def _receive(stream: BinaryIO) -> tuple[dict, bytes] | None:
+    raw = stream.read(_HEADER.size)
+    if len(raw) < _HEADER.size:
+        return None
+    head_len, body_len = _HEADER.unpack(raw)
+    header = json.loads(stream.read(head_len))
+    return header, (stream.read(body_len) if body_len else b"")
+
+
+def _ipc(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+class _ShardTarget:
+    """One shard as the upsert / update_vectors target of apply_block (point ids from the collection)."""
+
+    def __init__(self, store, collection: str):
+        self.store, self.collection = store, collection
+
+    def upsert(self, points) -> None:
+        self.store.upsert([point_id(self.collection, p.chunk_id) for p in points], points)
+
+    def update_vectors(self, points) -> None:
+        self.store.update_vectors([point_id(self.collection, p.chunk_id) for p in points], points)
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """The writer process's loop (see the module docstring)."""
+    from rag_clean.index.edge_shard import EdgeShardStore
+
+    store = target = spec = None
+    while True:
+        message = _receive(stdin)
+        if message is None:
+            return 0 if store is None else 1   # the parent went away before "close"
+        header, body = message
+        op = header["op"]
+        try:
+            reply: dict = {"ok": True}
+            if op == "open":
+                store = EdgeShardStore.load(Path(header["path"]))
+                target, spec = _ShardTarget(store, header["collection"]), BlockSpec.from_json(header["spec"])
+            elif op == "write":
+                batch = pa.ipc.open_stream(body).read_all().combine_chunks().to_batches()[0]
+                counts = apply_block(target, batch, spec)
+                reply.update(upserted=counts.upserted, rewritten=counts.rewritten)
+            elif op == "delete":
+                store.delete(header["ids"])
+            elif op == "commit":
+                store.commit()
+            elif op == "close":
+                store.close()
+                _reply(stdout, reply)
+                return 0
+        except Exception as exc:  # one line back to the parent, which names the shard
+            _reply(stdout, {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+            return 1
+        _reply(stdout, reply)
+
+
+def _reply(stdout: BinaryIO, reply: dict) -> None:
+    stdout.write(json.dumps(reply).encode() + b"\n")
+    stdout.flush()
+
+
+class _Writer:
+    """The parent's end of one writer process: a thread sends queued parts and collects the replies."""
+
+    def __init__(self, path: Path, collection: str, spec: BlockSpec):
+        self.path = path
+        env = dict(os.environ)
+        package_root = str(Path(rag_clean.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        self.process = subprocess.Popen([sys.executable, "-m", "rag_clean.index.shard_writer"], env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.counts = BlockCounts()
+        self.error: str | None = None
+        self.parts: queue.Queue = queue.Queue(QUEUE_PARTS)
+        self.thread = threading.Thread(target=self._run, name=f"shard-writer-{path.name}", daemon=True)
+        self.parts.put(({"op": "open", "path": str(path), "collection": collection, "spec": spec.to_json()}, b""))
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            header, body = self.parts.get()
+            if header is None:
+                return
+            if self.error is not None:
+                continue   # drain: the parent learns of the error at its next put or at commit
+            try:
+                _send(self.process.stdin, header, body)
+                line = self.process.stdout.readline()
+            except (BrokenPipeError, OSError):
+                line = b""
+            if not line:
+                self.error = f"its writer process died (exit code {self.process.wait()})"
+                continue
+            reply = json.loads(line)
+            if not reply.get("ok"):
+                self.error = reply.get("error", "unknown error")
+                continue
+            self.counts.add(BlockCounts(reply.get("upserted", 0), reply.get("rewritten", {})))
+
+    def put(self, header: dict, body: bytes = b"") -> None:
+        self.parts.put((header, body))
+
+    def finish(self) -> None:
+        self.parts.put((None, b""))
+        self.thread.join()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+class ShardWriterPool:
+    """The sync's writer over several shards (same calls as blocks.InProcessWriter)."""
+
+    def __init__(self, paths: Sequence[Path], collection: str, spec: BlockSpec, location: str):
+        self.collection, self.location = collection, location
+        self.writers = [_Writer(Path(p), collection, spec) for p in paths]
+
+    def _check(self) -> None:
+        for k, w in enumerate(self.writers):
+            if w.error is not None:
+                self.close()
+                raise VectorIndexError(f"vector index {self.location}: writing shard {k} ({w.path}) failed: {w.error}")
+
+    def delete(self, chunk_ids: Sequence[str]) -> None:
+        from rag_clean.index.qdrant_edge import shard_of
+
+        ids = [point_id(self.collection, c) for c in chunk_ids]
+        shard = shard_of(ids, len(self.writers))
+        for k, w in enumerate(self.writers):
+            members = [ids[j] for j in np.flatnonzero(shard == k)]
+            if members:
+                w.put({"op": "delete", "ids": members})
+        self._check()
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        from rag_clean.index.qdrant_edge import shard_of
+
+        ids = [point_id(self.collection, c) for c in batch.column("chunk_id").to_pylist()]
+        shard = shard_of(ids, len(self.writers))
+        for k, w in enumerate(self.writers):
+            members = np.flatnonzero(shard == k)
+            if len(members):
+                w.put({"op": "write"}, _ipc(batch.take(pa.array(members))))
+        self._check()
+
+    def commit(self) -> BlockCounts:
+        """Every shard flushes and builds its HNSW graph (side by side); the counts of all writes."""
+        for w in self.writers:
+            w.put({"op": "commit"})
+            w.put({"op": "close"})
+        for w in self.writers:
+            w.finish()
+        self._check()
+        for w in self.writers:
+            w.process.wait()
+        total = BlockCounts()
+        for w in self.writers:
+            total.add(w.counts)
+        return total
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.kill()
+            w.finish()
+
+
+if __name__ == "__main__":
+    # Protocol on the real stdout; anything the engine prints goes to stderr.
+    protocol_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.exit(serve(sys.stdin.buffer, protocol_out))
