@@ -5,6 +5,9 @@ Here tokens stay unpadded ([tokens, hidden], no pad rows anywhere), Q/K/V is one
 and attention is variable-length flash attention over cumulative sequence lengths (CUDA). On
 CPU (tests, small runs) attention pads per batch and uses SDPA with a mask, same math.
 
+With the `compile` setting at `static` the post-attention and FFN blocks run under torch.compile with
+static shapes, each batch padded to a fixed token bucket (rag_clean.encoders.static_shapes).
+
 Covers BertModel-shaped encoders (BERT, RoBERTa, XLM-RoBERTa: absolute positions, post-LN,
 GELU). Anything else returns None from `FastBert.build` and the caller keeps the HF module.
 """
