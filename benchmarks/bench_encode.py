@@ -16,6 +16,7 @@ peak VRAM; writes everything as JSON (--out). No Dagster needed.
 
   python benchmarks/bench_encode.py --device cuda --out results.json
   python benchmarks/bench_encode.py --device cpu --quick            # 2-core CI box, MiniLM only
+  python benchmarks/bench_encode.py --stages dense --shapes bge-base --compile static   # + static compile variant
 """
 
 from __future__ import annotations
@@ -272,6 +273,34 @@ def time_st_best(load, run, tokens: int, args, log, label: str):
     return out, entry
 
 
+def precompile(enc, device) -> dict:
+    """Compile every bucket of every replica now, timed apart from the steady state."""
+    from torch._dynamo.utils import counters
+
+    cuda_reset(device)
+    t0 = time.perf_counter()
+    buckets = [r.fast.precompile() for r in enc.replicas if r.fast is not None]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"compile_seconds": time.perf_counter() - t0, "buckets": buckets[0] if buckets else [],
+            "graphs_before": counters["stats"]["unique_graphs"]}
+
+
+def compiled_run_info(enc, info: dict) -> dict:
+    """What padding to the buckets cost, and whether anything compiled after precompile (it should not)."""
+    from torch._dynamo.utils import counters
+
+    from rag_clean.encoders.static_shapes import bucket_for
+
+    ladder = enc.replicas[0].fast.ladder if enc.replicas[0].fast is not None else None
+    real = sum(b.tokens for b in enc.stats.batches)
+    padded = sum(bucket_for(b.tokens, ladder) for b in enc.stats.batches)
+    return {"compile_seconds": info["compile_seconds"], "buckets": info["buckets"],
+            "bucket_padding_fraction": 1 - real / max(1, padded),
+            "graphs_compiled_after_precompile": counters["stats"]["unique_graphs"] - info["graphs_before"],
+            "buckets_used": sorted(enc.replicas[0].fast.buckets_used) if enc.replicas[0].fast is not None else []}
+
+
 def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
     from sentence_transformers import SentenceTransformer
 
@@ -333,7 +362,7 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         "fast_padded_sdpa": {"attention": "padded"},
         "fast_varlen_one_window": {"window_items": 32768, "first_window": 32768},
         "gil_switch_default": {"env": {"RAG_CLEAN_GIL_SWITCH_MS": "0"}},
-        "fast_varlen_compiled": {"compile": True},
+        "ours_compile_static": {"compile": "static"},
         **{f"fast_varlen_budget_{b}": {"token_budget": b} for b in args.lever_budgets},
     }
     variants = [("ours", {})]
@@ -341,10 +370,11 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         variants = [(n, catalog[n]) for n in ("hf_module_padded", "fast_padded_sdpa", "fast_varlen_one_window")]
         variants += [("ours", {})] + [(f"fast_varlen_budget_{b}", catalog[f"fast_varlen_budget_{b}"])
                                       for b in args.lever_budgets]
-        if args.lever_compile:
-            variants.append(("fast_varlen_compiled", catalog["fast_varlen_compiled"]))
     elif args.variants:
         variants = [(n, catalog[n]) for n in args.variants.split(",") if n] + [("ours", {})]
+    if args.compile == "static":  # after "ours": its vectors are the eager reference
+        variants.append(("ours_compile_static", catalog["ours_compile_static"]))
+    ours_vecs = None
     for name, opts in variants:
         opts = dict(opts)
         budget = opts.pop("token_budget", args.token_budget)
@@ -359,6 +389,7 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if first_window:
             enc.runner.first_window_items = first_window
+        compile_info = precompile(enc, device) if opts.get("compile") == "static" else None
         if name == "ours":
             enc_info = {"attention": getattr(enc.replicas[0].fast, "attention", "hf-module"), "dtype": enc.stats.dtype,
                         "load_seconds": enc.stats.load_seconds}
@@ -370,12 +401,18 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         vec_path = tmp / f"dense-{shape}-{name}.npy"
         vecs, s, rss, vram = timed(lambda: stream_dense_to_file(enc, texts, vec_path), device)
         cos = float((np.asarray(vecs[:ref_n]) * ref).sum(1).min())
+        if name == "ours":
+            ours_vecs = np.array(vecs[:ref_n])
         entry = {"tokens_per_s": tokens / s, "seconds": s, "peak_rss_mb": rss, "peak_vram_mb": vram,
                  "worst_cos_vs_st_fp32": cos, "batches": len(enc.stats.batches),
                  "token_budget": enc.stats.token_budget_final, "tokenize_seconds": enc.stats.tokenize_seconds,
                  "padding_fraction": 1 - sum(b.tokens for b in enc.stats.batches) / max(1, sum(b.padded_tokens for b in enc.stats.batches)),
                  "oom_mitigations": len(enc.stats.oom_mitigations),
                  "attention": getattr(enc.replicas[0].fast, "attention", "hf-module")}
+        if compile_info is not None:
+            entry.update(compiled_run_info(enc, compile_info))
+            if ours_vecs is not None:
+                entry["worst_cos_vs_ours_eager"] = float((np.asarray(vecs[:ref_n]) * ours_vecs).sum(1).min())
         base = res.get("st_fp16_b128", res.get("st_fp32_b32_full"))
         entry["ratio_vs_st_baseline"] = entry["tokens_per_s"] / base["tokens_per_s"]
         if "st_bf16_sdpa" in res:
@@ -385,6 +422,10 @@ def bench_dense(shape, path, texts, lengths, args, tmp: Path, log) -> dict:
         log(f"  dense {shape:10s} {name:28s} {entry['tokens_per_s']/1e3:9.0f}k tok/s  x{entry['ratio_vs_st_baseline']:5.2f}"
             f"  {100*entry['fraction_of_ceiling']:5.1f}% ceil  cos>={cos:.5f}  rss {rss:.0f}MB"
             + (f"  vram {vram:.0f}MB" if vram else ""))
+        if compile_info is not None:
+            log(f"  dense {shape:10s} {name:28s} compile {entry['compile_seconds']:.1f}s for buckets {entry['buckets']}; "
+                f"bucket padding {100 * entry['bucket_padding_fraction']:.1f}%; graphs compiled after that "
+                f"{entry['graphs_compiled_after_precompile']}; cos vs eager ours >= {entry.get('worst_cos_vs_ours_eager', float('nan')):.5f}")
         enc.close()
         del enc, vecs
         vec_path.unlink(missing_ok=True)
@@ -604,7 +645,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-slices", default="", help="sparse: also time the MLM head over vocabulary slices of these "
                    "widths (RAG_CLEAN_SPLADE_VOCAB_SLICE), e.g. 4096,8192")
     p.add_argument("--variants", default="", help="dense: extra variants to time before ours (names as in --levers)")
-    p.add_argument("--lever-compile", action="store_true", help="levers: also torch.compile the layer functions")
+    p.add_argument("--compile", choices=("off", "static"), default="off",
+                   help="dense: static also times ours with RAG_CLEAN_COMPILE=static (compile seconds apart)")
     p.add_argument("--oom-budget", type=int, default=1_000_000)
     p.add_argument("--oom-memory-gb", type=float, default=6.0)
     p.add_argument("--oom-chunks", type=int, default=4000)

@@ -157,6 +157,10 @@ SETTINGS: tuple[Setting, ...] = (
             "wrapper; for comparison)", scope=PROCESS),
     Setting("fast_bert", "bool", True, "the unpadded BERT forward for supported models (off: the model's own)",
             scope=PROCESS),
+    Setting("compile", "choice", "off", "`static`: FastBert's post-attention and FFN blocks under torch.compile "
+            "with static shapes, every batch padded up to one of 6 token buckets (the token budget, its half, ... "
+            "its 1/32) so compiled graphs are reused; costs compile time per model and process. `off`: eager",
+            scope=PROCESS, choices=("off", "static")),
     Setting("splade_segment_max", "bool", True, "SPLADE pooling by a segment max over unpadded rows (off: the "
             "scatter max; for comparison)", scope=PROCESS),
     Setting("splade_vocab_slice", "int", None, "SPLADE's MLM head over vocabulary slices of this many terms (0: off, "

@@ -5,6 +5,9 @@ Here tokens stay unpadded ([tokens, hidden], no pad rows anywhere), Q/K/V is one
 and attention is variable-length flash attention over cumulative sequence lengths (CUDA). On
 CPU (tests, small runs) attention pads per batch and uses SDPA with a mask, same math.
 
+With the `compile` setting at `static` the post-attention and FFN blocks run under torch.compile with
+static shapes, each batch padded to a fixed token bucket (rag_clean.encoders.static_shapes).
+
 Covers BertModel-shaped encoders (BERT, RoBERTa, XLM-RoBERTa: absolute positions, post-LN,
 GELU). Anything else returns None from `FastBert.build` and the caller keeps the HF module.
 """
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from rag_clean.config.settings import process_setting
 from rag_clean.encoders.device import position_offset
+from rag_clean.encoders.static_shapes import COMPILE_MODES, bucket_for, bucket_ladder, compile_static, pad_to_bucket
 
 _SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta")
 
@@ -38,7 +42,10 @@ def _varlen_fn():
 class FastBert:
     """Holds fused views of an HF BERT-family encoder's weights; `forward` takes unpadded tokens."""
 
-    def __init__(self, encoder: torch.nn.Module, config, *, attention: str = "auto", compile: bool = False):
+    def __init__(self, encoder: torch.nn.Module, config, *, attention: str = "auto", compile: str = "off",
+                 bucket_top: int | None = None):
+        """compile: "off" (eager) or "static" (epilogues compiled per token bucket, see static_shapes);
+        bucket_top anchors the bucket ladder, normally the runner's token budget (None: powers of two)."""
         emb = encoder.embeddings
         self.config = config
         self.position_offset = position_offset(config)
@@ -70,12 +77,17 @@ class FastBert:
         else:
             self.attention, self._varlen = varlen
         self._contiguous_qkv = False
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        self.compile = compile
+        self.ladder = bucket_ladder(bucket_top) if bucket_top else None
+        self.buckets_used: set[int] = set()  # the token counts the compiled epilogues have seen
         self._post_attn = _post_attn
         self._ffn = _ffn
-        if compile:
-            # Dynamic: every batch has a different token count. Attention stays outside the graph.
-            self._post_attn = torch.compile(_post_attn, dynamic=True)
-            self._ffn = torch.compile(_ffn, dynamic=True)
+        if compile == "static":
+            # Attention stays outside the graph (flash varlen / padded SDPA run as they are).
+            self._post_attn = compile_static(_post_attn, self.ladder)
+            self._ffn = compile_static(_ffn, self.ladder)
 
     @staticmethod
     def supported(config) -> bool:
@@ -109,6 +121,30 @@ class FastBert:
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                 cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """[tokens] ids (rows concatenated) -> [tokens, hidden] last hidden states."""
+        if self.compile == "off":
+            return self._forward(input_ids, position_ids, token_type_ids, cu_seqlens, max_seqlen)
+        n = input_ids.shape[0]
+        bucket = bucket_for(n, self.ladder)
+        self.buckets_used.add(bucket)
+        padded = pad_to_bucket(input_ids, position_ids, token_type_ids, cu_seqlens, max_seqlen, bucket)
+        return self._forward(*padded)[:n]
+
+    def precompile(self, row_tokens: int = 128) -> list[int]:
+        """Compile every rung of the ladder now (one all-padding batch each); returns the rungs. For
+        measuring compile time apart from steady state; the product compiles a rung when a batch first
+        needs it. Runs under inference_mode, as the runner does (dynamo guards on the grad mode)."""
+        if self.compile == "off" or not self.ladder:
+            return []
+        row = max(1, min(row_tokens, self.pos.shape[0] - self.position_offset))
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        cu = torch.zeros(1, dtype=torch.int32, device=self.device)
+        with torch.inference_mode():
+            for rung in self.ladder:
+                self.buckets_used.add(rung)
+                self._forward(*pad_to_bucket(empty, empty, None, cu, row, rung))
+        return list(self.ladder)
+
+    def _forward(self, input_ids, position_ids, token_type_ids, cu_seqlens, max_seqlen):
         x = F.embedding(input_ids, self.word) + F.embedding(self.position_ids(position_ids), self.pos)
         if self.type_emb is not None:
             x = x + (F.embedding(token_type_ids, self.type_emb) if token_type_ids is not None else self.type_emb[0])

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from rag_clean.config.settings import process_setting
 from rag_clean.encoders.base import EncodeStats, EncoderError
 from rag_clean.encoders.budget import BudgetStore
 from rag_clean.encoders.device import (
@@ -43,10 +44,11 @@ class STBackend(RunnerEncoder):
     def __init__(self, spec: ModelSpec, device, load_model: Callable[[], object], *, source: str,
                  budget_store: BudgetStore | None, token_budget: int | None, window_items: int = DEFAULT_WINDOW_ITEMS,
                  with_type_ids: bool = False, extra_width_per_token: int = 0, fast: bool = True,
-                 attention: str = "auto", compile: bool = False):
+                 attention: str = "auto", compile: str | None = None):
         t0 = time.perf_counter()
         # fast=False keeps the Hugging Face module (padded batches, SDPA) for every batch;
-        # the benchmark uses it to measure what the fast path buys.
+        # the benchmark uses it to measure what the fast path buys. compile None: the `compile` setting.
+        compile = process_setting("compile") if compile is None else compile
         self.fast_options = {"enabled": fast, "attention": attention, "compile": compile}
         self.spec = spec
         self.source = source
@@ -87,9 +89,10 @@ class STBackend(RunnerEncoder):
         replica, if the architecture allows it on all of them."""
         if not self.fast_options["enabled"]:
             return
-        for r in self.replicas:
+        for r, controller in zip(self.replicas, self.runner.controllers):
+            # The bucket ladder is anchored at the replica's starting token budget (static_shapes.bucket_ladder).
             r.fast = FastBert.build(encoder_of(r.hf), r.hf.config, attention=self.fast_options["attention"],
-                                    compile=self.fast_options["compile"])
+                                    compile=self.fast_options["compile"], bucket_top=controller.budget)
         self.unpadded = all(r.fast is not None for r in self.replicas)
         if not self.unpadded:
             for r in self.replicas:
