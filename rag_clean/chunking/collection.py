@@ -20,6 +20,7 @@ from rag_clean.storage.digests import file_digest
 
 from .config import ChunkingConfig, ChunkingError, ChunkingResult, SkipRecord
 from .documents import chunk_markdown, chunk_plain_text
+from .jsonl_pool import JsonlReader
 from .readers import iter_jsonl, jsonl_file_lines, read_chunk_file, read_jsonl
 from .rows import CHUNK_SCHEMA
 from .tokens import CountTokens, approx_token_count
@@ -126,7 +127,7 @@ def config_key(config: ChunkingConfig, count: CountTokens) -> str:
     """What must match for a file's previous rows to be reused (besides its bytes and path)."""
     return json.dumps({"chunker": CHUNKER_VERSION, "max_tokens": config.max_tokens,
                        "overlap_tokens": config.overlap_tokens, "min_chunk_tokens": config.min_chunk_tokens,
-                       # A real tokenizer's counter carries its identity (encoders.chunk_tokens.TokenCounter.key).
+                       # A real tokenizer's counter carries its identity (chunking.tokens.TokenCounter.key).
                       "count_tokens": getattr(count, "key", None)
                       or f"{count.__module__}.{getattr(count, '__qualname__', repr(count))}"},
                       sort_keys=True)
@@ -207,6 +208,7 @@ def stream_collection(
     root: Path | None = None,
     previous: PreviousChunks | None = None,
     digests: Mapping[str, str] | None = None,
+    jsonl_workers: int | None = None,
 ) -> StreamedChunks:
     """Read every supported file under `folder` into `spool` (CHUNK_SCHEMA rows), file by file.
 
@@ -219,6 +221,9 @@ def stream_collection(
 
     `digests` (relative path -> sha256, FolderVersion.file_digests) are the files' digests just taken for
     the folder's version: a file listed there is not hashed a second time.
+
+    `jsonl_workers`: processes that read a big JSONL file in byte ranges (chunking.jsonl_pool: None = one
+    per core where that pays, 0 = in-process); the rows are the same either way.
 
     `root` is the data root: symlinks that resolve outside it are skipped (and counted). By default
     it is the folder's parent, which is the data root for every collection folder
@@ -239,6 +244,7 @@ def stream_collection(
     manifest: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     pending: list[dict] = []
     rows = reused = parsed = 0
+    jsonl = JsonlReader(count, jsonl_workers)
 
     def flush() -> None:
         if pending:
@@ -269,16 +275,22 @@ def stream_collection(
                 reused += 1
             else:
                 before = len(skipped)
-                located = (iter_jsonl(jsonl_file_lines(folder / rel, rel), rel, count, skipped) if streamed
-                           else _parse(data, rel, kind, config, count, skipped))
-                del data
                 n = 0
-                for row, _ in located:
-                    pending.append(row)
-                    n += 1
-                    if len(pending) >= _FLUSH_ROWS:
-                        flush()
-                del located
+                if streamed and jsonl.parallel(folder / rel):
+                    flush()
+                    for table in jsonl.tables(folder / rel, rel, skipped):
+                        spool.append(table)
+                        n += table.num_rows
+                else:
+                    located = (iter_jsonl(jsonl_file_lines(folder / rel, rel), rel, count, skipped) if streamed
+                               else _parse(data, rel, kind, config, count, skipped))
+                    del data
+                    for row, _ in located:
+                        pending.append(row)
+                        n += 1
+                        if len(pending) >= _FLUSH_ROWS:
+                            flush()
+                    del located
                 if not n and not any(s.file == rel for s in skipped):
                     # Whatever the cause, a file that was read and gave nothing is reported, not dropped.
                     skipped.append(SkipRecord(rel, None, "no text to embed"))
@@ -299,6 +311,8 @@ def stream_collection(
     except BaseException:
         spool.abort()
         raise
+    finally:
+        jsonl.close()
     return StreamedChunks(rows=rows, skipped=skipped, files_read=files_read, files_reused=reused,
                           files_parsed=parsed, manifest=pa.table(manifest, schema=MANIFEST_SCHEMA))
 

@@ -121,32 +121,46 @@ def read_jsonl(raw: str, rel: str, count_tokens: CountTokens, skipped: list[Skip
     return list(iter_jsonl(enumerate(raw.split("\n"), start=1), rel, count_tokens, skipped))
 
 
-def jsonl_file_lines(path, rel: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, str]]:
+def jsonl_file_lines(path, rel: str, start: int = 0, end: int | None = None, first_line: int = 1,
+                     block_bytes: int = 1 << 20) -> Iterator[tuple[int, str]]:
     """(line number, line) of a JSONL file read in blocks, never whole: the same lines as
-    `data.decode("utf-8-sig").split("\n")` (a leading BOM dropped, "\r" kept for json to ignore)."""
-    offset = 0
+    `data.decode("utf-8-sig").split("\n")` (a leading BOM dropped, "\r" kept for json to ignore).
+    `start` / `end`: a byte range that begins at a line start (line `first_line`) and ends after a newline
+    or at the end of the file (chunking.jsonl_pool reads a big file in such ranges)."""
+    offset = start
     try:
         with open(path, "rb", buffering=block_bytes) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                start = offset
+            fh.seek(start)
+            for lineno, line in enumerate(fh, start=first_line):
+                if end is not None and offset >= end:
+                    break
+                begin = offset
                 offset += len(line)
-                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                    line, start = line[3:], start + 3
+                if begin == 0 and line.startswith(b"\xef\xbb\xbf"):
+                    line, begin = line[3:], begin + 3
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise ChunkingError(f"{rel}: not valid UTF-8 (byte offset {start + exc.start}: {exc.reason})") from exc
+                    raise ChunkingError(f"{rel}: not valid UTF-8 (byte offset {begin + exc.start}: {exc.reason})") from exc
                 yield lineno, text[:-1] if text.endswith("\n") else text
     except OSError as exc:
         raise ChunkingError(f"{rel}: cannot be read: {exc.strerror or exc}") from exc
 
 
+class JsonlPosition:
+    """How many records (non-blank lines) a JSONL read has passed: the next record's chunk_index. A worker
+    that reads a byte range starts at 0; the parent adds the records of the ranges before it."""
+
+    def __init__(self) -> None:
+        self.records = 0
+
+
 def iter_jsonl(lines: Iterable[tuple[int, str]], rel: str, count_tokens: CountTokens,
-               skipped: list[SkipRecord]) -> Iterator[tuple[dict, str]]:
+               skipped: list[SkipRecord], position: JsonlPosition | None = None) -> Iterator[tuple[dict, str]]:
     """Rows of numbered JSONL lines, in blocks of _COUNT_BLOCK (a file of any size streams through;
     the token counts of a block are taken in one batched call)."""
     block: list[tuple[dict, str]] = []
-    for located in _jsonl_rows(lines, rel, skipped):
+    for located in _jsonl_rows(lines, rel, skipped, position or JsonlPosition()):
         block.append(located)
         if len(block) >= _COUNT_BLOCK:
             _fill_token_counts([row for row, _ in block], count_tokens)
@@ -156,9 +170,9 @@ def iter_jsonl(lines: Iterable[tuple[int, str]], rel: str, count_tokens: CountTo
     yield from block
 
 
-def _jsonl_rows(lines: Iterable[tuple[int, str]], rel: str, skipped: list[SkipRecord]) -> Iterator[tuple[dict, str]]:
+def _jsonl_rows(lines: Iterable[tuple[int, str]], rel: str, skipped: list[SkipRecord],
+                position: JsonlPosition) -> Iterator[tuple[dict, str]]:
     """Rows of numbered JSONL lines, token_count None where the record gives none."""
-    ordinal = 0
     for lineno, line in lines:
         if not line.strip():
             continue
@@ -174,7 +188,8 @@ def _jsonl_rows(lines: Iterable[tuple[int, str]], rel: str, skipped: list[SkipRe
         text = record.get("text")
         if not isinstance(text, str):
             raise ChunkingError(f"{where}: 'text' is missing or not a string")
-        index, ordinal = ordinal, ordinal + 1
+        index = position.records
+        position.records += 1
         raw_id = record.get("id")
         if raw_id is None:
             chunk_id = f"{rel}:{lineno}"

@@ -1,18 +1,21 @@
-"""Token counting: the `count_tokens` callable type and the tokenizer-free default estimate."""
+"""Token counting: the `count_tokens` callable type, the tokenizer-free default estimate, a real tokenizer's
+counter (`TokenCounter`), and how a counter travels to a worker process as plain data (`portable_counter`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 CountTokens = Callable[[str], int]
+_COUNT_CACHE = 4096  # packing measures the same candidate texts more than once
 
 
 def count_many(count: CountTokens, texts: Sequence[str]) -> list[int]:
     """`count` over many texts: in one batched call where the counter has one (a real tokenizer's
-    `many`, encoders.chunk_tokens.TokenCounter), else one by one."""
+    `many`, TokenCounter below), else one by one."""
     many = getattr(count, "many", None)
     return list(many(texts)) if many is not None else [count(t) for t in texts]
 
@@ -52,3 +55,46 @@ def approx_token_count(text: str) -> int:
         length = match.end() - match.start()
         total += 1 if length <= _WHOLE_WORD_CHARS else math.ceil(length / _CHARS_PER_PIECE)
     return total
+
+
+class TokenCounter:
+    """count_tokens for the chunker: tokens of `text` as the model sees it, [CLS]/[SEP] and the like included.
+    Built by encoders.chunk_tokens.PackingTokenizer.counter() from a Rust (`tokenizers`) tokenizer."""
+
+    def __init__(self, rust: Any, lowercase: bool, key: str):
+        self.rust, self.lowercase = rust, lowercase
+        self.key = key  # chunking.collection.config_key: the manifest's reuse key
+        self._count = functools.lru_cache(maxsize=_COUNT_CACHE)(self._encode)
+
+    def _encode(self, text: str) -> int:
+        return len(self.rust.encode(text.lower() if self.lowercase else text, add_special_tokens=True).ids)
+
+    def __call__(self, text: str) -> int:
+        return self._count(text)
+
+    def many(self, texts: Sequence[str]) -> list[int]:
+        """Counts of many texts in one call: the Rust tokenizer encodes them in parallel on all cores
+        without the GIL (rows read as they are, e.g. JSONL, are counted in blocks; one by one they
+        made the chunks step 9x slower)."""
+        batch = [x.lower() for x in texts] if self.lowercase else list(texts)
+        encode = getattr(self.rust, "encode_batch_fast", None) or self.rust.encode_batch  # _fast: no offsets (tokenizers>=0.21)
+        return [len(e.ids) for e in encode(batch, add_special_tokens=True)]
+
+
+def portable_counter(count: CountTokens) -> tuple[dict, bytes] | None:
+    """`count` as plain data for a worker process (a JSON-able header and bytes: the tokenizer's own JSON
+    definition, no pickle), or None for a callable that cannot travel (the caller then counts in-process)."""
+    if count is approx_token_count:
+        return {"kind": "estimate"}, b""
+    if isinstance(count, TokenCounter):
+        return {"kind": "tokenizer", "lowercase": count.lowercase, "key": count.key}, count.rust.to_str().encode()
+    return None
+
+
+def counter_from(header: dict, body: bytes) -> CountTokens:
+    """The counter `portable_counter` described: it counts every text as the original does."""
+    if header["kind"] == "estimate":
+        return approx_token_count
+    from tokenizers import Tokenizer
+
+    return TokenCounter(Tokenizer.from_str(body.decode()), bool(header["lowercase"]), header["key"])

@@ -23,10 +23,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
+from rag_clean.chunking.tokens import TokenCounter
 from rag_clean.config.models import ModelResolver, ResolvedModel
 from rag_clean.config.registry import ModelSpec, Registry
-
-_COUNT_CACHE = 4096  # packing measures the same candidate texts more than once
 
 
 @dataclass(frozen=True)
@@ -43,32 +42,7 @@ class PackingTokenizer:
         return f"tokenizer:{self.fingerprint[:16]}@{self.max_length}"
 
     def counter(self) -> "TokenCounter":
-        return TokenCounter(self)
-
-
-class TokenCounter:
-    """count_tokens for the chunker: tokens of `text` as the model sees it, [CLS]/[SEP] and the like included."""
-
-    def __init__(self, tokenizer: PackingTokenizer):
-        self.tokenizer = tokenizer
-        self.key = tokenizer.identity  # chunking.collection.config_key: the manifest's reuse key
-        self._count = functools.lru_cache(maxsize=_COUNT_CACHE)(self._encode)
-
-    def _encode(self, text: str) -> int:
-        t = self.tokenizer
-        return len(t.rust.encode(text.lower() if t.lowercase else text, add_special_tokens=True).ids)
-
-    def __call__(self, text: str) -> int:
-        return self._count(text)
-
-    def many(self, texts: Sequence[str]) -> list[int]:
-        """Counts of many texts in one call: the Rust tokenizer encodes them in parallel on all cores
-        without the GIL (rows read as they are, e.g. JSONL, are counted in blocks; one by one they
-        made the chunks step 9x slower)."""
-        t = self.tokenizer
-        batch = [x.lower() for x in texts] if t.lowercase else list(texts)
-        encode = getattr(t.rust, "encode_batch_fast", None) or t.rust.encode_batch  # _fast: no offsets (tokenizers>=0.21)
-        return [len(e.ids) for e in encode(batch, add_special_tokens=True)]
+        return TokenCounter(self.rust, self.lowercase, self.identity)
 
 
 def _json(folder: Path, name: str) -> dict:

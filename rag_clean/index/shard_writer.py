@@ -22,10 +22,7 @@ QUEUE_PARTS), which bounds the parent's memory and makes a slow shard hold the s
 from __future__ import annotations
 
 import json
-import os
 import queue
-import struct
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -34,36 +31,11 @@ from typing import BinaryIO, Sequence
 import numpy as np
 import pyarrow as pa
 
-import rag_clean
 from rag_clean.index.base import VectorIndexError, point_id
 from rag_clean.index.blocks import BlockCounts, BlockSpec, apply_block
+from rag_clean.workers import ipc_bytes, receive_frame, send_frame, start_worker, worker_streams
 
 QUEUE_PARTS = 2
-_HEADER = struct.Struct("<IQ")   # header bytes, body bytes
-
-
-def _send(stream: BinaryIO, header: dict, body: bytes = b"") -> None:
-    head = json.dumps(header).encode()
-    stream.write(_HEADER.pack(len(head), len(body)) + head)
-    if body:
-        stream.write(body)
-    stream.flush()
-
-
-def _receive(stream: BinaryIO) -> tuple[dict, bytes] | None:
-    raw = stream.read(_HEADER.size)
-    if len(raw) < _HEADER.size:
-        return None
-    head_len, body_len = _HEADER.unpack(raw)
-    header = json.loads(stream.read(head_len))
-    return header, (stream.read(body_len) if body_len else b"")
-
-
-def _ipc(batch: pa.RecordBatch) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
 
 
 class _ShardTarget:
@@ -85,7 +57,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
 
     store = target = spec = None
     while True:
-        message = _receive(stdin)
+        message = receive_frame(stdin)
         if message is None:
             return 0 if store is None else 1   # the parent went away before "close"
         header, body = message
@@ -123,11 +95,7 @@ class _Writer:
 
     def __init__(self, path: Path, collection: str, spec: BlockSpec):
         self.path = path
-        env = dict(os.environ)
-        package_root = str(Path(rag_clean.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-        self.process = subprocess.Popen([sys.executable, "-m", "rag_clean.index.shard_writer"], env=env,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = start_worker("rag_clean.index.shard_writer")
         self.counts = BlockCounts()
         self.error: str | None = None
         self.parts: queue.Queue = queue.Queue(QUEUE_PARTS)
@@ -143,7 +111,7 @@ class _Writer:
             if self.error is not None:
                 continue   # drain: the parent learns of the error at its next put or at commit
             try:
-                _send(self.process.stdin, header, body)
+                send_frame(self.process.stdin, header, body)
                 line = self.process.stdout.readline()
             except (BrokenPipeError, OSError):
                 line = b""
@@ -201,7 +169,7 @@ class ShardWriterPool:
         for k, w in enumerate(self.writers):
             members = np.flatnonzero(shard == k)
             if len(members):
-                w.put({"op": "write"}, _ipc(batch.take(pa.array(members))))
+                w.put({"op": "write"}, ipc_bytes(batch.take(pa.array(members))))
         self._check()
 
     def commit(self) -> BlockCounts:
@@ -226,7 +194,4 @@ class ShardWriterPool:
 
 
 if __name__ == "__main__":
-    # Protocol on the real stdout; anything the engine prints goes to stderr.
-    protocol_out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.exit(serve(sys.stdin.buffer, protocol_out))
+    sys.exit(serve(*worker_streams()))
