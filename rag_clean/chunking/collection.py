@@ -20,7 +20,7 @@ from rag_clean.storage.digests import file_digest
 
 from .config import ChunkingConfig, ChunkingError, ChunkingResult, SkipRecord
 from .documents import chunk_markdown, chunk_plain_text
-from .jsonl_pool import JsonlReader
+from .jsonl_pool import JsonlPlan, JsonlReader
 from .readers import iter_jsonl, jsonl_file_lines, read_chunk_file, read_jsonl
 from .rows import CHUNK_SCHEMA
 from .tokens import CountTokens, approx_token_count
@@ -208,7 +208,7 @@ def stream_collection(
     root: Path | None = None,
     previous: PreviousChunks | None = None,
     digests: Mapping[str, str] | None = None,
-    jsonl_workers: int | None = None,
+    jsonl: JsonlPlan = JsonlPlan(),
 ) -> StreamedChunks:
     """Read every supported file under `folder` into `spool` (CHUNK_SCHEMA rows), file by file.
 
@@ -222,8 +222,8 @@ def stream_collection(
     `digests` (relative path -> sha256, FolderVersion.file_digests) are the files' digests just taken for
     the folder's version: a file listed there is not hashed a second time.
 
-    `jsonl_workers`: processes that read a big JSONL file in byte ranges (chunking.jsonl_pool: None = one
-    per core where that pays, 0 = in-process); the rows are the same either way.
+    `jsonl`: when a big JSONL file is read in byte ranges on worker processes (chunking.jsonl_pool; by
+    default one per core, files of 16 MiB and more); the rows are the same either way.
 
     `root` is the data root: symlinks that resolve outside it are skipped (and counted). By default
     it is the folder's parent, which is the data root for every collection folder
@@ -244,7 +244,7 @@ def stream_collection(
     manifest: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     pending: list[dict] = []
     rows = reused = parsed = 0
-    jsonl = JsonlReader(count, jsonl_workers)
+    jsonl_reader = JsonlReader(count, jsonl)
 
     def flush() -> None:
         if pending:
@@ -276,9 +276,9 @@ def stream_collection(
             else:
                 before = len(skipped)
                 n = 0
-                if streamed and jsonl.parallel(folder / rel):
+                if streamed and jsonl_reader.parallel(folder / rel):
                     flush()
-                    for table in jsonl.tables(folder / rel, rel, skipped):
+                    for table in jsonl_reader.tables(folder / rel, rel, skipped):
                         spool.append(table)
                         n += table.num_rows
                 else:
@@ -312,7 +312,7 @@ def stream_collection(
         spool.abort()
         raise
     finally:
-        jsonl.close()
+        jsonl_reader.close()
     return StreamedChunks(rows=rows, skipped=skipped, files_read=files_read, files_reused=reused,
                           files_parsed=parsed, manifest=pa.table(manifest, schema=MANIFEST_SCHEMA))
 

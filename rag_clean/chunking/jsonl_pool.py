@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -39,20 +40,28 @@ _RANGE_MIN, _RANGE_MAX = 1 << 20, 16 << 20  # about 4 ranges per worker within t
 _IN_FLIGHT = 2  # ranges queued per worker, so it never waits for the parent between two
 
 
-class JsonlReader:
-    """stream_collection's reader of big JSONL files. `workers`: None = one per usable core when there are
-    at least 2 (else none); 0 = always in-process. Workers start at the first big file and serve the
-    collection's next ones; `close()` ends them. A counter that cannot travel (tokens.portable_counter)
-    means in-process reads."""
+@dataclass(frozen=True)
+class JsonlPlan:
+    """When and how JSONL files are read on workers. `workers`: None = one per usable core when there are
+    at least 2 (else none); 0 = always in-process. `min_bytes`: smaller files are read in-process.
+    `range_bytes`: None = about 4 ranges per worker, within 1-16 MiB."""
 
-    def __init__(self, count: CountTokens, workers: int | None = None, min_bytes: int = POOL_MIN_BYTES,
-                 range_bytes: int | None = None):
+    workers: int | None = None
+    min_bytes: int = POOL_MIN_BYTES
+    range_bytes: int | None = None
+
+
+class JsonlReader:
+    """stream_collection's reader of big JSONL files (`plan` says which). Workers start at the first big
+    file and serve the collection's next ones; `close()` ends them. A counter that cannot travel
+    (tokens.portable_counter) means in-process reads."""
+
+    def __init__(self, count: CountTokens, plan: JsonlPlan = JsonlPlan()):
         self._portable = portable_counter(count)
         cores = usable_cores()
-        if workers is None:
-            workers = cores if cores >= 2 else 0
+        workers = plan.workers if plan.workers is not None else (cores if cores >= 2 else 0)
         self.workers = workers if self._portable is not None else 0
-        self.min_bytes, self.range_bytes = min_bytes, range_bytes
+        self.min_bytes, self.range_bytes = plan.min_bytes, plan.range_bytes
         self._threads = max(1, cores // max(1, self.workers))  # each worker's tokenizer threads
         self._procs: list = []
 
@@ -93,8 +102,11 @@ class JsonlReader:
             if r is not None:  # range k goes to worker k % n: each worker answers in the order it was asked
                 proc = procs[len(submitted) % len(procs)]
                 submitted.append(r)
-                send_frame(proc.stdin, {"op": "read", "path": str(path), "rel": rel,
-                                        "start": r[0], "end": r[1], "first_line": r[2]})
+                try:
+                    send_frame(proc.stdin, {"op": "read", "path": str(path), "rel": rel,
+                                            "start": r[0], "end": r[1], "first_line": r[2]})
+                except OSError:
+                    pass  # a dead worker: its missing reply says so, naming the range
                 pending.append((proc, r))
 
         for _ in range(_IN_FLIGHT * len(procs)):
