@@ -67,7 +67,7 @@ class TokenCounter:
         self._count = functools.lru_cache(maxsize=_COUNT_CACHE)(self._encode)
 
     def _encode(self, text: str) -> int:
-        return len(self.rust.encode(text.lower() if self.lowercase else text, add_special_tokens=True).ids)
+        return len(self.rust.encode(text.lower() if self.lowercase else text, add_special_tokens=True))
 
     def __call__(self, text: str) -> int:
         return self._count(text)
@@ -78,7 +78,8 @@ class TokenCounter:
         made the chunks step 9x slower)."""
         batch = [x.lower() for x in texts] if self.lowercase else list(texts)
         encode = getattr(self.rust, "encode_batch_fast", None) or self.rust.encode_batch  # _fast: no offsets (tokenizers>=0.21)
-        return [len(e.ids) for e in encode(batch, add_special_tokens=True)]
+        # len(encoding) is its number of ids, without building the list of them (~6 us a row).
+        return [len(e) for e in encode(batch, add_special_tokens=True)]
 
 
 def portable_counter(count: CountTokens) -> tuple[dict, bytes] | None:
