@@ -36,7 +36,8 @@ from .tokens import CountTokens, portable_counter
 
 # Below this a file is read in-process: starting workers (~0.3 s) would cost more than they save.
 POOL_MIN_BYTES = 16 << 20
-_RANGE_MIN, _RANGE_MAX = 1 << 20, 16 << 20  # about 4 ranges per worker within these: a slow range holds little back
+_RANGE_MIN, _RANGE_MAX = 1 << 20, 8 << 20  # about 4 ranges per worker within these: a slow range holds little
+# back, and a worker holds one range's rows as Python objects (~50 MB at 8 MiB)
 _IN_FLIGHT = 2  # ranges queued per worker, so it never waits for the parent between two
 
 
@@ -44,7 +45,7 @@ _IN_FLIGHT = 2  # ranges queued per worker, so it never waits for the parent bet
 class JsonlPlan:
     """When and how JSONL files are read on workers. `workers`: None = one per usable core when there are
     at least 2 (else none); 0 = always in-process. `min_bytes`: smaller files are read in-process.
-    `range_bytes`: None = about 4 ranges per worker, within 1-16 MiB."""
+    `range_bytes`: None = about 4 ranges per worker, within 1-8 MiB."""
 
     workers: int | None = None
     min_bytes: int = POOL_MIN_BYTES
