@@ -35,7 +35,9 @@ TRANSFORMER_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_confi
                             "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
                             "sentence_xlnet_config.json")
 # sentence_bert_config.json keys the light loader honours; any other key with a value falls back.
-_HONOURED_KEYS = {"max_seq_length", "do_lower_case", "transformer_task", "modality_config", "module_output_name"}
+# (unpad_inputs steers only sentence-transformers' own forward, which the engine does not run.)
+_HONOURED_KEYS = {"max_seq_length", "do_lower_case", "transformer_task", "modality_config", "module_output_name",
+                  "unpad_inputs"}
 # What sentence-transformers writes for a text-only Transformer of each task (modality_config).
 _TEXT_OUTPUT = {"feature-extraction": "last_hidden_state", "fill-mask": "logits",
                 "sequence-classification": "logits"}
