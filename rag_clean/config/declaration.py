@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`state/token_ids/`)", scope=PROCESS),
     Setting("rust_tokenizer", "bool", True, "tokenize with the Rust tokenizer directly (off: the transformers "
             "wrapper; for comparison)", scope=PROCESS),
+    Setting("light_load", "bool", True, "load sentence-transformers folders of the shapes the engine runs itself "
+            "with transformers alone, without importing sentence-transformers (off: through sentence-transformers; "
+            "for comparison)", scope=PROCESS),
     Setting("fast_bert", "bool", True, "the unpadded BERT forward for supported models (off: the model's own)",
             scope=PROCESS),
     Setting("compile", "choice", "off", "`static`: FastBert's post-attention and FFN blocks under torch.compile "
