@@ -110,7 +110,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(embedded Qdrant, under the storage root), `qdrant` (a server at `qdrant_url`) or `off` (skipped)",
             choices=("qdrant-edge", "qdrant", "off")),
     Setting("index_shards", "int", 0, "Edge shards of a new collection index, each written by its own process "
-            "(`0`: one per 12,500 chunks, at most 8 and the cores; kept for the index's life, another explicit "
+            "(`0`: one per 12,500 chunks, at most 8 and half the cores; kept for the index's life, another explicit "
             "value rebuilds it)", low=0, high=64),
     Setting("qdrant_url", "str", "", "the Qdrant server's URL when `index_sink = qdrant`", shown_default='`""`'),
     Setting("qdrant_api_key_env", "str", "QDRANT_API_KEY", "the environment variable holding the Qdrant "
@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`state/token_ids/`)", scope=PROCESS),
     Setting("rust_tokenizer", "bool", True, "tokenize with the Rust tokenizer directly (off: the transformers "
             "wrapper; for comparison)", scope=PROCESS),
+    Setting("light_load", "bool", True, "load sentence-transformers folders of the shapes the engine runs itself "
+            "with transformers alone, without importing sentence-transformers (off: through sentence-transformers; "
+            "for comparison)", scope=PROCESS),
     Setting("fast_bert", "bool", True, "the unpadded BERT forward for supported models (off: the model's own)",
             scope=PROCESS),
     Setting("compile", "choice", "off", "`static`: FastBert's post-attention and FFN blocks under torch.compile "

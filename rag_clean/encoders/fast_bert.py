@@ -23,7 +23,7 @@ from rag_clean.config.settings import process_setting
 from rag_clean.encoders.device import position_offset
 from rag_clean.encoders.static_shapes import COMPILE_MODES, bucket_for, bucket_ladder, compile_static, pad_to_bucket
 
-_SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta")
+SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta")
 
 
 def _varlen_fn():
@@ -92,7 +92,7 @@ class FastBert:
     @staticmethod
     def supported(config) -> bool:
         return (
-            getattr(config, "model_type", None) in _SUPPORTED_TYPES
+            getattr(config, "model_type", None) in SUPPORTED_TYPES
             and getattr(config, "position_embedding_type", "absolute") in (None, "absolute")
             and getattr(config, "hidden_act", None) == "gelu"
             and not getattr(config, "is_decoder", False)

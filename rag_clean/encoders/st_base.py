@@ -1,15 +1,14 @@
 """Loading shared by the sentence-transformers backends (dense, sparse, rerank).
 
-Models load through sentence-transformers, so the model folder's pooling / normalize /
-activation config is honoured; batches run through `rag_clean.encoders.runner`. Where the
-architecture allows, the transformer runs unpadded through `FastBert` over the same weights.
+Model folders load through rag_clean.encoders.model_load (transformers alone where the folder's
+shape allows, else sentence-transformers), so the folder's pooling / normalize / activation config is
+honoured; batches run through `rag_clean.encoders.runner`. Where the architecture allows, the
+transformer runs unpadded through `FastBert` over the same weights.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
-
 import torch
 
 from rag_clean.config.settings import process_setting
@@ -24,24 +23,18 @@ from rag_clean.encoders.device import (
     resolve_dtype,
 )
 from rag_clean.encoders.fast_bert import FastBert
+from rag_clean.encoders.model_load import LoadedModel, load_model
 from rag_clean.encoders.runner import Batch, Replica, Runner, RunnerEncoder
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS, Tokenizer
 from rag_clean.config.registry import ModelSpec
 
 
-def transformer_module(st_model):
-    """(the sentence-transformers Transformer module, the Hugging Face model inside it)."""
-    first = st_model[0]
-    hf = getattr(first, "auto_model", None) or getattr(first, "model", None)
-    if hf is None:
-        raise EncoderError(f"{type(first).__name__} has no Hugging Face model (auto_model)")
-    return first, hf
-
-
 class STBackend(RunnerEncoder):
-    """Loads one sentence-transformers model per device and the runner over them."""
+    """Loads one copy of a model folder per device (rag_clean.encoders.model_load) and the runner over them."""
 
-    def __init__(self, spec: ModelSpec, device, load_model: Callable[[], object], *, source: str,
+    role = ""  # "dense" | "sparse" | "rerank": how model_load reads the folder
+
+    def __init__(self, spec: ModelSpec, device, *, source: str,
                  budget_store: BudgetStore | None, token_budget: int | None, window_items: int = DEFAULT_WINDOW_ITEMS,
                  with_type_ids: bool = False, extra_width_per_token: int = 0, fast: bool = True,
                  attention: str = "auto", compile: str | None = None):
@@ -54,14 +47,15 @@ class STBackend(RunnerEncoder):
         self.source = source
         devices = parse_devices(device, spec.name)
         self.dtype = resolve_dtype(spec, devices[0])
-        replicas = [self._load(load_model, d) for d in devices]
-        module, hf = transformer_module(replicas[0].model)
+        replicas = [self._load(d) for d in devices]
+        first: LoadedModel = replicas[0].model
+        hf = first.hf
         self.config = hf.config
-        self.max_length = effective_max_length(spec, hf.config, getattr(module, "max_seq_length", None))
-        hf_tok = getattr(module, "tokenizer", None)
-        if hf_tok is None:
+        self.loader, self.loader_reason = first.loader, first.reason  # which loader ran, and why not the light one
+        self.max_length = effective_max_length(spec, hf.config, first.max_seq_length)
+        if first.tokenizer is None:
             raise EncoderError(f"model {spec.name}: {source} has no tokenizer")
-        self.tokenizer = Tokenizer(hf_tok, self.max_length, lowercase=bool(getattr(module, "do_lower_case", False)),
+        self.tokenizer = Tokenizer(first.tokenizer, self.max_length, lowercase=first.do_lower_case,
                                    with_type_ids=with_type_ids)
         self.stats = EncodeStats(model=spec.name, backend="sentence-transformers",
                                  device=",".join(str(d) for d in devices), dtype=dtype_name(self.dtype))
@@ -72,17 +66,11 @@ class STBackend(RunnerEncoder):
                              window_items=window_items)
         self.stats.load_seconds = time.perf_counter() - t0
 
-    def _load(self, load_model, device: torch.device) -> Replica:
-        st_model = load_model()
-        _, hf = transformer_module(st_model)
+    def _load(self, device: torch.device) -> Replica:
+        loaded = load_model(self.source, self.role)
         # Only the transformer runs in half precision; pooling / dense heads stay as loaded.
-        place(st_model, self.dtype, device, cast=hf)
-        return Replica(device, st_model, hf)
-
-    @property
-    def module(self):
-        """The sentence-transformers Transformer module of the first replica (None once closed)."""
-        return self.replicas[0].model[0] if self.replicas else None
+        place(loaded.module, self.dtype, device, cast=loaded.hf)
+        return Replica(device, loaded, loaded.hf)
 
     def enable_fast(self, encoder_of) -> None:
         """Run unpadded through FastBert built from `encoder_of(hf)` (the BertModel part) on every

@@ -12,17 +12,6 @@ from rag_clean.encoders.st_base import STBackend
 from rag_clean.encoders.tokenize import DEFAULT_WINDOW_ITEMS
 from rag_clean.config.registry import ModelSpec
 
-_SIMPLE_POOLING = ("mean", "cls", "max", "lasttoken")
-
-
-def _pooling_mode(module) -> str | None:
-    mode = getattr(module, "pooling_mode", None)
-    if isinstance(mode, (list, tuple)):
-        mode = mode[0] if len(mode) == 1 else None
-    if mode is None and hasattr(module, "get_pooling_mode_str"):
-        mode = module.get_pooling_mode_str()
-    return mode
-
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Pool [b, L, d] hidden states over the real tokens of `mask` [b, L], in float32."""
@@ -42,20 +31,15 @@ class STDenseEncoder(STBackend, DenseEncoder):
     """Dense encoder for SentenceTransformer model folders."""
 
     heads = ("dense",)
+    role = "dense"
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
-        import sentence_transformers
-
-        SentenceTransformer = sentence_transformers.SentenceTransformer
-
         path = source or spec.resolve_source()
-        super().__init__(spec, device, lambda: SentenceTransformer(path, device="cpu", local_files_only=True),
-                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items,
-                         **engine_options)
-        st_model = self.replicas[0].model
-        getter = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-        self.dim = int(getter())
+        super().__init__(spec, device, source=path, budget_store=budget_store, token_budget=token_budget,
+                         window_items=window_items, **engine_options)
+        loaded = self.replicas[0].model
+        self.dim = int(loaded.dim)
         if spec.dim is not None and spec.dim != self.dim:
             dim = self.dim
             self.close()
@@ -64,18 +48,12 @@ class STDenseEncoder(STBackend, DenseEncoder):
             )
         # We pool ourselves for Transformer -> Pooling -> [Normalize]; anything else runs through the
         # model's own modules (still on the device, padded).
-        names = [type(m).__name__ for m in st_model]
-        self.pooling_mode = _pooling_mode(st_model[1]) if len(names) > 1 and names[1] == "Pooling" else None
-        simple = (
-            self.pooling_mode in _SIMPLE_POOLING
-            and getattr(st_model[1], "include_prompt", True)
-            and all(n == "Normalize" for n in names[2:])
-        )
-        if simple:
+        self.pooling_mode = loaded.pooling_mode
+        if loaded.after_transformer is None:
             self.enable_fast(lambda hf: hf)
         else:
             for r in self.replicas:
-                r.parts["after_transformer"] = list(r.model)[1:]
+                r.parts["after_transformer"] = r.model.after_transformer
 
     def forward(self, replica: Replica, batch: Batch) -> tuple[torch.Tensor, ...]:
         if replica.fast is not None:

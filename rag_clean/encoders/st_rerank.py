@@ -29,17 +29,13 @@ class STCrossEncoderReranker(STBackend, Reranker):
     """Cross-encoder scores (the model's activation applied, as CrossEncoder.predict does)."""
 
     heads = ("score",)
+    role = "rerank"
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS,
                  source_label: str | None = None, **engine_options):
-        import sentence_transformers
-
-        CrossEncoder = sentence_transformers.CrossEncoder
-
         path = source or spec.resolve_source()
-        super().__init__(spec, device, lambda: CrossEncoder(path, device="cpu", local_files_only=True),
-                         source=path, budget_store=budget_store, token_budget=token_budget,
+        super().__init__(spec, device, source=path, budget_store=budget_store, token_budget=token_budget,
                          window_items=window_items, **engine_options)
         tok_names = getattr(self.tokenizer.hf, "model_input_names", []) or []
         self.tokenizer.with_type_ids = "token_type_ids" in tok_names and getattr(self.config, "type_vocab_size", 1) > 1
@@ -48,7 +44,7 @@ class STCrossEncoderReranker(STBackend, Reranker):
             n = first.num_labels
             self.close()
             raise EncoderError(f"model {spec.name}: {path} has {n} labels; a reranker needs a single relevance logit")
-        self.activation = first.activation_fn
+        self.activation = first.activation
         # Name the source as the registry spelled it (hub id, package:...), not the local cache path.
         self.scorer_id = f"cross-encoder:{source_label or spec.source}"
         for r in self.replicas:

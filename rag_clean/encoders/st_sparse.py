@@ -30,35 +30,31 @@ class STSparseEncoder(STBackend, SparseEncoder):
     """SPLADE: log(1 + relu(MLM logits)) max-pooled over real tokens, top-k on the device."""
 
     heads = ("lexical",)
+    role = "sparse"
 
     def __init__(self, spec: ModelSpec, device="cpu", *, source: str | None = None, budget_store=None,
                  token_budget: int | None = None, window_items: int = DEFAULT_WINDOW_ITEMS, **engine_options):
-        import sentence_transformers
-
-        STSparse = sentence_transformers.SparseEncoder
-
         path = source or spec.resolve_source()
-        super().__init__(spec, device, lambda: STSparse(path, device="cpu", local_files_only=True),
-                         source=path, budget_store=budget_store, token_budget=token_budget, window_items=window_items,
-                         **engine_options)
-        st_model = self.replicas[0].model
+        super().__init__(spec, device, source=path, budget_store=budget_store, token_budget=token_budget,
+                         window_items=window_items, **engine_options)
+        loaded = self.replicas[0].model
         hf = self.replicas[0].hf
         self.vocab_size = int(hf.config.vocab_size)
-        pooling = st_model[1] if len(st_model) > 1 else None
-        if pooling is None or type(pooling).__name__ != "SpladePooling":
+        if loaded.splade is None:
             self.close()
             raise EncoderError(f"model {spec.name}: {path} is not a SPLADE model (no SpladePooling module)")
-        if pooling.pooling_strategy != "max" or pooling.activation_function not in ("relu", "log1p_relu"):
+        strategy, activation = loaded.splade
+        if strategy != "max" or activation not in ("relu", "log1p_relu"):
             self.close()
             raise EncoderError(
-                f"model {spec.name}: SPLADE pooling {pooling.pooling_strategy!r}/{pooling.activation_function!r} "
+                f"model {spec.name}: SPLADE pooling {strategy!r}/{activation!r} "
                 "is not supported (max with relu or log1p_relu)"
             )
         if not type(hf).__name__.endswith("ForMaskedLM"):
             name = type(hf).__name__
             self.close()
             raise EncoderError(f"model {spec.name}: {path} loads as {name}, not a masked-LM model; SPLADE needs the MLM head")
-        self.double_log = pooling.activation_function == "log1p_relu"
+        self.double_log = activation == "log1p_relu"
         # BERT-family MLM: run the encoder, then the MLM head over real tokens only, in chunks.
         self.split_head = hasattr(hf, "cls") and hasattr(hf, "base_model")
         self.top_k = min(int(spec.top_k), self.vocab_size)

@@ -199,8 +199,15 @@ def existing_schema(names: Sequence[str]) -> pa.Schema:
                       *((f"{FINGERPRINTS}.{n}", pa.string()) for n in [*names, PAYLOAD_KEY])])
 
 
+def existing_fields(fingerprints: bool) -> list[str]:
+    """The payload fields existing() reads: without the fingerprints it reads a quarter of the bytes (a check
+    that compares ids and hashes only: Edge, 20k points, 0.10 vs 0.46 s)."""
+    return ["chunk_id", "content_hash", *([FINGERPRINTS] if fingerprints else [])]
+
+
 def existing_batch(payloads: Sequence[Mapping], names: Sequence[str]) -> pa.RecordBatch:
-    """existing()'s record batch from point payloads (both sinks build it here)."""
+    """existing()'s record batch from point payloads (both sinks build it here); fingerprint columns are null
+    where the payloads were read without them."""
     names = [*names, PAYLOAD_KEY]
     fps = [p.get(FINGERPRINTS) or {} for p in payloads]
     columns = [pa.array([p.get("chunk_id") for p in payloads], pa.string()),
@@ -236,8 +243,9 @@ class VectorIndex(Protocol):
     def delete(self, chunk_ids: Sequence[str]) -> None:
         """Remove the points of these chunks (absent ones are ignored)."""
 
-    def existing(self, block: int = 4096) -> Iterator[pa.RecordBatch]:
-        """Every point's chunk_id, content_hash and per-vector fingerprints (existing_schema), streamed."""
+    def existing(self, block: int = 4096, fingerprints: bool = True) -> Iterator[pa.RecordBatch]:
+        """Every point's chunk_id, content_hash and per-vector fingerprints (existing_schema), streamed;
+        `fingerprints=False` leaves those columns null (existing_fields)."""
 
     def count(self) -> int: ...
 

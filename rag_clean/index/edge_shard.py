@@ -18,7 +18,7 @@ import pyarrow as pa
 import qdrant_edge as qe
 
 from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema,
-                                  existing_batch, vector_lists)
+                                  existing_batch, existing_fields, vector_lists)
 from rag_clean.processes import usable_cores
 
 
@@ -88,11 +88,11 @@ class EdgeShardStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def existing(self, names: Sequence[str], block: int = 4096) -> Iterator[pa.RecordBatch]:
+    def existing(self, names: Sequence[str], block: int = 4096, fingerprints: bool = True) -> Iterator[pa.RecordBatch]:
         offset = None
         while True:
             records, offset = self.shard.scroll(qe.ScrollRequest(
-                offset=offset, limit=block, with_payload=["chunk_id", "content_hash", FINGERPRINTS], with_vector=False))
+                offset=offset, limit=block, with_payload=existing_fields(fingerprints), with_vector=False))
             if records:
                 yield existing_batch([r.payload or {} for r in records], names)
             if offset is None:

@@ -177,9 +177,9 @@ class EdgeIndex:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def existing(self, block: int = 4096) -> Iterator[pa.RecordBatch]:
+    def existing(self, block: int = 4096, fingerprints: bool = True) -> Iterator[pa.RecordBatch]:
         for store in self.stores:
-            yield from store.existing(self._names, block)
+            yield from store.existing(self._names, block, fingerprints)
 
     def count(self) -> int:
         if not (self.path / SCHEMA_FILE).exists():

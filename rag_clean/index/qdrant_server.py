@@ -18,7 +18,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from rag_clean.index.base import (FINGERPRINTS, HNSW_FULL_SCAN_KB, SEARCH_HNSW_EF, Hit, IndexPoint, IndexSchema, payloads_in_order,
-                                  VectorIndexError, existing_batch, point_id, require_vectors, vector_lists)
+                                  VectorIndexError, existing_batch, existing_fields, point_id, require_vectors, vector_lists)
 from rag_clean.index.blocks import BlockSpec, InProcessWriter
 
 SINK = "qdrant"
@@ -144,13 +144,13 @@ class ServerIndex:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def existing(self, block: int = 4096) -> Iterator[pa.RecordBatch]:
+    def existing(self, block: int = 4096, fingerprints: bool = True) -> Iterator[pa.RecordBatch]:
         if not self.client.collection_exists(self.collection):
             return
         offset = None
         while True:
             records, offset = self.client.scroll(self.collection, limit=block, offset=offset, with_vectors=False,
-                                                 with_payload=["chunk_id", "content_hash", FINGERPRINTS])
+                                                 with_payload=existing_fields(fingerprints))
             if records:
                 yield existing_batch([r.payload or {} for r in records], self._names)
             if offset is None:

@@ -156,7 +156,7 @@ def _scan(index: VectorIndex, chunks: pa.Table, fps: Mapping[str, str] | None = 
     fps = fps or {}
     ids, hashes, payload_keys = [], [], []
     fp_ok: dict[str, list[np.ndarray]] = {name: [] for name in fps}
-    for batch in index.existing(BLOCK):
+    for batch in index.existing(BLOCK, fingerprints=bool(fps)):
         batch = batch.filter(pc.is_valid(batch.column("chunk_id")))  # a point this sync did not write: left alone
         ids.append(batch.column("chunk_id"))
         hashes.append(batch.column("content_hash").fill_null(""))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from rag_clean.index.blocks import InProcessWriter
@@ -186,3 +187,19 @@ def test_the_index_stage_reports_progress_and_its_write_and_commit_times(tmp_pat
     lines.clear()
     _, again = run_index_stage(EdgeIndex(tmp_path / "idx", "demo"), sources, progress=lines.append)
     assert again.upserted == 0 and again.commit_s == 0 and not [line for line in lines if "committing" in line]
+
+
+def test_existing_without_fingerprints_reads_ids_and_hashes_only(kind, tmp_path):
+    store = Store(tmp_path / "store", 20)
+    sources = store.write()
+    index = _fresh(kind, tmp_path, sources)
+    full = pa.concat_batches(list(index.existing(8)))
+    light = pa.concat_batches(list(index.existing(8, fingerprints=False)))
+    assert light.schema == full.schema and light.num_rows == full.num_rows == 20
+    assert sorted(zip(*(light.column(c).to_pylist() for c in ("chunk_id", "content_hash")))) == \
+           sorted(zip(*(full.column(c).to_pylist() for c in ("chunk_id", "content_hash"))))
+    fingerprint_columns = [c for c in full.schema.names if c.startswith("fingerprints.")]
+    assert all(full.column(c).null_count == 0 for c in fingerprint_columns)
+    assert all(light.column(c).null_count == 20 for c in fingerprint_columns)
+    assert sync_mod.index_drift(index, sources.chunks)["missing"] == 0
+    index.close()
