@@ -223,7 +223,7 @@ def stream_collection(
     the folder's version: a file listed there is not hashed a second time.
 
     `jsonl`: when a big JSONL file is read in byte ranges on worker processes (chunking.jsonl_pool; by
-    default one per core, files of 16 MiB and more); the rows are the same either way.
+    default one per core, files of 32 MiB and more); the rows are the same either way.
 
     `root` is the data root: symlinks that resolve outside it are skipped (and counted). By default
     it is the folder's parent, which is the data root for every collection folder
