@@ -88,6 +88,10 @@ def run_baseline(tree: Path, folder: Path, scratch: Path, counter: str, tokenize
     return json.loads(done.stdout.strip().splitlines()[-1]), out
 
 
+def _name(label: str) -> str:
+    return label if label == "before" else f"workers {label}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chunks", type=int, default=100_000)
@@ -127,16 +131,17 @@ def main(argv=None) -> int:
                 del table
                 path.unlink()
                 runs[label].append(run)
-                print(f"rep {rep} workers {label}: {run['seconds']:.2f} s (parent cpu {run['parent_cpu_s']:.1f} s, "
+                print(f"rep {rep} {_name(label)}: {run['seconds']:.2f} s (parent cpu {run['parent_cpu_s']:.1f} s, "
                       f"workers cpu {run['workers_cpu_s']:.1f} s) equal {run['equal_to_first']}", flush=True)
     summary = {label: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "parent_cpu_s", "workers_cpu_s")}
                for label, rs in runs.items()}
     base = summary[next(iter(summary))]["seconds"]
     for label, s in summary.items():
         s["speedup_vs_first"] = base / s["seconds"]
-        print(f"workers {label}: median {s['seconds']:.2f} s, x{s['speedup_vs_first']:.2f} vs workers "
-              f"{next(iter(summary))}")
-    report = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+        print(f"{_name(label)}: median {s['seconds']:.2f} s, x{s['speedup_vs_first']:.2f} vs {_name(next(iter(summary)))}")
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    report = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpu": model,
               "usable_cores": usable_cores(), "python": platform.python_version(), "chunks": args.chunks,
               "bytes": built["bytes"], "counter": args.counter, "reps": args.reps,
               "command": "python benchmarks/bench_chunks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
