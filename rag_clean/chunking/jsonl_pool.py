@@ -2,7 +2,10 @@
 the same code as the in-process read (readers.iter_jsonl), so rows, skips and errors are the same.
 
 Why: the in-process read is one core of Python per row (json, checks, hashing) plus the token counts; a
-100k-row, 114 MiB file took 8.4 s of the chunks step on a 16-core host. The parent cuts the file at line
+100k-row, 114 MiB file took 8.4 s of the chunks step on a 16-core host. Measured since: on that host the
+in-process read (the Rust tokenizer already counts on every core) took 5.9 s, 16 workers 8.8 s (0.67x), and on
+2 cores the workers gained 1.06x, so they are off unless `jsonl_workers` asks for them (a slower counter or a
+host with slow single cores may differ). The parent cuts the file at line
 ends (counting newlines, so every range knows its first line number), keeps `_IN_FLIGHT` ranges queued on
 each worker, and takes the replies in file order: a range's rows come back as Arrow IPC (chunk_index counted
 from the range's first record; the parent adds the records of the ranges before it), its skips as
@@ -28,6 +31,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rag_clean.config.settings import process_setting
 from rag_clean.processes import usable_cores
 from rag_clean.workers import ipc_table, receive_frame, send_frame, start_worker
 
@@ -45,8 +49,9 @@ _IN_FLIGHT = 2  # ranges queued per worker, so it never waits for the parent bet
 
 @dataclass(frozen=True)
 class JsonlPlan:
-    """When and how JSONL files are read on workers. `workers`: None = one per usable core when there are
-    at least 2 (else none); 0 = always in-process. `min_bytes`: smaller files are read in-process.
+    """When and how JSONL files are read on workers. `workers`: None = the `jsonl_workers` process setting
+    (default 0: in-process; measured, the workers do not pay with the real tokenizer counting: see
+    docs/performance.md); 0 = always in-process. `min_bytes`: smaller files are read in-process.
     `range_bytes`: None = about 4 ranges per worker, within 1-8 MiB."""
 
     workers: int | None = None
@@ -62,7 +67,7 @@ class JsonlReader:
     def __init__(self, count: CountTokens, plan: JsonlPlan = JsonlPlan()):
         self._portable = portable_counter(count)
         cores = usable_cores()
-        workers = plan.workers if plan.workers is not None else (cores if cores >= 2 else 0)
+        workers = plan.workers if plan.workers is not None else int(process_setting("jsonl_workers"))
         self.workers = workers if self._portable is not None else 0
         self.min_bytes, self.range_bytes = plan.min_bytes, plan.range_bytes
         self._threads = max(1, cores // max(1, self.workers))  # each worker's tokenizer threads

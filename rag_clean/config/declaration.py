@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`state/token_ids/`)", scope=PROCESS),
     Setting("rust_tokenizer", "bool", True, "tokenize with the Rust tokenizer directly (off: the transformers "
             "wrapper; for comparison)", scope=PROCESS),
+    Setting("jsonl_workers", "int", 0, "worker processes that read a big JSONL file (>= 32 MiB) in byte ranges "
+            "for `chunks`; `0` reads in-process (faster where the tokenizer counts on every core: "
+            "[docs/performance.md](docs/performance.md))", scope=PROCESS, low=0, high=256),
     Setting("light_load", "bool", True, "load sentence-transformers folders of the shapes the engine runs itself "
             "with transformers alone, without importing sentence-transformers (off: through sentence-transformers; "
             "for comparison)", scope=PROCESS),
