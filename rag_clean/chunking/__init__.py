@@ -13,7 +13,7 @@ index or line. Empty texts, front-matter-only documents and files of other types
 
 Modules, one concern each: `markdown` (document structure), `packer` (token budget and overlap),
 `documents` (the two together, per document), `readers` (chunk files and JSONL), `jsonl_pool` /
-`jsonl_worker` (a big JSONL file read in byte ranges on worker processes, same rows), `collection`
+`jsonl_worker` (a big JSONL file read in byte ranges on worker processes, same rows; off unless `jsonl_workers`), `collection`
 (the folder walk: `stream_collection` streams files into a `ColumnSpool`, parsing only files changed
 since the previous manifest; `read_collection` is the small in-memory form), `duplicates` (repeated chunk
 ids found in a sorted scratch file, no set of every id), with `config`, `rows` and
