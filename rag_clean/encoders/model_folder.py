@@ -41,6 +41,9 @@ _HONOURED_KEYS = {"max_seq_length", "do_lower_case", "transformer_task", "modali
 # What sentence-transformers writes for a text-only Transformer of each task (modality_config).
 _TEXT_OUTPUT = {"feature-extraction": "last_hidden_state", "fill-mask": "logits",
                 "sequence-classification": "logits"}
+# The module output sentence-transformers (6.x) names for each task: a CrossEncoder's Transformer gives "scores".
+_MODULE_OUTPUT = {"feature-extraction": "token_embeddings", "fill-mask": "token_embeddings",
+                  "sequence-classification": "scores"}
 # Pooling modes the engine computes itself (rag_clean.encoders.st_dense / fast_bert.pool_unpadded).
 OWN_POOLING = ("cls", "mean", "max", "lasttoken")
 _LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
@@ -112,8 +115,9 @@ def _transformer_settings(model_dir: Path, class_name: str, role: str) -> tuple[
     expected = {"text": {"method": "forward", "method_output_name": _TEXT_OUTPUT[task]}}
     if modality is not None and modality != expected:
         raise NotLight(f"modality_config {modality!r} is not text-only")
-    if settings.get("module_output_name", "token_embeddings") != "token_embeddings":
-        raise NotLight(f"module_output_name {settings['module_output_name']!r}")
+    output = settings.get("module_output_name", _MODULE_OUTPUT[task])
+    if output != _MODULE_OUTPUT[task]:
+        raise NotLight(f"module_output_name {output!r}")
     max_len = settings.get("max_seq_length")
     return (int(max_len) if max_len is not None else None), bool(settings.get("do_lower_case", False))
 

@@ -228,3 +228,23 @@ def test_fresh_process_never_imports_sentence_transformers_or_sklearn(tiny_regis
     out = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_rerank_folder_saved_by_cross_encoder_loads_light(registry, tmp_path):
+    """sentence-transformers 6 saves a CrossEncoder with modules.json and module_output_name "scores": the light
+    path takes it and scores as CrossEncoder does."""
+    from sentence_transformers import CrossEncoder
+
+    from rag_clean.encoders.model_load import load_model
+
+    saved = tmp_path / "saved"
+    CrossEncoder(str(registry.rerank.resolve_source()), device="cpu").save(str(saved))
+    assert json.loads((saved / "sentence_bert_config.json").read_text()).get("module_output_name") in (None, "scores")
+    loaded = load_model(str(saved), "rerank")
+    assert loaded.loader == "transformers"
+    pairs = [("a query", "a passage about it"), ("another query", "something else entirely")]
+    batch = loaded.tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = loaded.activation(loaded.hf(**batch).logits).squeeze(-1).numpy()
+    theirs = CrossEncoder(str(saved), device="cpu").predict(pairs)
+    assert np.abs(ours - np.asarray(theirs)).max() <= 1e-6
