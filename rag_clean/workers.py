@@ -36,6 +36,11 @@ def worker_streams() -> tuple[BinaryIO, BinaryIO]:
     return sys.stdin.buffer, protocol_out
 
 
+def error_line(exc: BaseException) -> str:
+    """A worker's failure as the one line it sends back (the parent adds which file / shard)."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def send_frame(stream: BinaryIO, header: dict, body: bytes = b"") -> None:
     head = json.dumps(header).encode()
     stream.write(_HEADER.pack(len(head), len(body)) + head)

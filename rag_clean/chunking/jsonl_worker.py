@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
-from rag_clean.workers import ipc_bytes, receive_frame, send_frame, worker_streams
+from rag_clean.workers import error_line, ipc_bytes, receive_frame, send_frame, worker_streams
 
 from .config import ChunkingError, SkipRecord
 from .readers import JsonlPosition, iter_jsonl, jsonl_file_lines
@@ -41,7 +41,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         except ChunkingError as exc:
             send_frame(stdout, {"ok": False, "chunking": True, "error": str(exc)})
         except Exception as exc:  # a bug or a full memory: one line back; the parent names the file and range
-            send_frame(stdout, {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+            send_frame(stdout, {"ok": False, "error": error_line(exc)})
     return 0
 
 

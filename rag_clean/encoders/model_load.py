@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from rag_clean.config.settings import process_setting
-from rag_clean.encoders.model_folder import OWN_POOLING, LightPlan, NotLight, light_plan
+from rag_clean.encoders.model_folder import MODEL_TYPE, OWN_POOLING, LightPlan, NotLight, light_plan
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ def _activation(path: str | None, num_labels: int) -> Callable:
 def _full(path: str, role: str) -> LoadedModel:
     import sentence_transformers
 
-    cls = {"dense": "SentenceTransformer", "sparse": "SparseEncoder", "rerank": "CrossEncoder"}[role]
-    st_model = getattr(sentence_transformers, cls)(path, device="cpu", local_files_only=True)
+    st_model = getattr(sentence_transformers, MODEL_TYPE[role])(path, device="cpu", local_files_only=True)
     first = st_model[0]
     hf = getattr(first, "auto_model", None) or getattr(first, "model", None)
     if hf is None:

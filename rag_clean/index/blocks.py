@@ -21,10 +21,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from rag_clean.index.base import PAYLOAD_KEY, IndexPoint
+from rag_clean.index.base import PAYLOAD_FIELDS, PAYLOAD_KEY, IndexPoint
 
-PAYLOAD_COLUMNS = ("chunk_id", "source_file", "heading", "section_path", "chunk_index", "content_hash", "text",
-                   "metadata_json")
+# The chunks-table columns a point's payload is made of (its "metadata" is parsed from metadata_json).
+PAYLOAD_COLUMNS = tuple("metadata_json" if f == "metadata" else f for f in PAYLOAD_FIELDS)
 
 
 @dataclass(frozen=True)

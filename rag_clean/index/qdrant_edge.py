@@ -57,6 +57,12 @@ def shard_of(point_ids: Sequence[str], shards: int) -> np.ndarray:
     return np.fromiter((int(i[:8], 16) % shards for i in point_ids), np.int64, len(point_ids))
 
 
+def route(point_ids: Sequence[str], shards: int) -> list[np.ndarray]:
+    """Per shard, the positions in `point_ids` of the points it holds."""
+    shard = shard_of(point_ids, shards)
+    return [np.flatnonzero(shard == k) for k in range(shards)]
+
+
 class EdgeIndex:
     sink = SINK
 
@@ -156,23 +162,19 @@ class EdgeIndex:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def _routed(self, ids: Sequence[str]) -> list[np.ndarray]:
-        shard = shard_of(ids, self.shards)
-        return [np.flatnonzero(shard == k) for k in range(self.shards)]
-
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         ids = [point_id(self.collection, p.chunk_id) for p in points]
-        for store, members in zip(self.stores, self._routed(ids)):
+        for store, members in zip(self.stores, route(ids, self.shards)):
             store.upsert([ids[j] for j in members], [points[j] for j in members])
 
     def update_vectors(self, points: Sequence[IndexPoint]) -> None:
         ids = [point_id(self.collection, p.chunk_id) for p in points]
-        for store, members in zip(self.stores, self._routed(ids)):
+        for store, members in zip(self.stores, route(ids, self.shards)):
             store.update_vectors([ids[j] for j in members], [points[j] for j in members])
 
     def delete(self, chunk_ids: Sequence[str]) -> None:
         ids = [point_id(self.collection, c) for c in chunk_ids]
-        for store, members in zip(self.stores, self._routed(ids)):
+        for store, members in zip(self.stores, route(ids, self.shards)):
             store.delete([ids[j] for j in members])
 
     # -- reads ---------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ class EdgeIndex:
         require_vectors(self, with_vectors or [])
         ids = [point_id(self.collection, c) for c in chunk_ids]
         records = []
-        for store, members in zip(self.stores, self._routed(ids)):
+        for store, members in zip(self.stores, route(ids, self.shards)):
             records.extend(store.retrieve([ids[j] for j in members], with_vectors))
         return payloads_in_order(ids, records, with_vectors)
 

@@ -3,8 +3,8 @@
 
 The parent (`ShardWriterPool`, in the vector_index step) splits each block of the sync by shard and hands
 each part to that shard's process as Arrow IPC bytes; the process applies it with the same code as an
-in-process write (rag_clean.index.blocks.apply_block). No pickle: the protocol is explicit frames on the
-child's stdin (a JSON header, then optional Arrow bytes) and one JSON line per request on its stdout:
+in-process write (rag_clean.index.blocks.apply_block). No pickle: the protocol is rag_clean.workers frames (a
+JSON header, then optional Arrow bytes), requests on the child's stdin, one reply frame each on its stdout:
 
     {"op": "open", "path", "collection", "spec"}   load the shard
     {"op": "write"} + Arrow IPC stream              -> {"ok": true, "upserted": n, "rewritten": {...}}
@@ -21,19 +21,18 @@ QUEUE_PARTS), which bounds the parent's memory and makes a slow shard hold the s
 
 from __future__ import annotations
 
-import json
 import queue
 import sys
 import threading
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
-import numpy as np
 import pyarrow as pa
 
 from rag_clean.index.base import VectorIndexError, point_id
 from rag_clean.index.blocks import BlockCounts, BlockSpec, apply_block
-from rag_clean.workers import ipc_bytes, receive_frame, send_frame, start_worker, worker_streams
+from rag_clean.index.qdrant_edge import route
+from rag_clean.workers import error_line, ipc_bytes, ipc_table, receive_frame, send_frame, start_worker, worker_streams
 
 QUEUE_PARTS = 2
 
@@ -68,7 +67,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
                 store = EdgeShardStore.load(Path(header["path"]))
                 target, spec = _ShardTarget(store, header["collection"]), BlockSpec.from_json(header["spec"])
             elif op == "write":
-                batch = pa.ipc.open_stream(body).read_all().combine_chunks().to_batches()[0]
+                batch = ipc_table(body).combine_chunks().to_batches()[0]
                 counts = apply_block(target, batch, spec)
                 reply.update(upserted=counts.upserted, rewritten=counts.rewritten)
             elif op == "delete":
@@ -77,17 +76,12 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
                 store.commit()
             elif op == "close":
                 store.close()
-                _reply(stdout, reply)
+                send_frame(stdout, reply)
                 return 0
         except Exception as exc:  # one line back to the parent, which names the shard
-            _reply(stdout, {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+            send_frame(stdout, {"ok": False, "error": error_line(exc)})
             return 1
-        _reply(stdout, reply)
-
-
-def _reply(stdout: BinaryIO, reply: dict) -> None:
-    stdout.write(json.dumps(reply).encode() + b"\n")
-    stdout.flush()
+        send_frame(stdout, reply)
 
 
 class _Writer:
@@ -112,13 +106,13 @@ class _Writer:
                 continue   # drain: the parent learns of the error at its next put or at commit
             try:
                 send_frame(self.process.stdin, header, body)
-                line = self.process.stdout.readline()
+                message = receive_frame(self.process.stdout)
             except (BrokenPipeError, OSError):
-                line = b""
-            if not line:
+                message = None
+            if message is None:
                 self.error = f"its writer process died (exit code {self.process.wait()})"
                 continue
-            reply = json.loads(line)
+            reply = message[0]
             if not reply.get("ok"):
                 self.error = reply.get("error", "unknown error")
                 continue
@@ -151,23 +145,15 @@ class ShardWriterPool:
                 raise VectorIndexError(f"vector index {self.location}: writing shard {k} ({w.path}) failed: {w.error}")
 
     def delete(self, chunk_ids: Sequence[str]) -> None:
-        from rag_clean.index.qdrant_edge import shard_of
-
         ids = [point_id(self.collection, c) for c in chunk_ids]
-        shard = shard_of(ids, len(self.writers))
-        for k, w in enumerate(self.writers):
-            members = [ids[j] for j in np.flatnonzero(shard == k)]
-            if members:
-                w.put({"op": "delete", "ids": members})
+        for w, members in zip(self.writers, route(ids, len(self.writers))):
+            if len(members):
+                w.put({"op": "delete", "ids": [ids[j] for j in members]})
         self._check()
 
     def write(self, batch: pa.RecordBatch) -> None:
-        from rag_clean.index.qdrant_edge import shard_of
-
         ids = [point_id(self.collection, c) for c in batch.column("chunk_id").to_pylist()]
-        shard = shard_of(ids, len(self.writers))
-        for k, w in enumerate(self.writers):
-            members = np.flatnonzero(shard == k)
+        for w, members in zip(self.writers, route(ids, len(self.writers))):
             if len(members):
                 w.put({"op": "write"}, ipc_bytes(batch.take(pa.array(members))))
         self._check()
