@@ -267,6 +267,25 @@ def profile_stage(work: Path, registry: Path, storage: Path, name: str, device: 
             "text": out[:12000]}
 
 
+# Issue 23: whole graph / encode-only on the same card.
+TARGET_100K, TARGET_1M = 1.3, 1.15
+
+
+def graph_runs(args) -> list[tuple[str, dict[str, str]]]:
+    """(label, extra environment) of each graph run: --runs, else --token-cache, else one default run."""
+    if args.runs:
+        runs = []
+        for item in filter(None, (x.strip() for x in args.runs.split(";"))):
+            label, _, assignments = item.partition(":")
+            extra = dict(a.split("=", 1) for a in assignments.split(",") if a)
+            if label in {r[0] for r in runs}:
+                label = f"{label}-{len(runs)}"  # a repeated label gets its own home
+            runs.append((label, extra))
+        return runs
+    settings = [s for s in args.token_cache.split(",") if s] or [""]
+    return [(s or "default", {"RAG_CLEAN_TOKEN_CACHE": "1" if s == "on" else "0"} if s else {}) for s in settings]
+
+
 def run_graph(work: Path, label: str, registry: Path, extra_env: dict[str, str], log, select: str = "*",
               fresh: bool = True) -> dict:
     """One `dagster asset materialize` of `select`; `fresh=False` continues in the instance and storage of an
@@ -422,6 +441,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_e2e"))
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--token-cache", default="", help="comma list of on/off: one graph run each (RAG_CLEAN_TOKEN_CACHE)")
+    p.add_argument("--runs", default="", help="graph runs of one call, ';'-separated LABEL[:VAR=VALUE,...], e.g. "
+                   "'default;no-warmup:RAG_CLEAN_WARMUP=0' (A/B of engine switches on the same card)")
     p.add_argument("--small-models", action="store_true", help="tiny shapes (CPU check of this script)")
     p.add_argument("--skip-encode-only", action="store_true")
     p.add_argument("--profile-stage", default="", help="registry name of a dense model: profile its stage alone")
@@ -477,10 +498,8 @@ def main(argv=None) -> int:
                                                   **{k: report[k] for k in ("collection", "chunks", "queries")}}))
                 report["runs"].append(run)
                 return 0 if run["returncode"] == 0 else 1
-            settings = [s for s in args.token_cache.split(",") if s] or [""]
-            for setting in settings:
-                extra = {"RAG_CLEAN_TOKEN_CACHE": "1" if setting == "on" else "0"} if setting else {}
-                report["runs"].append(run_graph(args.work, setting or "default", registry, extra, log))
+            for label, extra in graph_runs(args):
+                report["runs"].append(run_graph(args.work, label, registry, extra, log))
         ok = [r for r in report["runs"] if r["returncode"] == 0]
         if ok and not args.skip_encode_only:
             storage = args.work / f"home-{ok[0]['label']}" / "rag_clean"
@@ -493,7 +512,7 @@ def main(argv=None) -> int:
             for r in ok:
                 r["ratio_whole_graph_to_encode_only"] = round(r["wall_seconds"] / total, 3)
                 log(f"  [{r['label']}] whole graph {r['wall_seconds']:.1f}s / encode-only {total:.1f}s = "
-                    f"{r['ratio_whole_graph_to_encode_only']:.2f} (target <= 1.15)")
+                    f"{r['ratio_whole_graph_to_encode_only']:.2f} (target <= {TARGET_1M if args.chunks >= 1_000_000 else TARGET_100K})")
             report["tokens_per_model"] = {k: v["tokens"] for k, v in tokens.items()}
         if ok and args.profile_stage:
             storage = args.work / f"home-{ok[0]['label']}" / "rag_clean"

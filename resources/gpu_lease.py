@@ -17,9 +17,12 @@ from typing import Any, Iterator, Optional
 
 import dagster as dg
 
+from rag_clean.config.settings import process_setting
+from rag_clean.gpu import warmup
 from rag_clean.gpu.devices import DeviceBackend
 from rag_clean.gpu.lease import GpuLeaseManager, Lease, LeaseEvent
 from rag_clean.gpu.lease_settings import default_lock_dir
+from rag_clean.gpu.warmup import single_cuda_device
 
 
 def owner_label(context: Any) -> str:
@@ -63,6 +66,12 @@ class GpuLeaseResource(dg.ConfigurableResource):
     timeout_s: Optional[float] = None  # default 3600
     devices: Optional[list[int]] = None  # torch indices that may be leased; default all visible
     force_cpu: Optional[bool] = None
+
+    def setup_for_execution(self, context) -> None:
+        # Once per run in process (per step process under multiprocess): warm while CPU steps work.
+        if self._backend() is None and process_setting("warmup"):
+            manager = self.manager()
+            warmup.start(None if manager.force_cpu else single_cuda_device(manager.devices))
 
     def _backend(self) -> DeviceBackend | None:
         """The device backend; None = real torch / NVML. Tests override this to fake devices."""

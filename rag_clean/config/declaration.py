@@ -161,6 +161,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("light_load", "bool", True, "load sentence-transformers folders of the shapes the engine runs itself "
             "with transformers alone, without importing sentence-transformers (off: through sentence-transformers; "
             "for comparison)", scope=PROCESS),
+    Setting("warmup", "bool", True, "import torch / transformers and make the CUDA context on a background thread "
+            "while `chunks` runs (once per process, from the GPU lease resource); the first GPU step waits for it",
+            scope=PROCESS),
     Setting("fast_bert", "bool", True, "the unpadded BERT forward for supported models (off: the model's own)",
             scope=PROCESS),
     Setting("compile", "choice", "off", "`static`: FastBert's post-attention and FFN blocks under torch.compile "

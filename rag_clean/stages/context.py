@@ -32,6 +32,7 @@ from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence, T
 from rag_clean.config.models import ResolvedModel
 from rag_clean.config.plan import RunPlan
 from rag_clean.config.registry import ModelSpec
+from rag_clean.gpu import warmup
 from rag_clean.storage.layout import StorageLayout
 from rag_clean.storage.staged import abort_on_error
 from rag_clean.telemetry.records import StageRecord
@@ -195,6 +196,9 @@ def lease_target(lease) -> str | list[str]:
 @contextlib.contextmanager
 def _held(ctx: StageContext, mode: str):
     if mode == "gpu" and ctx.lease is not None:
+        note = warmup.wait()  # its imports finish before this step imports anything itself
+        if note:
+            ctx.log.info(note)
         with ctx.lease() as lease:
             yield lease
     elif mode == "remote":

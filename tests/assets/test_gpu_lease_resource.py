@@ -138,3 +138,31 @@ def test_resource_initialises_from_init_context(tmp_path):
     with resource.lease("direct") as lease:
         assert lease.devices
     assert lease.summary.holder["owner"] == "direct"
+
+
+def test_a_run_warms_in_the_background_and_its_first_gpu_step_says_so(pipeline, monkeypatch):
+    from rag_clean.gpu import warmup
+
+    monkeypatch.setattr(warmup, "_current", None)  # as in a fresh run process
+    result = pipeline.materialize("demo")
+    started = warmup._current
+    assert started is not None and started.done.is_set() and started.problem is None
+    notes = [e for e in pipeline.instance.all_logs(result.run_id)
+             if e.user_message and e.user_message.startswith("warm-up (")]
+    assert len(notes) == 1 and "this step waited" in notes[0].user_message  # once, by the first leased step
+    first_gpu_step = min((e.timestamp, e.step_key) for e in pipeline.instance.all_logs(result.run_id)
+                         if e.step_key and e.step_key.startswith(("dense_embeddings", "sparse_vectors", "reranked")))
+    assert notes[0].step_key == first_gpu_step[1]
+
+
+def test_warmup_off_starts_nothing(tmp_path, monkeypatch):
+    from rag_clean.gpu import warmup
+
+    monkeypatch.setattr(warmup, "_current", None)
+    monkeypatch.setenv("RAG_CLEAN_WARMUP", "0")
+    GpuLeaseResource(lock_dir=str(tmp_path)).setup_for_execution(None)
+    assert warmup._current is None
+    monkeypatch.setenv("RAG_CLEAN_WARMUP", "1")
+    GpuLeaseResource(lock_dir=str(tmp_path), force_cpu=True).setup_for_execution(None)
+    assert warmup._current is not None and warmup._current.cuda_device is None  # CPU forced: no context
+    warmup.wait(120)

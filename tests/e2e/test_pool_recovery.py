@@ -124,11 +124,17 @@ def test_sigkilled_run_releases_the_gpu_pool_and_its_scratch_files(home):
     # Blocked = a pending claim on the pool in the instance (Dagster's "Step blocked by limit for pool gpu" is a
     # DEBUG event: the terminal log of `dagster asset materialize` runs stops at INFO, instance python_log_level).
     _wait_for("run B blocked on the gpu pool", lambda: bool(_pending_runs(tmp) - {a_run}), 180, [b], [b_log])
-    waiting = psutil.Process(b.pid)
-    cpu_before, t0 = sum(waiting.cpu_times()[:2]), time.monotonic()
-    time.sleep(3)
-    cpu_share = (sum(waiting.cpu_times()[:2]) - cpu_before) / (time.monotonic() - t0)
-    assert cpu_share < 0.3, f"a blocked run should sleep, it used {cpu_share:.0%} of a core"
+    # It settles to sleep: the run's background warm-up (rag_clean.gpu.warmup: torch and transformers imports,
+    # a few seconds of one core) may still be running when the claim appears, a spinning wait never settles.
+    waiting, shares = psutil.Process(b.pid), []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        cpu_before, t0 = sum(waiting.cpu_times()[:2]), time.monotonic()
+        time.sleep(3)
+        shares.append((sum(waiting.cpu_times()[:2]) - cpu_before) / (time.monotonic() - t0))
+        if shares[-1] < 0.3:
+            break
+    assert shares[-1] < 0.3, f"a blocked run should sleep, it used {[f'{s:.0%}' for s in shares]} of a core"
     b.send_signal(signal.SIGTERM)
     try:
         b.wait(timeout=30)

@@ -1,0 +1,151 @@
+"""Warm the encoder stack on a background thread while the run's CPU steps (chunks) work.
+
+Why: the first GPU step of a process paid ~7-9 s before its first batch on the H100 host (torch and
+transformers imports, CUDA init, the CUDA context, cuBLAS's library load on the first matmul), all
+after `chunks`, which leaves the GPU idle and most host cores free. Started when the GPU lease resource is
+set up (once per run under the in-process executor), the thread does that work during `chunks`; the
+first leased stage waits for it (`wait()`) before importing anything itself, so the two threads never
+import side by side. Setting `warmup` (RAG_CLEAN_WARMUP=0 turns it off).
+
+The CUDA context is made only when exactly one device can be leased: on a shared multi-GPU host a
+context on every card would cost each of them memory for a step that leases one.
+Failures are not errors here: the stage that needs the piece does it again and reports it then.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+# What the engine's first encoding step imports (light loading: transformers' Auto classes, no
+# sentence-transformers), so the step finds them in sys.modules.
+MODULES = (
+    "torch",
+    "transformers",
+    "rag_clean.encoders.factory",
+    "rag_clean.encoders.model_load",
+    "rag_clean.encoders.fast_bert",
+    "rag_clean.encoders.runner",
+    "rag_clean.encoders.st_dense",
+    "rag_clean.encoders.st_sparse",
+    "rag_clean.encoders.st_rerank",
+    "rag_clean.encoders.token_cache",
+)
+# Attributes of transformers' lazy module that the light loader resolves (each imports a submodule).
+TRANSFORMERS_NAMES = ("AutoConfig", "AutoTokenizer", "AutoModel", "BertModel")
+
+
+@dataclass
+class Warmup:
+    """One background warm-up and what it did (`done` is set when the thread ends, whatever happened)."""
+
+    cuda_device: int | None
+    started: float = field(default_factory=time.monotonic)
+    seconds: float | None = None
+    steps: dict[str, float] = field(default_factory=dict)
+    problem: str | None = None
+    reported: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        try:
+            for name in MODULES:
+                self._timed(name, importlib.import_module, name)
+            transformers = importlib.import_module("transformers")
+            for name in TRANSFORMERS_NAMES:
+                self._timed(f"transformers.{name}", getattr, transformers, name)
+            if self.cuda_device is not None:
+                self._timed("cuda", _warm_cuda, self.cuda_device)
+        except Exception as exc:  # noqa: BLE001 - the stage that needs the piece reports it
+            self.problem = f"{type(exc).__name__}: {exc}"
+            log.debug("warm-up stopped: %s", self.problem)
+        finally:
+            self.seconds = time.monotonic() - self.started
+            self.done.set()
+
+    def _timed(self, label: str, fn, *args) -> None:
+        t0 = time.monotonic()
+        fn(*args)
+        self.steps[label] = round(time.monotonic() - t0, 3)
+
+    def describe(self) -> str:
+        where = f"cuda:{self.cuda_device}" if self.cuda_device is not None else "no CUDA context"
+        took = f"{self.seconds:.1f}s" if self.seconds is not None else "still running"
+        return f"warm-up ({where}) {took}" + (f", stopped: {self.problem}" if self.problem else "")
+
+
+def _warm_cuda(index: int) -> None:
+    """Context, allocator and cuBLAS / SDPA kernels on device `index`: what the first batch would pay."""
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        return
+    device = torch.device("cuda", index)
+    with torch.cuda.device(device):
+        x = torch.randn(4, 128, 64, device=device, dtype=torch.bfloat16)
+        (x @ x.transpose(-1, -2)).sum().item()
+        F.scaled_dot_product_attention(x[None], x[None], x[None]).sum().item()
+        torch.nn.functional.linear(x, torch.randn(64, 64, device=device, dtype=torch.bfloat16)).sum().item()
+        torch.cuda.synchronize(device)
+
+
+_lock = threading.Lock()
+_current: Warmup | None = None
+
+
+def start(cuda_device: int | None) -> Warmup:
+    """Start the process's warm-up (once: later calls return the first one)."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Warmup(cuda_device)
+            threading.Thread(target=_current.run, name="rag_clean-warmup", daemon=True).start()
+        return _current
+
+
+def wait(timeout_s: float = 120.0) -> str | None:
+    """Block until this process's warm-up (if any) has ended. Returns one line for the run log the first
+    time (what it warmed, how long, how long this waited), else None."""
+    current = _current
+    if current is None:
+        return None
+    t0 = time.monotonic()
+    if not current.done.wait(timeout_s):
+        return f"warm-up still running after {timeout_s:.0f}s; the step goes on without it"
+    waited = time.monotonic() - t0
+    with _lock:
+        if current.reported:
+            return None
+        current.reported = True
+    return f"{current.describe()}; this step waited {waited:.1f}s for it"
+
+
+def single_cuda_device(devices: list[int] | None) -> int | None:
+    """The device to make a context on: the only one the lease may grant, else None (no context).
+
+    Asked through NVML, not torch, so a CPU-only or multi-GPU machine never imports torch for this.
+    """
+    if devices is not None:
+        return devices[0] if len(devices) == 1 else None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: no CUDA to warm
+        return None
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = len([v for v in visible.split(",") if v.strip()])
+    return 0 if count == 1 else None
