@@ -76,7 +76,9 @@ class Warmup:
     def describe(self) -> str:
         where = f"cuda:{self.cuda_device}" if self.cuda_device is not None else "no CUDA context"
         took = f"{self.seconds:.1f}s" if self.seconds is not None else "still running"
-        return f"warm-up ({where}) {took}" + (f", stopped: {self.problem}" if self.problem else "")
+        parts = sorted(self.steps.items(), key=lambda kv: -kv[1])[:3]  # where the time went, largest first
+        detail = f" ({', '.join(f'{name} {sec:.1f}s' for name, sec in parts)})" if parts else ""
+        return f"warm-up ({where}) {took}{detail}" + (f", stopped: {self.problem}" if self.problem else "")
 
 
 def _warm_cuda(index: int) -> None:
