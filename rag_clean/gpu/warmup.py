@@ -59,8 +59,8 @@ class Warmup:
             transformers = importlib.import_module("transformers")
             for name in TRANSFORMERS_NAMES:
                 self._timed(f"transformers.{name}", getattr, transformers, name)
-            if self.cuda_device is not None:
-                self._timed("cuda", _warm_cuda, self.cuda_device)
+            if self.cuda_device is not None and not self._timed("cuda", _warm_cuda, self.cuda_device):
+                self.cuda_device = None  # NVML saw a card torch cannot use (a CPU-only build): no context made
         except Exception as exc:  # noqa: BLE001 - the stage that needs the piece reports it
             self.problem = f"{type(exc).__name__}: {exc}"
             log.debug("warm-up stopped: %s", self.problem)
@@ -68,10 +68,11 @@ class Warmup:
             self.seconds = time.monotonic() - self.started
             self.done.set()
 
-    def _timed(self, label: str, fn, *args) -> None:
+    def _timed(self, label: str, fn, *args):
         t0 = time.monotonic()
-        fn(*args)
+        result = fn(*args)
         self.steps[label] = round(time.monotonic() - t0, 3)
+        return result
 
     def describe(self) -> str:
         where = f"cuda:{self.cuda_device}" if self.cuda_device is not None else "no CUDA context"
@@ -81,13 +82,14 @@ class Warmup:
         return f"warm-up ({where}) {took}{detail}" + (f", stopped: {self.problem}" if self.problem else "")
 
 
-def _warm_cuda(index: int) -> None:
-    """Context, allocator and cuBLAS / SDPA kernels on device `index`: what the first batch would pay."""
+def _warm_cuda(index: int) -> bool:
+    """Context, allocator and cuBLAS / SDPA kernels on device `index`: what the first batch would pay.
+    False when torch cannot use that device."""
     import torch
     import torch.nn.functional as F
 
     if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        return
+        return False
     device = torch.device("cuda", index)
     with torch.cuda.device(device):
         x = torch.randn(4, 128, 64, device=device, dtype=torch.bfloat16)
@@ -95,6 +97,7 @@ def _warm_cuda(index: int) -> None:
         F.scaled_dot_product_attention(x[None], x[None], x[None]).sum().item()
         torch.nn.functional.linear(x, torch.randn(64, 64, device=device, dtype=torch.bfloat16)).sum().item()
         torch.cuda.synchronize(device)
+    return True
 
 
 _lock = threading.Lock()
@@ -111,21 +114,29 @@ def start(cuda_device: int | None) -> Warmup:
         return _current
 
 
-def wait(timeout_s: float = 120.0) -> str | None:
-    """Block until this process's warm-up (if any) has ended. Returns one line for the run log the first
-    time (what it warmed, how long, how long this waited), else None."""
+@dataclass(frozen=True)
+class WarmupNote:
+    """The run-log line of a finished warm-up; `cuda`: it made a context (worth INFO; CPU runs say it at DEBUG)."""
+
+    text: str
+    cuda: bool
+
+
+def wait(timeout_s: float = 120.0) -> WarmupNote | None:
+    """Block until this process's warm-up (if any) has ended. Returns its note the first time (what it warmed,
+    how long, how long this waited), else None."""
     current = _current
     if current is None:
         return None
     t0 = time.monotonic()
     if not current.done.wait(timeout_s):
-        return f"warm-up still running after {timeout_s:.0f}s; the step goes on without it"
+        return WarmupNote(f"warm-up still running after {timeout_s:.0f}s; the step goes on without it", True)
     waited = time.monotonic() - t0
     with _lock:
         if current.reported:
             return None
         current.reported = True
-    return f"{current.describe()}; this step waited {waited:.1f}s for it"
+    return WarmupNote(f"{current.describe()}; this step waited {waited:.1f}s for it", current.cuda_device is not None)
 
 
 def single_cuda_device(devices: list[int] | None) -> int | None:

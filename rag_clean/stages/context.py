@@ -198,7 +198,7 @@ def _held(ctx: StageContext, mode: str):
     if mode == "gpu" and ctx.lease is not None:
         note = warmup.wait()  # its imports finish before this step imports anything itself
         if note:
-            ctx.log.info(note)
+            (ctx.log.info if note.cuda else ctx.log.debug)(note.text)
         with ctx.lease() as lease:
             yield lease
     elif mode == "remote":

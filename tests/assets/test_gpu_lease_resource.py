@@ -150,6 +150,8 @@ def test_a_run_warms_in_the_background_and_its_first_gpu_step_says_so(pipeline, 
     notes = [e for e in pipeline.instance.all_logs(result.run_id)
              if e.user_message and e.user_message.startswith("warm-up (")]
     assert len(notes) == 1 and "this step waited" in notes[0].user_message  # once, by the first leased step
+    # No CUDA context here (no GPU, or tests' fake-free CPU run): a detail, said at DEBUG, not in the main log.
+    assert notes[0].level == (logging.INFO if "(cuda:" in notes[0].user_message else logging.DEBUG)
     first_gpu_step = min((e.timestamp, e.step_key) for e in pipeline.instance.all_logs(result.run_id)
                          if e.step_key and e.step_key.startswith(("dense_embeddings", "sparse_vectors", "reranked")))
     assert notes[0].step_key == first_gpu_step[1]

@@ -25,7 +25,7 @@ first = warmup.start(None)
 second = warmup.start(0)
 note = warmup.wait(120)
 again = warmup.wait(120)
-print(json.dumps({"same": first is second, "note": note, "again": again, "problem": first.problem,
+print(json.dumps({"same": first is second, "note": note.text, "cuda_note": note.cuda, "again": again, "problem": first.problem,
                   "steps": sorted(first.steps), "torch": "torch" in sys.modules,
                   "bert": "transformers.models.bert.modeling_bert" in sys.modules,
                   "st": "sentence_transformers" in sys.modules, "cuda_device": first.cuda_device}))
@@ -41,6 +41,7 @@ print(json.dumps({"same": first is second, "note": note, "again": again, "proble
     assert "cuda" not in got["steps"]
     assert got["note"].startswith("warm-up (no CUDA context) ") and "this step waited" in got["note"]
     assert got["again"] is None  # said once per process
+    assert got["cuda_note"] is False  # no context made: the step logs it at DEBUG
 
 
 def test_wait_without_a_warmup_is_silent(monkeypatch):
@@ -85,3 +86,14 @@ def test_the_context_is_made_only_where_one_device_can_be_leased(monkeypatch, de
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert warmup.single_cuda_device(devices) == expected
+
+
+def test_a_card_torch_cannot_use_makes_no_context():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine's torch can use CUDA")
+    w = warmup.Warmup(0)  # NVML said one card; this torch is a CPU-only build (or sees none)
+    w.run()
+    assert w.problem is None and w.cuda_device is None
+    assert w.describe().startswith("warm-up (no CUDA context)")
