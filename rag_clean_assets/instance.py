@@ -40,6 +40,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatu
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from rag_clean.config.settings import process_setting
+from rag_clean.gpu.devices import nvml_visible_count
 from rag_clean.processes import process_alive
 # Imported for its effect: the webserver and the daemon load this module (the event log storage class of
 # the dagster.yaml written here), and their stale-status answers must include partitions (staleness.py).
@@ -67,22 +68,7 @@ def visible_gpu_count(environ=None) -> int:
     devices = process_setting("gpu_devices", env)
     if devices is not None:
         return len(devices)
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and (not visible.strip() or visible.strip() == "-1"):
-        return 0
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            count = int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver / no library: a CPU machine
-        return 0
-    if visible is not None:
-        count = min(count, len([v for v in visible.split(",") if v.strip()]))
-    return count
+    return nvml_visible_count(env)
 
 
 def gpu_pool_limit(environ=None) -> int | None:

@@ -22,7 +22,6 @@ from rag_clean.gpu import warmup
 from rag_clean.gpu.devices import DeviceBackend
 from rag_clean.gpu.lease import GpuLeaseManager, Lease, LeaseEvent
 from rag_clean.gpu.lease_settings import default_lock_dir
-from rag_clean.gpu.warmup import single_cuda_device
 
 
 def owner_label(context: Any) -> str:
@@ -71,7 +70,7 @@ class GpuLeaseResource(dg.ConfigurableResource):
         # Once per run in process (per step process under multiprocess): warm while CPU steps work.
         if self._backend() is None and process_setting("warmup"):
             manager = self.manager()
-            warmup.start(None if manager.force_cpu else single_cuda_device(manager.devices))
+            warmup.start(None if manager.force_cpu else warmup.single_cuda_device(manager.devices))
 
     def _backend(self) -> DeviceBackend | None:
         """The device backend; None = real torch / NVML. Tests override this to fake devices."""

@@ -29,6 +29,28 @@ class VramSnapshot:
     ts: str = field(default_factory=now_iso)
 
 
+def nvml_visible_count(environ=None) -> int:
+    """CUDA devices this process can see, counted through NVML without importing torch: the driver's count,
+    capped by CUDA_VISIBLE_DEVICES ("" or "-1": none); 0 without a driver or nvidia-ml-py."""
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (not visible.strip() or visible.strip() == "-1"):
+        return 0
+    try:
+        import pynvml  # provided by nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            count = int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver / no library: a CPU machine
+        return 0
+    if visible is not None:
+        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    return count
+
+
 class DeviceBackend(Protocol):
     """The torch / NVML calls the lease makes, so tests can fake devices."""
 

@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from rag_clean.gpu.devices import nvml_visible_count
+
 log = logging.getLogger(__name__)
 
 # What the engine's first encoding step imports (light loading: transformers' Auto classes, no
@@ -142,23 +144,9 @@ def wait(timeout_s: float = 120.0) -> WarmupNote | None:
 def single_cuda_device(devices: list[int] | None) -> int | None:
     """The device to make a context on: the only one the lease may grant, else None (no context).
 
-    Asked through NVML, not torch, so a CPU-only or multi-GPU machine never imports torch for this.
+    Counted through NVML (gpu.devices.nvml_visible_count), so a CPU-only or multi-GPU machine never imports
+    torch for this.
     """
     if devices is not None:
         return devices[0] if len(devices) == 1 else None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            count = pynvml.nvmlDeviceGetCount()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library: no CUDA to warm
-        return None
-    import os
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        count = len([v for v in visible.split(",") if v.strip()])
-    return 0 if count == 1 else None
+    return 0 if nvml_visible_count() == 1 else None
